@@ -1,0 +1,237 @@
+"""The admission controller: reserve → (renew while streaming) → settle.
+
+One instance per gateway process; all shared state is in the store, so any
+number of gateways agree. Contract:
+- `reserve` is one atomic store step per attempt. A request that finds no
+  free slot waits in its account's FIFO queue (woken by the store when a
+  slot frees, or when the earliest lease could expire) up to the queue
+  timeout, and is charged nothing while it waits.
+- `settle` runs exactly once per admitted request however it ended, and is
+  never lost: it runs in its own task (a cancelled request cannot cancel
+  it), and if the store is unreachable it goes to the outbox and is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+
+from cluster.accounts import new_id
+from cluster.outbox import SettleOutbox
+from cluster.records import Account, UsageEvent
+from cluster.settings import AdmissionSettings
+from cluster.store import (
+    Admitted,
+    Lease,
+    Refused,
+    ReserveRequest,
+    Settlement,
+    Snapshot,
+    Store,
+    StoreError,
+)
+from policies.admission import Reason
+from policies.bars import ceil_seconds
+from policies.plans import PlanKind
+from policies.pricing import ModelPrice, token_cost_pico
+
+log = logging.getLogger("packserve.admission")
+
+Clock = Callable[[], int | None]
+
+
+def store_clock() -> int | None:
+    """The default: let the store decide (Redis TIME), so gateways agree."""
+    return None
+
+
+class AdmissionRefused(Exception):
+    def __init__(self, reason: Reason, retry_after_s: int | None, snapshot: Snapshot | None, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+        self.snapshot = snapshot
+
+
+class UnknownModel(KeyError):
+    pass
+
+
+REFUSAL_TEXT: Mapping[Reason, str] = {
+    Reason.REQUEST_BAR_EMPTY: "5-hour request limit reached: the request bar recharges 5% every 3 minutes",
+    Reason.WEEKLY_TOKENS_EXHAUSTED: "weekly token limit reached: the weekly bar recharges 2% every 3 hours",
+    Reason.CONCURRENCY_LIMIT: "too many concurrent requests to this model for your plan; "
+                              "the request waited in the queue and no slot freed up",
+    Reason.SPEND_CAP_REACHED: "monthly spend cap reached",
+    Reason.ACCOUNT_SUSPENDED: "this account is suspended",
+}
+
+
+@dataclass
+class Ticket:
+    """An admitted request: what it holds and what it will be charged against."""
+
+    lease: Lease
+    account: Account
+    key_id: str
+    price: ModelPrice
+    snapshot: Snapshot
+    queued_s: float
+    started_mono: float = field(default_factory=time.monotonic)
+    settled: bool = False
+
+
+@dataclass
+class QueueStats:
+    depth: int = 0
+    waited_total: int = 0
+
+
+class AdmissionController:
+    def __init__(self, store: Store, settings: AdmissionSettings, prices: Mapping[str, ModelPrice],
+                 clock: Clock = store_clock, outbox: SettleOutbox | None = None) -> None:
+        self.store = store
+        self.settings = settings
+        self.prices = dict(prices)
+        self.policy = settings.weight_policy
+        self._clock = clock
+        self.outbox = outbox or SettleOutbox(store)
+        self._settling: set[asyncio.Task[Snapshot | None]] = set()
+        self.queue = QueueStats()
+        self.active = 0
+
+    def price(self, model: str) -> ModelPrice:
+        try:
+            return self.prices[model]
+        except KeyError:
+            raise UnknownModel(model) from None
+
+    async def reserve(self, account: Account, key_id: str, model: str,
+                      queue_timeout_s: float | None = None) -> Ticket:
+        price = self.price(model)
+        timeout = self.settings.queue_timeout_s if queue_timeout_s is None else queue_timeout_s
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + timeout
+        waiter_id = new_id("wait") if timeout > 0 else None
+        waiter = self.store.slot_waiter(account.id, model) if waiter_id else None
+        admitted = False
+        queued = False
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                request = ReserveRequest(
+                    account_id=account.id, model=model, size_class=price.size_class,
+                    weight_units=self.policy.units(price), lease_id=new_id("lease"),
+                    lease_ttl_ms=self.settings.lease_ttl_ms, waiter_id=waiter_id,
+                    waiter_ttl_ms=int((max(remaining, 0) + self.settings.lease_ttl_s) * 1000))
+                outcome = await self.store.reserve(request, self._clock())
+                if isinstance(outcome, Admitted):
+                    admitted = True
+                    self.active += 1
+                    return Ticket(outcome.lease, outcome.snapshot.account, key_id, price, outcome.snapshot,
+                                  loop.time() - started)
+                if isinstance(outcome, Refused):
+                    raise AdmissionRefused(outcome.reason, _retry_s(outcome.retry_after_ms), outcome.snapshot,
+                                           REFUSAL_TEXT[outcome.reason])
+                if waiter is None or remaining <= 0:
+                    retry = 1 if outcome.wake_at_ms is None else _retry_s(outcome.wake_at_ms - self._now_ms())
+                    raise AdmissionRefused(Reason.CONCURRENCY_LIMIT,
+                                           min(retry or 1, ceil_seconds(self.settings.lease_ttl_ms)), None,
+                                           REFUSAL_TEXT[Reason.CONCURRENCY_LIMIT])
+                if not queued:
+                    queued = True
+                    self.queue.depth += 1
+                    self.queue.waited_total += 1
+                wait_s = remaining
+                if outcome.wake_at_ms is not None:
+                    # A crashed holder never settles: re-check when its lease could expire.
+                    wait_s = min(wait_s, max(0.01, (outcome.wake_at_ms - self._now_ms()) / 1000 + 0.005))
+                await waiter.wait(wait_s)
+        finally:
+            if queued:
+                self.queue.depth -= 1
+            if waiter is not None:
+                waiter.close()
+            if waiter_id is not None and not admitted:
+                with contextlib.suppress(StoreError):
+                    await asyncio.shield(self.store.leave_queue(account.id, model, waiter_id))
+
+    def _now_ms(self) -> int:
+        now = self._clock()
+        return time.time_ns() // 1_000_000 if now is None else now
+
+    async def renew(self, ticket: Ticket) -> bool:
+        return await self.store.renew(ticket.lease, self.settings.lease_ttl_ms, self._clock())
+
+    @contextlib.asynccontextmanager
+    async def renewing(self, ticket: Ticket) -> AsyncIterator[None]:
+        """Keep the lease alive while a response streams (renews at a third of the TTL)."""
+
+        async def _loop() -> None:
+            period = self.settings.lease_ttl_s / 3
+            while True:
+                await asyncio.sleep(period)
+                try:
+                    await self.renew(ticket)
+                except StoreError:
+                    log.warning("lease renewal failed", extra={"lease": ticket.lease.lease_id})
+
+        task = asyncio.get_running_loop().create_task(_loop())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    def settle(self, ticket: Ticket, *, prompt_tokens: int, cached_tokens: int, completion_tokens: int,
+               status: str, first_token: bool, ttft_ms: int | None) -> asyncio.Task[Snapshot | None]:
+        """Release the slot, debit the weekly bar, record usage. Safe to await with shield.
+
+        Runs in its own task so a cancelled (disconnected) request still settles.
+        """
+        if ticket.settled:
+            raise RuntimeError("ticket already settled")
+        ticket.settled = True
+        self.active -= 1
+        subscription = ticket.account.plan is PlanKind.SUBSCRIPTION
+        cost = token_cost_pico(ticket.price, prompt_tokens, cached_tokens, completion_tokens,
+                               cache_discount=subscription)
+        refund = ticket.lease.weight_units if status == "error" and not first_token else 0
+        event = UsageEvent(
+            ts_ms=self._now_ms(), account_id=ticket.account.id, key_id=ticket.key_id, model=ticket.lease.model,
+            prompt_tokens=prompt_tokens, cached_tokens=cached_tokens, completion_tokens=completion_tokens,
+            weight_units=ticket.lease.weight_units - refund, cost_pico=cost,
+            status="refunded" if refund else status, ttft_ms=ttft_ms,
+            duration_ms=int((time.monotonic() - ticket.started_mono) * 1000), lease_id=ticket.lease.lease_id)
+        settlement = Settlement(ticket.lease, cost, refund, event, self.settings.retention_ms)
+        task = asyncio.get_running_loop().create_task(self._settle(settlement))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        return task
+
+    async def _settle(self, settlement: Settlement) -> Snapshot | None:
+        try:
+            return await self.store.settle(settlement, self._clock())
+        except StoreError:
+            log.warning("store unreachable at settlement; kept in outbox",
+                        extra={"lease": settlement.lease.lease_id})
+            self.outbox.add(settlement)
+            return None
+
+    async def snapshot(self, account_id: str) -> Snapshot:
+        return await self.store.snapshot(account_id, self._clock())
+
+    async def drain(self) -> None:
+        """Wait for in-flight settlements; called at shutdown."""
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
+        await self.outbox.flush()
+        await self.outbox.close()
+
+
+def _retry_s(ms: int | None) -> int | None:
+    return None if ms is None else max(1, ceil_seconds(ms))

@@ -1,0 +1,99 @@
+-- store.lua: helpers shared by the store scripts; prepended after bars.lua.
+--
+-- Units: times in ms, request bar in request units, money in picodollars,
+-- integers only (formatted with fmt(), never tostring()).
+--
+-- Bar-config convention: scripts that touch bars take ARGV[1..6] =
+--   request_unit, request tick percent, request tick ms,
+--   weekly tick percent, weekly tick ms, picodollars per dollar
+-- (all from policies.plans / policies.units, so Lua holds no plan constants).
+-- An empty "now" argument means "use Redis TIME" so gateways with skewed
+-- clocks agree; tests pass an explicit time.
+--
+-- Account hash fields (see redis_store.py): id name plan packs cap pconc susp
+-- created r_req w_usd c_std c_small, bars rl ra wl wa (absent level = full
+-- bar), qseq (FIFO sequence).
+
+local CONFIG_ARGS = 6
+
+local function load_config()
+  return {
+    unit = tonumber(ARGV[1]), rpct = tonumber(ARGV[2]), rms = tonumber(ARGV[3]),
+    wpct = tonumber(ARGV[4]), wms = tonumber(ARGV[5]), pico = tonumber(ARGV[6]),
+  }
+end
+
+local function clock(arg)
+  if arg ~= nil and arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Returns the account as a table plus the raw HGETALL list (sent back to
+-- Python so the caller gets the Account in the same round trip), or nil.
+local function load_account(key)
+  local flat = redis.call('HGETALL', key)
+  if #flat == 0 then return nil, flat end
+  local acct = {}
+  for i = 1, #flat, 2 do acct[flat[i]] = flat[i + 1] end
+  return acct, flat
+end
+
+-- SubscriptionLimits.request_bar / weekly_bar from the stored pack sums.
+local function account_specs(acct, cfg)
+  local rcap = tonumber(acct.r_req) * cfg.unit
+  local wcap = tonumber(acct.w_usd) * cfg.pico
+  return {cap = rcap, amt = idiv(rcap * cfg.rpct, 100), tms = cfg.rms},
+         {cap = wcap, amt = idiv(wcap * cfg.wpct, 100), tms = cfg.wms}
+end
+
+-- An absent level is a full bar, so a full bar stays full whatever its
+-- capacity becomes (more packs, or a new reference price).
+local function read_bar(acct, level_field, anchor_field, spec)
+  local level = acct[level_field]
+  if level == nil or level == '' then return spec.cap, nil end
+  local anchor = acct[anchor_field]
+  if anchor == nil or anchor == '' then return tonumber(level), nil end
+  return tonumber(level), tonumber(anchor)
+end
+
+local function write_bar(key, level_field, anchor_field, level, anchor)
+  if anchor == nil then
+    redis.call('HDEL', key, level_field, anchor_field)
+  else
+    redis.call('HSET', key, level_field, fmt(level), anchor_field, fmt(anchor))
+  end
+end
+
+local function month_spend(spend_key, now)
+  local start = month_bounds(now)
+  return tonumber(redis.call('HGET', spend_key, fmt(start)) or '0')
+end
+
+local function optional_int(value)
+  if value == nil or value == '' then return nil end
+  return tonumber(value)
+end
+
+-- Both bars settled to now (not written) and the payg month spend.
+local function current_state(acct, cfg, spend_key, now)
+  local st = {spend = 0}
+  if acct.plan == 'subscription' then
+    st.rspec, st.wspec = account_specs(acct, cfg)
+    local rl, ra = read_bar(acct, 'rl', 'ra', st.rspec)
+    local wl, wa = read_bar(acct, 'wl', 'wa', st.wspec)
+    st.rl, st.ra = bar_settle(st.rspec, rl, ra, now)
+    st.wl, st.wa = bar_settle(st.wspec, wl, wa, now)
+  else
+    st.spend = month_spend(spend_key, now)
+  end
+  return st
+end
+
+-- Reply layout shared with redis_store.py (_parse_snapshot):
+--   [1] status [2] now [3] a [4] b [5] rl [6] ra [7] wl [8] wa [9] spend [10..] account HGETALL
+local function reply(status, now, a, b, st, flat)
+  local out = {status, fmt(now), a or '', b or '', fmt(st.rl), fmt(st.ra), fmt(st.wl), fmt(st.wa), fmt(st.spend)}
+  for i = 1, #flat do out[#out + 1] = flat[i] end
+  return out
+end

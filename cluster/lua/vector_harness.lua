@@ -1,0 +1,121 @@
+-- vector_harness.lua: runs compiled policy vectors (policies/vectors.py
+-- compile_vector) through bars.lua, for tests only; never writes a key.
+--
+-- Units: times in ms, request bar in request units, money in picodollars,
+-- integers only.
+-- KEYS: none.
+-- ARGV[1] JSON {request: {capacity, tick_amount, tick_ms}, weekly: {...},
+--               unit, pico_per_dollar, steps: [compiled steps]}
+-- Returns a JSON array with one observation per step, shaped exactly like
+-- policies.vectors.run_python's (numbers as integers, missing as null,
+-- fractions as str(fractions.Fraction)).
+
+local input = cjson.decode(ARGV[1])
+local NULL = cjson.null
+
+local function spec_of(t)
+  return {cap = t.capacity, amt = t.tick_amount, tms = t.tick_ms}
+end
+
+local function from_json(v)
+  if v == NULL then return nil end
+  return v
+end
+
+local function to_json(v)
+  if v == nil then return NULL end
+  return v
+end
+
+local function gcd(a, b)
+  a, b = math.abs(a), math.abs(b)
+  while b ~= 0 do a, b = b, math.fmod(a, b) end
+  return a
+end
+
+-- str(Fraction(n, d)); dividing by an exact divisor is exact in doubles.
+local function fraction(n, d)
+  local g = gcd(n, d)
+  n, d = n / g, d / g
+  if d < 0 then n, d = -n, -d end
+  if d == 1 then return fmt(n) end
+  return fmt(n) .. '/' .. fmt(d)
+end
+
+-- cjson prints numbers with 14 significant digits, so objects are encoded by hand.
+local function encode_object(fields)
+  local parts = {}
+  for _, kv in ipairs(fields) do
+    local v = kv[2]
+    local text
+    if v == NULL then
+      text = 'null'
+    elseif type(v) == 'number' then
+      text = fmt(v)
+    else
+      text = cjson.encode(v)
+    end
+    parts[#parts + 1] = cjson.encode(kv[1]) .. ':' .. text
+  end
+  return '{' .. table.concat(parts, ',') .. '}'
+end
+
+local rspec, wspec = spec_of(input.request), spec_of(input.weekly)
+local unit, pico = input.unit, input.pico_per_dollar
+local rl, ra = rspec.cap, nil
+local wl, wa = wspec.cap, nil
+
+local function observe_state(now)
+  local r_l, r_a = bar_settle(rspec, rl, ra, now)
+  local w_l, w_a = bar_settle(wspec, wl, wa, now)
+  return {
+    {'request_level', r_l}, {'request_anchor_ms', to_json(r_a)},
+    {'weekly_level', w_l}, {'weekly_anchor_ms', to_json(w_a)},
+    {'request_next_tick_ms', to_json(bar_next_tick(rspec, r_l, r_a, now))},
+    {'weekly_next_tick_ms', to_json(bar_next_tick(wspec, w_l, w_a, now))},
+    {'requests_remaining', fraction(r_l, unit)},
+    {'weekly_dollars', fraction(w_l, pico)},
+  }
+end
+
+local function run_reserve(step)
+  local admitted, refusal = 0, nil
+  for _ = 1, step['repeat'] do
+    local d = check_bars(rspec, rl, ra, wspec, wl, wa, step.weight_units, step.at_ms)
+    if d.ok then
+      rl, ra, wl, wa = d.rl, d.ra, d.wl, d.wa
+      admitted = admitted + 1
+    else
+      refusal = d
+    end
+  end
+  local obs = {{'admitted', admitted}}
+  if refusal then
+    obs[#obs + 1] = {'reason', refusal.reason}
+    obs[#obs + 1] = {'retry_after_s', to_json(retry_after_s(refusal.retry_ms))}
+  end
+  return obs
+end
+
+local out = {}
+for _, step in ipairs(input.steps) do
+  local now = step.at_ms
+  local obs = {}
+  if step.op == 'reserve' then
+    obs = run_reserve(step)
+  elseif step.op == 'settle' then
+    wl, wa = settle_weekly(wspec, wl, wa, step.cost_pico, now)
+    if step.refund_units ~= 0 then rl, ra = refund_request(rspec, rl, ra, step.refund_units, now) end
+  elseif step.op == 'set' then
+    if step.request_level ~= nil then rl = from_json(step.request_level) end
+    if step.request_anchor_ms ~= nil then ra = from_json(step.request_anchor_ms) end
+    if step.weekly_level ~= nil then wl = from_json(step.weekly_level) end
+    if step.weekly_anchor_ms ~= nil then wa = from_json(step.weekly_anchor_ms) end
+  elseif step.op == 'state' then
+    obs = observe_state(now)
+  else
+    error('unknown vector op ' .. tostring(step.op))
+  end
+  out[#out + 1] = encode_object(obs)
+end
+return '[' .. table.concat(out, ',') .. ']'

@@ -1,0 +1,81 @@
+"""Operator settings for admission and state, validated loudly (extra="forbid").
+
+Environment variables override the file for the store URL and secrets:
+PACKSERVE_REDIS_URL, PACKSERVE_DATA_DIR, PACKSERVE_ADMIN_TOKEN.
+"""
+
+from __future__ import annotations
+
+import os
+from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from policies.plans import SizeClass
+from policies.pricing import ModelPrice, WeightBasis, WeightPolicy
+from policies.units import DAY_MS, dollars_to_micro
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AdmissionSettings(StrictModel):
+    queue_timeout_s: float = Field(60.0, ge=0, le=3600, description="0 = refuse at once when no slot is free")
+    lease_ttl_s: float = Field(30.0, gt=0, le=3600)
+    usage_retention_days: int = Field(14, ge=1, le=3650)
+    reference_price: Decimal = Field(Decimal("3.40"), gt=0, description="$/M price of a weight-1.0 request")
+    weight_basis: WeightBasis = WeightBasis.OUTPUT
+
+    @field_validator("reference_price")
+    @classmethod
+    def _micro_precision(cls, value: Decimal) -> Decimal:
+        dollars_to_micro(value)
+        return value
+
+    @property
+    def weight_policy(self) -> WeightPolicy:
+        return WeightPolicy(dollars_to_micro(self.reference_price), self.weight_basis)
+
+    @property
+    def retention_ms(self) -> int:
+        return self.usage_retention_days * DAY_MS
+
+    @property
+    def lease_ttl_ms(self) -> int:
+        return int(self.lease_ttl_s * 1000)
+
+
+class PriceSettings(StrictModel):
+    """A catalog model's price card, as the operator writes it (dollars per million tokens)."""
+
+    input: Decimal = Field(Decimal(0), ge=0)
+    output: Decimal = Field(Decimal(0), ge=0)
+    size_class: SizeClass = SizeClass.STANDARD
+    weight: Decimal | None = Field(None, ge=0, description="override of output/reference")
+
+    def to_price(self) -> ModelPrice:
+        return ModelPrice(
+            input_micro=dollars_to_micro(self.input),
+            output_micro=dollars_to_micro(self.output),
+            size_class=self.size_class,
+            weight_override=None if self.weight is None else Fraction(self.weight),
+        )
+
+
+def default_data_dir() -> Path:
+    raw = os.environ.get("PACKSERVE_DATA_DIR")
+    if raw:
+        return Path(raw).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "packserve"
+
+
+def redis_url_from_env() -> str | None:
+    return os.environ.get("PACKSERVE_REDIS_URL") or None
+
+
+def admin_token_from_env() -> str | None:
+    return os.environ.get("PACKSERVE_ADMIN_TOKEN") or None

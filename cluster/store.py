@@ -1,0 +1,141 @@
+"""The admission store interface, implemented by the embedded and Redis stores.
+
+Every method that decides or changes bars is one atomic step in the store
+(one Lua script on Redis, one SQLite transaction embedded), so any number of
+gateways sharing a store agree. `now_ms=None` means "the store's own clock"
+(Redis TIME), so gateways with skewed clocks still agree; tests pass a time.
+
+Both stores pass the same contract tests (tests/test_store_contract.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from cluster.records import Account, ApiKey, UsageEvent
+from policies.admission import Reason
+from policies.bars import BarSpec, BarState
+from policies.plans import PackKind, PlanKind, SizeClass
+
+
+class StoreError(Exception):
+    """The store cannot be reached or answered something unusable."""
+
+
+class NotFound(KeyError):
+    """An account or key that does not exist."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "not found"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Both bars of one account at one instant, already settled to `now_ms`."""
+
+    account: Account
+    now_ms: int
+    request_spec: BarSpec | None = None
+    request: BarState | None = None
+    weekly_spec: BarSpec | None = None
+    weekly: BarState | None = None
+    month_spend_pico: int = 0  # payg: spend in the current calendar month
+
+
+@dataclass(frozen=True)
+class ReserveRequest:
+    account_id: str
+    model: str
+    size_class: SizeClass
+    weight_units: int  # 0 for unmetered models: no bar is checked or charged
+    lease_id: str
+    lease_ttl_ms: int
+    waiter_id: str | None = None  # join the FIFO queue when no slot is free
+    waiter_ttl_ms: int = 0  # a dead waiter stops blocking others after this
+
+
+@dataclass(frozen=True)
+class Lease:
+    lease_id: str
+    account_id: str
+    model: str
+    weight_units: int
+    admitted_ms: int
+    expires_ms: int
+
+
+@dataclass(frozen=True)
+class Admitted:
+    lease: Lease
+    snapshot: Snapshot
+
+
+@dataclass(frozen=True)
+class Refused:
+    reason: Reason
+    retry_after_ms: int | None
+    snapshot: Snapshot | None
+
+
+@dataclass(frozen=True)
+class SlotBusy:
+    """No free slot (or others queued first). Nothing was charged."""
+
+    wake_at_ms: int | None  # earliest lease expiry: re-check then even without a wake-up
+    position: int  # 0-based place in the queue, or -1 when not queued
+
+
+ReserveOutcome = Admitted | Refused | SlotBusy
+
+
+@dataclass(frozen=True)
+class Settlement:
+    lease: Lease
+    cost_pico: int
+    refund_units: int  # weight to give back (failure before the first token), else 0
+    event: UsageEvent
+    retention_ms: int
+
+
+class SlotWaiter(Protocol):
+    """Woken when a slot for (account, model) may have freed up."""
+
+    async def wait(self, timeout_s: float) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class Store(Protocol):
+    async def now_ms(self) -> int: ...
+
+    # accounts
+    async def create_account(self, account: Account) -> Account: ...
+    async def get_account(self, account_id: str) -> Account | None: ...
+    async def list_accounts(self) -> list[Account]: ...
+    async def set_plan(self, account_id: str, plan: PlanKind, packs: Sequence[PackKind],
+                       spend_cap_pico: int | None, payg_concurrency: int, now_ms: int | None = None) -> Account: ...
+    async def set_suspended(self, account_id: str, suspended: bool) -> Account: ...
+    async def delete_account(self, account_id: str) -> bool: ...
+
+    # keys
+    async def create_key(self, key: ApiKey) -> ApiKey: ...
+    async def find_key(self, key_hash: str) -> ApiKey | None: ...
+    async def list_keys(self, account_id: str) -> list[ApiKey]: ...
+    async def revoke_key(self, key_id: str) -> bool: ...
+
+    # admission
+    async def reserve(self, request: ReserveRequest, now_ms: int | None = None) -> ReserveOutcome: ...
+    async def leave_queue(self, account_id: str, model: str, waiter_id: str) -> None: ...
+    async def renew(self, lease: Lease, ttl_ms: int, now_ms: int | None = None) -> bool: ...
+    async def settle(self, settlement: Settlement, now_ms: int | None = None) -> Snapshot | None: ...
+    async def snapshot(self, account_id: str, now_ms: int | None = None) -> Snapshot: ...
+    async def active_leases(self, account_id: str, model: str, now_ms: int | None = None) -> int: ...
+    def slot_waiter(self, account_id: str, model: str) -> SlotWaiter: ...
+
+    # usage
+    async def usage(self, account_id: str, since_ms: int = 0, until_ms: int | None = None) -> list[UsageEvent]: ...
+    async def purge_usage(self, before_ms: int) -> int: ...
+
+    async def close(self) -> None: ...

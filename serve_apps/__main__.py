@@ -1,0 +1,4 @@
+from serve_apps.cli import main
+
+if __name__ == "__main__":
+    main()

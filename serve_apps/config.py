@@ -1,0 +1,175 @@
+"""The application config: one YAML file, validated with `extra="forbid"`.
+
+Environment variables override the store and secrets (PACKSERVE_REDIS_URL,
+PACKSERVE_DATA_DIR, PACKSERVE_ADMIN_TOKEN), so one file serves every
+environment.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from cluster.settings import AdmissionSettings, PriceSettings, StrictModel
+from policies.plans import SizeClass
+from policies.pricing import ModelPrice
+from serve_apps.engines.types import ModelCard
+
+MIB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class StoreConfig(StrictModel):
+    redis_url: str | None = None
+    data_dir: Path | None = None
+
+
+class GatewayConfig(StrictModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_body_bytes: int = Field(32 * MIB, ge=1024)
+    access_log: bool = False
+
+
+class Autoscaling(StrictModel):
+    """Passed through to Ray Serve's `autoscaling_config`."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(8, gt=0)
+    upscale_delay_s: float = Field(10, ge=0)
+    downscale_delay_s: float = Field(300, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be at least min_replicas")
+        return self
+
+
+class Resources(StrictModel):
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    accelerator_type: str | None = None
+
+
+class VllmArgs(StrictModel):
+    """The vLLM engine settings packserve controls; anything else is a deliberate omission."""
+
+    model: str  # a local directory or a builtin:name resolved by the catalog builder
+    served_model_name: str | None = None
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    max_model_len: int | None = Field(None, ge=128)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    quantization: str | None = None
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    max_num_seqs: int = Field(256, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=16)
+    enable_lora: bool = False
+    max_lora_rank: int = Field(16, ge=1)
+    max_loras: int = Field(4, ge=1)
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
+    trust_remote_code: bool = False
+    kv_cache_space_gib: float | None = Field(None, gt=0, description="CPU backend: VLLM_CPU_KVCACHE_SPACE")
+
+
+class ModelConfig(StrictModel):
+    id: str
+    kind: Literal["chat", "embeddings", "lora"] = "chat"
+    size_class: SizeClass = SizeClass.STANDARD
+    input_price: Decimal = Field(Decimal(0), ge=0, description="$ per million input tokens")
+    output_price: Decimal = Field(Decimal(0), ge=0, description="$ per million output tokens")
+    weight: Decimal | None = Field(None, ge=0, description="override of the price-derived request weight")
+    context_length: int = Field(8192, ge=1)
+    max_output_tokens: int = Field(4096, ge=1)
+    owned_by: str = "packserve"
+    features: tuple[str, ...] = ("streaming",)
+    base_model: str | None = Field(None, description="for kind: lora, the catalog id it runs on")
+    adapter_path: str | None = None
+    vllm: VllmArgs | None = None
+    autoscaling: Autoscaling = Autoscaling()
+    resources: Resources = Resources()
+    max_ongoing_requests: int = Field(64, ge=1)
+
+    @field_validator("id")
+    @classmethod
+    def _hf_style(cls, value: str) -> str:
+        if not value.startswith("hf:") or "/" not in value or value.endswith("/"):
+            raise ValueError(f"model id {value!r} must look like 'hf:org/model'")
+        return value
+
+    @model_validator(mode="after")
+    def _kinds(self) -> ModelConfig:
+        if self.kind == "lora" and not self.base_model:
+            raise ValueError(f"{self.id}: a lora model needs base_model")
+        if self.kind == "embeddings" and self.size_class is not SizeClass.UNMETERED:
+            raise ValueError(f"{self.id}: embeddings models are unmetered (size_class: unmetered)")
+        return self
+
+    def price(self) -> ModelPrice:
+        return PriceSettings(input=self.input_price, output=self.output_price, size_class=self.size_class,
+                             weight=self.weight).to_price()
+
+    def card(self) -> ModelCard:
+        price = self.price()
+        return ModelCard(id=self.id, kind=self.kind, size_class=self.size_class.value,
+                         input_price_micro=price.input_micro, output_price_micro=price.output_micro,
+                         context_length=self.context_length, max_output_tokens=self.max_output_tokens,
+                         owned_by=self.owned_by, features=self.features, base_model=self.base_model)
+
+
+class SimConfig(StrictModel):
+    ttft_ms: float = Field(0, ge=0)
+    tokens_per_s: float = Field(0, ge=0)
+
+
+class AppConfig(StrictModel):
+    engine: Literal["sim", "vllm"] = "sim"
+    store: StoreConfig = StoreConfig()
+    admission: AdmissionSettings = AdmissionSettings()
+    gateway: GatewayConfig = GatewayConfig()
+    sim: SimConfig = SimConfig()
+    models: tuple[ModelConfig, ...] = ()
+    demo_account: bool = Field(False, description="create a demo account with one standard pack at start")
+
+    @model_validator(mode="after")
+    def _unique(self) -> AppConfig:
+        ids = [m.id for m in self.models]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"model ids listed twice: {', '.join(dupes)}")
+        known = set(ids)
+        for m in self.models:
+            if m.base_model and m.base_model not in known:
+                raise ValueError(f"{m.id}: base_model {m.base_model!r} is not in the catalog")
+        return self
+
+
+def load_config(path: Path | None) -> AppConfig:
+    """Load and validate; every problem is a ConfigError with the file and field named."""
+    if path is None:
+        return AppConfig()
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    try:
+        return AppConfig.model_validate(raw or {})
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{path}: {where}: {err['msg']}") from None

@@ -1,0 +1,145 @@
+"""Engine-neutral request, chunk and usage types.
+
+Both protocol front-ends (OpenAI, Anthropic) convert into these, and every
+engine (the simulated one, vLLM) speaks only these, so neither side knows the
+other's wire format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+Role = Literal["system", "user", "assistant", "tool"]
+FinishReason = Literal["stop", "length", "tool_calls", "abort", "error"]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text, exactly as the model produced it
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    description: str
+    parameters: dict[str, Any]  # JSON schema, passed through untouched
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Role
+    content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None  # for role == "tool": which call this answers
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation. Exactly one of `messages` (chat) or `prompt` (completion) is set."""
+
+    request_id: str
+    model: str
+    sampling: SamplingParams
+    messages: tuple[ChatMessage, ...] = ()
+    prompt: str | None = None
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: str | dict[str, Any] | None = None  # "auto" | "none" | "required" | {"name": ...}
+
+
+@dataclass(frozen=True)
+class TokenUsage:
+    """Token counts of one request. `prompt_tokens` includes the cached ones."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def uncached_prompt_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """A piece of a streamed generation.
+
+    Deltas are incremental. The last chunk has `finish_reason` set and carries
+    the final `usage`; earlier chunks may carry a running `usage` too so a
+    caller that stops early still knows what was generated so far.
+    """
+
+    text: str = ""
+    reasoning: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    finish_reason: FinishReason | None = None
+    usage: TokenUsage | None = None
+    # Which stop string ended the generation, so Anthropic can say "stop_sequence".
+    stop_sequence: str | None = None
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    request_id: str
+    model: str
+    inputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    vectors: tuple[tuple[float, ...], ...]
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the catalog says about a model; drives GET /models and admission."""
+
+    id: str
+    kind: Literal["chat", "embeddings", "lora"]
+    size_class: Literal["standard", "small", "unmetered"]
+    input_price_micro: int  # micro-dollars per million input tokens
+    output_price_micro: int  # micro-dollars per million output tokens
+    context_length: int
+    max_output_tokens: int
+    owned_by: str = "packserve"
+    features: tuple[str, ...] = ()  # e.g. "tools", "reasoning", "streaming"
+    base_model: str | None = None  # for LoRA adapters
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class EngineError(Exception):
+    """The engine failed. `before_first_token` decides the request-bar refund."""
+
+    def __init__(self, message: str, *, before_first_token: bool) -> None:
+        super().__init__(message)
+        self.before_first_token = before_first_token
+
+
+class Engine(Protocol):
+    """What the gateway needs from a model server, at the request/chunk level."""
+
+    def cards(self) -> list[ModelCard]: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
+
+    async def count_tokens(
+        self, model: str, messages: tuple[ChatMessage, ...], prompt: str | None, tools: tuple[ToolSpec, ...]
+    ) -> int: ...
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult: ...
+
+    async def abort(self, request_id: str) -> None: ...

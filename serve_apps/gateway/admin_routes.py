@@ -1,0 +1,161 @@
+"""The operator API under /admin/v1, guarded by PACKSERVE_ADMIN_TOKEN.
+
+With no token configured the whole API answers 404 "admin API disabled"
+(and start-up says so), so an unconfigured gateway never exposes it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from cluster.admin import AdminOps
+from cluster.store import NotFound
+from policies.plans import PlanError
+from serve_apps.gateway.body import read_json
+from serve_apps.gateway.errors import ApiError
+
+
+def _str_list(body: dict[str, Any], field: str) -> list[str] | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ApiError(400, f"'{field}' must be a list of strings such as [\"standard\"]", "invalid_request", field)
+    return value
+
+
+def _int_or_none(body: dict[str, Any], field: str) -> int | None:
+    value = body.get(field)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ApiError(400, f"'{field}' must be an integer", "invalid_request", field)
+    return value
+
+
+def _cap(body: dict[str, Any]) -> str | None:
+    value = body.get("spend_cap_usd")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ApiError(400, "'spend_cap_usd' must be a number of dollars", "invalid_request", "spend_cap_usd")
+    return str(value)
+
+
+def build_admin_router(ops: AdminOps, token: str | None, max_body_bytes: int) -> APIRouter:
+    router = APIRouter(prefix="/admin/v1")
+
+    def guard(request: Request) -> None:
+        if token is None:
+            raise ApiError(404, "the admin API is disabled: set PACKSERVE_ADMIN_TOKEN to enable it", "admin_disabled")
+        auth = request.headers.get("authorization", "")
+        scheme, _, presented = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), token.encode()):
+            raise ApiError(401, "admin API: send 'Authorization: Bearer <PACKSERVE_ADMIN_TOKEN>'",
+                           "invalid_admin_token")
+
+    async def call(coro: Any) -> Any:
+        try:
+            return await coro
+        except NotFound as exc:
+            raise ApiError(404, str(exc), "not_found") from None
+        except (PlanError, ValueError) as exc:
+            raise ApiError(400, str(exc), "invalid_request") from None
+
+    @router.post("/accounts")
+    async def create_account(request: Request) -> Response:
+        guard(request)
+        body = await read_json(request, max_body_bytes)
+        name = body.get("name")
+        if not isinstance(name, str):
+            raise ApiError(400, "'name' is required and must be a string", "invalid_request", "name")
+        plan = body.get("plan", "subscription")
+        if not isinstance(plan, str):
+            raise ApiError(400, "'plan' must be 'subscription' or 'payg'", "invalid_request", "plan")
+        out = await call(ops.create_account(name, plan, _str_list(body, "packs"), _cap(body),
+                                            _int_or_none(body, "concurrency")))
+        return JSONResponse(out, status_code=201)
+
+    @router.get("/accounts")
+    async def list_accounts(request: Request) -> Response:
+        guard(request)
+        return JSONResponse({"data": await call(ops.list_accounts())})
+
+    @router.get("/accounts/{account_id}")
+    async def show_account(request: Request, account_id: str) -> Response:
+        guard(request)
+        return JSONResponse(await call(ops.show_account(account_id)))
+
+    @router.put("/accounts/{account_id}/packs")
+    async def set_packs(request: Request, account_id: str) -> Response:
+        guard(request)
+        body = await read_json(request, max_body_bytes)
+        plan = body.get("plan", "subscription")
+        if not isinstance(plan, str):
+            raise ApiError(400, "'plan' must be 'subscription' or 'payg'", "invalid_request", "plan")
+        packs = _str_list(body, "packs")
+        if plan == "subscription" and packs is None:
+            raise ApiError(400, "'packs' is required, e.g. {\"packs\": [\"standard\"]}", "invalid_request", "packs")
+        return JSONResponse(await call(ops.set_plan(account_id, plan, packs, _cap(body),
+                                                    _int_or_none(body, "concurrency"))))
+
+    @router.post("/accounts/{account_id}/suspend")
+    async def suspend(request: Request, account_id: str) -> Response:
+        guard(request)
+        return JSONResponse(await call(ops.suspend(account_id, True)))
+
+    @router.post("/accounts/{account_id}/resume")
+    async def resume(request: Request, account_id: str) -> Response:
+        guard(request)
+        return JSONResponse(await call(ops.suspend(account_id, False)))
+
+    @router.delete("/accounts/{account_id}")
+    async def delete_account(request: Request, account_id: str) -> Response:
+        guard(request)
+        await call(ops.delete_account(account_id))
+        return Response(status_code=204)
+
+    @router.post("/accounts/{account_id}/keys")
+    async def create_key(request: Request, account_id: str) -> Response:
+        guard(request)
+        return JSONResponse(await call(ops.create_key(account_id)), status_code=201)
+
+    @router.get("/accounts/{account_id}/keys")
+    async def list_keys(request: Request, account_id: str, prefix: str | None = None) -> Response:
+        guard(request)
+        return JSONResponse({"data": await call(ops.list_keys(account_id, prefix))})
+
+    @router.delete("/keys/{key_id}")
+    async def revoke_key(request: Request, key_id: str) -> Response:
+        guard(request)
+        await call(ops.revoke_key(key_id))
+        return Response(status_code=204)
+
+    @router.get("/accounts/{account_id}/usage")
+    async def usage(request: Request, account_id: str, days: int = 14) -> Response:
+        guard(request)
+        if not 1 <= days <= 3650:
+            raise ApiError(400, "'days' must be from 1 to 3650", "invalid_request", "days")
+        return JSONResponse(await call(ops.usage(account_id, days)))
+
+    @router.get("/accounts/{account_id}/usage/export")
+    async def export(request: Request, account_id: str, since_ms: int = 0) -> Response:
+        guard(request)
+        rows = await call(ops.export_usage(account_id, since_ms))
+
+        async def lines() -> AsyncIterator[str]:
+            for row in rows:
+                yield json.dumps(row) + "\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @router.get("/accounts/{account_id}/quota")
+    async def quota(request: Request, account_id: str) -> Response:
+        guard(request)
+        return JSONResponse(await call(ops.quota(account_id)))
+
+    return router

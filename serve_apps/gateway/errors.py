@@ -1,0 +1,39 @@
+"""API errors, rendered in the shape of the API the client called.
+
+OpenAI clients get `{"error": {message, type, code, param}}`; Anthropic
+clients (any path ending in /messages or /messages/count_tokens, or under
+/anthropic) get `{"type": "error", "error": {type, message}}`. The official
+SDKs then raise their typed errors. No stack trace ever reaches a body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from serve_apps.protocols import anthropic_convert, openai_convert
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.headers = dict(headers or {})
+
+
+def is_anthropic_path(path: str) -> bool:
+    return path.startswith("/anthropic/") or path.endswith("/messages") or path.endswith("/messages/count_tokens")
+
+
+def error_response(request: Request, err: ApiError) -> JSONResponse:
+    if is_anthropic_path(request.url.path):
+        body = anthropic_convert.error_body(err.status, err.message)
+    else:
+        body = openai_convert.error_body(err.status, err.message, code=err.code, param=err.param)
+    return JSONResponse(body, status_code=err.status, headers=err.headers)

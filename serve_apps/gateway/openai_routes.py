@@ -1,0 +1,117 @@
+"""OpenAI-compatible routes (thin: parse, convert, hand to the service, encode)."""
+
+from __future__ import annotations
+
+import time
+from fractions import Fraction
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
+
+from serve_apps.engines.types import EngineError
+from serve_apps.gateway.body import parse
+from serve_apps.gateway.errors import ApiError
+from serve_apps.gateway.service import GatewayService, new_request_id
+from serve_apps.gateway.streaming import prime, sse_response
+from serve_apps.protocols import openai_convert as convert
+from serve_apps.protocols.common import InvalidRequest
+from serve_apps.protocols.openai_models import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingsRequest,
+    validation_message,
+)
+from serve_apps.protocols.openai_stream import OpenAIChatStreamEncoder, OpenAICompletionStreamEncoder, error_event
+
+PROTOCOL = "openai"
+
+
+def build_openai_router(service: GatewayService, max_body_bytes: int,
+                        warm: dict[str, bool] | None = None) -> APIRouter:
+    router = APIRouter()
+    weights = {cid: float(Fraction(service.controller.policy.units(service.controller.price(cid)), service.unit))
+               for cid in service.cards}
+
+    @router.get("/models")
+    async def models() -> Response:
+        return JSONResponse(convert.models_list(service.cards.values(), weights, warm))
+
+    @router.get("/models/{model_id:path}")
+    async def model(model_id: str) -> Response:
+        card = service.cards.get(model_id)
+        if card is None:
+            raise ApiError(404, f"The model '{model_id}' does not exist; GET /v1/models lists the available ones.",
+                           "model_not_found", "model")
+        return JSONResponse(convert.models_list([card], weights, warm)["data"][0])
+
+    @router.post("/chat/completions")
+    async def chat(request: Request) -> Response:
+        body = await parse(request, ChatCompletionRequest, max_body_bytes, validation_message)
+        principal = await service.authenticate(request)
+        card = service.resolve(body.model, kind="chat")
+        rid = new_request_id("chatcmpl")
+        try:
+            gen = convert.chat_to_generation(body, rid, card)
+        except InvalidRequest as exc:
+            raise ApiError(400, exc.message, "invalid_request", exc.param) from None
+        ticket = await service.admit(request, principal, card)
+        headers = service.headers(ticket)
+        created = int(time.time())
+        chunks = service.metered(ticket, gen, PROTOCOL)
+        if body.stream:
+            enc = OpenAIChatStreamEncoder(rid, body.model, created)
+            first = await prime(chunks)
+            return sse_response(first, chunks, enc.start, enc.chunk,
+                                lambda: enc.finish(include_usage=body.include_usage), error_event, headers)
+        try:
+            result = await service.collect_from(chunks)
+        except EngineError:
+            raise ApiError(502, "The model failed while generating.", "engine_error") from None
+        return JSONResponse(convert.chat_response(result, response_id=rid, model=body.model, created=created),
+                            headers=headers)
+
+    @router.post("/completions")
+    async def completions(request: Request) -> Response:
+        body = await parse(request, CompletionRequest, max_body_bytes, validation_message)
+        principal = await service.authenticate(request)
+        card = service.resolve(body.model, kind="chat")
+        rid = new_request_id("cmpl")
+        try:
+            gen = convert.completion_to_generation(body, rid, card)
+        except InvalidRequest as exc:
+            raise ApiError(400, exc.message, "invalid_request", exc.param) from None
+        ticket = await service.admit(request, principal, card)
+        headers = service.headers(ticket)
+        created = int(time.time())
+        chunks = service.metered(ticket, gen, PROTOCOL)
+        if body.stream:
+            enc = OpenAICompletionStreamEncoder(rid, body.model, created)
+            first = await prime(chunks)
+            return sse_response(first, chunks, enc.start, enc.chunk,
+                                lambda: enc.finish(include_usage=body.include_usage), error_event, headers)
+        try:
+            result = await service.collect_from(chunks)
+        except EngineError:
+            raise ApiError(502, "The model failed while generating.", "engine_error") from None
+        return JSONResponse(convert.completion_response(result, response_id=rid, model=body.model,
+                                                        created=created), headers=headers)
+
+    @router.post("/embeddings")
+    async def embeddings(request: Request) -> Response:
+        body = await parse(request, EmbeddingsRequest, max_body_bytes, validation_message)
+        principal = await service.authenticate(request)
+        card = service.resolve(body.model, kind="embeddings")
+        try:
+            req = convert.embeddings_to_request(body, new_request_id("emb"))
+        except InvalidRequest as exc:
+            raise ApiError(400, exc.message, "invalid_request", exc.param) from None
+        ticket = await service.admit(request, principal, card)
+        headers = service.headers(ticket)
+        try:
+            result = await service.embed(ticket, req, PROTOCOL)
+        except EngineError:
+            raise ApiError(502, "The embeddings model failed.", "engine_error") from None
+        return JSONResponse(convert.embeddings_response(result, model=body.model,
+                                                        encoding_format=body.encoding_format), headers=headers)
+
+    return router

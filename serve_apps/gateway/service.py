@@ -1,0 +1,223 @@
+"""The protocol-neutral core of every metered request.
+
+auth → model → admission (queueing) → dispatch → settlement, shared by the
+OpenAI and Anthropic routes, streaming or not, so there is exactly one
+settlement path for every kind of response (no "$0 for streams" bugs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Mapping
+
+from starlette.requests import Request
+
+from cluster.accounts import Accounts, AuthError, Principal
+from cluster.controller import AdmissionController, AdmissionRefused, Ticket
+from cluster.quotas import quota_headers
+from cluster.store import NotFound, StoreError
+from policies.admission import Reason
+from serve_apps.engines.types import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    Engine,
+    EngineError,
+    GenerationChunk,
+    GenerationRequest,
+    ModelCard,
+    TokenUsage,
+)
+from serve_apps.gateway.errors import ApiError
+from serve_apps.gateway.metrics import Metrics
+from serve_apps.protocols.common import GenerationResult
+
+log = logging.getLogger("packserve.gateway")
+
+
+def presented_key(request: Request) -> str | None:
+    """`x-api-key` (Anthropic) or `Authorization: Bearer` (both)."""
+    key = request.headers.get("x-api-key")
+    if key:
+        return key.strip()
+    auth = request.headers.get("authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return None
+
+
+class GatewayService:
+    def __init__(self, controller: AdmissionController, accounts: Accounts, engines: Mapping[str, Engine],
+                 cards: Mapping[str, ModelCard], metrics: Metrics) -> None:
+        self.controller = controller
+        self.accounts = accounts
+        self.engines = dict(engines)
+        self.cards = dict(cards)
+        self.metrics = metrics
+        self.unit = controller.policy.unit
+        self._closers: set[asyncio.Task[None]] = set()
+
+    # -- steps ----------------------------------------------------------------
+
+    async def authenticate(self, request: Request) -> Principal:
+        try:
+            principal = await self.accounts.authenticate(presented_key(request))
+        except AuthError as exc:
+            raise ApiError(401, str(exc), "invalid_api_key") from None
+        except StoreError as exc:
+            log.error("store unavailable during auth", extra={"error": str(exc)})
+            raise ApiError(503, "the quota store is unavailable, retry shortly", "store_unavailable",
+                           headers={"retry-after": "5"}) from None
+        return principal
+
+    def resolve(self, model: str, *, kind: str) -> ModelCard:
+        card = self.cards.get(model)
+        if card is None:
+            raise ApiError(404, f"The model '{model}' does not exist. Model ids are exact and case-sensitive "
+                                "(e.g. 'hf:org/model'); GET /v1/models lists the available ones.",
+                           "model_not_found", "model")
+        kinds = {"chat": ("chat", "lora"), "embeddings": ("embeddings",)}[kind]
+        if card.kind not in kinds:
+            raise ApiError(400, f"The model '{model}' is a {card.kind} model and cannot serve this endpoint.",
+                           "model_not_supported", "model")
+        return card
+
+    def engine(self, card: ModelCard) -> Engine:
+        return self.engines[card.id]
+
+    async def admit(self, request: Request, principal: Principal, card: ModelCard) -> Ticket:
+        """Reserve a slot, waiting in the account's queue; give up if the client leaves."""
+        started = time.monotonic()
+        reserve = asyncio.ensure_future(self.controller.reserve(principal.account, principal.key.id, card.id))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({reserve, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if reserve not in done:
+            reserve.cancel()
+            with contextlib.suppress(asyncio.CancelledError, AdmissionRefused, StoreError, NotFound):
+                ticket = await reserve
+                # Admitted in the same instant the client left: give the slot straight back.
+                self.controller.settle(ticket, prompt_tokens=0, cached_tokens=0, completion_tokens=0,
+                                       status="aborted", first_token=False, ttft_ms=None)
+            raise ApiError(499, "client closed the request while it was queued", "client_closed")
+        try:
+            ticket = reserve.result()
+        except AdmissionRefused as refused:
+            self.metrics.refusals.labels(refused.reason.value).inc()
+            headers = quota_headers(refused.snapshot, self.unit) if refused.snapshot else {}
+            if refused.retry_after_s is not None:
+                headers["retry-after"] = str(refused.retry_after_s)
+            status = 403 if refused.reason is Reason.ACCOUNT_SUSPENDED else 429
+            raise ApiError(status, str(refused), refused.reason.value, headers=headers) from None
+        except NotFound:
+            raise ApiError(401, "invalid API key", "invalid_api_key") from None
+        except StoreError as exc:
+            log.error("store unavailable during admission", extra={"error": str(exc)})
+            raise ApiError(503, "the quota store is unavailable, retry shortly", "store_unavailable",
+                           headers={"retry-after": "5"}) from None
+        if ticket.queued_s > 0.001:
+            self.metrics.queue_wait.observe(time.monotonic() - started)
+        return ticket
+
+    def headers(self, ticket: Ticket) -> dict[str, str]:
+        return quota_headers(ticket.snapshot, self.unit)
+
+    # -- the metered stream ---------------------------------------------------
+
+    async def metered(self, ticket: Ticket, request: GenerationRequest,
+                      protocol: str) -> AsyncIterator[GenerationChunk]:
+        """Yield the engine's chunks; settle exactly once however the stream ends.
+
+        Settlement and the engine abort run in their own tasks: a disconnect
+        cancels this generator, and any await in its `finally` would be
+        cancelled too.
+        """
+        engine = self.engine(self.cards[request.model])
+        agen = engine.generate(request)
+        usage = TokenUsage()
+        first_token = False
+        ttft_ms: int | None = None
+        status = "aborted"
+        started = time.monotonic()
+        try:
+            async with self.controller.renewing(ticket):
+                async for chunk in agen:
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                    if not first_token and (chunk.text or chunk.reasoning or chunk.tool_calls):
+                        first_token = True
+                        ttft_ms = int((time.monotonic() - started) * 1000)
+                        self.metrics.ttft.labels(request.model).observe(ttft_ms / 1000)
+                    yield chunk
+            status = "ok"
+        except EngineError:
+            status = "error"
+            raise
+        finally:
+            if status != "ok":
+                self._spawn(_abort(engine, agen, request.request_id))
+            self.controller.settle(ticket, prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens,
+                                   completion_tokens=usage.completion_tokens, status=status,
+                                   first_token=first_token, ttft_ms=ttft_ms)
+            self.metrics.observe_finished(request.model, protocol, status, usage)
+            log.info("request finished", extra={
+                "request_id": request.request_id, "account": ticket.account.id, "key": ticket.key_id,
+                "model": request.model, "status": status, "prompt_tokens": usage.prompt_tokens,
+                "cached_tokens": usage.cached_tokens, "completion_tokens": usage.completion_tokens,
+                "ttft_ms": ttft_ms, "duration_ms": int((time.monotonic() - started) * 1000),
+                "queued_ms": int(ticket.queued_s * 1000)})
+
+    @staticmethod
+    async def collect_from(chunks: AsyncIterator[GenerationChunk]) -> GenerationResult:
+        """Fold a whole (metered) generation for a non-streaming response."""
+        result = GenerationResult()
+        async for chunk in chunks:
+            result.add(chunk)
+        return result
+
+    async def embed(self, ticket: Ticket, request: EmbeddingRequest, protocol: str) -> EmbeddingResult:
+        """Embeddings: same lease and settlement path as generations."""
+        status = "error"
+        prompt_tokens = 0
+        try:
+            result = await self.engine(self.cards[request.model]).embed(request)
+            prompt_tokens = result.prompt_tokens
+            status = "ok"
+            return result
+        finally:
+            self.controller.settle(ticket, prompt_tokens=prompt_tokens, cached_tokens=0, completion_tokens=0,
+                                   status=status, first_token=status == "ok", ttft_ms=None)
+            self.metrics.observe_finished(request.model, protocol, status, TokenUsage(prompt_tokens=prompt_tokens))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
+
+
+async def _abort(engine: Engine, agen: AsyncIterator[GenerationChunk], request_id: str) -> None:
+    with contextlib.suppress(Exception):
+        await engine.abort(request_id)
+    aclose = getattr(agen, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client goes away (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def new_request_id(prefix: str, sep: str = "-") -> str:
+    """OpenAI ids look like `chatcmpl-…`, Anthropic ones like `msg_…`."""
+    return f"{prefix}{sep}{uuid.uuid4().hex[:24]}"

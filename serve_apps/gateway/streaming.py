@@ -1,0 +1,64 @@
+"""Turning a metered chunk stream into an SSE response.
+
+The first chunk is pulled before the response starts, so a model that fails
+before its first token still gets a proper HTTP error (and the request-bar
+refund) instead of a 200 followed by an error event.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from starlette.responses import StreamingResponse
+
+from serve_apps.engines.types import EngineError, GenerationChunk
+from serve_apps.gateway.errors import ApiError
+
+log = logging.getLogger("packserve.gateway")
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+class ChunkEncoder:
+    """What both protocols' stream encoders offer: opening lines, per-chunk lines, closing lines."""
+
+    start: Callable[[], list[str]]
+    chunk: Callable[[GenerationChunk], list[str]]
+    finish: Callable[[], list[str]]
+
+
+async def prime(chunks: AsyncIterator[GenerationChunk]) -> GenerationChunk | None:
+    """The first chunk, or None for an empty stream; an engine failure here is an HTTP error."""
+    try:
+        return await chunks.__anext__()
+    except StopAsyncIteration:
+        return None
+    except EngineError as exc:
+        log.warning("engine failed before the first token", extra={"error": str(exc)})
+        raise ApiError(502, "The model failed before producing output; this request was not charged.",
+                       "engine_error") from None
+
+
+def sse_response(first: GenerationChunk | None, chunks: AsyncIterator[GenerationChunk],
+                 start: Callable[[], list[str]], encode: Callable[[GenerationChunk], list[str]],
+                 finish: Callable[[], list[str]], fail: Callable[[str], str],
+                 headers: dict[str, str]) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        for line in start():
+            yield line
+        try:
+            if first is not None:
+                for line in encode(first):
+                    yield line
+            async for chunk in chunks:
+                for line in encode(chunk):
+                    yield line
+        except EngineError as exc:
+            log.warning("engine failed mid-stream", extra={"error": str(exc)})
+            yield fail("The model failed while generating; you are charged only for tokens produced.")
+            return
+        for line in finish():
+            yield line
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})

@@ -1,0 +1,54 @@
+"""`packserve gateway --engine sim`: the gateway alone under uvicorn, no Ray.
+
+For development, tests and benchmarks: the deterministic simulated engine
+serves the simulated catalog of SPEC §5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import uvicorn
+
+from cluster.settings import admin_token_from_env
+from cluster.store import StoreError
+from serve_apps.config import AppConfig, ConfigError, load_config
+from serve_apps.engines.sim import SimulatedEngine
+from serve_apps.gateway.app import build_gateway_app, create_runtime
+from serve_apps.logs import setup_logging
+
+
+def sim_engines(config: AppConfig, ttft_ms: float, tokens_per_s: float) -> SimulatedEngine:
+    return SimulatedEngine(ttft_s=(ttft_ms or config.sim.ttft_ms) / 1000,
+                           tokens_per_s=tokens_per_s or config.sim.tokens_per_s)
+
+
+async def serve_gateway(config: AppConfig, host: str, port: int, ttft_ms: float = 0, tokens_per_s: float = 0) -> None:
+    engine = sim_engines(config, ttft_ms, tokens_per_s)
+    cards = {c.id: c for c in engine.cards()}
+    runtime = await create_runtime(config, {cid: engine for cid in cards}, cards, admin_token=admin_token_from_env())
+    app = build_gateway_app(runtime)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, access_log=config.gateway.access_log,
+                                           log_level="warning", lifespan="on"))
+    print(f"packserve gateway (simulated engine) on http://{host}:{port}  "
+          f"OpenAI: http://{host}:{port}/v1  Anthropic: http://{host}:{port}/anthropic", file=sys.stderr, flush=True)
+    await server.serve()
+
+
+def run_gateway(args: argparse.Namespace) -> int:
+    setup_logging()
+    try:
+        config = load_config(args.config)
+        if args.redis_url:
+            config = config.model_copy(update={"store": config.store.model_copy(update={"redis_url": args.redis_url})})
+        if args.data_dir:
+            config = config.model_copy(update={"store": config.store.model_copy(update={"data_dir": args.data_dir})})
+        asyncio.run(serve_gateway(config, args.host, args.port, args.sim_ttft_ms, args.sim_tokens_per_s))
+    except (ConfigError, StoreError, ValueError) as exc:
+        print(f"packserve: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0

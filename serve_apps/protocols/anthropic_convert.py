@@ -1,0 +1,205 @@
+"""Pure conversions between Anthropic Messages wire models and the engine-neutral types."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from serve_apps.engines.types import (
+    ChatMessage,
+    FinishReason,
+    GenerationRequest,
+    ModelCard,
+    SamplingParams,
+    TokenUsage,
+    ToolCall,
+    ToolSpec,
+)
+from serve_apps.protocols.anthropic_models import (
+    ContentBlockOut,
+    CountTokensRequest,
+    ErrorDetail,
+    ErrorResponse,
+    MessageIn,
+    MessageOut,
+    MessagesRequest,
+    MessageTokensCount,
+    StopReason,
+    TextBlockOut,
+    ThinkingBlockOut,
+    ToolUseBlockOut,
+    UsageOut,
+)
+from serve_apps.protocols.common import GenerationResult, InvalidRequest, clamp_max_tokens
+
+_ERROR_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error_type(status: int) -> str:
+    if status in _ERROR_TYPES:
+        return _ERROR_TYPES[status]
+    return "invalid_request_error" if 400 <= status < 500 else "api_error"
+
+
+def error_body(status: int, message: str, type_: str | None = None) -> dict[str, Any]:
+    """`{"type": "error", "error": {type, message}}`, the shape the Anthropic SDK parses."""
+    detail = ErrorDetail(type=type_ or anthropic_error_type(status), message=message)
+    return ErrorResponse(error=detail).model_dump(mode="json")
+
+
+def model_not_found_body(model: str) -> dict[str, Any]:
+    return error_body(
+        404,
+        f"model: {model} was not found. See GET /v1/models for the available model ids "
+        "(matched exactly, case-sensitive).",
+    )
+
+
+# ---------------------------------------------------------------- requests
+
+
+def _turns(message: MessageIn) -> list[ChatMessage]:
+    if message.role == "assistant":
+        texts: list[str] = []
+        calls: list[ToolCall] = []
+        for block in message.content:
+            if block.type == "text" and block.text is not None:
+                texts.append(block.text)
+            elif block.type == "tool_use" and block.id and block.name:
+                calls.append(ToolCall(block.id, block.name, json.dumps(block.input or {})))
+        return [ChatMessage(role="assistant", content="\n".join(texts), tool_calls=tuple(calls))]
+
+    # A user turn may interleave tool results and text; each result becomes its
+    # own "tool" message and text runs between them stay in order.
+    out: list[ChatMessage] = []
+    pending: list[str] = []
+    for block in message.content:
+        if block.type == "text" and block.text is not None:
+            pending.append(block.text)
+        elif block.type == "tool_result":
+            if pending:
+                out.append(ChatMessage(role="user", content="\n".join(pending)))
+                pending = []
+            text = block.result_text
+            out.append(
+                ChatMessage(
+                    role="tool",
+                    content=f"Error: {text}" if block.is_error else text,
+                    tool_call_id=block.tool_use_id,
+                )
+            )
+    if pending or not out:
+        out.append(ChatMessage(role="user", content="\n".join(pending)))
+    return out
+
+
+def prompt_parts(req: MessagesRequest | CountTokensRequest) -> tuple[tuple[ChatMessage, ...], tuple[ToolSpec, ...]]:
+    """The engine-neutral messages and tools of a request; also what count_tokens needs."""
+    messages: list[ChatMessage] = []
+    if req.system:
+        messages.append(ChatMessage(role="system", content="\n".join(b.text for b in req.system)))
+    for m in req.messages:
+        messages.extend(_turns(m))
+    tools = tuple(ToolSpec(t.name, t.description or "", t.input_schema) for t in req.tools or ())
+    return tuple(messages), tools
+
+
+def _tool_choice(req: MessagesRequest, tools: tuple[ToolSpec, ...]) -> str | dict[str, Any] | None:
+    choice = req.tool_choice
+    if choice is None:
+        return None
+    if choice.type == "tool":
+        if choice.name not in {t.name for t in tools}:
+            raise InvalidRequest(f"tool_choice: tool '{choice.name}' is not in tools", "tool_choice")
+        return {"name": choice.name}
+    if choice.type == "any":
+        if not tools:
+            raise InvalidRequest("tool_choice: type 'any' needs at least one tool", "tool_choice")
+        return "required"
+    return choice.type  # "auto" and "none" mean the same in the engine-neutral form
+
+
+def messages_to_generation(req: MessagesRequest, request_id: str, card: ModelCard) -> GenerationRequest:
+    """Raises `InvalidRequest` for a tool_choice the tools cannot satisfy."""
+    messages, tools = prompt_parts(req)
+    return GenerationRequest(
+        request_id=request_id,
+        model=req.model,
+        sampling=SamplingParams(
+            max_tokens=clamp_max_tokens(req.max_tokens, card),
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            stop=tuple(s for s in req.stop_sequences or () if s),
+        ),
+        messages=messages,
+        tools=tools,
+        tool_choice=_tool_choice(req, tools),
+    )
+
+
+def count_tokens_body(input_tokens: int) -> dict[str, Any]:
+    return MessageTokensCount(input_tokens=input_tokens).model_dump(mode="json")
+
+
+# ---------------------------------------------------------------- responses
+
+
+def stop_reason(finish: FinishReason | None, stop_sequence: str | None = None) -> StopReason:
+    """Anthropic has no "abort"/"error" stop reason; those ended early, reported as end_turn."""
+    if finish == "length":
+        return "max_tokens"
+    if finish == "tool_calls":
+        return "tool_use"
+    if finish == "stop" and stop_sequence:
+        return "stop_sequence"
+    return "end_turn"
+
+
+def usage_out(usage: TokenUsage) -> UsageOut:
+    return UsageOut(
+        input_tokens=usage.uncached_prompt_tokens,
+        cache_creation_input_tokens=0,
+        cache_read_input_tokens=usage.cached_tokens,
+        output_tokens=usage.completion_tokens,
+    )
+
+
+def tool_input(arguments: str) -> dict[str, Any]:
+    """Parsed tool arguments; text that is not a JSON object is kept under `_raw`
+    rather than dropped, so a malformed call is visible to the client."""
+    try:
+        value = json.loads(arguments) if arguments.strip() else {}
+    except json.JSONDecodeError:
+        return {"_raw": arguments}
+    return value if isinstance(value, dict) else {"_raw": arguments}
+
+
+def message_response(result: GenerationResult, *, message_id: str, model: str) -> dict[str, Any]:
+    content: list[ContentBlockOut] = []
+    if result.reasoning:
+        content.append(ThinkingBlockOut(thinking=result.reasoning))
+    if result.text or not result.tool_calls:
+        content.append(TextBlockOut(text=result.text))
+    content.extend(ToolUseBlockOut(id=c.id, name=c.name, input=tool_input(c.arguments)) for c in result.tool_calls)
+    reason = stop_reason(result.finish_reason, result.stop_sequence)
+    body = MessageOut(
+        id=message_id,
+        model=model,
+        content=content,
+        stop_reason=reason,
+        stop_sequence=result.stop_sequence if reason == "stop_sequence" else None,
+        usage=usage_out(result.usage),
+    )
+    return body.model_dump(mode="json")

@@ -1,0 +1,357 @@
+"""One contract, run against every store: the embedded store and Redis.
+
+Time is injected (a fake clock in ms), so 5-hour and weekly bars are tested
+in milliseconds. Queue waits use real (short) event waits, never a sleep to
+reach a window boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import pytest
+
+from cluster.accounts import Accounts
+from cluster.controller import AdmissionController, AdmissionRefused, Ticket
+from cluster.embedded_store import EmbeddedStore
+from cluster.records import Account
+from cluster.settings import AdmissionSettings
+from cluster.store import NotFound, Store
+from policies.admission import Reason
+from policies.plans import SizeClass
+from policies.pricing import ModelPrice
+from policies.units import HOUR_MS, MINUTE_MS, PICO_PER_DOLLAR
+
+LARGE = "hf:test/large-3.40"
+SMALL = "hf:test/small-2.00"
+EMBED = "hf:test/embed"
+PRICES = {
+    LARGE: ModelPrice(1_200_000, 3_400_000, SizeClass.STANDARD),
+    SMALL: ModelPrice(300_000, 2_000_000, SizeClass.SMALL),
+    "hf:test/standard-2.00": ModelPrice(300_000, 2_000_000, SizeClass.STANDARD),
+    EMBED: ModelPrice(0, 0, SizeClass.UNMETERED),
+}
+T0 = 1_800_000_000_000  # a fixed epoch-ms start; any value works
+
+
+class FakeClock:
+    def __init__(self, now: int = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, ms: int) -> None:
+        self.now += ms
+
+
+class Harness:
+    def __init__(self, store: Store, clock: FakeClock, settings: AdmissionSettings) -> None:
+        self.store = store
+        self.clock = clock
+        self.accounts = Accounts(store, clock)
+        self.ctl = AdmissionController(store, settings, PRICES, clock=clock)
+
+    async def account(self, packs: list[str] | None = None, plan: str = "subscription", **kw: object) -> Account:
+        return await self.accounts.create("test", plan, packs if plan == "subscription" else None, **kw)  # type: ignore[arg-type]
+
+    async def one(self, account: Account, model: str = LARGE, *, prompt: int = 10, cached: int = 0,
+                  completion: int = 10, status: str = "ok") -> Ticket:
+        ticket = await self.ctl.reserve(account, "key_test", model, queue_timeout_s=0)
+        await self.ctl.settle(ticket, prompt_tokens=prompt, cached_tokens=cached, completion_tokens=completion,
+                              status=status, first_token=status == "ok", ttft_ms=1)
+        return ticket
+
+    async def burst(self, account: Account, n: int, model: str = LARGE) -> tuple[int, AdmissionRefused | None]:
+        ok = 0
+        for _ in range(n):
+            try:
+                await self.one(account, model, prompt=0, completion=0)
+            except AdmissionRefused as refused:
+                return ok, refused
+            ok += 1
+        return ok, None
+
+    async def requests_left(self, account: Account) -> float:
+        snap = await self.ctl.snapshot(account.id)
+        assert snap.request is not None
+        return snap.request.level / self.ctl.policy.unit
+
+
+@pytest.fixture(params=["embedded", "redis"])
+async def h(request: pytest.FixtureRequest, tmp_path: object) -> AsyncIterator[Harness]:
+    clock = FakeClock()
+    settings = AdmissionSettings(queue_timeout_s=5, lease_ttl_s=30)
+    unit = settings.weight_policy.unit
+    store: Store
+    if request.param == "embedded":
+        store = EmbeddedStore(None, request_unit=unit, clock=clock)
+    else:
+        from cluster.redis_store import RedisStore
+
+        url = request.getfixturevalue("redis_url")
+        store = await RedisStore.connect(url, request_unit=unit)
+    harness = Harness(store, clock, settings)
+    yield harness
+    await harness.ctl.drain()
+    await store.close()
+
+
+# -- SPEC §1 worked examples ---------------------------------------------------
+
+async def test_standard_pack_burst_then_one_tick(h: Harness) -> None:
+    acct = await h.account(["standard"])
+    ok, refused = await h.burst(acct, 501)
+    assert ok == 500
+    assert refused is not None and refused.reason is Reason.REQUEST_BAR_EMPTY
+    assert refused.retry_after_s is not None and 0 < refused.retry_after_s <= 180
+    h.clock.advance(3 * MINUTE_MS)
+    ok, refused = await h.burst(acct, 26)
+    assert ok == 25
+    assert refused is not None and refused.reason is Reason.REQUEST_BAR_EMPTY
+
+
+async def test_two_dollar_model_fits_850_exactly(h: Harness) -> None:
+    acct = await h.account(["standard"])
+    ok, refused = await h.burst(acct, 851, "hf:test/standard-2.00")
+    assert ok == 850
+    assert refused is not None and refused.reason is Reason.REQUEST_BAR_EMPTY
+    assert await h.requests_left(acct) == 0
+
+
+async def test_two_founder_packs_capacities_and_concurrency(h: Harness) -> None:
+    acct = await h.account(["founder", "founder"])
+    snap = await h.ctl.snapshot(acct.id)
+    assert snap.request_spec is not None and snap.weekly_spec is not None
+    assert snap.request_spec.capacity == 1500 * h.ctl.policy.unit
+    assert snap.weekly_spec.capacity == 72 * PICO_PER_DOLLAR
+    held = [await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0) for _ in range(2)]
+    with pytest.raises(AdmissionRefused) as exc:
+        await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)
+    assert exc.value.reason is Reason.CONCURRENCY_LIMIT
+    small = [await h.ctl.reserve(acct, "k", SMALL, queue_timeout_s=0) for _ in range(4)]
+    with pytest.raises(AdmissionRefused):
+        await h.ctl.reserve(acct, "k", SMALL, queue_timeout_s=0)
+    for t in held + small:
+        await h.ctl.settle(t, prompt_tokens=0, cached_tokens=0, completion_tokens=0, status="ok",
+                           first_token=True, ttft_ms=None)
+
+
+async def test_founder_weekly_bar_from_zero(h: Harness) -> None:
+    acct = await h.account(["founder"])
+    # 30M input tokens at $1.20/M is exactly $36: the weekly bar lands on 0.
+    await h.one(acct, LARGE, prompt=30_000_000, completion=0)
+    snap = await h.ctl.snapshot(acct.id)
+    assert snap.weekly is not None and snap.weekly.level == 0
+    with pytest.raises(AdmissionRefused) as exc:
+        await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)
+    assert exc.value.reason is Reason.WEEKLY_TOKENS_EXHAUSTED
+    assert exc.value.retry_after_s == 3 * 3600
+    h.clock.advance(3 * HOUR_MS)
+    snap = await h.ctl.snapshot(acct.id)
+    assert snap.weekly is not None and snap.weekly.level == Decimal("0.72") * PICO_PER_DOLLAR
+    h.clock.advance(147 * HOUR_MS)
+    snap = await h.ctl.snapshot(acct.id)
+    assert snap.weekly is not None and snap.weekly.level == 36 * PICO_PER_DOLLAR
+    assert snap.weekly.anchor_ms is None
+
+
+# -- settlement ---------------------------------------------------------------
+
+async def test_token_cost_with_cache_discount_recorded(h: Harness) -> None:
+    acct = await h.account(["standard"])
+    await h.one(acct, LARGE, prompt=2_000_000, cached=1_000_000, completion=1_000_000)
+    events = await h.store.usage(acct.id)
+    assert len(events) == 1
+    # 1M uncached × $1.20 + 1M cached × $1.20 × 0.2 + 1M × $3.40 = $4.84
+    assert events[0].cost_pico == 4_840_000 * 1_000_000
+    assert (events[0].prompt_tokens, events[0].cached_tokens, events[0].completion_tokens) == (
+        2_000_000, 1_000_000, 1_000_000)
+    snap = await h.ctl.snapshot(acct.id)
+    assert snap.weekly is not None and snap.weekly.level == (24 - Decimal("4.84")) * PICO_PER_DOLLAR
+
+
+async def test_payg_pays_list_price_and_hits_spend_cap(h: Harness) -> None:
+    acct = await h.account(plan="payg", spend_cap_usd="5", concurrency=2)
+    await h.one(acct, LARGE, prompt=2_000_000, cached=1_000_000, completion=1_000_000)
+    events = await h.store.usage(acct.id)
+    assert events[0].cost_pico == 5_800_000 * 1_000_000  # no cache discount: $2.40 + $3.40 = $5.80 > cap
+    with pytest.raises(AdmissionRefused) as exc:
+        await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)
+    assert exc.value.reason is Reason.SPEND_CAP_REACHED
+    assert exc.value.retry_after_s is not None and exc.value.retry_after_s > 0
+
+
+async def test_failure_before_first_token_is_refunded(h: Harness) -> None:
+    acct = await h.account(["standard"])
+    await h.one(acct, LARGE, prompt=0, completion=0, status="error")
+    assert await h.requests_left(acct) == 500
+    events = await h.store.usage(acct.id)
+    assert [e.status for e in events] == ["refunded"]
+    await h.one(acct, LARGE, prompt=0, completion=0, status="ok")
+    assert await h.requests_left(acct) == 499
+
+
+async def test_unmetered_model_costs_nothing_even_when_bars_are_empty(h: Harness) -> None:
+    acct = await h.account(["standard"])
+    ok, _ = await h.burst(acct, 500)
+    assert ok == 500
+    await h.one(acct, EMBED, prompt=1000, completion=0)
+    events = await h.store.usage(acct.id)
+    assert events[-1].cost_pico == 0 and events[-1].weight_units == 0
+    assert await h.requests_left(acct) == 0
+
+
+async def test_settle_twice_is_refused_and_snapshot_headers_match(h: Harness) -> None:
+    acct = await h.account(["standard"])
+    ticket = await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)
+    assert ticket.snapshot.request is not None
+    assert ticket.snapshot.request.level == 499 * h.ctl.policy.unit
+    await h.ctl.settle(ticket, prompt_tokens=1, cached_tokens=0, completion_tokens=1, status="ok",
+                       first_token=True, ttft_ms=1)
+    with pytest.raises(RuntimeError):
+        h.ctl.settle(ticket, prompt_tokens=1, cached_tokens=0, completion_tokens=1, status="ok",
+                     first_token=True, ttft_ms=1)
+
+
+# -- concurrency and queueing ---------------------------------------------------
+
+async def test_queue_is_fifo_and_wakes_on_release(h: Harness) -> None:
+    acct = await h.account(["standard"])
+    first = await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)
+    order: list[str] = []
+
+    async def waiter(name: str) -> Ticket:
+        ticket = await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=5)
+        order.append(name)
+        return ticket
+
+    b = asyncio.create_task(waiter("b"))
+    await asyncio.sleep(0.05)
+    c = asyncio.create_task(waiter("c"))
+    await asyncio.sleep(0.05)
+    assert order == []
+    assert h.ctl.queue.depth == 2
+    left_before = await h.requests_left(acct)
+    assert left_before == 499  # queued requests are not charged
+    await h.ctl.settle(first, prompt_tokens=0, cached_tokens=0, completion_tokens=0, status="ok",
+                       first_token=True, ttft_ms=None)
+    tb = await asyncio.wait_for(b, 2)
+    assert order == ["b"]
+    assert not c.done()
+    await h.ctl.settle(tb, prompt_tokens=0, cached_tokens=0, completion_tokens=0, status="ok",
+                       first_token=True, ttft_ms=None)
+    tc = await asyncio.wait_for(c, 2)
+    assert order == ["b", "c"]
+    await h.ctl.settle(tc, prompt_tokens=0, cached_tokens=0, completion_tokens=0, status="ok",
+                       first_token=True, ttft_ms=None)
+    assert await h.requests_left(acct) == 497
+
+
+async def test_queue_timeout_refuses_and_charges_nothing(h: Harness) -> None:
+    acct = await h.account(["standard"])
+    held = await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)
+    with pytest.raises(AdmissionRefused) as exc:
+        await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0.2)
+    assert exc.value.reason is Reason.CONCURRENCY_LIMIT
+    assert exc.value.retry_after_s is not None and exc.value.retry_after_s >= 1
+    assert await h.requests_left(acct) == 499
+    assert h.ctl.queue.depth == 0
+    await h.ctl.settle(held, prompt_tokens=0, cached_tokens=0, completion_tokens=0, status="ok",
+                       first_token=True, ttft_ms=None)
+    # The timed-out waiter left the queue: a newcomer is admitted at once.
+    ticket = await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)
+    assert ticket.lease.lease_id
+
+
+async def test_crashed_holder_lease_expires(h: Harness) -> None:
+    acct = await h.account(["standard"])
+    await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)  # never settled: the holder "crashed"
+    with pytest.raises(AdmissionRefused):
+        await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)
+    h.clock.advance(31_000)
+    assert await h.store.active_leases(acct.id, LARGE, h.clock.now) == 0
+    ticket = await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)
+    assert ticket.lease.expires_ms == h.clock.now + 30_000
+
+
+async def test_renewed_lease_does_not_expire(h: Harness) -> None:
+    acct = await h.account(["standard"])
+    ticket = await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)
+    h.clock.advance(20_000)
+    assert await h.ctl.renew(ticket)
+    h.clock.advance(20_000)
+    with pytest.raises(AdmissionRefused):
+        await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)
+    h.clock.advance(11_000)
+    assert not await h.ctl.renew(ticket)  # expired: renewal cannot resurrect it
+
+
+async def test_concurrency_is_per_model(h: Harness) -> None:
+    acct = await h.account(["standard"])
+    await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)
+    other = await h.ctl.reserve(acct, "k", "hf:test/standard-2.00", queue_timeout_s=0)
+    assert other.lease.model == "hf:test/standard-2.00"
+
+
+# -- accounts ------------------------------------------------------------------
+
+async def test_suspended_account_is_refused(h: Harness) -> None:
+    acct = await h.account(["standard"])
+    await h.accounts.set_suspended(acct.id, True)
+    with pytest.raises(AdmissionRefused) as exc:
+        await h.ctl.reserve(await h.accounts.get(acct.id), "k", LARGE, queue_timeout_s=0)
+    assert exc.value.reason is Reason.ACCOUNT_SUSPENDED
+
+
+async def test_set_packs_keeps_level_and_grows_capacity(h: Harness) -> None:
+    acct = await h.account(["standard"])
+    await h.burst(acct, 100)
+    acct = await h.accounts.set_plan(acct.id, "subscription", ["standard", "founder"])
+    snap = await h.ctl.snapshot(acct.id)
+    assert snap.request_spec is not None and snap.request is not None
+    assert snap.request_spec.capacity == 1250 * h.ctl.policy.unit
+    assert snap.request.level == 400 * h.ctl.policy.unit
+    h.clock.advance(3 * MINUTE_MS)
+    assert await h.requests_left(acct) == 400 + 62.5
+
+
+async def test_keys_create_find_revoke(h: Harness) -> None:
+    acct = await h.account(["standard"])
+    created = await h.accounts.create_key(acct.id)
+    assert created.secret.startswith("ps-") and created.secret not in created.key.key_hash
+    principal = await h.accounts.authenticate(created.secret)
+    assert principal.account.id == acct.id
+    assert [k.id for k in await h.store.list_keys(acct.id)] == [created.key.id]
+    await h.accounts.revoke_key(created.key.id)
+    assert await h.store.find_key(created.key.key_hash) is None
+    with pytest.raises(NotFound):
+        await h.accounts.revoke_key(created.key.id)
+
+
+async def test_delete_account_removes_everything(h: Harness) -> None:
+    acct = await h.account(["standard"])
+    created = await h.accounts.create_key(acct.id)
+    await h.one(acct, LARGE)
+    await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)  # a live lease too
+    await h.accounts.delete(acct.id)
+    assert await h.store.get_account(acct.id) is None
+    assert await h.store.find_key(created.key.key_hash) is None
+    assert await h.store.list_keys(acct.id) == []
+    assert await h.store.usage(acct.id) == []
+    assert await h.store.active_leases(acct.id, LARGE) == 0
+    with pytest.raises(NotFound):
+        await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)
+    with pytest.raises(NotFound):
+        await h.accounts.delete(acct.id)
+
+
+async def test_usage_retention_trims_old_events(h: Harness) -> None:
+    acct = await h.account(["standard"])
+    await h.one(acct, LARGE)
+    h.clock.advance(15 * 24 * HOUR_MS)
+    await h.one(acct, LARGE)
+    events = await h.store.usage(acct.id)
+    assert len(events) == 1 and events[0].ts_ms == h.clock.now
