@@ -99,7 +99,7 @@ class AdmissionController:
         self.prices = dict(prices)
         self.policy = settings.weight_policy
         self._clock = clock
-        self.outbox = outbox or SettleOutbox(store)
+        self.outbox = outbox if outbox is not None else SettleOutbox(store)
         self._settling: set[asyncio.Task[Snapshot | None]] = set()
         self.queue = QueueStats()
         self.active = 0
@@ -195,11 +195,12 @@ class AdmissionController:
         """
         if ticket.settled:
             raise RuntimeError("ticket already settled")
-        ticket.settled = True
-        self.active -= 1
         subscription = ticket.account.plan is PlanKind.SUBSCRIPTION
+        # Validates the counts first: bad counts leave the ticket unsettled, so the caller can still settle it.
         cost = token_cost_pico(ticket.price, prompt_tokens, cached_tokens, completion_tokens,
                                cache_discount=subscription)
+        ticket.settled = True
+        self.active -= 1
         refund = ticket.lease.weight_units if status == "error" and not first_token else 0
         event = UsageEvent(
             ts_ms=self._now_ms(), account_id=ticket.account.id, key_id=ticket.key_id, model=ticket.lease.model,

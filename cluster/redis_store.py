@@ -288,9 +288,10 @@ def _key_from_record(record: bytes | str, revoked: bool) -> ApiKey:
 class _WakeListener:
     """One pattern subscription per store, turning PUBLISHes into local events.
 
-    Started lazily inside the running loop by the first waiter. After a lost
-    connection every waiter is woken once: a wake-up published during the gap
-    is lost, and a spurious wake-up only costs a re-check.
+    Started lazily inside the running loop by the first waiter. Once it is
+    subscribed again after a lost connection, every waiter is woken once: a
+    wake-up published during the gap is lost, and a spurious one only costs a
+    re-check (waking earlier would only send waiters to a Redis that is down).
     """
 
     def __init__(self, url: str, pattern: str) -> None:
@@ -299,13 +300,15 @@ class _WakeListener:
         self._events: dict[bytes, set[asyncio.Event]] = {}
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self._closed = False
 
     @property
     def started(self) -> bool:
         return self._task is not None and not self._task.done()
 
     def register(self, channel: bytes) -> asyncio.Event:
-        if not self.started:
+        # After close() a waiter still works: it just times out instead of being woken.
+        if not self.started and not self._closed:
             self._ready = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run(), name="packserve-redis-wake")
         event = asyncio.Event()
@@ -358,7 +361,6 @@ class _WakeListener:
                 except (RedisError, OSError) as exc:
                     self._ready.clear()
                     log.warning("Redis wake-up listener lost its connection: %s", exc)
-                    self._wake_all()
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, LISTENER_MAX_BACKOFF_S)
                 finally:
@@ -369,6 +371,7 @@ class _WakeListener:
                 await client.aclose()
 
     async def close(self) -> None:
+        self._closed = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()

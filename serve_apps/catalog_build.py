@@ -340,13 +340,15 @@ def _build_one(model: EmbeddedModel, models_dir: Path, progress: _Progress) -> P
 def build_catalog(
     data_dir: Path | None = None,
     progress: bool = True,
-    models: Sequence[EmbeddedModel] = EMBEDDED_MODELS,
+    models: Sequence[EmbeddedModel] | None = None,
 ) -> dict[str, Path]:
     """Build (or find already built) the embedded models; catalog id -> local model directory.
 
     Never touches the network. Raises `CatalogBuildError` with a one-line
     message when a source package or a conversion dependency is missing.
     """
+    if models is None:
+        models = EMBEDDED_MODELS
     models_dir = (data_dir if data_dir is not None else default_data_dir()) / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Path] = {}

@@ -28,6 +28,7 @@ from cluster.store import NotFound, StoreError
 from policies.plans import PlanError
 from policies.pricing import UsageError
 from serve_apps import cli_render as render
+from serve_apps.admin_client import AdminApiError, AdminClient
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -128,8 +129,6 @@ def _print(args: argparse.Namespace, body: Any, text: str | None) -> None:
 
 async def _run_admin(args: argparse.Namespace) -> int:
     if args.server:
-        from serve_apps.admin_client import AdminClient
-
         ops: Any = AdminClient(args.server, admin_token_from_env())
         store = None
     else:
@@ -216,6 +215,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         return served
     try:
         return asyncio.run(_run_admin(args))
+    except AdminApiError as exc:
+        return _fail(str(exc))
     except (PlanError, UsageError, CliError, AuthError) as exc:
         return _fail(str(exc), EXIT_USAGE)
     except NotFound as exc:

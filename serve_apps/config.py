@@ -31,13 +31,6 @@ class StoreConfig(StrictModel):
     data_dir: Path | None = None
 
 
-class GatewayConfig(StrictModel):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    max_body_bytes: int = Field(32 * MIB, ge=1024)
-    access_log: bool = False
-
-
 class Autoscaling(StrictModel):
     """Passed through to Ray Serve's `autoscaling_config`."""
 
@@ -53,6 +46,20 @@ class Autoscaling(StrictModel):
         if self.max_replicas < self.min_replicas:
             raise ValueError("max_replicas must be at least min_replicas")
         return self
+
+
+class GatewayConfig(StrictModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_body_bytes: int = Field(32 * MIB, ge=1024)
+    access_log: bool = False
+    # Under Ray Serve (`packserve serve`): the gateway is the ingress deployment.
+    # Every open stream is an ongoing request, and the gateway queues by
+    # account itself, so Ray's default cap of 5 would throttle it for nothing.
+    max_ongoing_requests: int = Field(2048, ge=1)
+    num_cpus: float = Field(1, ge=0)
+    autoscaling: Autoscaling = Field(
+        default_factory=lambda: Autoscaling(min_replicas=1, max_replicas=1, target_ongoing_requests=256))
 
 
 class Resources(StrictModel):

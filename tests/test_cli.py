@@ -85,3 +85,27 @@ def test_embedded_store_survives_restart(tmp_path: Path) -> None:
     shown = json.loads(cli("--json", "accounts", "show", made["id"], data_dir=tmp_path).stdout)
     assert [k["id"] for k in shown["keys"]] == [key["id"]]
     assert (tmp_path / "packserve.db").exists()
+
+
+def test_server_mode_uses_the_admin_api(tmp_path: Path) -> None:
+    from tests.live_gateway import ADMIN_TOKEN, LiveGateway
+
+    with LiveGateway(redis_url=None, data_dir=tmp_path / "server") as gw:
+        env_extra = {"PACKSERVE_ADMIN_TOKEN": ADMIN_TOKEN}
+
+        def remote(*args: str) -> subprocess.CompletedProcess[str]:
+            env = {**os.environ, **env_extra}
+            return subprocess.run([sys.executable, "-m", "serve_apps", "--server", gw.base_url, *args],
+                                  capture_output=True, text=True, env=env, timeout=60, check=False)
+
+        made = remote("--json", "accounts", "create", "remote", "--packs", "founder")
+        assert made.returncode == 0, made.stderr
+        account = json.loads(made.stdout)
+        key = json.loads(remote("--json", "keys", "create", account["id"]).stdout)
+        assert gw.quotas(key["key"])["rollingFiveHourLimit"]["max"] == 750
+        assert "750/750" in remote("quota", account["id"]).stdout
+        missing = remote("accounts", "show", "acct_nope")
+        assert missing.returncode != 0 and "no account" in missing.stderr
+        env_extra = {"PACKSERVE_ADMIN_TOKEN": "wrong"}
+        denied = remote("accounts", "list")
+        assert denied.returncode != 0 and "401" in denied.stderr

@@ -350,6 +350,28 @@ async def test_leaving_the_queue_wakes_the_next_waiter(stores: StoreFactory) -> 
     assert isinstance(again, SlotBusy) and again.position == 0
 
 
+async def test_wake_ups_resume_after_a_redis_restart(persistent_redis: RedisServer) -> None:
+    holder = await RedisStore.connect(persistent_redis.url, request_unit=UNIT)
+    queued = await RedisStore.connect(persistent_redis.url, request_unit=UNIT)
+    waiter = queued.slot_waiter("acct-1", MODEL)
+    try:
+        await holder.create_account(standard_account())
+        lease = admitted(await holder.reserve(request())).lease
+        assert isinstance(await queued.reserve(request(waiter="w-1")), SlotBusy)
+
+        persistent_redis.restart()
+        # Whatever was published while the listener was away is lost: it wakes everyone once.
+        assert await waiter.wait(10.0) is True
+        assert await waiter.wait(0.2) is False
+        await holder.settle(settlement(lease))
+        assert await waiter.wait(5.0) is True
+        admitted(await queued.reserve(request(waiter="w-1")))
+    finally:
+        waiter.close()
+        await holder.close()
+        await queued.close()
+
+
 async def test_close_stops_the_listener(redis_url: str) -> None:
     store = await RedisStore.connect(redis_url, request_unit=UNIT)
     waiter = store.slot_waiter("acct-1", MODEL)
@@ -513,8 +535,12 @@ async def test_usage_is_in_event_time_order_even_when_settle_times_go_backwards(
         await store.settle(settlement(lease, ts_ms=ts), now_ms=now)
     assert [e.ts_ms for e in await store.usage("acct-1")] == [T0 + 100, T0 + 200, T0 + 300]
     assert [e.ts_ms for e in await store.usage("acct-1", T0 + 150, T0 + 300)] == [T0 + 200]
+    # A gateway whose clock runs ahead of Redis: the event is still found from its own time.
+    ahead = admitted(await store.reserve(request(), now_ms=T0 + 1_000)).lease
+    await store.settle(settlement(ahead, ts_ms=T0 + 5_000), now_ms=T0 + 1_000)
+    assert [e.lease_id for e in await store.usage("acct-1", T0 + 5_000)] == [ahead.lease_id]
     assert await store.purge_usage(T0 + 1) == 0  # every id is at or after its event time
-    assert await store.purge_usage(T0 + 10_000) == 3
+    assert await store.purge_usage(T0 + 10_000) == 4
     assert await store.usage("acct-1") == []
 
 

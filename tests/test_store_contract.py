@@ -21,7 +21,7 @@ from cluster.settings import AdmissionSettings
 from cluster.store import NotFound, Store
 from policies.admission import Reason
 from policies.plans import SizeClass
-from policies.pricing import ModelPrice
+from policies.pricing import ModelPrice, UsageError
 from policies.units import HOUR_MS, MINUTE_MS, PICO_PER_DOLLAR
 
 LARGE = "hf:test/large-3.40"
@@ -355,3 +355,23 @@ async def test_usage_retention_trims_old_events(h: Harness) -> None:
     await h.one(acct, LARGE)
     events = await h.store.usage(acct.id)
     assert len(events) == 1 and events[0].ts_ms == h.clock.now
+
+
+@pytest.mark.parametrize(("prompt", "cached", "completion", "message"), [
+    (-1, 0, 0, "prompt_tokens must not be negative"),
+    (10, 11, 0, "exceeds prompt_tokens"),
+    (1.5, 0, 0, "must be an integer"),
+])
+async def test_impossible_token_counts_are_refused_and_nothing_is_half_written(
+        h: Harness, prompt: object, cached: int, completion: int, message: str) -> None:
+    acct = await h.account(["standard"])
+    ticket = await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)
+    with pytest.raises(UsageError, match=message):
+        h.ctl.settle(ticket, prompt_tokens=prompt, cached_tokens=cached,  # type: ignore[arg-type]
+                     completion_tokens=completion, status="ok", first_token=True, ttft_ms=1)
+    assert await h.store.usage(acct.id) == []
+    # The ticket is still live and settles normally afterwards: no slot is lost.
+    await h.ctl.settle(ticket, prompt_tokens=1, cached_tokens=0, completion_tokens=1, status="ok",
+                       first_token=True, ttft_ms=1)
+    assert len(await h.store.usage(acct.id)) == 1
+    assert (await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)).lease.lease_id

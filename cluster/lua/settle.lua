@@ -22,7 +22,7 @@ local event, event_ts, retention = ARGV[11], tonumber(ARGV[12]), tonumber(ARGV[1
 
 redis.call('ZREM', KEYS[2], lease_id)
 -- Waiters on this (account, model) re-check at once instead of at lease expiry.
--- no publish
+redis.call('PUBLISH', ARGV[14], lease_id)
 
 local acct = load_account(KEYS[1])
 if acct == nil then return {'missing'} end

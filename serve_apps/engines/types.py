@@ -128,6 +128,15 @@ class EngineError(Exception):
         super().__init__(message)
         self.before_first_token = before_first_token
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exceptions unpickle as `cls(*args)`, which would drop the keyword-only
+        # flag and fail; this error crosses the Ray boundary from model replicas.
+        return (_rebuild_engine_error, (type(self), str(self), self.before_first_token))
+
+
+def _rebuild_engine_error(cls: type[EngineError], message: str, before_first_token: bool) -> EngineError:
+    return cls(message, before_first_token=before_first_token)
+
 
 class Engine(Protocol):
     """What the gateway needs from a model server, at the request/chunk level."""

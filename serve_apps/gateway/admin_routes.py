@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -46,7 +46,8 @@ def _cap(body: dict[str, Any]) -> str | None:
     return str(value)
 
 
-def build_admin_router(ops: AdminOps, token: str | None, max_body_bytes: int) -> APIRouter:
+def build_admin_router(ops: AdminOps, token: str | None, max_body_bytes: int,
+                       stats: Callable[[], dict[str, Any]]) -> APIRouter:
     router = APIRouter(prefix="/admin/v1")
 
     def guard(request: Request) -> None:
@@ -157,5 +158,11 @@ def build_admin_router(ops: AdminOps, token: str | None, max_body_bytes: int) ->
     async def quota(request: Request, account_id: str) -> Response:
         guard(request)
         return JSONResponse(await call(ops.quota(account_id)))
+
+    @router.get("/stats")
+    async def gateway_stats(request: Request) -> Response:
+        """This gateway's load: in-flight requests, queue depth, settlements pending."""
+        guard(request)
+        return JSONResponse(stats())
 
     return router

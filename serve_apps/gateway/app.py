@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -59,6 +60,11 @@ class GatewayRuntime:
         self.service = GatewayService(self.controller, self.accounts, engines, cards, self.metrics)
         self.admin = AdminOps(store, self.accounts, self.controller.policy.unit)
 
+    def stats(self) -> dict[str, Any]:
+        return {"in_flight": self.controller.active, "queue_depth": self.controller.queue.depth,
+                "queued_total": self.controller.queue.waited_total,
+                "settlements_pending": len(self.controller.outbox), "models": sorted(self.service.cards)}
+
     async def close(self) -> None:
         await self.controller.drain()
         await self.store.close()
@@ -92,7 +98,7 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
         app.include_router(openai_router, prefix=prefix)
     for prefix in ("/anthropic/v1", "/v1"):
         app.include_router(anthropic_router, prefix=prefix)
-    app.include_router(build_admin_router(rt.admin, rt.admin_token, max_body))
+    app.include_router(build_admin_router(rt.admin, rt.admin_token, max_body, rt.stats))
 
     @app.get("/v2/quotas")
     async def quotas(request: Request) -> Response:

