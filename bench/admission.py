@@ -119,7 +119,7 @@ async def round_trips_per_pair(url: str, unit: int) -> tuple[float, float]:
     client = aioredis.from_url(url)
     await client.config_resetstat()
     n = 200
-    Connection.send_packed_command = counting  # type: ignore[method-assign]
+    Connection.send_packed_command = counting  # type: ignore[method-assign,assignment]
     try:
         for _ in range(n):
             ticket = await ctl.reserve(account, "k", MODEL, queue_timeout_s=0)

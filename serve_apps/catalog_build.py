@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
 import importlib.metadata
 import importlib.util
 import io
@@ -175,8 +176,8 @@ class _Progress:
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Hide transformers' own tqdm bars and warnings so ours is the only display."""
-    from transformers.utils import logging as hf_logging
-
+    # transformers' logging helpers are untyped; Any keeps mypy's untyped-call check quiet.
+    hf_logging: Any = importlib.import_module("transformers.utils.logging")
     bars_were_on = hf_logging.is_progress_bar_enabled()
     verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
@@ -241,9 +242,9 @@ def ask_converted_model(model_dir: Path, question: str, max_new_tokens: int = 24
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16, local_files_only=True)
-    inputs = tokenizer.apply_chat_template(
+    tokenizer: Any = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16, local_files_only=True)
+    inputs: Any = tokenizer.apply_chat_template(
         [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
     with torch.inference_mode():

@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="the full Ray Serve application on this machine")
     serve.add_argument("--config", type=Path)
+    serve.add_argument("--dry-run", action="store_true", help="print the deployment graph without starting Ray")
     return parser
 
 

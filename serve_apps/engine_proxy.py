@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from ray.exceptions import RayTaskError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
@@ -41,17 +41,17 @@ class DeploymentEngine:
     replica, so it is mapped to the same cancel).
     """
 
-    def __init__(self, handle: DeploymentHandle, cards: list[ModelCard]) -> None:
+    def __init__(self, handle: DeploymentHandle[Any], cards: list[ModelCard]) -> None:
         self._handle = handle
         self._stream = handle.options(stream=True)
         self._cards = list(cards)
-        self._running: dict[str, DeploymentResponseGenerator] = {}
+        self._running: dict[str, DeploymentResponseGenerator[GenerationChunk]] = {}
 
     def cards(self) -> list[ModelCard]:
         return list(self._cards)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        remote: DeploymentResponseGenerator = self._stream.generate.remote(request)
+        remote = cast(DeploymentResponseGenerator[GenerationChunk], self._stream.generate.remote(request))
         self._running[request.request_id] = remote
         first = True
         done = False
@@ -69,7 +69,7 @@ class DeploymentEngine:
         finally:
             self._running.pop(request.request_id, None)
             if not done:
-                remote.cancel()
+                remote.cancel()  # type: ignore[no-untyped-call]
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         try:
@@ -89,7 +89,7 @@ class DeploymentEngine:
     async def abort(self, request_id: str) -> None:
         remote = self._running.pop(request_id, None)
         if remote is not None:
-            remote.cancel()
+            remote.cancel()  # type: ignore[no-untyped-call]
 
     async def stats(self) -> dict[str, Any]:
         """The model deployment's counters (from one replica: the one the router picks)."""

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from cluster.settings import default_data_dir
 from serve_apps.config import AppConfig, ConfigError, ModelConfig
 from serve_apps.engines.sim import SimulatedEngine
 from serve_apps.engines.types import (
@@ -36,38 +37,55 @@ log = logging.getLogger("packserve.model_server")
 # Enough history for a test or an operator to see recent aborts, bounded so a
 # long-running replica does not grow without limit.
 ABORTED_HISTORY = 1024
+BUILTIN = "builtin:"
 
 
 def make_engine(model_cfg: ModelConfig, config: AppConfig) -> Engine:
     """Build the engine for one deployment: `model_cfg` is the base (chat or embeddings) model.
 
-    ── vLLM HANDOFF ────────────────────────────────────────────────────────
-    The `vllm` branch is the single place where the catalog meets the vLLM
-    engines. Their modules are imported by path, lazily, so the sim engine and
-    the gateway never import vllm (import-linter and CPU-only installs rely
-    on that). Expected constructors:
-        VllmEngine(cards: list[ModelCard], settings: VllmSettings)
-        EmbeddingsEngine(cards: list[ModelCard], settings: VllmSettings)
-        VllmSettings.from_config(args: VllmArgs, adapters: dict[str, str]) -> VllmSettings
-    where `cards[0]` is the base model and `adapters` maps each LoRA adapter's
-    catalog id to its `adapter_path`.
-    ────────────────────────────────────────────────────────────────────────
+    This is the single place where the catalog meets the engines. The vLLM
+    modules are imported by path, inside the vllm branch, so the sim engine
+    and the gateway never import vllm or torch (CPU-only installs and the
+    import-linter contracts rely on that).
     """
     served = served_models(config, model_cfg.id)
-    cards = [m.card() for m in served]
     if config.engine == "sim":
         return SimulatedEngine(ttft_s=config.sim.ttft_ms / 1000, tokens_per_s=config.sim.tokens_per_s)
-    if model_cfg.vllm is None:
+    args = model_cfg.vllm
+    if args is None:
         raise ConfigError(f"{model_cfg.id}: engine is vllm but the model has no 'vllm' section")
-    module_name = ("serve_apps.engines.embeddings_engine" if model_cfg.kind == "embeddings"
-                   else "serve_apps.engines.vllm_engine")
-    settings_module = importlib.import_module("serve_apps.engines.vllm_engine")
-    engine_module = importlib.import_module(module_name)
-    adapters = {m.id: m.adapter_path or "" for m in served[1:]}
-    settings = settings_module.VllmSettings.from_config(model_cfg.vllm, adapters)
-    engine_cls = engine_module.EmbeddingsEngine if model_cfg.kind == "embeddings" else engine_module.VllmEngine
-    engine: Engine = engine_cls(cards, settings)
+    model_dir = resolve_model_dir(args.model, config)
+    if model_cfg.kind == "embeddings":
+        embeddings = importlib.import_module("serve_apps.engines.embeddings_engine")
+        engine: Engine = embeddings.EmbeddingsEngine(model_cfg.card(), model_dir)
+        return engine
+    vllm_engine = importlib.import_module("serve_apps.engines.vllm_engine")
+    adapters = [vllm_engine.LoraAdapter(m.card(), m.adapter_path or "") for m in served[1:]]
+    settings = vllm_engine.VllmSettings(
+        model_dir=model_dir, max_model_len=args.max_model_len, dtype=args.dtype, enforce_eager=args.enforce_eager,
+        kv_cache_space_gib=args.kv_cache_space_gib, tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        # Catalog adapters imply LoRA on the base (serving_plan does the same in the dry run).
+        enable_lora=args.enable_lora or bool(adapters), max_lora_rank=args.max_lora_rank,
+        max_loras=max(args.max_loras, len(adapters)), tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser, gpu_memory_utilization=args.gpu_memory_utilization,
+        quantization=args.quantization, trust_remote_code=args.trust_remote_code)
+    engine = vllm_engine.VllmEngine(model_cfg.card(), settings, adapters)
     return engine
+
+
+def resolve_model_dir(model: str, config: AppConfig) -> str:
+    """`builtin:NAME` → the embedded catalog's build directory; anything else (a path or a hub id) as is."""
+    name = model.removeprefix(BUILTIN)
+    if name == model:
+        return model
+    # catalog_build writes each embedded model to <data_dir>/models/<NAME>.
+    path = (config.store.data_dir or default_data_dir()) / "models" / name
+    if not path.is_dir():
+        raise ConfigError(f"{model}: {path} is not built yet; run `python -m serve_apps.catalog_build` "
+                          "(packserve serve does it before starting Ray)")
+    return str(path)
 
 
 class ModelServer:
@@ -144,7 +162,10 @@ class ModelServer:
     # -- operations -----------------------------------------------------------
 
     async def ready(self) -> list[str]:
-        """The ids this replica serves; answering at all means the engine finished loading."""
+        """The ids this replica serves, once the engine has loaded (vLLM loads lazily, in a worker thread)."""
+        start = getattr(self._engine, "start", None)
+        if start is not None:
+            await start()
         return sorted(self._served)
 
     async def stats(self) -> dict[str, Any]:

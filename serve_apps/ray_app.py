@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI
 from pydantic import BaseModel
 from ray import serve
+from ray.serve.deployment import Deployment
 from ray.serve.handle import DeploymentHandle
 
 from cluster.settings import admin_token_from_env
@@ -69,8 +70,9 @@ class GatewayIngress:
     Serve exactly as under uvicorn.
     """
 
-    async def __init__(self, config: Mapping[str, Any], handles: Mapping[str, DeploymentHandle],
-                       admin_token: str | None = None) -> None:
+    # Ray Serve awaits an async constructor; mypy only knows sync ones.
+    async def __init__(self, config: Mapping[str, Any],  # type: ignore[misc]
+                       handles: Mapping[str, DeploymentHandle[Any]], admin_token: str | None = None) -> None:
         setup_logging()
         cfg = AppConfig.model_validate(dict(config))
         cards = serving_plan.cards(cfg)
@@ -92,6 +94,11 @@ def _wire_config(config: AppConfig) -> dict[str, Any]:
     return config.model_dump(mode="json")
 
 
+def _deployment(cls: type) -> Deployment:
+    # `serve.deployment`'s overloads type a bare class argument as a decorator factory.
+    return cast(Deployment, serve.deployment(cls))
+
+
 def build_app(config: AppConfig, *, admin_token: str | None = None) -> serve.Application:
     """The whole application. `admin_token` overrides PACKSERVE_ADMIN_TOKEN in the gateway replicas."""
     plans = serving_plan.plan(config)
@@ -99,12 +106,12 @@ def build_app(config: AppConfig, *, admin_token: str | None = None) -> serve.App
     model_logging = {"enable_access_log": False}
     handles: dict[str, Any] = {}
     for p in plans:
-        deployment = serve.deployment(ModelServer).options(
+        deployment = _deployment(ModelServer).options(
             name=p.name, autoscaling_config=p.autoscaling_config, ray_actor_options=p.ray_actor_options,
             max_ongoing_requests=p.max_ongoing_requests, logging_config=model_logging)
         handles[p.name] = deployment.bind(p.model_id, wire)
     gw = config.gateway
-    gateway = serve.deployment(GatewayIngress).options(
+    gateway = _deployment(GatewayIngress).options(
         name=serving_plan.GATEWAY_DEPLOYMENT,
         autoscaling_config=serving_plan.autoscaling_config(gw.autoscaling),
         ray_actor_options={"num_cpus": gw.num_cpus},

@@ -155,7 +155,8 @@ def _engine_args(config: AppConfig, m: ModelConfig, adapters: tuple[ModelConfig,
     args = m.vllm.model_dump(mode="json", exclude_none=True)
     gpus = m.resources.num_gpus
     ranks = m.vllm.tensor_parallel_size * m.vllm.pipeline_parallel_size
-    if gpus > 0 and ranks > gpus:
+    # A single rank may share a GPU (num_gpus < 1); more ranks need a GPU each.
+    if gpus > 0 and ranks > 1 and ranks > gpus:
         raise ConfigError(f"{m.id}: tensor_parallel_size × pipeline_parallel_size = {ranks} needs {ranks} GPUs "
                           f"per replica but resources.num_gpus is {gpus:g}")
     if gpus == 0 and ranks > 1:

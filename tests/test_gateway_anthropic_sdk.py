@@ -7,10 +7,9 @@ costs are asserted exactly against the deterministic simulated engine.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ SMALL = "hf:packserve/sim-small"  # $0.30 in / $2.00 out per M
 PRICES_MICRO = {LARGE: (1_200_000, 3_400_000), SMALL: (300_000, 2_000_000)}
 BLOCK = 16  # the simulated prefix cache's block size
 
-WEATHER_TOOL: dict[str, Any] = {
+WEATHER_TOOL: Any = {
     "name": "get_weather",
     "description": "Current weather for a city",
     "input_schema": {
@@ -115,6 +114,17 @@ def bars(gw: LiveGateway, key: str) -> tuple[Any, str]:
     return q["rollingFiveHourLimit"]["remaining"], q["weeklyTokenLimit"]["remainingCredits"]
 
 
+def reads(usage: Any) -> int:
+    """`cache_read_input_tokens`, which must be present (0 included), not left out."""
+    assert usage.cache_read_input_tokens is not None, usage
+    return int(usage.cache_read_input_tokens)
+
+
+def body_of(err: Any) -> dict[str, Any]:
+    assert isinstance(err.body, dict), err.body
+    return err.body
+
+
 def text_of(message: Any) -> str:
     return "".join(b.text for b in message.content if b.type == "text")
 
@@ -147,9 +157,9 @@ def test_system_as_blocks_equals_system_as_string(gw: LiveGateway, account: tupl
         system=[{"type": "text", "text": f"{tag} rule one"}, {"type": "text", "text": "rule two"}])
     as_string = client.messages.create(model=SMALL, max_tokens=100, messages=user, system=f"{tag} rule one\nrule two")
     assert text_of(as_blocks) == text_of(as_string) != ""  # the same prompt, so the same deterministic answer
-    assert as_blocks.usage.input_tokens + as_blocks.usage.cache_read_input_tokens == \
-        as_string.usage.input_tokens + as_string.usage.cache_read_input_tokens
-    assert as_blocks.usage.cache_read_input_tokens == 0 and as_string.usage.cache_read_input_tokens > 0
+    total = [m.usage.input_tokens + reads(m.usage) for m in (as_blocks, as_string)]
+    assert total[0] == total[1]
+    assert reads(as_blocks.usage) == 0 and reads(as_string.usage) > 0
 
 
 def test_stream_helper_final_message_and_billing(gw: LiveGateway, account: tuple[str, str]) -> None:
@@ -168,7 +178,7 @@ def test_stream_helper_final_message_and_billing(gw: LiveGateway, account: tuple
     assert_billed(event, LARGE, final.usage)  # no "$0 for streams"
 
 
-def compress(types: list[str]) -> list[str]:
+def compress(types: Sequence[str]) -> list[str]:
     out: list[str] = []
     for t in types:
         if not (out and out[-1] == t == "content_block_delta"):
@@ -179,7 +189,7 @@ def compress(types: list[str]) -> list[str]:
 def test_raw_stream_event_order(gw: LiveGateway, account: tuple[str, str]) -> None:
     account_id, key = account
     question = f"{unique('raw')} events please"
-    events = list(client_for(gw, key).messages.create(model=LARGE, max_tokens=200, stream=True,
+    events: list[Any] = list(client_for(gw, key).messages.create(model=LARGE, max_tokens=200, stream=True,
                                                        messages=[{"role": "user", "content": question}]))
     types = [e.type for e in events]
     assert compress(types) == ["message_start", "content_block_start", "content_block_delta", "content_block_stop",
@@ -213,6 +223,11 @@ def test_thinking_block_for_a_think_prompt(gw: LiveGateway, account: tuple[str, 
     assert text_of(final) == text_of(msg)
     assert final.usage.output_tokens == msg.usage.output_tokens == \
         len(tokenize(thinking.thinking)) + len(tokenize(text_of(msg)))
+    # Agents send the thinking block back with the next turn.
+    turns: list[Any] = [*user, {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in msg.content]},
+                        {"role": "user", "content": "and then?"}]
+    follow = client.messages.create(model=LARGE, max_tokens=200, messages=turns)
+    assert follow.stop_reason == "end_turn" and text_of(follow)
 
 
 def test_stop_sequences(gw: LiveGateway, account: tuple[str, str]) -> None:
@@ -252,7 +267,7 @@ def test_tool_use_round_trip(gw: LiveGateway, account: tuple[str, str]) -> None:
                                     tool_choice={"type": "none"})
     assert second.stop_reason == "end_turn" and [b.type for b in second.content] == ["text"] and text_of(second)
     # The whole first prompt comes from the cache.
-    first_prompt = first.usage.input_tokens + first.usage.cache_read_input_tokens
+    first_prompt = first.usage.input_tokens + reads(first.usage)
     assert second.usage.cache_read_input_tokens == first_prompt // BLOCK * BLOCK
     # Streaming tool use: the SDK accumulates input_json_delta into a parsed input.
     with client.messages.stream(model=LARGE, max_tokens=200, messages=messages[:1], tools=[WEATHER_TOOL]) as s:
@@ -311,8 +326,9 @@ def test_cache_read_on_a_repeated_long_prefix(gw: LiveGateway, account: tuple[st
     chat = oai.chat.completions.create(model=LARGE, max_tokens=8, messages=[
         {"role": "system", "content": system}, {"role": "user", "content": asks[1]}])
     assert chat.usage is not None and chat.usage.prompt_tokens_details is not None
-    assert chat.usage.prompt_tokens == repeat.input_tokens + repeat.cache_read_input_tokens
-    assert chat.usage.prompt_tokens_details.cached_tokens >= cached
+    assert chat.usage.prompt_tokens == repeat.input_tokens + reads(repeat)
+    # An identical prompt: every whole block but the one holding the last token is a hit.
+    assert chat.usage.prompt_tokens_details.cached_tokens == (len(toks[1]) - 1) // BLOCK * BLOCK
     first, second, _ = wait_events(gw, account_id, 3)
     assert_billed(first, LARGE, fresh)
     assert_billed(second, LARGE, repeat)
@@ -380,17 +396,17 @@ def test_typed_errors(gw: LiveGateway, account: tuple[str, str]) -> None:
     with pytest.raises(anthropic.AuthenticationError) as auth:
         client_for(gw, "ps-bogus").messages.create(model=LARGE, max_tokens=5, messages=user)
     assert auth.value.status_code == 401
-    assert auth.value.body["type"] == "error" and auth.value.body["error"]["type"] == "authentication_error"
+    assert body_of(auth.value)["type"] == "error" and body_of(auth.value)["error"]["type"] == "authentication_error"
     client = client_for(gw, key)
     for model in ("hf:no/such-model", "hf:packserve/Sim-Large"):
         with pytest.raises(anthropic.NotFoundError) as nf:
             client.messages.create(model=model, max_tokens=5, messages=user)
-        assert nf.value.status_code == 404 and nf.value.body["error"]["type"] == "not_found_error"
+        assert nf.value.status_code == 404 and body_of(nf.value)["error"]["type"] == "not_found_error"
         assert model in nf.value.message and "GET /v1/models" in nf.value.message
     bad_calls: list[dict[str, Any]] = [
         {"model": LARGE, "max_tokens": 0, "messages": user},
         {"model": LARGE, "max_tokens": 5, "messages": []},
-        {"model": LARGE, "max_tokens": 5, "messages": user, "temperature": 7},
+        {"model": LARGE, "max_tokens": 5, "messages": user, "extra_body": {"temperature": 7}},
         {"model": "hf:packserve/sim-embed", "max_tokens": 5, "messages": user},
         {"model": LARGE, "max_tokens": 5, "messages": user, "tools": [WEATHER_TOOL],
          "tool_choice": {"type": "tool", "name": "not_a_tool"}},
@@ -399,7 +415,7 @@ def test_typed_errors(gw: LiveGateway, account: tuple[str, str]) -> None:
         with pytest.raises(anthropic.BadRequestError) as bad:
             client.messages.create(**kwargs)
         assert bad.value.status_code == 400, kwargs
-        assert bad.value.body["error"]["type"] == "invalid_request_error" and bad.value.body["error"]["message"]
+        assert body_of(bad.value)["error"]["type"] == "invalid_request_error" and body_of(bad.value)["error"]["message"]
     # max_tokens missing: past the SDK's type check, straight to the route.
     for path in ("/v1/messages", "/anthropic/v1/messages"):
         with pytest.raises(anthropic.BadRequestError) as missing:
@@ -417,7 +433,7 @@ def test_suspended_account_is_permission_denied(gw: LiveGateway, account: tuple[
     gw.runtime.accounts.forget_cached()
     with pytest.raises(anthropic.PermissionDeniedError) as err:
         client_for(gw, key).messages.create(model=SMALL, max_tokens=5, messages=[{"role": "user", "content": "x"}])
-    assert err.value.body["error"]["type"] == "permission_error"
+    assert body_of(err.value)["error"]["type"] == "permission_error"
 
 
 def test_held_slot_gives_rate_limit_error_with_retry_after(redis_server: RedisServer, tmp_path: Path) -> None:
@@ -431,7 +447,7 @@ def test_held_slot_gives_rate_limit_error_with_retry_after(redis_server: RedisSe
             with pytest.raises(anthropic.RateLimitError) as err:
                 client.messages.create(model=LARGE, max_tokens=5, messages=user)
             assert err.value.status_code == 429
-            assert err.value.body["error"]["type"] == "rate_limit_error"
+            assert body_of(err.value)["error"]["type"] == "rate_limit_error"
             assert "concurrent" in err.value.message
             assert 1 <= int(err.value.response.headers["retry-after"]) <= 30
             final = held.get_final_message()
@@ -460,9 +476,9 @@ async def test_async_messages_stream_and_create(gw: LiveGateway, account: tuple[
         again = await client.messages.create(model=LARGE, max_tokens=200,
                                              messages=[{"role": "user", "content": question}])
         assert text_of(again) == streamed  # deterministic for the same prompt
-        assert again.usage.cache_read_input_tokens > 0
+        assert reads(again.usage) > 0
         counted = await client.messages.count_tokens(model=LARGE, messages=[{"role": "user", "content": question}])
-        assert counted.input_tokens == again.usage.input_tokens + again.usage.cache_read_input_tokens
+        assert counted.input_tokens == again.usage.input_tokens + reads(again.usage)
     events = wait_events(gw, account_id, 3)
     assert_billed(events[0], LARGE, final.usage)
     assert_billed(events[2], LARGE, again.usage)

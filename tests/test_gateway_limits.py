@@ -240,7 +240,7 @@ def start_gateway_process(redis_url: str, data_dir: Path) -> tuple[subprocess.Po
     port = free_port()
     env = {**os.environ, "PACKSERVE_ADMIN_TOKEN": ADMIN_TOKEN, "PACKSERVE_DATA_DIR": str(data_dir)}
     proc = subprocess.Popen([sys.executable, "-m", "serve_apps", "gateway", "--engine", "sim", "--port", str(port),
-                             "--redis-url", redis_url, "--sim-tokens-per-s", "100"], env=env,
+                             "--redis-url", redis_url, "--sim-tokens-per-s", "50"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -262,13 +262,14 @@ def test_two_gateways_share_concurrency_and_queue_in_order(redis_url: str, tmp_p
                                                          "packs": ["standard"]}).json()
         key = admin.post(f"/admin/v1/accounts/{account['id']}/keys").json()["key"]
         spans: dict[int, tuple[float, float]] = {}
+        # Clients are made up front: building one takes tens of ms, which would reorder arrivals.
+        clients = [httpx.Client(base_url=procs[i % 2][1], timeout=60,
+                                headers={"authorization": f"Bearer {key}"}) for i in range(6)]
 
         def one(i: int) -> None:
-            base = procs[i % 2][1]
             body = {"model": LARGE, "stream": True, "max_tokens": 15,
                     "messages": [{"role": "user", "content": f"request {i}"}]}
-            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body,
-                              headers={"authorization": f"Bearer {key}"}, timeout=60) as r:
+            with clients[i].stream("POST", "/v1/chat/completions", json=body) as r:
                 assert r.status_code == 200, r.read()
                 first: float | None = None
                 for line in r.iter_lines():
@@ -276,14 +277,26 @@ def test_two_gateways_share_concurrency_and_queue_in_order(redis_url: str, tmp_p
                         first = time.monotonic()
                 spans[i] = (first or time.monotonic(), time.monotonic())
 
+        def load() -> tuple[int, int]:
+            stats = [admin.get(f"{base}/admin/v1/stats").json() for _, base in procs]
+            return sum(s["in_flight"] for s in stats), sum(s["queued_total"] for s in stats)
+
         threads = []
         for i in range(6):
             t = threading.Thread(target=one, args=(i,))
             t.start()
             threads.append(t)
-            time.sleep(0.03)  # a known arrival order
+            # A known arrival order: wait until request i is admitted (i == 0) or queued.
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                in_flight, queued = load()
+                if (i == 0 and in_flight >= 1) or (i > 0 and queued >= i):
+                    break
+                time.sleep(0.005)
         for t in threads:
             t.join(60)
+        for c in clients:
+            c.close()
         assert sorted(spans) == list(range(6))
         ordered = sorted(spans.items(), key=lambda kv: kv[1][0])
         # Served in arrival order, one at a time across both gateways.

