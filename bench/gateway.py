@@ -43,7 +43,11 @@ as a time-weighted mean over requests, i.e. sum of tokens / sum of decode
 times (ideal = --tokens-per-s); requests/s is completed
 requests / the target's own wall time at that level.
 
-Each stream (worker) sends its requests one after another; against packserve
+Each stream (worker) sends its requests one after another (a closed loop);
+the workers of a level start spread over one request's duration, as
+independent clients would (every simulated request takes the same time, so
+workers started together would stay in lockstep and arrive in bursts of N;
+--no-stagger measures that worst case). Against packserve
 every worker has its own account (5 standard packs, so its own concurrency
 slots) and key, so no request ever waits for a concurrency slot: the numbers
 are overhead, not queueing. Every request uses the same prompt, chosen so the
@@ -263,20 +267,30 @@ async def one_stream(client: httpx.AsyncClient, target: Target, key: str, payloa
 
 
 async def run_level(client: httpx.AsyncClient, target: Target, payload: dict[str, Any], streams: int,
-                    requests: int) -> tuple[list[Sample], float]:
+                    requests: int, stagger_s: float = 0.0) -> tuple[list[Sample], float]:
+    """`streams` closed-loop workers share `requests`; returns the samples and the busy wall time.
+
+    Every simulated request takes the same time, so workers started together
+    would stay in lockstep and hit the server in bursts of `streams` at once.
+    Worker i starts i/streams of `stagger_s` (one request's duration) late, so
+    arrivals are spread as from independent clients; the stagger's average
+    idle time is taken off the wall time used for requests/s.
+    """
     samples: list[Sample] = []
     remaining = requests
 
     async def worker(i: int) -> None:
         nonlocal remaining
         key = target.keys[i % len(target.keys)]
+        await asyncio.sleep(stagger_s * i / streams)
         while remaining > 0:
             remaining -= 1
             samples.append(await one_stream(client, target, key, payload))
 
     started = time.perf_counter()
     await asyncio.gather(*(worker(i) for i in range(streams)))
-    return samples, time.perf_counter() - started
+    idle = stagger_s * (streams - 1) / (2 * streams)
+    return samples, time.perf_counter() - started - idle
 
 
 def summarize(target: str, streams: int, samples: list[Sample], wall_s: float) -> dict[str, Any]:
@@ -335,7 +349,7 @@ async def measure(targets: list[Target], payload: dict[str, Any], levels: Sequen
         warm = max(2 * top, 20)
         for t in targets:
             log(f"  {t.name}: warm-up, {warm} requests at {top} streams ...")
-            warm_samples, _ = await run_level(clients[t.name], t, payload, top, warm)
+            warm_samples, _ = await run_level(clients[t.name], t, payload, top, warm, args.stagger_s)
             bad = [x for x in warm_samples if not x.ok]
             if bad:
                 raise SystemExit(f"{t.name}: {len(bad)} warm-up requests failed, first: {bad[0].error}")
@@ -349,9 +363,12 @@ async def measure(targets: list[Target], payload: dict[str, Any], levels: Sequen
             wall: dict[str, float] = {t.name: 0.0 for t in targets}
             for r, part in enumerate(parts):
                 for t in targets[r % len(targets):] + targets[:r % len(targets)]:
-                    got, secs = await run_level(clients[t.name], t, payload, streams, part)
+                    got, secs = await run_level(clients[t.name], t, payload, streams, part, args.stagger_s)
                     pooled[t.name] += got
                     wall[t.name] += secs
+                    # Let the target finish any background work (LiteLLM's post-request handlers) before
+                    # the next one is measured.
+                    await asyncio.sleep(args.pause_s)
             for t in targets:
                 row = summarize(t.name, streams, pooled[t.name], wall[t.name])
                 rows.append(row)
@@ -463,7 +480,8 @@ def main_run(args: argparse.Namespace) -> dict[str, Any]:
     litellm_exe = None if args.skip_litellm else ensure_litellm_venv()
     settings = {"ttft_ms": args.ttft_ms, "tokens_per_s": args.tokens_per_s, "max_tokens": args.max_tokens,
                 "concurrency": levels, "requests": {str(c): requests_at(c, args) for c in levels},
-                "rounds": args.rounds}
+                "rounds": args.rounds, "stagger_s": round(args.stagger_s, 3),
+                "pause_s": args.pause_s}
     results: dict[str, Any] = {"machine": machine(), "date": datetime.now(UTC).strftime("%Y-%m-%d"),
                                "settings": settings, "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
     sim = ["--ttft-ms", str(args.ttft_ms), "--tokens-per-s", str(args.tokens_per_s)]
@@ -555,7 +573,11 @@ def main() -> None:
     parser.add_argument("--profile-gateway", type=Path, default=None,
                         help="record a py-spy profile (raw collapsed stacks) of the gateway while it is measured")
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line at the end")
+    parser.add_argument("--pause-s", type=float, default=0.5, help="idle time between two targets' turns")
+    parser.add_argument("--no-stagger", action="store_true",
+                        help="start all streams of a level at once (lockstep bursts) instead of spread out")
     args = parser.parse_args()
+    args.stagger_s = 0.0 if args.no_stagger else (args.ttft_ms + 1000 * args.max_tokens / args.tokens_per_s) / 1000
     if args.ttft_ms <= 0 or args.tokens_per_s <= 0:
         parser.error("--ttft-ms and --tokens-per-s must be > 0 (0 means 'config default' to the gateway)")
 

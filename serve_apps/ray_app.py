@@ -4,13 +4,17 @@
 serve_apps.serve_main` and KubeRay (`serve_apps.ray_app:app_builder`) deploy.
 `dry_run(config)` describes the same graph without starting Ray.
 
-Latency choices (measured, see `SERVE_ENV` and the README's numbers): the
-gateway is the ingress deployment (one hop proxy → gateway → model replica),
-access logs are off unless configured, model replicas stream each chunk as
-it is produced (Ray Serve core has no time-based stream batching; the 50 ms
-`stream_batching_interval_ms` lives in Ray Serve *LLM*, which packserve does
-not use), and `max_ongoing_requests` is sized per deployment instead of Ray's
-default of 5.
+Latency choices: the gateway is the ingress deployment (proxy → gateway →
+model replica, no router deployment in between), Serve access logs are off
+unless `gateway.access_log` (the gateway logs its own metadata line), model
+replicas yield each chunk as it is produced (Ray Serve core has no
+time-based stream batching; the 50 ms `stream_batching_interval_ms` belongs
+to Ray Serve *LLM*, which packserve does not use), and `max_ongoing_requests`
+is sized per deployment instead of Ray's default of 5, which would queue the
+6th concurrent stream at the proxy. The process-level switches of
+RAY_SERVE_THROUGHPUT_OPTIMIZED (user code and router on the main loop,
+buffered request logs) were measured and showed no gain on a 2-core machine,
+so they are not set.
 """
 
 from __future__ import annotations
@@ -35,23 +39,6 @@ from serve_apps.logs import setup_logging
 from serve_apps.model_server import ModelServer
 
 APP_NAME = "packserve"
-
-# Process-level Ray Serve settings. They are read when Ray's modules are
-# imported, so they must be in the environment of every Ray process (set
-# before `ray.init` starts a local cluster; in the cluster YAMLs / KubeRay
-# container env otherwise). Measured on 2 cores, trivial GET through the
-# proxy, p50: defaults 4.9 ms, with these 3.3 ms (bare uvicorn 1.2 ms); see
-# the report in the README. Each one removes a thread or event-loop hop or a
-# write per request:
-SERVE_ENV: dict[str, str] = {
-    # User code on the replica's main loop instead of a second thread + loop.
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-    # Handle routing (gateway → model) on the caller's loop, not a router thread.
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-    # Request-path logs are buffered (flushed at once on ERROR) instead of one write per line.
-    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
-}
-
 
 class GatewayArgs(BaseModel):
     """`args` of the KubeRay / `serve run` application builder."""
@@ -132,6 +119,5 @@ def dry_run(config: AppConfig) -> list[dict[str, Any]]:
                "http": {"host": gw.host, "port": gw.port},
                "autoscaling_config": serving_plan.autoscaling_config(gw.autoscaling),
                "ray_actor_options": {"num_cpus": gw.num_cpus}, "max_ongoing_requests": gw.max_ongoing_requests,
-               "access_log": gw.access_log, "serves": sorted(serving_plan.cards(config)),
-               "env": dict(SERVE_ENV)}
+               "access_log": gw.access_log, "serves": sorted(serving_plan.cards(config))}
     return [gateway, *(p.describe() for p in serving_plan.plan(config))]

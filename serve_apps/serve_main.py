@@ -88,12 +88,6 @@ def _start_ray(local: bool) -> bool:
     """
     import ray
 
-    from serve_apps.ray_app import SERVE_ENV
-
-    for key, value in SERVE_ENV.items():
-        # Read at import time by every Ray process: they must be in the
-        # environment before the local raylet (and so every worker) starts.
-        os.environ.setdefault(key, value)
     address = os.environ.get("RAY_ADDRESS") or (None if local else "auto")
     if address is not None:
         _say(f"connecting to the Ray cluster at {address}")

@@ -328,8 +328,6 @@ def test_tool_call_round_trip(gw: LiveGateway, account: tuple[str, str]) -> None
     assert all(e["cost_pico"] > 0 and e["status"] == "ok" for e in events)
 
 
-@pytest.mark.xfail(strict=True, reason="sim engine bug: _chosen_tool keys on the last user turn, so a 'weather' "
-                                       "question is answered with another tool call even after the tool result")
 def test_tool_result_is_answered_with_tool_choice_auto(gw: LiveGateway, account: tuple[str, str]) -> None:
     _, key = account
     client = client_for(gw, key)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from ray import serve
 from serve_apps.config import AppConfig
 from serve_apps.engines.sim import SimulatedEngine
 from serve_apps.engines.types import ChatMessage, GenerationRequest, SamplingParams
-from serve_apps.ray_app import APP_NAME, SERVE_ENV, build_app, dry_run
+from serve_apps.ray_app import APP_NAME, build_app, dry_run
 from serve_apps.serving_plan import deployment_name
 from tests.conftest import RedisServer, free_port
 
@@ -78,10 +77,6 @@ def app_config(redis_url: str, data_dir: Path) -> AppConfig:
 
 @pytest.fixture(scope="session")
 def ray_app(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayApp]:
-    saved = {k: os.environ.get(k) for k in SERVE_ENV}
-    # The production latency settings, in the environment the local raylet
-    # (and so every replica) inherits.
-    os.environ.update(SERVE_ENV)
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -97,11 +92,6 @@ def ray_app(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory)
             serve.shutdown()  # type: ignore[no-untyped-call]
         finally:
             ray.shutdown()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 def long_prompt(model: str, min_tokens: int = 40) -> str:

@@ -457,7 +457,9 @@ def _chosen_tool(request: GenerationRequest, last_user: str) -> ToolSpec | None:
         return next((t for t in tools if t.name == wanted), tools[0])
     if choice == "required":
         return tools[0]
-    if re.search(r"\bweather\b", last_user, re.IGNORECASE):
+    # A tool result is the model's cue to answer in words, not to call again.
+    answering_tool = bool(request.messages) and request.messages[-1].role == "tool"
+    if not answering_tool and re.search(r"\bweather\b", last_user, re.IGNORECASE):
         return next((t for t in tools if "weather" in t.name.lower()), tools[0])
     return None
 
