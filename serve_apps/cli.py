@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--host", default="127.0.0.1")
     gw.add_argument("--port", type=int, default=8000)
     gw.add_argument("--config", type=Path, help="YAML config (catalog prices, admission settings)")
-    gw.add_argument("--sim-ttft-ms", type=float, default=0.0, help="simulated time to first token")
-    gw.add_argument("--sim-tokens-per-s", type=float, default=0.0, help="simulated decode speed (0 = unlimited)")
+    gw.add_argument("--sim-ttft-ms", type=float, help="simulated time to first token (default: config, else 0)")
+    gw.add_argument("--sim-tokens-per-s", type=float,
+                    help="simulated decode speed, 0 = unlimited (default: config, else 0)")
 
     serve = sub.add_parser("serve", help="the full Ray Serve application on this machine")
     serve.add_argument("--config", type=Path)

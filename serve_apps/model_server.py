@@ -169,9 +169,16 @@ class ModelServer:
         return sorted(self._served)
 
     async def stats(self) -> dict[str, Any]:
-        """Counters for tests and operators: in-flight and recently aborted request ids."""
+        """Counters for tests and operators: in-flight and recently aborted request ids.
+
+        `unfinished` is what the engine itself still holds (vLLM's running and
+        waiting sequences), or None for engines that do not report it; after a
+        client disconnect it must drop back, or the abort did not reach vLLM.
+        """
+        unfinished = getattr(self._engine, "unfinished_requests", None)
         return {"model": self._model_id, "in_flight": sorted(self._in_flight), "aborted": list(self._aborted),
-                "started": self._started, "finished": self._finished}
+                "started": self._started, "finished": self._finished,
+                "unfinished": unfinished() if unfinished is not None else None}
 
     async def check_health(self) -> None:
         """Ray Serve's periodic probe; delegated so a wedged vLLM engine gets its replica restarted."""

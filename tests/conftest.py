@@ -139,3 +139,37 @@ def persistent_redis(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@dataclass
+class RayServe:
+    """The session's local Ray instance with Serve's HTTP proxy on `port`.
+
+    Modules deploy their own application on it at route prefix "/" and delete
+    it in their teardown, so only one application owns the proxy at a time.
+    """
+
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="session")
+def ray_serve() -> Iterator[RayServe]:
+    """One local Ray (2 CPUs, no dashboard) and Serve for the whole session (~15 s to start)."""
+    # Imported here: most test modules never need Ray, and importing it is slow.
+    import ray
+    from ray import serve
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
+        yield RayServe(port)
+    finally:
+        try:
+            serve.shutdown()  # type: ignore[no-untyped-call]
+        finally:
+            ray.shutdown()

@@ -1,9 +1,9 @@
 """The Ray Serve application end to end: real Ray, the sim engine, the session Redis.
 
-One local Ray instance (2 CPUs, no dashboard) runs `build_app` for the whole
-session; every request goes through Ray Serve's HTTP proxy to the gateway
-deployment and from there through DeploymentHandles to the model
-deployments, driven by the official `openai` and `anthropic` SDKs. Each test
+The session's local Ray instance (2 CPUs, no dashboard; conftest `ray_serve`)
+runs `build_app` for this module; every request goes through Ray Serve's
+HTTP proxy to the gateway deployment and from there through
+DeploymentHandles to the model deployments, driven by the official `openai` and `anthropic` SDKs. Each test
 makes its own account, so tests never share bars.
 
 The admission reference price is $0.10/M here (not $3.40), so sim-large
@@ -25,7 +25,6 @@ import anthropic
 import httpx
 import openai
 import pytest
-import ray
 from ray import serve
 
 from serve_apps.config import AppConfig
@@ -33,7 +32,7 @@ from serve_apps.engines.sim import SimulatedEngine
 from serve_apps.engines.types import ChatMessage, GenerationRequest, SamplingParams
 from serve_apps.ray_app import APP_NAME, build_app, dry_run
 from serve_apps.serving_plan import deployment_name
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RayServe, RedisServer
 
 ADMIN_TOKEN = "ray-test-admin-token"
 LARGE = "hf:packserve/sim-large"
@@ -75,23 +74,19 @@ def app_config(redis_url: str, data_dir: Path) -> AppConfig:
     })
 
 
-@pytest.fixture(scope="session")
-def ray_app(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayApp]:
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+@pytest.fixture(scope="module")
+def ray_app(ray_serve: RayServe, redis_server: RedisServer,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayApp]:
+    """This module's application on the session Ray (conftest `ray_serve`), deleted when the module ends."""
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
         config = app_config(redis_server.url, tmp_path_factory.mktemp("ray-app"))
         serve.run(build_app(config, admin_token=ADMIN_TOKEN), name=APP_NAME, route_prefix="/", blocking=False)
-        base = f"http://127.0.0.1:{port}"
+        base = ray_serve.base_url
         assert httpx.get(f"{base}/health", timeout=10).status_code == 200
         with httpx.Client(base_url=base, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30) as admin:
             yield RayApp(base, admin)
     finally:
-        try:
-            serve.shutdown()  # type: ignore[no-untyped-call]
-        finally:
-            ray.shutdown()
+        serve.delete(APP_NAME)
 
 
 def long_prompt(model: str, min_tokens: int = 40) -> str:
