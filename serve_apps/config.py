@@ -40,6 +40,9 @@ class Autoscaling(StrictModel):
     target_ongoing_requests: float = Field(8, gt=0)
     upscale_delay_s: float = Field(10, ge=0)
     downscale_delay_s: float = Field(300, ge=0)
+    # Ray averages load over this window (its default is 30 s): a model set to
+    # scale to zero stays up until the window holds no request at all.
+    look_back_period_s: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _bounds(self) -> Autoscaling:
@@ -60,6 +63,9 @@ class GatewayConfig(StrictModel):
     num_cpus: float = Field(1, ge=0)
     autoscaling: Autoscaling = Field(
         default_factory=lambda: Autoscaling(min_replicas=1, max_replicas=1, target_ongoing_requests=256))
+    # How long a request for a model at zero replicas waits for one to start
+    # (before admission: the wait is never charged); past it, 503 + Retry-After.
+    cold_start_timeout_s: float = Field(600, gt=0)
 
 
 class Resources(StrictModel):
@@ -109,6 +115,12 @@ class ModelConfig(StrictModel):
     autoscaling: Autoscaling = Autoscaling()
     resources: Resources = Resources()
     max_ongoing_requests: int = Field(64, ge=1)
+    # Chat models: "affinity" sends requests sharing a prefix to the replica
+    # that holds it (serve_apps.routing); "default" is Ray's power of two choices.
+    routing: Literal["affinity", "default"] = "affinity"
+    # The preferred replica is passed over once it has more requests than this in flight.
+    affinity_max_queue: int = Field(8, ge=0)
+    cold_start_timeout_s: float | None = Field(None, gt=0, description="overrides gateway.cold_start_timeout_s")
 
     @field_validator("id")
     @classmethod
@@ -140,6 +152,10 @@ class ModelConfig(StrictModel):
 class SimConfig(StrictModel):
     ttft_ms: float = Field(0, ge=0)
     tokens_per_s: float = Field(0, ge=0)
+    # Realism knobs for routing and cold-start benchmarks: prefill time per
+    # prompt token not found in the prefix cache, and a one-off engine load.
+    prefill_ms_per_uncached_token: float = Field(0, ge=0)
+    start_s: float = Field(0, ge=0)
 
 
 class AppConfig(StrictModel):
@@ -162,6 +178,16 @@ class AppConfig(StrictModel):
             if m.base_model and m.base_model not in known:
                 raise ValueError(f"{m.id}: base_model {m.base_model!r} is not in the catalog")
         return self
+
+    def cold_start_timeout(self, model_id: str) -> float:
+        """The model's own bound, else its base model's (adapters start with their base), else the gateway's."""
+        by_id = {m.id: m for m in self.models}
+        m = by_id.get(model_id)
+        while m is not None:
+            if m.cold_start_timeout_s is not None:
+                return m.cold_start_timeout_s
+            m = by_id.get(m.base_model) if m.base_model else None
+        return self.gateway.cold_start_timeout_s
 
 
 def load_config(path: Path | None) -> AppConfig:

@@ -3,14 +3,24 @@
 The gateway holds a mapping model id → Engine. Under uvicorn those are local
 engines; under Ray Serve each is one of these, calling the model's
 `ModelServer` deployment, so the gateway code is identical in both.
+
+A model deployment may be at zero replicas (`autoscaling.min_replicas: 0`);
+`DeploymentEngine.is_warm` / `ensure_ready` (the optional `WarmableEngine`
+methods) let the gateway wait for a cold start before admission, and
+`ReplicaWatch` tells it how many replicas each deployment has without ever
+putting a controller call on the request path.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
+from ray import serve
 from ray.exceptions import RayTaskError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
@@ -26,9 +36,73 @@ from serve_apps.engines.types import (
     ToolSpec,
 )
 
+log = logging.getLogger("packserve.engine_proxy")
+
 # Serve-side failures that happen before the replica ran anything: nothing was
 # generated, so the request bar is refunded (EngineError before_first_token).
 _NOT_STARTED = (BackPressureError, DeploymentUnavailableError)
+# serve.status() every half second is one small controller call; it bounds how
+# long a scale-down to zero goes unnoticed (and so how stale a warm flag is).
+WATCH_POLL_S = 0.5
+# Counts older than this (controller unreachable) are "unknown", not "warm".
+WATCH_STALE_S = 10.0
+
+
+class ReplicaWatch:
+    """Running replicas per deployment of one Serve application, from `serve.status()`.
+
+    `serve.status()` blocks on the Serve controller, so it runs in a worker
+    thread on a background loop; readers get the last answer at once.
+    """
+
+    def __init__(self, app_name: str, *, poll_s: float = WATCH_POLL_S,
+                 status: Callable[[], Any] = serve.status) -> None:
+        self.app_name = app_name
+        self.poll_s = poll_s
+        self._status = status
+        self._running: dict[str, int] = {}
+        self._updated: float | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start polling on the running loop (idempotent)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._poll())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def running(self, deployment: str) -> int | None:
+        """RUNNING replicas of `deployment` at the last poll; None before the first one or when stale."""
+        if self._updated is None or time.monotonic() - self._updated > WATCH_STALE_S:
+            return None
+        return self._running.get(deployment, 0)
+
+    def counter(self, deployment: str) -> Callable[[], int | None]:
+        return lambda: self.running(deployment)
+
+    async def refresh(self) -> None:
+        status = await asyncio.to_thread(self._status)
+        app = status.applications.get(self.app_name)
+        counts: dict[str, int] = {}
+        if app is not None:
+            for name, deployment in app.deployments.items():
+                # ReplicaState is a str enum: compares equal to its value.
+                counts[name] = sum(n for state, n in deployment.replica_states.items() if state == "RUNNING")
+        self._running = counts
+        self._updated = time.monotonic()
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception as exc:
+                # Transient (controller restarting): keep the last counts until they go stale.
+                log.warning("serve.status() failed", extra={"error": repr(exc)})
+            await asyncio.sleep(self.poll_s)
 
 
 class DeploymentEngine:
@@ -41,14 +115,72 @@ class DeploymentEngine:
     replica, so it is mapped to the same cancel).
     """
 
-    def __init__(self, handle: DeploymentHandle[Any], cards: list[ModelCard]) -> None:
+    def __init__(self, handle: DeploymentHandle[Any], cards: list[ModelCard],
+                 running: Callable[[], int | None] | None = None) -> None:
+        """`running` says how many replicas the deployment has (None: unknown), e.g. `ReplicaWatch.counter`."""
         self._handle = handle
         self._stream = handle.options(stream=True)
         self._cards = list(cards)
         self._running: dict[str, DeploymentResponseGenerator[GenerationChunk]] = {}
+        self._replicas = running
+        # True once a replica answered `ready()` (engine loaded) and until the
+        # deployment is seen at zero replicas again.
+        self._confirmed = False
+        self._starting: asyncio.Task[bool] | None = None
 
     def cards(self) -> list[ModelCard]:
         return list(self._cards)
+
+    # -- cold starts (the optional WarmableEngine methods) --------------------
+
+    def is_warm(self, model: str) -> bool:
+        """A replica is up and has answered `ready()`; never waits.
+
+        A replica Ray reports running but this gateway has not heard from yet
+        (the gateway just started, or another caller warmed it) is asked in
+        the background, so the flag turns true without a request paying for it.
+        """
+        replicas = self._replicas() if self._replicas is not None else None
+        if replicas == 0:
+            self._confirmed = False
+            return False
+        if replicas and not self._confirmed:
+            self._start()
+        return self._confirmed
+
+    async def ensure_ready(self, model: str, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for a ready replica, starting one if the deployment is at zero.
+
+        The start is shared by every waiter and outlives them: a request that
+        gives up (timeout, client gone) leaves the replica starting for the
+        next one. `timeout_s <= 0` only starts it and says whether it was warm.
+        """
+        if self.is_warm(model):
+            return True
+        task = self._start()
+        if timeout_s <= 0:
+            return False
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        except TimeoutError:
+            return False
+
+    def _start(self) -> asyncio.Task[bool]:
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.ensure_future(self._ready())
+        return self._starting
+
+    async def _ready(self) -> bool:
+        # A call to a deployment at zero replicas is what makes Ray scale it up
+        # (the handle reports the queued call to the controller at once), and
+        # `ready()` returns only once the engine has loaded.
+        try:
+            await self._handle.ready.remote()
+        except Exception as exc:
+            log.warning("model deployment did not become ready", extra={"error": repr(exc)})
+            return False
+        self._confirmed = True
+        return True
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         remote = cast(DeploymentResponseGenerator[GenerationChunk], self._stream.generate.remote(request))

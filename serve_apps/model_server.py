@@ -50,7 +50,10 @@ def make_engine(model_cfg: ModelConfig, config: AppConfig) -> Engine:
     """
     served = served_models(config, model_cfg.id)
     if config.engine == "sim":
-        return SimulatedEngine(ttft_s=config.sim.ttft_ms / 1000, tokens_per_s=config.sim.tokens_per_s)
+        sim = config.sim
+        return SimulatedEngine(ttft_s=sim.ttft_ms / 1000, tokens_per_s=sim.tokens_per_s,
+                               prefill_s_per_uncached_token=sim.prefill_ms_per_uncached_token / 1000,
+                               start_s=sim.start_s)
     args = model_cfg.vllm
     if args is None:
         raise ConfigError(f"{model_cfg.id}: engine is vllm but the model has no 'vllm' section")
@@ -60,7 +63,9 @@ def make_engine(model_cfg: ModelConfig, config: AppConfig) -> Engine:
         engine: Engine = embeddings.EmbeddingsEngine(model_cfg.card(), model_dir)
         return engine
     vllm_engine = importlib.import_module("serve_apps.engines.vllm_engine")
-    adapters = [vllm_engine.LoraAdapter(m.card(), m.adapter_path or "") for m in served[1:]]
+    # Adapter paths resolve like model paths: `builtin:fix-json-lora` is the catalog build's adapter.
+    adapters = [vllm_engine.LoraAdapter(m.card(), resolve_model_dir(m.adapter_path or "", config))
+                for m in served[1:]]
     settings = vllm_engine.VllmSettings(
         model_dir=model_dir, max_model_len=args.max_model_len, dtype=args.dtype, enforce_eager=args.enforce_eager,
         kv_cache_space_gib=args.kv_cache_space_gib, tensor_parallel_size=args.tensor_parallel_size,
@@ -178,7 +183,7 @@ class ModelServer:
         unfinished = getattr(self._engine, "unfinished_requests", None)
         return {"model": self._model_id, "in_flight": sorted(self._in_flight), "aborted": list(self._aborted),
                 "started": self._started, "finished": self._finished,
-                "unfinished": unfinished() if unfinished is not None else None}
+                "unfinished": unfinished() if unfinished is not None else None, "replica": _replica_id()}
 
     async def check_health(self) -> None:
         """Ray Serve's periodic probe; delegated so a wedged vLLM engine gets its replica restarted."""
@@ -204,3 +209,14 @@ class ModelServer:
         if model not in self._served:
             # The gateway routes by catalog id, so this means a routing bug; KeyError maps to 404 there.
             raise KeyError(model)
+
+
+def _replica_id() -> str | None:
+    """This Serve replica's id (stats from several replicas are told apart by it), or None outside Ray Serve."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except RayServeException:
+        return None

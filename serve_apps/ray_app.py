@@ -26,13 +26,14 @@ from typing import Any, cast
 from fastapi import FastAPI
 from pydantic import BaseModel
 from ray import serve
-from ray.serve.deployment import Deployment
+from ray.serve.config import RequestRouterConfig
+from ray.serve.deployment import Application, Deployment
 from ray.serve.handle import DeploymentHandle
 
 from cluster.settings import admin_token_from_env
-from serve_apps import serving_plan
+from serve_apps import routing, serving_plan
 from serve_apps.config import AppConfig, load_config
-from serve_apps.engine_proxy import DeploymentEngine
+from serve_apps.engine_proxy import DeploymentEngine, ReplicaWatch
 from serve_apps.engines.types import Engine
 from serve_apps.gateway.app import GatewayRuntime, build_gateway_app, create_runtime
 from serve_apps.logs import setup_logging
@@ -63,9 +64,13 @@ class GatewayIngress:
         setup_logging()
         cfg = AppConfig.model_validate(dict(config))
         cards = serving_plan.cards(cfg)
+        # Which models have replicas right now (warm flags, cold-start waits), polled off the request path.
+        self.watch = ReplicaWatch(serve.get_replica_context().app_name)
+        self.watch.start()
         engines: dict[str, Engine] = {}
         for plan in serving_plan.plan(cfg):
-            engine = DeploymentEngine(handles[plan.name], [cards[i] for i in plan.served_ids])
+            engine = DeploymentEngine(handles[plan.name], [cards[i] for i in plan.served_ids],
+                                      running=self.watch.counter(plan.name))
             for served in plan.served_ids:
                 engines[served] = engine
         self.engines = engines
@@ -86,17 +91,27 @@ def _deployment(cls: type) -> Deployment:
     return cast(Deployment, serve.deployment(cls))
 
 
+def model_deployment(p: serving_plan.DeploymentPlan, config: AppConfig) -> Application:
+    """One model's deployment, bound: what `build_app` deploys for `p` (benchmarks deploy it alone)."""
+    options: dict[str, Any] = {}
+    if p.routing == "affinity":
+        # By import path: the router is instantiated in whichever process holds
+        # the handle (the gateway replicas), which import serve_apps anyway.
+        router: dict[str, Any] = {"request_router_class": routing.ROUTER_PATH,
+                                   "request_router_kwargs": dict(p.router_kwargs)}
+        # Unpacked from a dict: Ray annotates this constructor's **kwargs as dicts.
+        options["request_router_config"] = RequestRouterConfig(**router)
+    deployment = _deployment(ModelServer).options(
+        name=p.name, autoscaling_config=p.autoscaling_config, ray_actor_options=p.ray_actor_options,
+        max_ongoing_requests=p.max_ongoing_requests, logging_config={"enable_access_log": False}, **options)
+    return deployment.bind(p.model_id, _wire_config(config))
+
+
 def build_app(config: AppConfig, *, admin_token: str | None = None) -> serve.Application:
     """The whole application. `admin_token` overrides PACKSERVE_ADMIN_TOKEN in the gateway replicas."""
     plans = serving_plan.plan(config)
     wire = _wire_config(config)
-    model_logging = {"enable_access_log": False}
-    handles: dict[str, Any] = {}
-    for p in plans:
-        deployment = _deployment(ModelServer).options(
-            name=p.name, autoscaling_config=p.autoscaling_config, ray_actor_options=p.ray_actor_options,
-            max_ongoing_requests=p.max_ongoing_requests, logging_config=model_logging)
-        handles[p.name] = deployment.bind(p.model_id, wire)
+    handles: dict[str, Any] = {p.name: model_deployment(p, config) for p in plans}
     gw = config.gateway
     gateway = _deployment(GatewayIngress).options(
         name=serving_plan.GATEWAY_DEPLOYMENT,

@@ -42,12 +42,15 @@ class DeploymentPlan:
     ray_actor_options: dict[str, Any]
     max_ongoing_requests: int
     engine_args: dict[str, Any] = field(default_factory=dict)
+    routing: str = "default"  # "affinity" | "default" (Ray's power of two choices)
+    router_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "model": self.model_id, "kind": self.kind, "serves": list(self.served_ids),
                 "engine": self.engine, "autoscaling_config": dict(self.autoscaling_config),
                 "ray_actor_options": dict(self.ray_actor_options),
-                "max_ongoing_requests": self.max_ongoing_requests, "engine_args": dict(self.engine_args)}
+                "max_ongoing_requests": self.max_ongoing_requests, "engine_args": dict(self.engine_args),
+                "routing": self.routing, "router_kwargs": dict(self.router_kwargs)}
 
 
 def deployment_name(model_id: str) -> str:
@@ -98,6 +101,8 @@ def autoscaling_config(a: Autoscaling) -> dict[str, Any]:
                            "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s}
     if a.initial_replicas is not None:
         out["initial_replicas"] = a.initial_replicas
+    if a.look_back_period_s is not None:
+        out["look_back_period_s"] = a.look_back_period_s
     return out
 
 
@@ -140,16 +145,19 @@ def plan(config: AppConfig) -> list[DeploymentPlan]:
                               f"({m.autoscaling.target_ongoing_requests}) exceeds max_ongoing_requests "
                               f"({m.max_ongoing_requests}); replicas would never look busy enough to scale")
         served = served_models(config, m.id)
+        # Embeddings have no prefix cache to aim at: Ray's default routing is the right one.
+        routing = m.routing if m.kind == "chat" else "default"
         plans.append(DeploymentPlan(
             name=name, model_id=m.id, kind=m.kind, served_ids=tuple(s.id for s in served), engine=config.engine,
             autoscaling_config=autoscaling_config(m.autoscaling), ray_actor_options=ray_actor_options(m.resources),
-            max_ongoing_requests=m.max_ongoing_requests, engine_args=_engine_args(config, m, served[1:])))
+            max_ongoing_requests=m.max_ongoing_requests, engine_args=_engine_args(config, m, served[1:]),
+            routing=routing, router_kwargs={"max_queue": m.affinity_max_queue} if routing == "affinity" else {}))
     return plans
 
 
 def _engine_args(config: AppConfig, m: ModelConfig, adapters: tuple[ModelConfig, ...]) -> dict[str, Any]:
     if config.engine == "sim":
-        return {"ttft_ms": config.sim.ttft_ms, "tokens_per_s": config.sim.tokens_per_s}
+        return config.sim.model_dump(mode="json")
     if m.vllm is None:
         raise ConfigError(f"{m.id}: engine is vllm but the model has no 'vllm' section")
     args = m.vllm.model_dump(mode="json", exclude_none=True)

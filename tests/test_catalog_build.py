@@ -12,6 +12,7 @@ import pytest
 from serve_apps import catalog_build
 from serve_apps.catalog_build import (
     EMBEDDED_MODELS,
+    FIX_JSON_ID,
     MARKER_FILE,
     MINILM_ID,
     SANITY_QUESTION,
@@ -49,7 +50,7 @@ def _snapshot(root: Path) -> dict[str, int]:
 
 
 def test_build_produces_both_models(built: dict[str, Path]) -> None:
-    assert set(built) == {SMOLLM_ID, MINILM_ID}
+    assert set(built) == {SMOLLM_ID, MINILM_ID, FIX_JSON_ID}  # the adapter: tests/test_lora_adapter.py
     smol = built[SMOLLM_ID]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (smol / name).is_file(), name

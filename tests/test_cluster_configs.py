@@ -68,8 +68,12 @@ def test_production_catalog_is_the_real_one() -> None:
 def test_local_configs_use_the_embedded_and_sim_catalogs() -> None:
     local = load_config(ROOT / "serve_apps" / "configs" / "local.yaml")
     assert {m.id for m in local.models} == {"hf:HuggingFaceTB/SmolLM2-135M-Instruct",
-                                           "hf:sentence-transformers/all-MiniLM-L6-v2"}
-    assert all(m.vllm is not None and m.vllm.model.startswith("builtin:") for m in local.models)
+                                           "hf:sentence-transformers/all-MiniLM-L6-v2",
+                                           "hf:packserve/SmolLM2-135M-fix-json"}
+    bases = [m for m in local.models if m.kind != "lora"]
+    assert all(m.vllm is not None and m.vllm.model.startswith("builtin:") for m in bases)
+    [lora] = [m for m in local.models if m.kind == "lora"]
+    assert lora.base_model == "hf:HuggingFaceTB/SmolLM2-135M-Instruct" and lora.size_class.value == "unmetered"
     sim = load_config(ROOT / "serve_apps" / "configs" / "local-sim.yaml")
     assert sim.engine == "sim" and len(dry_run(sim)) == 4
 

@@ -261,10 +261,8 @@ def test_tool_use_round_trip(gw: LiveGateway, account: tuple[str, str]) -> None:
     messages.append({"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]})
     messages.append({"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
                                                   "content": [{"type": "text", "text": "21C and clear"}]}]})
-    # tool_choice "none": the simulated engine would call the tool again for a weather question
-    # (see the xfail in test_gateway_openai_sdk.py).
-    second = client.messages.create(model=LARGE, max_tokens=200, messages=messages, tools=[WEATHER_TOOL],
-                                    tool_choice={"type": "none"})
+    # tool_choice stays "auto": a tool result is answered in words, not with another call.
+    second = client.messages.create(model=LARGE, max_tokens=200, messages=messages, tools=[WEATHER_TOOL])
     assert second.stop_reason == "end_turn" and [b.type for b in second.content] == ["text"] and text_of(second)
     # The whole first prompt comes from the cache.
     first_prompt = first.usage.input_tokens + reads(first.usage)

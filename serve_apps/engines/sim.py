@@ -189,6 +189,12 @@ class SimulatedEngine:
     chunks (0 = as fast as possible, still yielding to the loop between chunks
     so a disconnect can cancel it). `in_flight` and `aborted` are public so
     tests can check that a client's disconnect really stopped generation.
+
+    `prefill_s_per_uncached_token` adds prefill time for every prompt token
+    the prefix cache did not hold, one request at a time, so a cache hit
+    shortens time to first token (its own and the queue's) as on a real
+    engine. `start_s` is a one-off load time paid by the first `start()` (or
+    the first request), like vLLM loading weights.
     """
 
     def __init__(
@@ -197,13 +203,20 @@ class SimulatedEngine:
         tokens_per_s: float = 0.0,
         cache_blocks: int = 4096,
         block_tokens: int = 16,
+        prefill_s_per_uncached_token: float = 0.0,
+        start_s: float = 0.0,
     ) -> None:
-        if ttft_s < 0 or tokens_per_s < 0:
-            raise ValueError("ttft_s and tokens_per_s must be >= 0")
+        if ttft_s < 0 or tokens_per_s < 0 or prefill_s_per_uncached_token < 0 or start_s < 0:
+            raise ValueError("ttft_s, tokens_per_s, prefill_s_per_uncached_token and start_s must be >= 0")
         if cache_blocks < 0 or block_tokens < 1:
             raise ValueError("cache_blocks must be >= 0 and block_tokens >= 1")
         self.ttft_s = ttft_s
         self.tokens_per_s = tokens_per_s
+        self.prefill_s_per_uncached_token = prefill_s_per_uncached_token
+        self.start_s = start_s
+        self._started = start_s == 0
+        self._start_lock = asyncio.Lock()
+        self._prefill_lock = asyncio.Lock()
         self.block_tokens = block_tokens
         self.cache = _PrefixCache(cache_blocks, block_tokens)
         self.in_flight: set[str] = set()
@@ -216,6 +229,15 @@ class SimulatedEngine:
 
     def cards(self) -> list[ModelCard]:
         return list(SIM_CARDS)
+
+    async def start(self) -> None:
+        """Pay the simulated load time once; concurrent callers wait for the same load."""
+        if self._started:
+            return
+        async with self._start_lock:
+            if not self._started:
+                await asyncio.sleep(self.start_s)
+                self._started = True
 
     def _card(self, model: str, kind: str) -> ModelCard:
         card = self._cards.get(model)
@@ -254,6 +276,7 @@ class SimulatedEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         self._card(request.model, "chat")
+        await self.start()
         rid = request.request_id
         prompt_text = self._prompt_text(request)
         last_user = _last_user_text(request)
@@ -269,6 +292,12 @@ class SimulatedEngine:
         finished = False
         emitted_tokens = 0
         try:
+            prefill_s = (len(prompt_tokens) - cached) * self.prefill_s_per_uncached_token
+            if prefill_s:
+                # One prefill at a time, as on a compute-bound engine: uncached
+                # prompts delay the requests queued behind them too.
+                async with self._prefill_lock:
+                    await asyncio.sleep(prefill_s)
             if self.ttft_s:
                 await asyncio.sleep(self.ttft_s)
             for i, step in enumerate(plan.steps):

@@ -152,3 +152,19 @@ class Engine(Protocol):
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult: ...
 
     async def abort(self, request_id: str) -> None: ...
+
+
+class WarmableEngine(Engine, Protocol):
+    """Optional extra of an Engine whose model can be at zero replicas (a Ray Serve deployment).
+
+    The gateway looks these methods up with getattr: an engine without them
+    (the simulated engine, any in-process engine) is always warm.
+    """
+
+    def is_warm(self, model: str) -> bool:
+        """Whether a request would be served without a cold start; must not wait."""
+        ...
+
+    async def ensure_ready(self, model: str, timeout_s: float) -> bool:
+        """Start the model if needed and wait up to `timeout_s` for it; False if it is not ready by then."""
+        ...

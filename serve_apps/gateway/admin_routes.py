@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -47,7 +47,8 @@ def _cap(body: dict[str, Any]) -> str | None:
 
 
 def build_admin_router(ops: AdminOps, token: str | None, max_body_bytes: int,
-                       stats: Callable[[], dict[str, Any]]) -> APIRouter:
+                       stats: Callable[[], dict[str, Any]],
+                       start_model: Callable[[str], Awaitable[bool | None]] | None = None) -> APIRouter:
     router = APIRouter(prefix="/admin/v1")
 
     def guard(request: Request) -> None:
@@ -164,5 +165,19 @@ def build_admin_router(ops: AdminOps, token: str | None, max_body_bytes: int,
         """This gateway's load: in-flight requests, queue depth, settlements pending."""
         guard(request)
         return JSONResponse(stats())
+
+    if start_model is not None:
+        starter = start_model
+
+        @router.post("/models/{model_id:path}/warm")
+        async def warm_model(request: Request, model_id: str) -> Response:
+            """Start a replica ahead of traffic: 202 while it starts, 200 if it was warm already."""
+            guard(request)
+            warm = await starter(model_id)
+            if warm is None:
+                raise ApiError(404, f"The model '{model_id}' does not exist; GET /v1/models lists the available "
+                                    "ones.", "model_not_found", "model")
+            return JSONResponse({"model": model_id, "warm": warm, "status": "warm" if warm else "starting"},
+                                status_code=200 if warm else 202)
 
     return router

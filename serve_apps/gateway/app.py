@@ -57,13 +57,15 @@ class GatewayRuntime:
         self.metrics = Metrics()
         self.metrics.bind(lambda: self.controller.queue.depth, lambda: self.controller.active,
                           lambda: len(self.controller.outbox))
-        self.service = GatewayService(self.controller, self.accounts, engines, cards, self.metrics)
+        self.service = GatewayService(self.controller, self.accounts, engines, cards, self.metrics,
+                                      cold_start_timeout=config.cold_start_timeout)
         self.admin = AdminOps(store, self.accounts, self.controller.policy.unit)
 
     def stats(self) -> dict[str, Any]:
         return {"in_flight": self.controller.active, "queue_depth": self.controller.queue.depth,
                 "queued_total": self.controller.queue.waited_total,
-                "settlements_pending": len(self.controller.outbox), "models": sorted(self.service.cards)}
+                "settlements_pending": len(self.controller.outbox), "models": sorted(self.service.cards),
+                "cold_starts_waiting": self.service.cold_starts_waiting}
 
     async def close(self) -> None:
         await self.controller.drain()
@@ -91,14 +93,19 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
 
     app = FastAPI(title="packserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     service = rt.service
-    warm_now = warm() if warm else None
-    openai_router = build_openai_router(service, max_body, warm_now)
+
+    def warm_flags() -> dict[str, bool]:
+        # Per request: a model's replicas come and go (scale to zero), so a
+        # snapshot taken when the app was built would soon be wrong.
+        return warm() if warm else {cid: service.is_warm(card) for cid, card in service.cards.items()}
+
+    openai_router = build_openai_router(service, max_body, warm_flags)
     anthropic_router = build_anthropic_router(service, max_body)
     for prefix in ("/openai/v1", "/v1"):
         app.include_router(openai_router, prefix=prefix)
     for prefix in ("/anthropic/v1", "/v1"):
         app.include_router(anthropic_router, prefix=prefix)
-    app.include_router(build_admin_router(rt.admin, rt.admin_token, max_body, rt.stats))
+    app.include_router(build_admin_router(rt.admin, rt.admin_token, max_body, rt.stats, service.start_model))
 
     @app.get("/v2/quotas")
     async def quotas(request: Request) -> Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from fractions import Fraction
 
 from fastapi import APIRouter, Request
@@ -27,14 +28,17 @@ PROTOCOL = "openai"
 
 
 def build_openai_router(service: GatewayService, max_body_bytes: int,
-                        warm: dict[str, bool] | None = None) -> APIRouter:
+                        warm: Mapping[str, bool] | Callable[[], Mapping[str, bool]] | None = None) -> APIRouter:
     router = APIRouter()
     weights = {cid: float(Fraction(service.controller.policy.units(service.controller.price(cid)), service.unit))
                for cid in service.cards}
 
+    def warm_now() -> Mapping[str, bool] | None:
+        return warm() if callable(warm) else warm
+
     @router.get("/models")
     async def models() -> Response:
-        return JSONResponse(convert.models_list(service.cards.values(), weights, warm))
+        return JSONResponse(convert.models_list(service.cards.values(), weights, warm_now()))
 
     @router.get("/models/{model_id:path}")
     async def model(model_id: str) -> Response:
@@ -42,7 +46,7 @@ def build_openai_router(service: GatewayService, max_body_bytes: int,
         if card is None:
             raise ApiError(404, f"The model '{model_id}' does not exist; GET /v1/models lists the available ones.",
                            "model_not_found", "model")
-        return JSONResponse(convert.models_list([card], weights, warm)["data"][0])
+        return JSONResponse(convert.models_list([card], weights, warm_now())["data"][0])
 
     @router.post("/chat/completions")
     async def chat(request: Request) -> Response:

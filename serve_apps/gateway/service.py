@@ -12,7 +12,8 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TypeVar
 
 from starlette.requests import Request
 
@@ -37,6 +38,11 @@ from serve_apps.protocols.common import GenerationResult
 
 log = logging.getLogger("packserve.gateway")
 
+T = TypeVar("T")
+DEFAULT_COLD_START_TIMEOUT_S = 600.0
+# After a cold-start timeout the replica keeps starting; this is when to come back.
+COLD_START_RETRY_AFTER_S = 30
+
 
 def presented_key(request: Request) -> str | None:
     """`x-api-key` (Anthropic) or `Authorization: Bearer` (both)."""
@@ -52,13 +58,16 @@ def presented_key(request: Request) -> str | None:
 
 class GatewayService:
     def __init__(self, controller: AdmissionController, accounts: Accounts, engines: Mapping[str, Engine],
-                 cards: Mapping[str, ModelCard], metrics: Metrics) -> None:
+                 cards: Mapping[str, ModelCard], metrics: Metrics,
+                 cold_start_timeout: Callable[[str], float] | None = None) -> None:
         self.controller = controller
         self.accounts = accounts
         self.engines = dict(engines)
         self.cards = dict(cards)
         self.metrics = metrics
         self.unit = controller.policy.unit
+        self.cold_start_timeout = cold_start_timeout or (lambda _model: DEFAULT_COLD_START_TIMEOUT_S)
+        self.cold_starts_waiting = 0
         self._closers: set[asyncio.Task[None]] = set()
 
     # -- steps ----------------------------------------------------------------
@@ -89,8 +98,42 @@ class GatewayService:
     def engine(self, card: ModelCard) -> Engine:
         return self.engines[card.id]
 
+    def is_warm(self, card: ModelCard) -> bool:
+        is_warm = getattr(self.engine(card), "is_warm", None)
+        return True if is_warm is None else bool(is_warm(card.id))
+
+    async def start_model(self, model: str) -> bool | None:
+        """Start `model` ahead of traffic: True if it was warm already, False if starting, None if unknown."""
+        card = self.cards.get(model)
+        if card is None:
+            return None
+        ensure = getattr(self.engine(card), "ensure_ready", None)
+        return True if ensure is None else bool(await ensure(card.id, 0))
+
+    async def wait_ready(self, request: Request, card: ModelCard) -> None:
+        """Wait for a cold model before admission: the wait is never charged and holds no slot or queue place."""
+        ensure = getattr(self.engine(card), "ensure_ready", None)
+        if ensure is None or self.is_warm(card):
+            return
+        timeout_s = self.cold_start_timeout(card.id)
+        started = time.monotonic()
+        self.cold_starts_waiting += 1
+        try:
+            ready = await _unless_disconnected(request, ensure(card.id, timeout_s))
+        finally:
+            self.cold_starts_waiting -= 1
+        waited_ms = int((time.monotonic() - started) * 1000)
+        log.info("cold start wait", extra={"model": card.id, "ready": ready, "waited_ms": waited_ms})
+        if ready is None:
+            raise ApiError(499, "client closed the request while the model was starting", "client_closed")
+        if not ready:
+            raise ApiError(503, f"The model '{card.id}' is starting from zero replicas and was not ready within "
+                                f"{timeout_s:g} s; it keeps starting, retry in {COLD_START_RETRY_AFTER_S} s.",
+                           "model_cold_start_timeout", headers={"retry-after": str(COLD_START_RETRY_AFTER_S)})
+
     async def admit(self, request: Request, principal: Principal, card: ModelCard) -> Ticket:
-        """Reserve a slot, waiting in the account's queue; give up if the client leaves."""
+        """Wait out a cold start, then reserve a slot, waiting in the account's queue; give up if the client leaves."""
+        await self.wait_ready(request, card)
         started = time.monotonic()
         reserve = asyncio.ensure_future(self.controller.reserve(principal.account, principal.key.id, card.id))
         gone = asyncio.ensure_future(_disconnected(request))
@@ -208,6 +251,20 @@ async def _abort(engine: Engine, agen: AsyncIterator[GenerationChunk], request_i
     if aclose is not None:
         with contextlib.suppress(Exception):
             await aclose()
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """`work`'s result, or None (with `work` cancelled) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        return None
+    return task.result()
 
 
 async def _disconnected(request: Request) -> None:

