@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from fractions import Fraction
+from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from serve_apps.engines.types import EngineError
+from serve_apps.engines.types import EngineError, GenerationRequest
 from serve_apps.gateway.body import parse
 from serve_apps.gateway.errors import ApiError
 from serve_apps.gateway.service import GatewayService, new_request_id
@@ -48,14 +49,15 @@ def build_openai_router(service: GatewayService, max_body_bytes: int,
                            "model_not_found", "model")
         return JSONResponse(convert.models_list([card], weights, warm_now())["data"][0])
 
-    @router.post("/chat/completions")
-    async def chat(request: Request) -> Response:
-        body = await parse(request, ChatCompletionRequest, max_body_bytes, validation_message)
+    async def generate(request: Request, body: ChatCompletionRequest | CompletionRequest, rid: str,
+                       to_generation: Callable[..., GenerationRequest],
+                       encoder: type[OpenAIChatStreamEncoder | OpenAICompletionStreamEncoder],
+                       respond: Callable[..., dict[str, Any]]) -> Response:
+        """Chat and text completions share everything but their converters and encoders."""
         principal = await service.authenticate(request)
         card = service.resolve(body.model, kind="chat")
-        rid = new_request_id("chatcmpl")
         try:
-            gen = convert.chat_to_generation(body, rid, card)
+            gen = to_generation(body, rid, card)
         except InvalidRequest as exc:
             raise ApiError(400, exc.message, "invalid_request", exc.param) from None
         ticket = await service.admit(request, principal, card)
@@ -63,7 +65,7 @@ def build_openai_router(service: GatewayService, max_body_bytes: int,
         created = int(time.time())
         chunks = service.metered(ticket, gen, PROTOCOL)
         if body.stream:
-            enc = OpenAIChatStreamEncoder(rid, body.model, created)
+            enc = encoder(rid, body.model, created)
             first = await prime(chunks)
             return sse_response(first, chunks, enc.start, enc.chunk,
                                 lambda: enc.finish(include_usage=body.include_usage), error_event, headers)
@@ -71,34 +73,19 @@ def build_openai_router(service: GatewayService, max_body_bytes: int,
             result = await service.collect_from(chunks)
         except EngineError:
             raise ApiError(502, "The model failed while generating.", "engine_error") from None
-        return JSONResponse(convert.chat_response(result, response_id=rid, model=body.model, created=created),
-                            headers=headers)
+        return JSONResponse(respond(result, response_id=rid, model=body.model, created=created), headers=headers)
+
+    @router.post("/chat/completions")
+    async def chat(request: Request) -> Response:
+        body = await parse(request, ChatCompletionRequest, max_body_bytes, validation_message)
+        return await generate(request, body, new_request_id("chatcmpl"), convert.chat_to_generation,
+                              OpenAIChatStreamEncoder, convert.chat_response)
 
     @router.post("/completions")
     async def completions(request: Request) -> Response:
         body = await parse(request, CompletionRequest, max_body_bytes, validation_message)
-        principal = await service.authenticate(request)
-        card = service.resolve(body.model, kind="chat")
-        rid = new_request_id("cmpl")
-        try:
-            gen = convert.completion_to_generation(body, rid, card)
-        except InvalidRequest as exc:
-            raise ApiError(400, exc.message, "invalid_request", exc.param) from None
-        ticket = await service.admit(request, principal, card)
-        headers = service.headers(ticket)
-        created = int(time.time())
-        chunks = service.metered(ticket, gen, PROTOCOL)
-        if body.stream:
-            enc = OpenAICompletionStreamEncoder(rid, body.model, created)
-            first = await prime(chunks)
-            return sse_response(first, chunks, enc.start, enc.chunk,
-                                lambda: enc.finish(include_usage=body.include_usage), error_event, headers)
-        try:
-            result = await service.collect_from(chunks)
-        except EngineError:
-            raise ApiError(502, "The model failed while generating.", "engine_error") from None
-        return JSONResponse(convert.completion_response(result, response_id=rid, model=body.model,
-                                                        created=created), headers=headers)
+        return await generate(request, body, new_request_id("cmpl"), convert.completion_to_generation,
+                              OpenAICompletionStreamEncoder, convert.completion_response)
 
     @router.post("/embeddings")
     async def embeddings(request: Request) -> Response:
