@@ -7,8 +7,6 @@ costs are asserted exactly against the deterministic simulated engine.
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,15 +15,21 @@ import anthropic
 import openai
 import pytest
 
-from serve_apps.engines.sim import render_chat_prompt, tokenize
+from serve_apps.engines.sim import tokenize
 from serve_apps.engines.types import ChatMessage
 from tests.conftest import RedisServer
 from tests.live_gateway import LiveGateway
-
-LARGE = "hf:packserve/sim-large"  # $1.20 in / $3.40 out per M: weight 1.0
-SMALL = "hf:packserve/sim-small"  # $0.30 in / $2.00 out per M
-PRICES_MICRO = {LARGE: (1_200_000, 3_400_000), SMALL: (300_000, 2_000_000)}
-BLOCK = 16  # the simulated prefix cache's block size
+from tests.sim_expect import (
+    BLOCK,
+    LARGE,
+    SMALL,
+    cost_pico,
+    expected_cached,
+    long_text,
+    prompt_tokens,
+    unique,
+    wait_events,
+)
 
 WEATHER_TOOL: Any = {
     "name": "get_weather",
@@ -61,43 +65,6 @@ def account(gw: LiveGateway) -> tuple[str, str]:
 
 def client_for(gw: LiveGateway, key: str, prefix: str = "/anthropic", **kw: Any) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=f"{gw.base_url}{prefix}", api_key=key, max_retries=0, timeout=30, **kw)
-
-
-def unique(label: str) -> str:
-    return f"{label}{uuid.uuid4().hex[:12]}"
-
-
-def long_text(words: int, seed: str) -> str:
-    vocab = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
-    return seed + " " + " ".join(vocab[(i * 3) % len(vocab)] for i in range(words))
-
-
-def prompt_tokens(messages: list[ChatMessage]) -> list[str]:
-    return tokenize(render_chat_prompt(messages, ()))
-
-
-def expected_cached(previous: list[str], current: list[str]) -> int:
-    shared = 0
-    for a, b in zip(previous, current, strict=False):
-        if a != b:
-            break
-        shared += 1
-    return min(shared // BLOCK, (len(current) - 1) // BLOCK) * BLOCK
-
-
-def cost_pico(model: str, prompt: int, cached: int, completion: int) -> int:
-    p_in, p_out = PRICES_MICRO[model]
-    return (prompt - cached) * p_in + cached * p_in // 5 + completion * p_out
-
-
-def wait_events(gw: LiveGateway, account_id: str, count: int, timeout_s: float = 5.0) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        events = gw.usage_events(account_id)
-        if len(events) >= count or time.monotonic() > deadline:
-            assert len(events) == count, events
-            return sorted(events, key=lambda e: e["ts_ms"])
-        time.sleep(0.02)
 
 
 def assert_billed(event: dict[str, Any], model: str, usage: Any) -> None:
