@@ -50,6 +50,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import emit_json, machine, percentile, print_table
+from serve_apps import ray_env
 from serve_apps.config import AppConfig, ConfigError, ModelConfig, load_config
 from serve_apps.engines.sim import SIM_CARDS, SIM_LARGE
 from serve_apps.engines.types import ChatMessage, GenerationRequest, SamplingParams
@@ -104,6 +105,27 @@ def model_id(args: argparse.Namespace) -> str:
     return SIM_LARGE if args.engine == "sim" else VLLM_MODEL
 
 
+def session_context(conversation: int, chars: int) -> str:
+    """A coding agent's session context: `chars` characters of code only this conversation carries.
+
+    With it, a turn routed away from the replica holding its conversation
+    pays a real prefill for the whole context, as an agent session does.
+    """
+    if chars <= 0:
+        return ""
+    lines: list[str] = []
+    size = 0
+    i = 0
+    while size < chars:
+        line = (f"def evict_{conversation}_{i}(cache, block):\n"
+                f"    slot = (block.id * {conversation * 31 + i + 7}) % {512 + conversation}\n"
+                f"    return cache.pop(slot, None)\n")
+        lines.append(line)
+        size += len(line)
+        i += 1
+    return "Here is the module we are discussing:\n" + "".join(lines)[:chars] + "\n"
+
+
 async def run_workload(handle: Any, args: argparse.Namespace, result: Result) -> None:
     from serve_apps.engine_proxy import DeploymentEngine
     from serve_apps.serving_plan import cards
@@ -111,8 +133,9 @@ async def run_workload(handle: Any, args: argparse.Namespace, result: Result) ->
     mid = model_id(args)
     engine = DeploymentEngine(handle, [cards(model_config(args, "default", 1))[mid]])
     histories = [[ChatMessage("system", SYSTEM),
-                  ChatMessage("user", f"Conversation {c}: how does subsystem {c} decide which blocks to evict "
-                                      f"when the cache is full? Walk me through it. ")]
+                  ChatMessage("user", f"Conversation {c}: {session_context(c, args.context_chars)}how does "
+                                      f"subsystem {c} decide which blocks to evict when the cache is full? "
+                                      f"Walk me through it. ")]
                  for c in range(args.conversations)]
     turns_done = [0] * args.conversations
     pending: asyncio.Queue[int] = asyncio.Queue()
@@ -246,6 +269,8 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--context-chars", type=int, default=0,
+                        help="code each conversation carries in its first message (an agent session's context)")
     parser.add_argument("--affinity-max-queue", type=int, default=8)
     parser.add_argument("--prefill-ms-per-token", type=float, default=1.0, help="sim: per uncached prompt token")
     parser.add_argument("--tokens-per-s", type=float, default=100.0, help="sim: decode rate per stream")
@@ -255,7 +280,6 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
     args = parser.parse_args()
 
-    import ray
     from ray import serve
 
     if args.engine == "vllm":
@@ -267,7 +291,7 @@ def main() -> None:
         except ConfigError as exc:
             raise SystemExit(f"bench/routing.py: {exc}") from None
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    local_ray = ray_env.init_local(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         serve.start(logging_config={"enable_access_log": False})
         results = [measure(args, "affinity", "affinity", 2), measure(args, "default", "default", 2),
@@ -275,7 +299,7 @@ def main() -> None:
         cold_s = cold_start(args)
     finally:
         serve.shutdown()  # type: ignore[no-untyped-call]
-        ray.shutdown()
+        ray_env.shutdown_local(local_ray)
 
     rows = [r.row() for r in results]
     by = {r["variant"]: r for r in rows}
@@ -290,7 +314,8 @@ def main() -> None:
     print_table("Targets: hit ratio vs single >= 0.9, affinity p95 TTFT below default's",
                 [summary], list(summary))
     workload: dict[str, Any] = {"conversations": args.conversations, "turns": args.turns,
-                                "concurrency": args.concurrency, "max_tokens": args.max_tokens}
+                                "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+                                "context_chars": args.context_chars}
     if args.engine == "sim":
         workload.update(prefill_ms_per_token=args.prefill_ms_per_token, tokens_per_s=args.tokens_per_s)
     if args.json:

@@ -201,9 +201,9 @@ def vllm_args(model_id: str) -> tuple[list[str], dict[str, str]]:
 @contextmanager
 def packserve(data_dir: Path, redis_url: str, streams: int) -> Iterator[Target]:
     """build_app(local.yaml) on a Ray started here; Ray and Serve are stopped on the way out."""
-    import ray
     from ray import serve
 
+    from serve_apps import ray_env
     from serve_apps.catalog_build import SMOLLM_ID
     from serve_apps.ray_app import APP_NAME, build_app
     from serve_apps.serving_plan import deployment_name
@@ -213,7 +213,7 @@ def packserve(data_dir: Path, redis_url: str, streams: int) -> Iterator[Target]:
     config = packserve_config(data_dir, redis_url, port)
     log(f"packserve: starting Ray ({os.cpu_count()} CPUs) and Serve on port {port}")
     started = time.monotonic()
-    ray.init(include_dashboard=False, log_to_driver=False)
+    local_ray = ray_env.init_local(include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
         serve.run(build_app(config, admin_token=admin_token), name=APP_NAME, route_prefix="/", blocking=False)
@@ -229,7 +229,7 @@ def packserve(data_dir: Path, redis_url: str, streams: int) -> Iterator[Target]:
         try:
             serve.shutdown()  # type: ignore[no-untyped-call]
         finally:
-            ray.shutdown()
+            ray_env.shutdown_local(local_ray)
 
 
 async def create_accounts_one_pack(base: str, admin_token: str, n: int) -> list[str]:

@@ -33,6 +33,7 @@ from serve_apps.engines.types import (
     GenerationChunk,
     GenerationRequest,
     ModelCard,
+    ModelStarting,
     ToolSpec,
 )
 
@@ -41,11 +42,21 @@ log = logging.getLogger("packserve.engine_proxy")
 # Serve-side failures that happen before the replica ran anything: nothing was
 # generated, so the request bar is refunded (EngineError before_first_token).
 _NOT_STARTED = (BackPressureError, DeploymentUnavailableError)
-# serve.status() every half second is one small controller call; it bounds how
+# How often serve.status() is asked while some deployment may be at zero
+# replicas (min_replicas 0) or has not answered `ready()` yet: it bounds how
 # long a scale-down to zero goes unnoticed (and so how stale a warm flag is).
 WATCH_POLL_S = 0.5
+# Otherwise. serve.status() is not small: measured ~29 ms of the gateway's CPU
+# per call (it rebuilds every deployment's config, pickling the request router
+# class), plus the controller's share, so polling it twice a second cost the
+# gateway a quarter of its CPU under load for deployments that never scale to
+# zero (bench/RESULTS.md, "Serving").
+WATCH_IDLE_POLL_S = 10.0
+# While a dispatched request waits for its first chunk, how often it checks
+# whether its deployment went to zero replicas (ModelStarting).
+COLD_DISPATCH_CHECK_S = 0.25
 # Counts older than this (controller unreachable) are "unknown", not "warm".
-WATCH_STALE_S = 10.0
+WATCH_STALE_S = 3 * WATCH_IDLE_POLL_S
 
 
 class ReplicaWatch:
@@ -55,14 +66,25 @@ class ReplicaWatch:
     thread on a background loop; readers get the last answer at once.
     """
 
-    def __init__(self, app_name: str, *, poll_s: float = WATCH_POLL_S,
+    def __init__(self, app_name: str, *, poll_s: float = WATCH_POLL_S, idle_poll_s: float = WATCH_IDLE_POLL_S,
                  status: Callable[[], Any] = serve.status) -> None:
         self.app_name = app_name
         self.poll_s = poll_s
+        self.idle_poll_s = max(idle_poll_s, poll_s)
         self._status = status
         self._running: dict[str, int] = {}
         self._updated: float | None = None
         self._task: asyncio.Task[None] | None = None
+        self._close: list[Callable[[], bool]] = []
+        self.polls = 0
+
+    def watch_closely(self, needed: Callable[[], bool]) -> None:
+        """Poll every `poll_s` (instead of `idle_poll_s`) while `needed()` is true for any registrant."""
+        self._close.append(needed)
+
+    def interval(self) -> float:
+        """The current polling interval."""
+        return self.poll_s if any(needed() for needed in self._close) else self.idle_poll_s
 
     def start(self) -> None:
         """Start polling on the running loop (idempotent)."""
@@ -94,14 +116,20 @@ class ReplicaWatch:
                 counts[name] = sum(n for state, n in deployment.replica_states.items() if state == "RUNNING")
         self._running = counts
         self._updated = time.monotonic()
+        self.polls += 1
 
     async def _poll(self) -> None:
+        last = -float("inf")
         while True:
-            try:
-                await self.refresh()
-            except Exception as exc:
-                # Transient (controller restarting): keep the last counts until they go stale.
-                log.warning("serve.status() failed", extra={"error": repr(exc)})
+            # Re-evaluated every poll_s, so a deployment that starts needing a
+            # close watch (a replica died, a cold start began) gets it within poll_s.
+            if time.monotonic() - last >= self.interval():
+                last = time.monotonic()
+                try:
+                    await self.refresh()
+                except Exception as exc:
+                    # Transient (controller restarting): keep the last counts until they go stale.
+                    log.warning("serve.status() failed", extra={"error": repr(exc)})
             await asyncio.sleep(self.poll_s)
 
 
@@ -132,6 +160,14 @@ class DeploymentEngine:
         return list(self._cards)
 
     # -- cold starts (the optional WarmableEngine methods) --------------------
+
+    def settled(self) -> bool:
+        """A replica answered `ready()` and the deployment has not been seen at zero since.
+
+        Asking also confirms a replica Ray reports running in the background
+        (as `is_warm` does), so a model nobody has called yet still settles.
+        """
+        return self.is_warm("")
 
     def is_warm(self, model: str) -> bool:
         """A replica is up and has answered `ready()`; never waits.
@@ -190,9 +226,11 @@ class DeploymentEngine:
         try:
             while True:
                 try:
-                    chunk = await remote.__anext__()
+                    chunk = await (self._first_chunk(remote) if first else remote.__anext__())
                 except StopAsyncIteration:
                     break
+                except ModelStarting:
+                    raise
                 except Exception as exc:
                     raise _engine_error(exc, before_first_token=first) from None
                 first = False
@@ -202,6 +240,27 @@ class DeploymentEngine:
             self._running.pop(request.request_id, None)
             if not done:
                 remote.cancel()  # type: ignore[no-untyped-call]
+
+    async def _first_chunk(self, remote: DeploymentResponseGenerator[GenerationChunk]) -> GenerationChunk:
+        """The first chunk, or ModelStarting once the deployment is seen at zero replicas meanwhile.
+
+        The gateway checks `is_warm` before admission, but the flag can be up
+        to one ReplicaWatch poll stale: a request dispatched just after a
+        scale-down to zero would sit in Ray's queue for a whole cold start
+        holding a concurrency slot. Seeing zero replicas here hands it back.
+        """
+        nxt: asyncio.Future[GenerationChunk] = asyncio.ensure_future(remote.__anext__())
+        try:
+            while True:
+                done, _ = await asyncio.wait({nxt}, timeout=COLD_DISPATCH_CHECK_S)
+                if done:
+                    return nxt.result()
+                if self._replicas is not None and self._replicas() == 0:
+                    self._confirmed = False
+                    raise ModelStarting()
+        finally:
+            if not nxt.done():
+                nxt.cancel()
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         try:

@@ -19,7 +19,7 @@ so they are not set.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -64,13 +64,27 @@ class GatewayIngress:
         setup_logging()
         cfg = AppConfig.model_validate(dict(config))
         cards = serving_plan.cards(cfg)
+        app_name = serve.get_replica_context().app_name
         # Which models have replicas right now (warm flags, cold-start waits), polled off the request path.
-        self.watch = ReplicaWatch(serve.get_replica_context().app_name)
+        self.watch = ReplicaWatch(app_name)
         self.watch.start()
         engines: dict[str, Engine] = {}
         for plan in serving_plan.plan(cfg):
-            engine = DeploymentEngine(handles[plan.name], [cards[i] for i in plan.served_ids],
+            # `handles` (bound in build_app) make Serve deploy the models with
+            # this app; calls go through a handle made here instead, because a
+            # bound handle keeps the options of the driver that pickled it,
+            # and only one made in this replica picks up the transport of this
+            # process's Ray Serve mode (gRPC under RAY_SERVE_THROUGHPUT_OPTIMIZED).
+            assert plan.name in handles
+            handle = serve.get_deployment_handle(plan.name, app_name=app_name)
+            engine = DeploymentEngine(handle, [cards[i] for i in plan.served_ids],
                                       running=self.watch.counter(plan.name))
+            if plan.autoscaling_config["min_replicas"] == 0:
+                # It may be at zero at any time: keep its warm flag fresh.
+                self.watch.watch_closely(lambda: True)
+            else:
+                # Only until it first answers (and again if it is ever seen at zero).
+                self.watch.watch_closely(_until_settled(engine))
             for served in plan.served_ids:
                 engines[served] = engine
         self.engines = engines
@@ -79,6 +93,10 @@ class GatewayIngress:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_gateway_app(self.runtime)
+
+
+def _until_settled(engine: DeploymentEngine) -> Callable[[], bool]:
+    return lambda: not engine.settled()
 
 
 def _wire_config(config: AppConfig) -> dict[str, Any]:

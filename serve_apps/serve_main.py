@@ -33,7 +33,7 @@ from cluster.admin import AdminOps
 from cluster.open_store import open_store
 from cluster.settings import admin_token_from_env, default_data_dir, redis_url_from_env
 from cluster.store import StoreError
-from serve_apps import serving_plan
+from serve_apps import ray_env, serving_plan
 from serve_apps.config import AppConfig, ConfigError, load_config
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -81,21 +81,20 @@ def _build_embedded_catalog(config: AppConfig) -> None:
         raise ServeError(str(exc)) from None
 
 
-def _start_ray(local: bool) -> bool:
+def _start_ray(local: bool) -> set[int] | None:
     """Connect to a cluster (RAY_ADDRESS, or `address="auto"` when deploying) or start one here.
 
-    Returns whether this process started Ray (and so must stop it).
+    Returns None when connected to someone else's Ray, else what `_shutdown` needs to stop the one started here.
     """
     import ray
 
     address = os.environ.get("RAY_ADDRESS") or (None if local else "auto")
     if address is not None:
         _say(f"connecting to the Ray cluster at {address}")
-        ray.init(address=address, log_to_driver=False)
-        return False
+        ray.init(address=address, log_to_driver=False, runtime_env=ray_env.runtime_env())
+        return None
     _say(f"starting Ray on this machine ({os.cpu_count()} CPUs)")
-    ray.init(include_dashboard=False, log_to_driver=False)
-    return True
+    return ray_env.init_local(include_dashboard=False, log_to_driver=False)
 
 
 def _deploy(config: AppConfig, admin_token: str | None) -> None:
@@ -198,7 +197,8 @@ def _announce(config: AppConfig, demo: tuple[str, str] | None, started_s: float)
     print("\n".join(lines), flush=True)
 
 
-def _shutdown(started_ray: bool) -> None:
+def _shutdown(local_ray: set[int] | None) -> None:
+    """Stop what `_start_ray` started: all of a local Ray, or only our application on someone else's."""
     import ray
     from ray import serve
 
@@ -208,13 +208,16 @@ def _shutdown(started_ray: bool) -> None:
         return
     _say("stopping")
     try:
-        if started_ray:
+        if local_ray is not None:
             serve.shutdown()  # type: ignore[no-untyped-call]
         else:
             # Someone else's cluster: remove our application, leave theirs running.
             serve.delete(APP_NAME)
     finally:
-        ray.shutdown()
+        if local_ray is not None:
+            ray_env.shutdown_local(local_ray)
+        else:
+            ray.shutdown()
 
 
 def _load(path: Path | None) -> AppConfig:
@@ -224,7 +227,7 @@ def _load(path: Path | None) -> AppConfig:
 def run_serve(args: argparse.Namespace) -> int:
     """`packserve serve [--config FILE] [--dry-run]`."""
     started = time.monotonic()
-    started_ray = False
+    local_ray: set[int] | None = None
     try:
         config = _load(args.config)
         if getattr(args, "dry_run", False):
@@ -232,7 +235,7 @@ def run_serve(args: argparse.Namespace) -> int:
             return 0
         config = _pin_environment(config)
         _build_embedded_catalog(config)
-        started_ray = _start_ray(local=True)
+        local_ray = _start_ray(local=True)
         _deploy(config, admin_token_from_env())
         deadline = time.monotonic() + READY_TIMEOUT_S
         _wait_healthy(base_url(config), deadline)
@@ -249,7 +252,7 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         # A second Ctrl-C while stopping leaves the rest to `ray stop`.
         with contextlib.suppress(KeyboardInterrupt):
-            _shutdown(started_ray)
+            _shutdown(local_ray)
 
 
 def deploy_main(argv: Sequence[str] | None = None) -> int:

@@ -160,11 +160,13 @@ class RayServe:
 def ray_serve() -> Iterator[RayServe]:
     """One local Ray (2 CPUs, no dashboard) and Serve for the whole session (~15 s to start)."""
     # Imported here: most test modules never need Ray, and importing it is slow.
-    import ray
     from ray import serve
 
+    from serve_apps import ray_env
+
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # The same Ray packserve deploys on (engines at nice 0; HAProxy, direct ingress, gRPC between deployments).
+    local_ray = ray_env.init_local(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
         yield RayServe(port)
@@ -172,4 +174,4 @@ def ray_serve() -> Iterator[RayServe]:
         try:
             serve.shutdown()  # type: ignore[no-untyped-call]
         finally:
-            ray.shutdown()
+            ray_env.shutdown_local(local_ray)

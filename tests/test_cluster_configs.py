@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from serve_apps import ray_env
 from serve_apps.config import AppConfig, ConfigError, load_config
 from serve_apps.ray_app import GatewayArgs, app_builder, dry_run
 
@@ -123,6 +124,11 @@ def test_ray_autoscaler_cluster_file(path: Path) -> None:
                if r.startswith("accelerator_type:")}
     wanted = {m.resources.accelerator_type for m in production.models if m.resources.accelerator_type}
     assert wanted <= offered
+    # Every node starts Ray with Serve's high-throughput mode, exactly as `packserve serve` does locally.
+    for commands in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in cluster[commands] if "ray start" in c)
+        assert dict(w.split("=", 1) for w in start.split() if "=" in w and w.startswith("RAY_")) == \
+            {**ray_env.NODE_ENV, **ray_env.THROUGHPUT_ENV}
     machine_key = "InstanceType" if cluster["provider"]["type"] == "aws" else "machineType"
     machines = {t["node_config"][machine_key] for t in gpu_types.values()}
     assert machines & {"p5.48xlarge", "p4d.24xlarge", "a3-highgpu-8g"}
@@ -147,3 +153,10 @@ def test_kuberay_rayservice_points_at_an_importable_builder() -> None:
     groups = cluster["workerGroupSpecs"]
     assert any(c["resources"]["limits"].get("nvidia.com/gpu") for g in groups
                for c in g["template"]["spec"]["containers"])
+    # Head and workers run Ray Serve's high-throughput mode, as `packserve serve` does locally.
+    pods = [cluster["headGroupSpec"], *groups]
+    for pod in pods:
+        for container in pod["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container["env"] if e["name"].startswith("RAY_")}
+            assert env == {**ray_env.NODE_ENV, **ray_env.THROUGHPUT_ENV}, container["name"]
+

@@ -30,6 +30,7 @@ from serve_apps.engines.types import (
     GenerationChunk,
     GenerationRequest,
     ModelCard,
+    ModelStarting,
     SamplingParams,
     ToolSpec,
 )
@@ -49,6 +50,10 @@ class ColdEngine:
         self.engine = engine
         self.started: asyncio.Event | None = None
         self.start_requests = 0
+        # Models a warm flag one replica-watch poll stale: is_warm says yes
+        # once while the model is at zero, and the dispatch then finds it cold
+        # (DeploymentEngine raises ModelStarting when it sees zero replicas).
+        self.stale_warm_flags = 0
 
     def cards(self) -> list[ModelCard]:
         return self.engine.cards()
@@ -69,6 +74,9 @@ class ColdEngine:
         return self.started
 
     def is_warm(self, model: str) -> bool:
+        if self.stale_warm_flags > 0 and not self._event().is_set():
+            self.stale_warm_flags -= 1
+            return True
         return self._event().is_set()
 
     async def ensure_ready(self, model: str, timeout_s: float) -> bool:
@@ -85,8 +93,13 @@ class ColdEngine:
         return True
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        assert self._event().is_set(), "dispatched before the model was ready"
+        if not self._event().is_set():
+            return self._found_cold()
         return self.engine.generate(request)
+
+    async def _found_cold(self) -> AsyncIterator[GenerationChunk]:
+        raise ModelStarting()
+        yield  # pragma: no cover  (makes this an async generator)
 
 
 class ColdGateway(LiveGateway):
@@ -190,6 +203,37 @@ def test_first_request_waits_uncharged_while_other_models_serve(slow: ColdGatewa
     assert len(events) == 1 and events[0]["status"] == "ok"
     small_weight = FULL_BAR - float(slow.quotas(key)["rollingFiveHourLimit"]["remaining"]) - 1
     assert 0.5 < small_weight < 0.6  # $2.00/$3.40: the request bar was charged once per request, no more
+
+
+def test_a_stale_warm_flag_gives_the_slot_and_charge_back_and_waits(slow: ColdGateway) -> None:
+    """Admitted on a warm flag that was stale: the dispatch finds zero replicas, is refunded, waits uncharged."""
+    account, key = slow.new_key()
+    slow.cold.stale_warm_flags = 1
+    client = openai.OpenAI(base_url=f"{slow.base_url}/v1", api_key=key, max_retries=0)
+    result: dict[str, Any] = {}
+
+    def first() -> None:
+        result["r"] = client.chat.completions.create(model=LARGE, messages=[{"role": "user", "content": "hi"}],
+                                                     max_tokens=3)
+
+    waiter = threading.Thread(target=first)
+    waiter.start()
+    wait_until(lambda: slow.stats()["cold_starts_waiting"] == 1)
+    # Back to waiting before admission: the slot is free and the bar is whole again.
+    assert slow.stats()["in_flight"] == 0
+    wait_until(lambda: slow.quotas(key)["rollingFiveHourLimit"]["remaining"] == FULL_BAR)
+    assert waiter.is_alive()
+
+    slow.release()
+    waiter.join(timeout=10)
+    assert result["r"].choices[0].message.content
+    events = [e["status"] for e in slow.usage_events(account) if e["model"] == LARGE]
+    assert sorted(events) == ["ok", "refunded"]
+    assert slow.quotas(key)["rollingFiveHourLimit"]["remaining"] == FULL_BAR - 1  # charged once, for the answer
+    metrics = httpx.get(f"{slow.base_url}/metrics", timeout=5).text
+    assert f'packserve_cold_redispatches_total{{model="{LARGE}"}} 1.0' in metrics
+    assert f'packserve_cold_start_wait_seconds_count{{model="{LARGE}",outcome="ready"}} 1.0' in metrics
+    assert "packserve_cold_starts_waiting 0.0" in metrics
 
 
 def test_past_the_timeout_a_503_in_each_api_shape_and_nothing_charged(fast: ColdGateway) -> None:

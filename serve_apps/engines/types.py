@@ -138,6 +138,19 @@ def _rebuild_engine_error(cls: type[EngineError], message: str, before_first_tok
     return cls(message, before_first_token=before_first_token)
 
 
+class ModelStarting(EngineError):
+    """The model's deployment was found at zero replicas after dispatch: nothing ran.
+
+    Raised before the first chunk by engines that can scale to zero (see
+    `WarmableEngine`), so the gateway can give the slot and the charge back,
+    wait for the cold start, and dispatch again.
+    """
+
+    def __init__(self, message: str = "the model's deployment is at zero replicas", *,
+                 before_first_token: bool = True) -> None:
+        super().__init__(message, before_first_token=True)
+
+
 class Engine(Protocol):
     """What the gateway needs from a model server, at the request/chunk level."""
 

@@ -9,7 +9,7 @@ from serve_apps.engines.types import EngineError
 from serve_apps.gateway.body import parse
 from serve_apps.gateway.errors import ApiError
 from serve_apps.gateway.service import GatewayService, new_request_id
-from serve_apps.gateway.streaming import prime, sse_response
+from serve_apps.gateway.streaming import sse_response
 from serve_apps.protocols import anthropic_convert as convert
 from serve_apps.protocols.anthropic_models import CountTokensRequest, MessagesRequest, validation_message
 from serve_apps.protocols.anthropic_stream import AnthropicStreamEncoder, error_event
@@ -31,16 +31,15 @@ def build_anthropic_router(service: GatewayService, max_body_bytes: int) -> APIR
             gen = convert.messages_to_generation(body, mid, card)
         except InvalidRequest as exc:
             raise ApiError(400, exc.message, "invalid_request", exc.param) from None
-        ticket = await service.admit(request, principal, card)
-        headers = service.headers(ticket)
-        chunks = service.metered(ticket, gen, PROTOCOL)
+        dispatched = await service.dispatch(request, principal, card, gen, PROTOCOL)
+        headers = service.headers(dispatched.ticket)
         if body.stream:
             enc = AnthropicStreamEncoder(mid, body.model)
-            first = await prime(chunks)
             # message_start needs the engine's prompt counts, so it opens with the first chunk.
-            return sse_response(first, chunks, list, enc.chunk, enc.finish, error_event, headers)
+            return sse_response(dispatched.first, dispatched.chunks, list, enc.chunk, enc.finish, error_event,
+                                headers)
         try:
-            result = await service.collect_from(chunks)
+            result = await service.collect_from(dispatched)
         except EngineError:
             raise ApiError(502, "The model failed while generating.", "engine_error") from None
         return JSONResponse(convert.message_response(result, message_id=mid, model=body.model), headers=headers)

@@ -55,10 +55,10 @@ class GatewayRuntime:
                                               outbox=SettleOutbox(store, outbox_spool))
         self.accounts = Accounts(store)
         self.metrics = Metrics()
-        self.metrics.bind(lambda: self.controller.queue.depth, lambda: self.controller.active,
-                          lambda: len(self.controller.outbox))
         self.service = GatewayService(self.controller, self.accounts, engines, cards, self.metrics,
                                       cold_start_timeout=config.cold_start_timeout)
+        self.metrics.bind(lambda: self.controller.queue.depth, lambda: self.controller.active,
+                          lambda: len(self.controller.outbox), lambda: self.service.cold_starts_waiting)
         self.admin = AdminOps(store, self.accounts, self.controller.policy.unit)
 
     def stats(self) -> dict[str, Any]:

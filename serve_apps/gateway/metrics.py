@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from serve_apps.engines.types import TokenUsage
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# A sim replica starts in ~3 s, a small vLLM model in ~40 s, a large one in minutes.
+COLD_START_BUCKETS = (1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)
 
 
 class Metrics:
@@ -29,11 +31,25 @@ class Metrics:
         self.active_leases = Gauge("packserve_active_leases", "Admitted requests in flight in this gateway",
                                    registry=r)
         self.outbox = Gauge("packserve_settlements_pending", "Settlements waiting for the store", registry=r)
+        # Cold starts: how long requests waited for a model at zero replicas
+        # (outcome ready / timeout / client_closed), how many wait right now,
+        # and dispatches that found a model gone to zero after admission (a
+        # warm flag up to one replica-watch poll stale) and went back to wait.
+        self.cold_start_wait = Histogram("packserve_cold_start_wait_seconds",
+                                         "Time requests waited for a model to start from zero replicas",
+                                         ["model", "outcome"], buckets=COLD_START_BUCKETS, registry=r)
+        self.cold_starts_waiting = Gauge("packserve_cold_starts_waiting",
+                                         "Requests waiting for a model to start from zero replicas", registry=r)
+        self.cold_redispatches = Counter("packserve_cold_redispatches",
+                                         "Admitted requests that found their model at zero replicas, were "
+                                         "released uncharged and waited for the cold start", ["model"], registry=r)
 
-    def bind(self, queue_depth: Callable[[], float], active: Callable[[], float], outbox: Callable[[], float]) -> None:
+    def bind(self, queue_depth: Callable[[], float], active: Callable[[], float], outbox: Callable[[], float],
+             cold_starts_waiting: Callable[[], float]) -> None:
         self.queue_depth.set_function(queue_depth)
         self.active_leases.set_function(active)
         self.outbox.set_function(outbox)
+        self.cold_starts_waiting.set_function(cold_starts_waiting)
 
     def observe_finished(self, model: str, protocol: str, status: str, usage: TokenUsage) -> None:
         self.requests.labels(model, protocol, status).inc()

@@ -14,7 +14,7 @@ from serve_apps.engines.types import EngineError, GenerationRequest
 from serve_apps.gateway.body import parse
 from serve_apps.gateway.errors import ApiError
 from serve_apps.gateway.service import GatewayService, new_request_id
-from serve_apps.gateway.streaming import prime, sse_response
+from serve_apps.gateway.streaming import sse_response
 from serve_apps.protocols import openai_convert as convert
 from serve_apps.protocols.common import InvalidRequest
 from serve_apps.protocols.openai_models import (
@@ -60,17 +60,15 @@ def build_openai_router(service: GatewayService, max_body_bytes: int,
             gen = to_generation(body, rid, card)
         except InvalidRequest as exc:
             raise ApiError(400, exc.message, "invalid_request", exc.param) from None
-        ticket = await service.admit(request, principal, card)
-        headers = service.headers(ticket)
+        dispatched = await service.dispatch(request, principal, card, gen, PROTOCOL)
+        headers = service.headers(dispatched.ticket)
         created = int(time.time())
-        chunks = service.metered(ticket, gen, PROTOCOL)
         if body.stream:
             enc = encoder(rid, body.model, created)
-            first = await prime(chunks)
-            return sse_response(first, chunks, enc.start, enc.chunk,
+            return sse_response(dispatched.first, dispatched.chunks, enc.start, enc.chunk,
                                 lambda: enc.finish(include_usage=body.include_usage), error_event, headers)
         try:
-            result = await service.collect_from(chunks)
+            result = await service.collect_from(dispatched)
         except EngineError:
             raise ApiError(502, "The model failed while generating.", "engine_error") from None
         return JSONResponse(respond(result, response_id=rid, model=body.model, created=created), headers=headers)

@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import TypeVar
 
 from starlette.requests import Request
@@ -30,6 +31,7 @@ from serve_apps.engines.types import (
     GenerationChunk,
     GenerationRequest,
     ModelCard,
+    ModelStarting,
     TokenUsage,
 )
 from serve_apps.gateway.errors import ApiError
@@ -42,6 +44,15 @@ T = TypeVar("T")
 DEFAULT_COLD_START_TIMEOUT_S = 600.0
 # After a cold-start timeout the replica keeps starting; this is when to come back.
 COLD_START_RETRY_AFTER_S = 30
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """An admitted generation that has produced its first chunk (None: it produced nothing)."""
+
+    ticket: Ticket
+    first: GenerationChunk | None
+    chunks: AsyncIterator[GenerationChunk]
 
 
 def presented_key(request: Request) -> str | None:
@@ -122,8 +133,10 @@ class GatewayService:
             ready = await _unless_disconnected(request, ensure(card.id, timeout_s))
         finally:
             self.cold_starts_waiting -= 1
-        waited_ms = int((time.monotonic() - started) * 1000)
-        log.info("cold start wait", extra={"model": card.id, "ready": ready, "waited_ms": waited_ms})
+        waited_s = time.monotonic() - started
+        outcome = "client_closed" if ready is None else "ready" if ready else "timeout"
+        self.metrics.cold_start_wait.labels(card.id, outcome).observe(waited_s)
+        log.info("cold start wait", extra={"model": card.id, "ready": ready, "waited_ms": int(waited_s * 1000)})
         if ready is None:
             raise ApiError(499, "client closed the request while the model was starting", "client_closed")
         if not ready:
@@ -171,6 +184,37 @@ class GatewayService:
     def headers(self, ticket: Ticket) -> dict[str, str]:
         return quota_headers(ticket.snapshot, self.unit)
 
+    async def dispatch(self, request: Request, principal: Principal, card: ModelCard, gen: GenerationRequest,
+                       protocol: str) -> Dispatched:
+        """Admit, start the generation and pull its first chunk (an engine failure here is an HTTP error).
+
+        A dispatch that finds the model gone to zero replicas after admission
+        (ModelStarting: its warm flag was up to one watch poll stale) has
+        already been settled as refunded with its slot freed by `metered`;
+        it goes back through `admit`, which now waits out the cold start
+        uncharged, and is dispatched once more.
+        """
+        for attempt in range(2):
+            ticket = await self.admit(request, principal, card)
+            chunks = self.metered(ticket, gen, protocol)
+            try:
+                first: GenerationChunk | None = await chunks.__anext__()
+            except StopAsyncIteration:
+                first = None
+            except ModelStarting:
+                self.metrics.cold_redispatches.labels(card.id).inc()
+                log.info("model at zero replicas after admission; waiting for it uncharged",
+                         extra={"request_id": gen.request_id, "model": card.id, "attempt": attempt})
+                continue
+            except EngineError as exc:
+                log.warning("engine failed before the first token", extra={"error": str(exc)})
+                raise ApiError(502, "The model failed before producing output; this request was not charged.",
+                               "engine_error") from None
+            return Dispatched(ticket, first, chunks)
+        raise ApiError(503, f"The model '{card.id}' went to zero replicas twice while this request was "
+                            f"dispatched; retry in {COLD_START_RETRY_AFTER_S} s.", "model_cold_start_timeout",
+                       headers={"retry-after": str(COLD_START_RETRY_AFTER_S)})
+
     # -- the metered stream ---------------------------------------------------
 
     async def metered(self, ticket: Ticket, request: GenerationRequest,
@@ -217,10 +261,12 @@ class GatewayService:
                 "queued_ms": int(ticket.queued_s * 1000)})
 
     @staticmethod
-    async def collect_from(chunks: AsyncIterator[GenerationChunk]) -> GenerationResult:
+    async def collect_from(dispatched: Dispatched) -> GenerationResult:
         """Fold a whole (metered) generation for a non-streaming response."""
         result = GenerationResult()
-        async for chunk in chunks:
+        if dispatched.first is not None:
+            result.add(dispatched.first)
+        async for chunk in dispatched.chunks:
             result.add(chunk)
         return result
 

