@@ -49,7 +49,14 @@ DEFAULT_MAX_QUEUE = 8
 # A pick that never reached a replica (its caller gave up) stops counting as load after this long.
 PICK_TTL_S = 30.0
 
-Reason = Literal["affinity", "overloaded", "no_match"]
+# Shared mode: a new-to-this-gateway conversation goes to its home replica
+# unless that one has more than this many requests above the least loaded.
+HOME_SLACK = 1
+# The conversation key covers the prompt up to the end of its first user
+# message (a raw prompt: this many characters), which every later turn repeats.
+CONVERSATION_KEY_CHARS = 4096
+
+Reason = Literal["affinity", "overloaded", "no_match", "home"]
 
 
 # -- the key ----------------------------------------------------------------------------------
@@ -82,6 +89,31 @@ def prefix_blocks(text: str, namespace: str, *, block_chars: int = DEFAULT_BLOCK
         prev = h.digest()
         out.append(prev)
     return tuple(out)
+
+
+def conversation_key(request: GenerationRequest) -> bytes:
+    """What every turn of one conversation shares and other conversations do not: the same on every gateway.
+
+    Tools, then the messages up to and including the first user message (a
+    system prompt alone is shared by many conversations); a raw prompt's
+    first CONVERSATION_KEY_CHARS characters.
+    """
+    if request.prompt is not None:
+        head = request.prompt[:CONVERSATION_KEY_CHARS]
+    else:
+        first_user = next((i for i, m in enumerate(request.messages) if m.role == "user"), len(request.messages) - 1)
+        head = prefix_text(GenerationRequest(request_id="", model=request.model, sampling=request.sampling,
+                                             messages=request.messages[:first_user + 1], tools=request.tools))
+    return hashlib.blake2b(f"{request.model}\x1e{head}".encode(), digest_size=16).digest()
+
+
+def home_rank(key: bytes, replica: str) -> bytes:
+    """Rendezvous (highest random weight) hashing: the replica with the highest rank is the key's home.
+
+    Every gateway computes the same ranks from the same replica set, and a
+    replica joining or leaving moves only the keys whose home it is.
+    """
+    return hashlib.blake2b(key + replica.encode(), digest_size=8).digest()
 
 
 def request_blocks(request: GenerationRequest, *, block_chars: int = DEFAULT_BLOCK_CHARS,
@@ -156,6 +188,7 @@ class Candidate:
     continues: bool = False  # those blocks end where a prompt sent there ended (see PrefixTable)
     held: int = 0  # blocks it holds in all: spreads new conversations
     last_routed: int = 0  # sequence number of the last request sent there (0 = never)
+    rank: bytes = b""  # shared mode: `home_rank` of this request's conversation here (b"": not shared)
 
 
 @dataclass(frozen=True)
@@ -188,6 +221,12 @@ def choose(candidates: Sequence[Candidate], max_queue: int) -> Choice:
       conversations, from which it diverges) prefers nobody: otherwise the
       first replica to see a shared prompt would attract every new
       conversation until its queue overflowed.
+    - Shared mode (candidates carry a `rank`: several gateways route to
+      these replicas, each with its own table): a conversation this gateway
+      has not seen goes to its home replica, the highest `rank`, while that
+      one is within HOME_SLACK requests of the least loaded and at most
+      `max_queue` ("home"). Every gateway picks the same home, so a
+      conversation whose turns land on different gateways stays together.
     - Otherwise the least-loaded replica (`reason` says why: "overloaded" when
       the preferred one was over `max_queue`, "no_match" when none was
       preferred), ties broken as in `_relieve_key` and `_spread_key`.
@@ -199,6 +238,11 @@ def choose(candidates: Sequence[Candidate], max_queue: int) -> Choice:
         raise ValueError("max_queue must be >= 0")
     continuing = [c for c in candidates if c.continues and c.matched > 0]
     if not continuing:
+        if all(c.rank for c in candidates):
+            home = max(candidates, key=lambda c: (c.rank, c.replica))
+            least = min(c.queue_len for c in candidates)
+            if home.queue_len <= min(least + HOME_SLACK, max_queue):
+                return Choice(home.replica, "home")
         return Choice(min(candidates, key=_spread_key).replica, "no_match")
     preferred = min(continuing, key=lambda c: (-c.matched, c.queue_len, c.held, c.last_routed, c.replica))
     if preferred.queue_len <= max_queue:
@@ -228,9 +272,12 @@ class PrefixAffinityRouter(RequestRouter):
     least-loaded replica.
 
     State is per router instance, i.e. per gateway replica: each gateway learns
-    its own table from the requests it routes. With several gateways a
-    conversation still sticks as long as its turns reach the same gateway;
-    otherwise it costs cache hits, never correctness.
+    its own table from the requests it routes. With several gateway replicas
+    (`shared=True`, set when the gateway can have more than one) a
+    conversation this gateway has not seen goes to its rendezvous-hashed
+    home replica, which every gateway agrees on, so its turns meet again
+    wherever HAProxy sends them. A wrong guess costs cache hits, never
+    correctness.
 
     Ray runs `choose_replicas` for a burst of requests before any of them is
     sent, so its queue-length cache does not yet count the burst. The router
@@ -243,8 +290,9 @@ class PrefixAffinityRouter(RequestRouter):
     # the deployment config fails when the router starts instead of being ignored.
     def initialize_state(self, max_queue: int = DEFAULT_MAX_QUEUE,  # type: ignore[override]
                          block_chars: int = DEFAULT_BLOCK_CHARS, max_blocks: int = DEFAULT_MAX_BLOCKS,
-                         table_blocks: int = DEFAULT_TABLE_BLOCKS) -> None:
+                         table_blocks: int = DEFAULT_TABLE_BLOCKS, shared: bool = False) -> None:
         self._max_queue = int(max_queue)
+        self._shared = bool(shared)
         self._block_chars = int(block_chars)
         self._max_blocks = int(max_blocks)
         self._table = PrefixTable(int(table_blocks))
@@ -263,19 +311,22 @@ class PrefixAffinityRouter(RequestRouter):
         if not candidate_replicas:
             return []
         blocks = self._blocks(pending_request)
+        request = _generation_request(pending_request)
+        key = conversation_key(request) if self._shared and request is not None else None
         queue_lens: Mapping[ReplicaID, int | None] = {
             r.replica_id: self.replica_queue_len_cache.get(r.replica_id) for r in candidate_replicas}
         picked = self._unconfirmed()
         by_key: dict[str, RunningReplica] = {}
         candidates: list[Candidate] = []
         for r in candidate_replicas:
-            key = r.replica_id.unique_id
-            by_key[key] = r
+            rid = r.replica_id.unique_id
+            by_key[rid] = r
             # An unknown queue length (no traffic for the cache's 10 s) means
             # an idle replica in practice; Ray probes it before sending anyway.
-            matched, continues = self._table.lookup(key, blocks)
-            candidates.append(Candidate(key, (queue_lens[r.replica_id] or 0) + picked[key], matched, continues,
-                                        self._table.held(key), self._last_routed.get(key, 0)))
+            matched, continues = self._table.lookup(rid, blocks)
+            candidates.append(Candidate(rid, (queue_lens[r.replica_id] or 0) + picked[rid], matched, continues,
+                                        self._table.held(rid), self._last_routed.get(rid, 0),
+                                        home_rank(key, rid) if key is not None else b""))
         choice = choose(candidates, self._max_queue)
         self._note(pending_request, choice.replica, blocks)
         chosen = by_key[choice.replica]

@@ -151,7 +151,10 @@ def plan(config: AppConfig) -> list[DeploymentPlan]:
             name=name, model_id=m.id, kind=m.kind, served_ids=tuple(s.id for s in served), engine=config.engine,
             autoscaling_config=autoscaling_config(m.autoscaling), ray_actor_options=ray_actor_options(m.resources),
             max_ongoing_requests=m.max_ongoing_requests, engine_args=_engine_args(config, m, served[1:]),
-            routing=routing, router_kwargs={"max_queue": m.affinity_max_queue} if routing == "affinity" else {}))
+            routing=routing, router_kwargs=(
+                # Several gateway replicas each learn their own table: route unseen conversations to a shared home.
+                {"max_queue": m.affinity_max_queue, "shared": config.gateway.autoscaling.max_replicas > 1}
+                if routing == "affinity" else {})))
     return plans
 
 

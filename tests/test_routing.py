@@ -10,7 +10,18 @@ import pytest
 from serve_apps.config import AppConfig
 from serve_apps.engines.sim import SIM_LARGE, SimulatedEngine
 from serve_apps.engines.types import ChatMessage, GenerationRequest, SamplingParams, ToolSpec
-from serve_apps.routing import Candidate, Choice, PrefixTable, choose, prefix_blocks, prefix_text, request_blocks
+from serve_apps.routing import (
+    HOME_SLACK,
+    Candidate,
+    Choice,
+    PrefixTable,
+    choose,
+    conversation_key,
+    home_rank,
+    prefix_blocks,
+    prefix_text,
+    request_blocks,
+)
 from serve_apps.serving_plan import plan
 
 C = Candidate
@@ -158,6 +169,55 @@ def test_table_as_the_router_uses_it_keeps_conversations_apart_and_balanced() ->
     assert per_replica == [4, 4]
 
 
+def test_shared_mode_sends_unseen_conversations_home_within_the_slack() -> None:
+    hi, lo = b"\xff", b"\x01"
+    # Unseen conversation: the highest rank wins while it is within HOME_SLACK of the least loaded.
+    assert choose([C("a", 0, rank=lo), C("b", HOME_SLACK, rank=hi)], 8) == Choice("b", "home")
+    assert choose([C("a", 0, rank=lo), C("b", HOME_SLACK + 1, rank=hi)], 8) == Choice("a", "no_match")
+    assert choose([C("a", 5, rank=lo), C("b", 5, rank=hi)], 4) == Choice("a", "no_match")  # home over max_queue
+    # What this gateway knows (a continuation) still beats the guess.
+    assert choose([C("a", 0, matched=4, continues=True, rank=lo), C("b", 0, rank=hi)], 8) == Choice("a", "affinity")
+    # Without ranks (one gateway replica) nothing changes.
+    assert choose([C("a", 0, held=10), C("b", 0, held=40)], 8) == Choice("a", "no_match")
+
+
+def test_conversation_key_is_stable_across_turns_and_apart_across_conversations() -> None:
+    system = ("system", "You are a careful assistant. " * 20)
+    one = [system, ("user", "conversation one")]
+    two = [system, ("user", "conversation two")]
+    assert conversation_key(chat(*one)) == conversation_key(chat(*one, ("assistant", "a"), ("user", "more")))
+    assert conversation_key(chat(*one)) != conversation_key(chat(*two))
+    # A shared system prompt alone is not a conversation: the first user message is part of the key.
+    assert conversation_key(chat(system, ("user", "x"))) != conversation_key(chat(system, ("user", "y")))
+
+
+def test_several_gateways_keep_a_conversation_on_one_replica_in_shared_mode() -> None:
+    """Four gateways, each with its own table, take turns in rotation (as HAProxy spreads requests)."""
+    replicas = ("r1", "r2")
+    tables = [PrefixTable() for _ in range(4)]
+    placed: dict[int, list[str]] = {}
+    load = dict.fromkeys(replicas, 0)
+    histories = {c: [("system", "Shared system prompt for every conversation. " * 4),
+                     ("user", f"conversation {c} is about topic {c}. " * 3)] for c in range(16)}
+    n = 0
+    for _turn in range(4):
+        for c, history in histories.items():
+            table = tables[n % len(tables)]  # a different gateway than the conversation's previous turn
+            n += 1
+            request = chat(*history)
+            blocks, key = request_blocks(request), conversation_key(request)
+            candidates = [C(r, load[r], *table.lookup(r, blocks), table.held(r), rank=home_rank(key, r))
+                          for r in replicas]
+            replica = choose(candidates, 8).replica
+            table.record(replica, blocks)
+            placed.setdefault(c, []).append(replica)
+            history += [("assistant", f"answer for {c}. " * 4), ("user", f"follow-up {c}. " * 3)]
+    assert all(len(set(turns)) == 1 for turns in placed.values()), placed
+    homes = [turns[0] for turns in placed.values()]
+    # Homes are a hash: 16 conversations split about evenly (fixed keys, so a fixed split; 8/8 ± 4 allowed).
+    assert min(homes.count(r) for r in replicas) >= 4, homes
+
+
 # -- the wiring -------------------------------------------------------------------------------
 
 def test_plan_routes_chat_models_by_affinity_by_default() -> None:
@@ -166,10 +226,14 @@ def test_plan_routes_chat_models_by_affinity_by_default() -> None:
         {"id": "hf:packserve/sim-small", "routing": "default"},
         {"id": "hf:packserve/sim-embed", "kind": "embeddings", "size_class": "unmetered"}]})
     plans = {p.model_id: p for p in plan(config)}
-    assert plans[SIM_LARGE].routing == "affinity" and plans[SIM_LARGE].router_kwargs == {"max_queue": 3}
+    assert plans[SIM_LARGE].routing == "affinity"
+    assert plans[SIM_LARGE].router_kwargs == {"max_queue": 3, "shared": False}  # one gateway replica
     assert plans["hf:packserve/sim-small"].routing == "default"
     assert plans["hf:packserve/sim-embed"].routing == "default"  # embeddings have no prefix cache
     assert plans[SIM_LARGE].describe()["routing"] == "affinity"
+    several = config.model_copy(update={"gateway": config.gateway.model_copy(update={
+        "autoscaling": config.gateway.autoscaling.model_copy(update={"max_replicas": 4})})})
+    assert {p.model_id: p for p in plan(several)}[SIM_LARGE].router_kwargs["shared"] is True
 
 
 def test_cold_start_timeout_per_model_falls_back_to_base_then_gateway() -> None:
