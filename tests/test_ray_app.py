@@ -258,3 +258,14 @@ def test_client_disconnect_aborts_generation_in_the_model_deployment(ray_app: Ra
                 raise
             time.sleep(0.05)
     assert reply.choices[0].message.content is not None
+
+
+def test_the_http_port_is_served_by_this_nodes_haproxy(ray_app: RayApp) -> None:
+    """Ray Serve's HAProxy ingress is on (ray_env), and `ray_env.stop_haproxy` can find it by node id."""
+    import ray
+
+    from serve_apps import ray_env
+
+    node_id = ray.get_runtime_context().get_node_id()
+    assert ray_env.haproxy_pids(node_id), "no HAProxy for this Ray node: is RAY_SERVE_ENABLE_HA_PROXY set?"
+    assert httpx.get(f"{ray_app.base_url}/health", timeout=10).status_code == 200

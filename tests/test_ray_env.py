@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from serve_apps import ray_env
 
 
@@ -19,29 +21,32 @@ def test_ray_env_is_the_throughput_mode_unless_the_operator_says_otherwise() -> 
     assert ray_env.node_env({"RAY_worker_niceness": "15"}) == {"RAY_worker_niceness": "15"}
 
 
-def test_shutdown_stops_haproxy_processes_started_since_and_only_those() -> None:
-    # Stand-ins: processes whose command line names the HAProxy binary Ray Serve runs.
-    def fake_haproxy() -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                                 f"/x/site-packages/{ray_env.HAPROXY_MARK}"])
+def test_haproxy_clean_up_stops_only_its_own_nodes_processes() -> None:
+    """Stand-ins for two local Rays' HAProxy processes; the clean-up of one leaves the other alone.
 
-    older = fake_haproxy()
-    newer: subprocess.Popen[bytes] | None = None
+    Only `stop_haproxy` is called: `shutdown_local` would also shut down the
+    test session's own Ray if one is running in this process.
+    """
+    mine, theirs = "a" * 56, "b" * 56  # Ray node ids are 56 hex characters
+
+    def fake_haproxy(node_id: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                 f"/x/site-packages/{ray_env.HAPROXY_MARK}",
+                                 f"/tmp/haproxy-serve/{node_id}/haproxy.cfg"])
+
+    procs = [fake_haproxy(mine), fake_haproxy(theirs)]
     try:
         deadline = time.monotonic() + 10
-        while older.pid not in ray_env.haproxy_pids():
+        while not {p.pid for p in procs} <= ray_env.haproxy_pids():
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        before = ray_env.haproxy_pids()
-        newer = fake_haproxy()
-        while newer.pid not in ray_env.haproxy_pids():
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        ray_env.shutdown_local(before)  # Ray is not running here: only the clean-up acts
-        assert newer.wait(timeout=10) != 0
-        assert older.poll() is None
+        assert ray_env.haproxy_pids(mine) == {procs[0].pid}
+        assert ray_env.stop_haproxy(mine) == {procs[0].pid}
+        assert procs[0].wait(timeout=10) != 0
+        assert procs[1].poll() is None
+        with pytest.raises(ValueError):
+            ray_env.stop_haproxy("")
     finally:
-        for proc in (older, newer):
-            if proc is not None:
-                proc.kill()
-                proc.wait()
+        for proc in procs:
+            proc.kill()
+            proc.wait()
