@@ -249,6 +249,9 @@ class DeploymentEngine:
         scale-down to zero would sit in Ray's queue for a whole cold start
         holding a concurrency slot. Seeing zero replicas here hands it back.
         """
+        if self._replicas is None:
+            # No replica counts to check (a handle used without a ReplicaWatch): no polling task either.
+            return await remote.__anext__()
         nxt: asyncio.Future[GenerationChunk] = asyncio.ensure_future(remote.__anext__())
         try:
             while True:

@@ -11,10 +11,9 @@ replicas yield each chunk as it is produced (Ray Serve core has no
 time-based stream batching; the 50 ms `stream_batching_interval_ms` belongs
 to Ray Serve *LLM*, which packserve does not use), and `max_ongoing_requests`
 is sized per deployment instead of Ray's default of 5, which would queue the
-6th concurrent stream at the proxy. The process-level switches of
-RAY_SERVE_THROUGHPUT_OPTIMIZED (user code and router on the main loop,
-buffered request logs) were measured and showed no gain on a 2-core machine,
-so they are not set.
+6th concurrent stream at the proxy. Ray itself runs in the mode of
+`serve_apps.ray_env` (engines at nice 0, HAProxy ingress, gRPC between
+deployments), which is why the gateway makes its own model handles.
 """
 
 from __future__ import annotations

