@@ -14,6 +14,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from serve_apps.ray_env import free_port
+
+__all__ = ["emit_json", "free_port", "machine", "percentile", "print_table", "redis_server"]
+
 
 def percentile(values: Sequence[float], q: float) -> float:
     if not values:
@@ -42,12 +46,6 @@ def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[st
 def emit_json(figures: dict[str, Any]) -> None:
     """SPEC §5: with --json, one JSON object of the same figures on the last line."""
     print(json.dumps(figures, separators=(",", ":")))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager

@@ -3,8 +3,8 @@
 Rerun (from the repository root; the first run converts the embedded models, ~30 s):
 
     .venv/bin/python bench/serving.py [--json]
-    .venv/bin/python bench/serving.py --concurrency 1,4,16 --requests-per-stream 2 --min-requests 8 \\
-        --max-tokens 64 [--data-dir DIR] [--json]
+    .venv/bin/python bench/serving.py --concurrency 1,4,16 --requests-per-stream 4 --min-requests 8 \\
+        --max-tokens 64 --rounds 2 [--data-dir DIR] [--json]
 
 Both targets serve the embedded SmolLM2-135M-Instruct (the `builtin:` model
 of serve_apps/configs/local.yaml) on CPU with the same engine settings
@@ -12,7 +12,8 @@ of serve_apps/configs/local.yaml) on CPU with the same engine settings
 caching on), one after the other, never both at once (a 2-core machine
 cannot hold two engines without each slowing the other):
 
-(a) packserve  `build_app(local.yaml)` on Ray Serve started in this process,
+(a) packserve  `build_app(local.yaml)` with its chat model alone (see
+               `packserve_config`) on Ray Serve started in this process,
                Redis started here (bench/common.py `redis_server()`): Ray
                Serve's HTTP proxy → the gateway deployment (API key auth,
                admission against Redis, metering) → the model deployment's
@@ -28,8 +29,14 @@ cannot hold two engines without each slowing the other):
                when local.yaml enables it) plus
                `--enable-prompt-tokens-details`.
 
-local.yaml's LoRA adapters are left out of (a): they are trained at catalog
-build time (minutes of CPU), and the comparison is about the base model.
+Each round measures both targets, one after the other; the order alternates
+between rounds, and every figure pools the samples of all rounds (a level's
+throughput is its tokens over its wall time, summed over rounds; the
+per-round figures are printed beside it). One round of a few dozen requests
+moves by about ±5%, and at 16 streams the TTFT of a request depends on which
+engine step it lands in (closed-loop streams drift apart, so first tokens
+cluster around step boundaries ~400 ms apart): a p50 over two rounds is
+much steadier than over one.
 
 Every level sends the same requests to both, in the same order: chat
 completions with `stream: true` and `stream_options.include_usage`,
@@ -113,7 +120,10 @@ async def run_level(client: httpx.AsyncClient, target: Target, streams: int, req
     return samples, time.perf_counter() - started
 
 
-def summarize(target: str, streams: int, samples: list[Sample], wall_s: float) -> dict[str, Any]:
+def summarize(target: str, streams: int, levels: Sequence[tuple[list[Sample], float]]) -> dict[str, Any]:
+    """One row from every round of one (target, streams) level: samples pooled, throughput over all walls."""
+    samples = [s for level, _ in levels for s in level]
+    wall_s = sum(wall for _, wall in levels)
     good = [s for s in samples if s.ok]
     ttft = [s.ttft_s * 1000 for s in good]
     decoded = [s for s in good if s.tokens > 1]
@@ -123,11 +133,15 @@ def summarize(target: str, streams: int, samples: list[Sample], wall_s: float) -
     row: dict[str, Any] = {
         "target": target,
         "streams": streams,
+        "rounds": len(levels),
         "requests": len(samples),
         "errors": len(errors),
         "ttft_p50_ms": round(percentile(ttft, 50), 1),
+        "ttft_mean_ms": round(sum(ttft) / len(ttft), 1) if ttft else float("nan"),
         "ttft_p99_ms": round(percentile(ttft, 99), 1),
         "output_tok_s": round(tokens / wall_s, 1) if wall_s > 0 else float("nan"),
+        # Per round, to show how much one run moves.
+        "round_tok_s": [round(sum(s.tokens for s in level if s.ok) / wall, 1) for level, wall in levels if wall > 0],
         # What one client sees while its answer streams (sum of tokens / sum of decode times).
         "tok_s_per_stream": round(sum(s.tokens - 1 for s in decoded) / decode_s, 1) if decode_s > 0 else float("nan"),
         "mean_output_tokens": round(tokens / len(good), 1) if good else 0.0,
@@ -137,8 +151,12 @@ def summarize(target: str, streams: int, samples: list[Sample], wall_s: float) -
     return row
 
 
-async def measure(name: str, target: Target, levels: Sequence[int], args: argparse.Namespace) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+Levels = dict[int, tuple[list[Sample], float]]
+
+
+async def measure(name: str, target: Target, levels: Sequence[int], args: argparse.Namespace) -> Levels:
+    """Each level's samples and wall time, after one warm-up request."""
+    out: Levels = {}
     limits = httpx.Limits(max_connections=max(levels) * 2, max_keepalive_connections=max(levels) * 2)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         log(f"{name}: warm-up request")
@@ -151,22 +169,26 @@ async def measure(name: str, target: Target, levels: Sequence[int], args: argpar
             requests = max(args.min_requests, streams * args.requests_per_stream)
             log(f"{name}: {streams} concurrent streams, {requests} requests of {args.max_tokens} tokens")
             samples, wall = await run_level(client, target, streams, requests, args.max_tokens)
-            row = summarize(name, streams, samples, wall)
+            out[streams] = (samples, wall)
+            row = summarize(name, streams, [(samples, wall)])
             log(f"{name}: {streams} streams: TTFT p50 {row['ttft_p50_ms']} ms, "
                 f"{row['output_tok_s']} output tokens/s, {row['errors']} errors")
-            rows.append(row)
-    return rows
+    return out
 
 
 # ----------------------------------------------------------------- targets
 
 
-def packserve_config(model_data_dir: Path, redis_url: str, port: int) -> Any:
-    """local.yaml with a Redis store, this run's port, no demo account and no LoRA adapters.
+def packserve_config(model_data_dir: Path, redis_url: str, port: int, with_embeddings: bool = False) -> Any:
+    """local.yaml with a Redis store, this run's port, no demo account, and the measured chat model alone.
 
-    The adapters are trained at catalog build time (minutes of CPU) and are not
-    what is measured; the base model keeps local.yaml's engine settings, which
-    `vllm_args` passes to vLLM's own server as well.
+    Both targets serve the same one model: vLLM's server gets neither the
+    LoRA adapters (trained at catalog build time, minutes of CPU) nor the
+    embeddings model, so packserve does not deploy them either (an idle
+    embeddings replica with its vLLM engine costs ~0.3 CPU-s per 30 s on
+    its own, bench/RESULTS.md); `with_embeddings` deploys it anyway, as
+    `make run` does. The chat model keeps local.yaml's engine settings,
+    which `vllm_args` passes to vLLM's own server as well.
     """
     from serve_apps.config import AppConfig, load_config
 
@@ -174,7 +196,8 @@ def packserve_config(model_data_dir: Path, redis_url: str, port: int) -> Any:
     raw["store"] = {"redis_url": redis_url, "data_dir": str(model_data_dir)}
     raw["gateway"]["port"] = port
     raw["demo_account"] = False
-    raw["models"] = [m for m in raw["models"] if m["kind"] != "lora"]
+    kinds = ("chat", "embeddings") if with_embeddings else ("chat",)
+    raw["models"] = [m for m in raw["models"] if m["kind"] in kinds]
     return AppConfig.model_validate(raw)
 
 
@@ -199,7 +222,7 @@ def vllm_args(model_id: str) -> tuple[list[str], dict[str, str]]:
 
 
 @contextmanager
-def packserve(data_dir: Path, redis_url: str, streams: int) -> Iterator[Target]:
+def packserve(data_dir: Path, redis_url: str, streams: int, with_embeddings: bool = False) -> Iterator[Target]:
     """build_app(local.yaml) on a Ray started here; Ray and Serve are stopped on the way out."""
     from ray import serve
 
@@ -210,7 +233,7 @@ def packserve(data_dir: Path, redis_url: str, streams: int) -> Iterator[Target]:
 
     port = free_port()
     admin_token = secrets.token_urlsafe(16)
-    config = packserve_config(data_dir, redis_url, port)
+    config = packserve_config(data_dir, redis_url, port, with_embeddings)
     log(f"packserve: starting Ray ({os.cpu_count()} CPUs) and Serve on port {port}")
     started = time.monotonic()
     local_ray = ray_env.init_local(include_dashboard=False, log_to_driver=False)
@@ -270,7 +293,7 @@ def vllm_server(model_dir: Path, model_id: str) -> Iterator[Target]:
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per level: packserve's throughput as a share of vLLM's, and the TTFT packserve adds at p50."""
+    """Per level: packserve's throughput as a share of vLLM's, and the TTFT packserve adds (p50 and mean)."""
     by = {(r["target"], r["streams"]): r for r in rows}
     out: list[dict[str, Any]] = []
     for (target, streams), ours in sorted(by.items(), key=lambda kv: kv[0][1]):
@@ -278,17 +301,49 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if target != "packserve" or theirs is None:
             continue
         share = ours["output_tok_s"] / theirs["output_tok_s"] if theirs["output_tok_s"] else float("nan")
-        out.append({"streams": streams, "throughput_ratio": round(share, 3),
-                    "added_ttft_p50_ms": round(ours["ttft_p50_ms"] - theirs["ttft_p50_ms"], 1)})
+        per_round = [round(a / b, 3) for a, b in zip(ours["round_tok_s"], theirs["round_tok_s"], strict=False) if b]
+        out.append({"streams": streams, "throughput_ratio": round(share, 3), "round_ratios": per_round,
+                    "added_ttft_p50_ms": round(ours["ttft_p50_ms"] - theirs["ttft_p50_ms"], 1),
+                    "added_ttft_mean_ms": round(ours["ttft_mean_ms"] - theirs["ttft_mean_ms"], 1)})
     return out
+
+
+def run_rounds(args: argparse.Namespace, levels: list[int], data_dir: Path, model_dir: Path) -> list[dict[str, Any]]:
+    """`args.rounds` rounds, each measuring both targets; the order alternates so neither always goes first."""
+    from serve_apps.catalog_build import SMOLLM_ID
+
+    results: dict[tuple[str, int], list[tuple[list[Sample], float]]] = {}
+
+    def keep(name: str, measured: Levels) -> None:
+        for streams, level in measured.items():
+            results.setdefault((name, streams), []).append(level)
+
+    with redis_server() as redis_url:
+        for n in range(args.rounds):
+            order = ("packserve", "vllm") if n % 2 == 0 else ("vllm", "packserve")
+            log(f"round {n + 1} of {args.rounds}: {order[0]} first")
+            for name in order:
+                if name == "packserve":
+                    with packserve(data_dir, redis_url, max(levels), args.with_embeddings) as target:
+                        keep(name, asyncio.run(measure(name, target, levels, args)))
+                else:
+                    with vllm_server(model_dir, SMOLLM_ID) as target:
+                        keep(name, asyncio.run(measure(name, target, levels, args)))
+    rows = [summarize(name, streams, measured) for (name, streams), measured in results.items()]
+    rows.sort(key=lambda r: (r["streams"], r["target"] != "vllm"))
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", default="1,4,16", help="comma-separated stream counts")
-    parser.add_argument("--requests-per-stream", type=int, default=2)
+    parser.add_argument("--requests-per-stream", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="measure both targets this many times (order alternating) and pool the samples")
     parser.add_argument("--min-requests", type=int, default=8, help="at least this many requests per level")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--with-embeddings", action="store_true",
+                        help="packserve also deploys local.yaml's embeddings model, as `make run` does")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="where the embedded models are built (default: PACKSERVE_DATA_DIR or ~/.local/share)")
     parser.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
@@ -304,25 +359,21 @@ def main() -> None:
     model_dir = build_catalog(data_dir, progress=True, models=needed)[SMOLLM_ID]
     load_before = uptime()
     log(f"uptime before: {load_before}")
-    rows: list[dict[str, Any]] = []
-    with redis_server() as redis_url, packserve(data_dir, redis_url, max(levels)) as target:
-        rows += asyncio.run(measure("packserve", target, levels, args))
-    with vllm_server(model_dir, SMOLLM_ID) as target:
-        rows += asyncio.run(measure("vllm", target, levels, args))
+    rows = run_rounds(args, levels, data_dir, model_dir)
     load_after = uptime()
     log(f"uptime after: {load_after}")
 
-    rows.sort(key=lambda r: (r["streams"], r["target"] != "vllm"))
     print_table(f"Serving SmolLM2-135M-Instruct on CPU ({machine()}), {args.max_tokens} output tokens per request",
-                rows, ["target", "streams", "requests", "errors", "ttft_p50_ms", "ttft_p99_ms", "output_tok_s",
-                       "tok_s_per_stream", "mean_output_tokens"])
+                rows, ["target", "streams", "rounds", "requests", "errors", "ttft_p50_ms", "ttft_mean_ms",
+                       "ttft_p99_ms", "output_tok_s", "round_tok_s", "tok_s_per_stream", "mean_output_tokens"])
     compared = ratios(rows)
     print_table("packserve vs vLLM (targets: throughput ratio >= 0.95, added p50 TTFT < 10 ms)", compared,
-                ["streams", "throughput_ratio", "added_ttft_p50_ms"])
+                ["streams", "throughput_ratio", "round_ratios", "added_ttft_p50_ms", "added_ttft_mean_ms"])
     print(f"\nuptime before: {load_before}\nuptime after:  {load_after}")
     if args.json:
         emit_json({"benchmark": "serving", "date": datetime.now(UTC).isoformat(timespec="seconds"),
-                   "machine": machine(), "model": SMOLLM_ID, "max_tokens": args.max_tokens, "rows": rows,
+                   "machine": machine(), "model": SMOLLM_ID, "max_tokens": args.max_tokens, "rounds": args.rounds,
+                   "with_embeddings": args.with_embeddings, "rows": rows,
                    "ratios": compared, "uptime_before": load_before, "uptime_after": load_after,
                    "targets": {"throughput_ratio_min": 0.95, "added_ttft_p50_ms_max": 10}})
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
 
@@ -25,8 +25,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def setup_logging(level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def setup_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
+    """JSON lines on the process's own stderr (or `stream`).
+
+    `sys.__stderr__`, not `sys.stderr`: in a Ray Serve replica under
+    RAY_SERVE_THROUGHPUT_OPTIMIZED, Serve replaces `sys.stderr` with a stream
+    into its own logger, which buffers 1000 records in memory before writing
+    its file: our lines showed up late, and not at all from a replica that was
+    killed. File descriptor 2 goes to the worker's log file at once (and, with
+    `log_to_driver`, to the `packserve serve` terminal).
+    """
+    handler = logging.StreamHandler(stream or sys.__stderr__ or sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger("packserve")
     root.handlers[:] = [handler]

