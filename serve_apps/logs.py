@@ -18,7 +18,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        out.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        # Underscored attributes are other libraries' bookkeeping (Ray's log
+        # record factory adds `_ray_timestamp_ns` in its workers), not ours.
+        out.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
         if record.exc_info and record.exc_info[0] is not None:
             out["exc_type"] = record.exc_info[0].__name__
             out["exc"] = self.formatException(record.exc_info)

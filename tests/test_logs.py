@@ -32,6 +32,14 @@ def test_json_line_with_extra_fields() -> None:
     assert (line["request_id"], line["ttft_ms"]) == ("r1", 12)
 
 
+def test_other_libraries_underscored_record_attributes_are_left_out() -> None:
+    out = io.StringIO()
+    setup_logging(stream=out)
+    logging.getLogger("packserve.test").info("x", extra={"_ray_timestamp_ns": 1, "model": "m"})
+    line = json.loads(out.getvalue().splitlines()[-1])
+    assert "_ray_timestamp_ns" not in line and line["model"] == "m"
+
+
 def test_bypasses_a_replaced_sys_stderr(monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
     # Ray Serve's throughput mode swaps sys.stderr for a buffered logger stream in replicas.
     swapped = io.StringIO()
