@@ -14,8 +14,9 @@ cannot hold two engines without each slowing the other):
 
 (a) packserve  `build_app(local.yaml)` with its chat model alone (see
                `packserve_config`) on Ray Serve started in this process,
-               Redis started here (bench/common.py `redis_server()`): Ray
-               Serve's HTTP proxy → the gateway deployment (API key auth,
+               Redis started here (bench/common.py `redis_server()`):
+               HAProxy (Ray Serve's throughput mode, serve_apps/ray_env.py)
+               → the gateway deployment (API key auth,
                admission against Redis, metering) → the model deployment's
                `VllmEngine` (vLLM's `AsyncLLM`) through a DeploymentHandle.
                One account per stream (one standard pack: concurrency 2 on
@@ -35,8 +36,9 @@ throughput is its tokens over its wall time, summed over rounds; the
 per-round figures are printed beside it). One round of a few dozen requests
 moves by about ±5%, and at 16 streams the TTFT of a request depends on which
 engine step it lands in (closed-loop streams drift apart, so first tokens
-cluster around step boundaries ~400 ms apart): a p50 over two rounds is
-much steadier than over one.
+cluster around step boundaries ~400 ms apart). Pooling rounds steadies the
+figures, but at 16 streams the p50 TTFT of two-round runs still differed by
+up to ~100 ms (bench/RESULTS.md): compare several runs before concluding.
 
 Every level sends the same requests to both, in the same order: chat
 completions with `stream: true` and `stream_options.include_usage`,
