@@ -14,9 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from serve_apps.ray_env import free_port
-
-__all__ = ["emit_json", "free_port", "machine", "percentile", "print_table", "redis_server"]
+from serve_apps.ray_env import free_port as free_port  # re-exported for the bench scripts
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -16,9 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from serve_apps.ray_env import free_port
-
-__all__ = ["free_port"]  # tests import it from here
+from serve_apps.ray_env import free_port as free_port  # re-exported: tests import it from here
 
 STARTUP_TIMEOUT_S = 10.0
 
