@@ -249,7 +249,8 @@ class DeploymentEngine:
         scale-down to zero would sit in Ray's queue for a whole cold start
         holding a concurrency slot. Seeing zero replicas here hands it back.
         """
-        if self._replicas is None:
+        replicas = self._replicas
+        if replicas is None:
             # No replica counts to check (a handle used without a ReplicaWatch): no polling task either.
             return await remote.__anext__()
         nxt: asyncio.Future[GenerationChunk] = asyncio.ensure_future(remote.__anext__())
@@ -258,7 +259,7 @@ class DeploymentEngine:
                 done, _ = await asyncio.wait({nxt}, timeout=COLD_DISPATCH_CHECK_S)
                 if done:
                     return nxt.result()
-                if self._replicas is not None and self._replicas() == 0:
+                if replicas() == 0:
                     self._confirmed = False
                     raise ModelStarting()
         finally:

@@ -298,10 +298,11 @@ class PrefixAffinityRouter(RequestRouter):
         self._table = PrefixTable(int(table_blocks))
         self._seq = 0
         self._last_routed: dict[str, int] = {}
-        self._picks: dict[str, tuple[str, float]] = {}  # internal request id → (replica, when picked)
+        # internal request id → (replica, when picked, the request's blocks): the blocks are kept so
+        # on_request_routed need not render and hash a long prompt a second time.
+        self._picks: dict[str, tuple[str, float, tuple[bytes, ...]]] = {}
 
-    def _blocks(self, pending: PendingRequest | None) -> tuple[bytes, ...]:
-        request = _generation_request(pending)
+    def _blocks(self, request: GenerationRequest | None) -> tuple[bytes, ...]:
         if request is None:
             return ()
         return request_blocks(request, block_chars=self._block_chars, max_blocks=self._max_blocks)
@@ -310,8 +311,8 @@ class PrefixAffinityRouter(RequestRouter):
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
-        blocks = self._blocks(pending_request)
         request = _generation_request(pending_request)
+        blocks = self._blocks(request)
         key = conversation_key(request) if self._shared and request is not None else None
         queue_lens: Mapping[ReplicaID, int | None] = {
             r.replica_id: self.replica_queue_len_cache.get(r.replica_id) for r in candidate_replicas}
@@ -336,11 +337,11 @@ class PrefixAffinityRouter(RequestRouter):
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         key = replica_id.unique_id
         # Now in Ray's queue-length cache (on_send_request): no longer an unconfirmed pick.
-        self._picks.pop(pending_request.metadata.internal_request_id, None)
+        pick = self._picks.pop(pending_request.metadata.internal_request_id, None)
         # Where it really went (a full first choice sends it to the second rank).
         self._seq += 1
         self._last_routed[key] = self._seq
-        blocks = self._blocks(pending_request)
+        blocks = pick[2] if pick is not None else self._blocks(_generation_request(pending_request))
         if blocks:
             self._table.record(key, blocks)
 
@@ -352,13 +353,13 @@ class PrefixAffinityRouter(RequestRouter):
             self._table.record(replica, blocks)
         if pending is not None:
             # Keyed by request: a retried pick of the same request replaces, never adds.
-            self._picks[pending.metadata.internal_request_id] = (replica, time.monotonic())
+            self._picks[pending.metadata.internal_request_id] = (replica, time.monotonic(), blocks)
 
     def _unconfirmed(self) -> Counter[str]:
         cutoff = time.monotonic() - PICK_TTL_S
-        for rid in [rid for rid, (_, when) in self._picks.items() if when < cutoff]:
+        for rid in [rid for rid, (_, when, _) in self._picks.items() if when < cutoff]:
             del self._picks[rid]
-        return Counter(replica for replica, _ in self._picks.values())
+        return Counter(replica for replica, _, _ in self._picks.values())
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
