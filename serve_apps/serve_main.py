@@ -19,10 +19,11 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -40,6 +41,9 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "local.yaml"
 READY_TIMEOUT_S = 900.0  # a cold vLLM compile on CPU takes minutes
 HEALTH_POLL_S = 0.25
+# What a service manager or a closed terminal sends (systemd, `docker stop`,
+# Kubernetes, `kill`, an ssh session ending).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 class ServeError(Exception):
@@ -220,12 +224,52 @@ def _shutdown(local_ray: str | None) -> None:
             ray.shutdown()
 
 
+def _interrupt_on_stop_signals() -> None:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt, so they stop `serve` the way Ctrl-C does.
+
+    Python's default for both is to die on the spot, without `serve.shutdown()`
+    or `ray.shutdown()`: in-flight requests were cut, and Ray's dashboard and
+    runtime-env agents were left running, reparented to init (~220 MB until
+    reboot). `ray.init` installs its own SIGTERM handler in the driver (it logs
+    a stack and aborts), so this runs again after Ray starts.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.default_int_handler)
+
+
+@contextlib.contextmanager
+def _stop_signals_restored() -> Iterator[None]:
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _ignoring_stop_signals() -> Iterator[None]:
+    """While stopping, a repeated SIGTERM must not cut the shutdown short (a second Ctrl-C still does)."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _load(path: Path | None) -> AppConfig:
     return load_config(path if path is not None else DEFAULT_CONFIG)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     """`packserve serve [--config FILE] [--dry-run]`."""
+    with _stop_signals_restored():
+        _interrupt_on_stop_signals()
+        return _run_serve(args)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
     started = time.monotonic()
     local_ray: str | None = None
     try:
@@ -236,6 +280,7 @@ def run_serve(args: argparse.Namespace) -> int:
         config = _pin_environment(config)
         _build_embedded_catalog(config)
         local_ray = _start_ray(local=True)
+        _interrupt_on_stop_signals()
         _deploy(config, admin_token_from_env())
         deadline = time.monotonic() + READY_TIMEOUT_S
         _wait_healthy(base_url(config), deadline)
@@ -251,7 +296,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
     finally:
         # A second Ctrl-C while stopping leaves the rest to `ray stop`.
-        with contextlib.suppress(KeyboardInterrupt):
+        with contextlib.suppress(KeyboardInterrupt), _ignoring_stop_signals():
             _shutdown(local_ray)
 
 
