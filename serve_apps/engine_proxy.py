@@ -34,6 +34,7 @@ from serve_apps.engines.types import (
     GenerationRequest,
     ModelCard,
     ModelStarting,
+    PromptTooLong,
     ToolSpec,
 )
 
@@ -297,6 +298,8 @@ def _engine_error(exc: BaseException, *, before_first_token: bool) -> BaseExcept
     cause: BaseException = exc
     if isinstance(exc, RayTaskError):
         cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+    if isinstance(cause, PromptTooLong):
+        return PromptTooLong(cause.prompt_tokens, cause.limit)
     if isinstance(cause, EngineError):
         return EngineError(str(cause), before_first_token=cause.before_first_token)
     if isinstance(cause, KeyError):

@@ -391,6 +391,20 @@ def test_typed_errors(gw: LiveGateway, account: tuple[str, str]) -> None:
     assert gw.usage_events(account_id) == []
 
 
+def test_prompt_over_the_context_is_prompt_too_long_and_free(gw: LiveGateway, account: tuple[str, str]) -> None:
+    account_id, key = account
+    text = long_text(33_000, unique("ctx"))  # the sim models' context is 32768 tokens
+    with pytest.raises(anthropic.BadRequestError) as err:
+        client_for(gw, key).messages.create(model=LARGE, max_tokens=5, messages=[{"role": "user", "content": text}])
+    error = body_of(err.value)["error"]
+    assert error["type"] == "invalid_request_error"
+    # The wording Claude-Code-style agents match to compact their history.
+    tokens = len(prompt_tokens([ChatMessage("user", text)]))
+    assert error["message"] == f"prompt is too long: {tokens} tokens > 32768 maximum"
+    assert [e["status"] for e in wait_events(gw, account_id, 1)] == ["refunded"]
+    assert bars(gw, key) == (500, "$24.00")
+
+
 def test_suspended_account_is_permission_denied(gw: LiveGateway, account: tuple[str, str]) -> None:
     account_id, key = account
     assert gw.admin.post(f"/admin/v1/accounts/{account_id}/suspend").status_code == 200

@@ -419,6 +419,29 @@ def test_bad_requests_are_bad_request_errors_and_free(gw: LiveGateway, account: 
     assert gw.usage_events(account_id) == []
 
 
+def test_prompt_over_the_context_is_context_length_exceeded_and_free(gw: LiveGateway,
+                                                                     account: tuple[str, str]) -> None:
+    account_id, key = account
+    client = client_for(gw, key)
+    text = long_text(33_000, unique("ctx"))  # the sim models' context is 32768 tokens
+    chat_tokens = len(prompt_tokens([ChatMessage("user", text)]))
+    # Streaming too: the error comes before the stream starts, as an HTTP 400.
+    with pytest.raises(openai.BadRequestError) as chat:
+        client.chat.completions.create(model=LARGE, messages=[{"role": "user", "content": text}], stream=True)
+    assert (chat.value.code, chat.value.param) == ("context_length_exceeded", "messages")
+    assert chat.value.message.endswith(f"This model's maximum context length is 32768 tokens. However, your messages "
+                                  f"resulted in {chat_tokens} tokens. Please reduce the length of the messages.")
+    with pytest.raises(openai.BadRequestError) as completion:
+        client.completions.create(model=LARGE, prompt=text)
+    assert (completion.value.code, completion.value.param) == ("context_length_exceeded", "prompt")
+    assert f"your prompt resulted in {len(tokenize(text))} tokens" in completion.value.message
+    # Admitted, then refunded: no charge, and the concurrency slot is back.
+    events = wait_events(gw, account_id, 2)
+    assert [(e["status"], e["cost_pico"]) for e in events] == [("refunded", 0), ("refunded", 0)]
+    assert bars(gw, key) == (500, "$24.00")
+    assert client.chat.completions.create(model=LARGE, messages=[{"role": "user", "content": "hi"}]).choices
+
+
 def test_suspended_account_is_permission_denied(gw: LiveGateway, account: tuple[str, str]) -> None:
     account_id, key = account
     client = client_for(gw, key)

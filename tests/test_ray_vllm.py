@@ -190,6 +190,21 @@ def test_embedding(vllm_app: VllmApp) -> None:
     assert result.data[0].embedding != result.data[1].embedding
 
 
+def test_prompt_over_the_context_is_a_400_in_each_api(vllm_app: VllmApp) -> None:
+    key = vllm_app.new_key()
+    text = "lighthouse " * 3000  # > 2048 tokens, local.yaml's max_model_len
+    with pytest.raises(openai.BadRequestError) as chat:
+        vllm_app.openai(key).chat.completions.create(
+            model=SMOLLM_ID, messages=[{"role": "user", "content": text}], max_tokens=4, stream=True)
+    assert chat.value.code == "context_length_exceeded"
+    assert "maximum context length is 2048 tokens" in chat.value.message
+    with pytest.raises(anthropic.BadRequestError) as message:
+        vllm_app.anthropic(key).messages.create(model=SMOLLM_ID, max_tokens=4,
+                                                messages=[{"role": "user", "content": text}])
+    assert message.value.status_code == 400 and "prompt is too long: " in message.value.message
+    assert "tokens > 2048 maximum" in message.value.message
+
+
 def test_429_when_the_request_bar_is_empty(vllm_app: VllmApp) -> None:
     client = vllm_app.openai(vllm_app.new_key())
     for _ in range(REQUESTS_PER_STANDARD_PACK // CHAT_WEIGHT):

@@ -29,6 +29,7 @@ from serve_apps.engines.types import (
     GenerationChunk,
     GenerationRequest,
     ModelCard,
+    PromptTooLong,
     TokenUsage,
     ToolCall,
     ToolSpec,
@@ -275,7 +276,7 @@ class SimulatedEngine:
             self._abort_requested.add(request_id)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        self._card(request.model, "chat")
+        card = self._card(request.model, "chat")
         await self.start()
         rid = request.request_id
         prompt_text = self._prompt_text(request)
@@ -284,6 +285,8 @@ class SimulatedEngine:
             raise EngineError("simulated failure before the first token", before_first_token=True)
 
         prompt_tokens = tokenize(prompt_text)
+        if len(prompt_tokens) > card.context_length:
+            raise PromptTooLong(len(prompt_tokens), card.context_length)
         cached = self.cache.lookup_and_insert(request.model, prompt_tokens)
         plan = _plan_output(request, prompt_tokens, last_user)
 

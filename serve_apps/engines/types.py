@@ -138,6 +138,24 @@ def _rebuild_engine_error(cls: type[EngineError], message: str, before_first_tok
     return cls(message, before_first_token=before_first_token)
 
 
+class PromptTooLong(EngineError):
+    """The prompt does not fit the model's context: the client's error (a 400), nothing ran, never charged.
+
+    Coding agents watch for exactly this answer to compact their history
+    (OpenAI's `context_length_exceeded`, Anthropic's "prompt is too long"); a
+    502 made them retry the same oversized prompt.
+    """
+
+    def __init__(self, prompt_tokens: int, limit: int) -> None:
+        super().__init__(f"the prompt is {prompt_tokens} tokens, more than the model's context of {limit}",
+                         before_first_token=True)
+        self.prompt_tokens = prompt_tokens
+        self.limit = limit
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PromptTooLong, (self.prompt_tokens, self.limit))
+
+
 class ModelStarting(EngineError):
     """The model's deployment was found at zero replicas after dispatch: nothing ran.
 

@@ -30,6 +30,7 @@ from serve_apps.engines.types import (
     GenerationChunk,
     GenerationRequest,
     ModelCard,
+    PromptTooLong,
     TokenUsage,
     ToolCall,
     ToolSpec,
@@ -290,6 +291,10 @@ class VllmEngine:
             # Chat templates raise on histories they do not accept (e.g. roles
             # that must alternate); nothing was generated, so it is refundable.
             raise EngineError(f"cannot build the prompt: {exc}", before_first_token=True) from exc
+        # vLLM refuses it too, but as a bare ValueError indistinguishable from a crash.
+        limit = engine.model_config.max_model_len
+        if len(prompt_ids) > limit:
+            raise PromptTooLong(len(prompt_ids), limit)
         params = _sampling_params(request, skip_special_tokens=parser.skip_special_tokens)
         rid = request.request_id
         outputs = engine.generate(

@@ -32,6 +32,7 @@ from serve_apps.engines.types import (
     GenerationRequest,
     ModelCard,
     ModelStarting,
+    PromptTooLong,
     TokenUsage,
 )
 from serve_apps.gateway.errors import ApiError
@@ -53,6 +54,16 @@ class Dispatched:
     ticket: Ticket
     first: GenerationChunk | None
     chunks: AsyncIterator[GenerationChunk]
+
+
+def prompt_too_long(exc: PromptTooLong, protocol: str, param: str) -> ApiError:
+    """A 400 worded as each provider words it: coding agents match these texts to compact their history."""
+    if protocol == "anthropic":
+        return ApiError(400, f"prompt is too long: {exc.prompt_tokens} tokens > {exc.limit} maximum",
+                        "context_length_exceeded")
+    return ApiError(400, f"This model's maximum context length is {exc.limit} tokens. However, your "
+                         f"{'prompt' if param == 'prompt' else 'messages'} resulted in {exc.prompt_tokens} tokens. "
+                         f"Please reduce the length of the {param}.", "context_length_exceeded", param)
 
 
 def presented_key(request: Request) -> str | None:
@@ -206,6 +217,11 @@ class GatewayService:
                 log.info("model at zero replicas after admission; waiting for it uncharged",
                          extra={"request_id": gen.request_id, "model": card.id, "attempt": attempt})
                 continue
+            except PromptTooLong as exc:
+                log.info("prompt longer than the model's context", extra={
+                    "request_id": gen.request_id, "model": card.id, "prompt_tokens": exc.prompt_tokens,
+                    "limit": exc.limit})
+                raise prompt_too_long(exc, protocol, "prompt" if gen.prompt is not None else "messages") from None
             except EngineError as exc:
                 log.warning("engine failed before the first token", extra={"error": str(exc)})
                 raise ApiError(502, "The model failed before producing output; this request was not charged.",
