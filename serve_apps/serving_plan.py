@@ -18,7 +18,7 @@ from typing import Any
 from policies.plans import SizeClass
 from serve_apps.config import AppConfig, Autoscaling, ConfigError, ModelConfig, Resources
 from serve_apps.engines.sim import SIM_CARDS
-from serve_apps.engines.types import ModelCard
+from serve_apps.engines.types import STRUCTURED_OUTPUTS, ModelCard
 
 GATEWAY_DEPLOYMENT = "gateway"
 MODEL_PREFIX = "model-"
@@ -123,6 +123,9 @@ def plan(config: AppConfig) -> list[DeploymentPlan]:
             if known.get(m.id) != m.kind:
                 raise ConfigError(f"{m.id}: the simulated engine serves only its own catalog "
                                   f"({', '.join(sorted(known))}) with the same kinds")
+            if STRUCTURED_OUTPUTS in m.features:
+                # The gateway would accept response_format, and the output would ignore it.
+                raise ConfigError(f"{m.id}: the simulated engine cannot honour the '{STRUCTURED_OUTPUTS}' feature")
     for m in models:
         if m.kind == "lora":
             base = by_id[m.base_model or ""]  # AppConfig already checked the base exists

@@ -104,6 +104,13 @@ def test_sim_engine_only_serves_its_own_catalog() -> None:
         dry_run(AppConfig.model_validate({"engine": "sim", "models": [{"id": "hf:org/other"}]}))
 
 
+def test_sim_engine_refuses_structured_outputs() -> None:
+    raw = yaml.safe_load((ROOT / "serve_apps" / "configs" / "local-sim.yaml").read_text())
+    raw["models"][0]["features"].append("structured_outputs")
+    with pytest.raises(ConfigError, match="cannot honour the 'structured_outputs' feature"):
+        dry_run(AppConfig.model_validate(raw))
+
+
 @pytest.mark.parametrize("path", RAY_CLUSTERS, ids=lambda p: p.name)
 def test_ray_autoscaler_cluster_file(path: Path) -> None:
     cluster = yaml.safe_load(path.read_text())

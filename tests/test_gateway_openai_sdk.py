@@ -393,7 +393,8 @@ def test_unknown_model_is_not_found_naming_the_id(gw: LiveGateway, account: tupl
     assert bars(gw, key) == (500, "$24.00")
 
 
-@pytest.mark.parametrize("case", ["empty_messages", "n_2", "temperature_5", "image_part", "embed_model_for_chat"])
+@pytest.mark.parametrize("case", ["empty_messages", "n_2", "temperature_5", "image_part", "embed_model_for_chat",
+                                  "logprobs", "json_object_unsupported", "json_schema_without_schema"])
 def test_bad_requests_are_bad_request_errors_and_free(gw: LiveGateway, account: tuple[str, str], case: str) -> None:
     account_id, key = account
     client = client_for(gw, key)
@@ -406,17 +407,30 @@ def test_bad_requests_are_bad_request_errors_and_free(gw: LiveGateway, account: 
             {"type": "text", "text": "what is this?"},
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]},
         "embed_model_for_chat": {"model": EMBED, "messages": user},
+        # Refused, never ignored: the client would read logprobs or parse JSON that is not there.
+        "logprobs": {"model": LARGE, "messages": user, "logprobs": True, "top_logprobs": 2},
+        "json_object_unsupported": {"model": LARGE, "messages": user, "response_format": {"type": "json_object"}},
+        "json_schema_without_schema": {"model": LARGE, "messages": user, "response_format": {"type": "json_schema"}},
     }[case]
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(**kwargs)
     assert err.value.status_code == 400 and err.value.message
     assert "Traceback" not in err.value.response.text
     expected_param = {"empty_messages": "messages", "n_2": "n", "temperature_5": "temperature",
-                      "embed_model_for_chat": "model"}.get(case)
+                      "embed_model_for_chat": "model", "logprobs": "logprobs",
+                      "json_object_unsupported": "response_format",
+                      "json_schema_without_schema": "response_format"}.get(case)
     if expected_param is not None:
         assert err.value.param == expected_param, err.value.body
     assert bars(gw, key) == (500, "$24.00")
     assert gw.usage_events(account_id) == []
+
+
+def test_response_format_text_is_plain_output(gw: LiveGateway, account: tuple[str, str]) -> None:
+    _, key = account
+    chat = client_for(gw, key).chat.completions.create(
+        model=LARGE, messages=[{"role": "user", "content": "hi"}], response_format={"type": "text"}, logprobs=False)
+    assert chat.choices[0].message.content
 
 
 def test_prompt_over_the_context_is_context_length_exceeded_and_free(gw: LiveGateway,

@@ -205,6 +205,22 @@ def test_prompt_over_the_context_is_a_400_in_each_api(vllm_app: VllmApp) -> None
     assert "tokens > 2048 maximum" in message.value.message
 
 
+def test_response_format_constrains_the_answer(vllm_app: VllmApp) -> None:
+    client = vllm_app.openai(vllm_app.new_key())
+    question: Any = [{"role": "user", "content": "What is the capital of France?"}]
+    schema = {"type": "object", "properties": {"capital": {"type": "string", "enum": ["Paris", "London", "Rome"]}},
+              "required": ["capital"], "additionalProperties": False}
+    strict: Any = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    chat = client.chat.completions.create(model=SMOLLM_ID, messages=question, max_tokens=40, temperature=0,
+                                          response_format=strict)
+    # Unconstrained, this model answers in prose ("The capital of France is Paris.").
+    assert chat.choices[0].finish_reason == "stop"
+    assert json.loads(chat.choices[0].message.content or "")["capital"] in ("Paris", "London", "Rome")
+    loose = client.chat.completions.create(model=SMOLLM_ID, messages=question, max_tokens=24, temperature=0,
+                                           response_format={"type": "json_object"})
+    assert (loose.choices[0].message.content or "").lstrip().startswith("{")
+
+
 def test_429_when_the_request_bar_is_empty(vllm_app: VllmApp) -> None:
     client = vllm_app.openai(vllm_app.new_key())
     for _ in range(REQUESTS_PER_STANDARD_PACK // CHAT_WEIGHT):

@@ -48,6 +48,17 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class OutputFormat:
+    """Constrained output (OpenAI `response_format`): any JSON object, or JSON valid against `schema`."""
+
+    kind: Literal["json_object", "json_schema"]
+    schema: dict[str, Any] | None = None
+
+
+STRUCTURED_OUTPUTS = "structured_outputs"  # the model-card feature of engines that honour OutputFormat
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One generation. Exactly one of `messages` (chat) or `prompt` (completion) is set."""
 
@@ -58,6 +69,7 @@ class GenerationRequest:
     prompt: str | None = None
     tools: tuple[ToolSpec, ...] = ()
     tool_choice: str | dict[str, Any] | None = None  # "auto" | "none" | "required" | {"name": ...}
+    output_format: OutputFormat | None = None
 
 
 @dataclass(frozen=True)

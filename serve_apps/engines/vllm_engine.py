@@ -382,8 +382,16 @@ def _sampling_params(request: GenerationRequest, *, skip_special_tokens: bool = 
     from vllm.sampling_params import RequestOutputKind
 
     s = request.sampling
+    structured = None
+    if request.output_format is not None:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        fmt = request.output_format
+        structured = (StructuredOutputsParams(json=fmt.schema) if fmt.kind == "json_schema"
+                      else StructuredOutputsParams(json_object=True))
     return SamplingParams(
         n=1,
+        structured_outputs=structured,
         max_tokens=s.max_tokens,
         temperature=s.temperature,
         top_p=s.top_p,

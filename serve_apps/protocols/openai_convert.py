@@ -13,12 +13,14 @@ from decimal import Decimal
 from typing import Any
 
 from serve_apps.engines.types import (
+    STRUCTURED_OUTPUTS,
     ChatMessage,
     EmbeddingRequest,
     EmbeddingResult,
     FinishReason,
     GenerationRequest,
     ModelCard,
+    OutputFormat,
     SamplingParams,
     TokenUsage,
     ToolCall,
@@ -47,6 +49,7 @@ from serve_apps.protocols.openai_models import (
     ModelPricing,
     NamedToolChoice,
     PromptTokensDetails,
+    ResponseFormatIn,
     ResponseMessage,
     ToolCallOut,
     Usage,
@@ -151,7 +154,23 @@ def chat_to_generation(req: ChatCompletionRequest, request_id: str, card: ModelC
         messages=tuple(_message(m) for m in req.messages),
         tools=tools,
         tool_choice=choice,
+        output_format=_output_format(req.response_format, card),
     )
+
+
+def _output_format(fmt: ResponseFormatIn | None, card: ModelCard) -> OutputFormat | None:
+    """None for plain text; refused for a model whose engine cannot constrain its output (never ignored)."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if STRUCTURED_OUTPUTS not in card.features:
+        raise InvalidRequest(f"The model '{card.id}' does not support response_format '{fmt.type}'; models "
+                             f"listing the '{STRUCTURED_OUTPUTS}' feature in GET /v1/models do.", "response_format")
+    if fmt.type == "json_object":
+        return OutputFormat("json_object")
+    assert fmt.json_schema is not None  # ResponseFormatIn's validator
+    # No schema: any JSON object, as OpenAI does.
+    schema = fmt.json_schema.schema_
+    return OutputFormat("json_schema", schema) if schema else OutputFormat("json_object")
 
 
 def completion_to_generation(req: CompletionRequest, request_id: str, card: ModelCard) -> GenerationRequest:

@@ -178,8 +178,39 @@ class _SamplingFields(_Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class JsonSchemaIn(_Request):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    # `schema` shadows a BaseModel attribute, hence the alias.
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatIn(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaIn | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormatIn:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object with 'name' and 'schema'")
+        return self
+
+
+def _no_logprobs(value: Any) -> Any:
+    if value:
+        raise ValueError("logprobs are not supported")
+    return value
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
+    response_format: ResponseFormatIn | None = None
+    # Refused rather than ignored: a client that asks for them reads them.
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    _logprobs = field_validator("logprobs", "top_logprobs")(_no_logprobs)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[ToolIn] | None = None
     tool_choice: ToolChoiceIn | None = None
@@ -210,6 +241,9 @@ class CompletionRequest(_SamplingFields):
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
+    logprobs: int | None = None
+
+    _logprobs = field_validator("logprobs")(_no_logprobs)
 
     _prompt = field_validator("prompt", mode="before")(_single_prompt)
 
