@@ -132,7 +132,7 @@ def test_request_conversion_with_tools_and_results() -> None:
     assert gen.messages[4].content == "Error: boom"
     assert gen.messages[5].content == "thanks"
     assert gen.tool_choice == {"name": "get_weather"}
-    assert gen.sampling.stop == ("END",) and gen.sampling.temperature == 0.2
+    assert gen.sampling.stop == ("END",) and gen.sampling.temperature == 0.2 and gen.sampling.top_k == 5
     assert gen.sampling.max_tokens == LARGE.max_output_tokens  # clamped, not rejected
 
 

@@ -133,6 +133,20 @@ def test_chat_request_accepts_sdk_shapes_and_unknown_fields() -> None:
     assert gen.tool_choice == {"name": "get_weather"}
 
 
+def test_penalties_and_vllm_sampling_extras_reach_the_engine() -> None:
+    plain = chat_to_generation(ChatCompletionRequest.model_validate(chat_body()), "r", LARGE).sampling
+    assert (plain.top_k, plain.min_p, plain.presence_penalty, plain.frequency_penalty,
+            plain.repetition_penalty) == (0, 0.0, 0.0, 0.0, 1.0)
+    req = ChatCompletionRequest.model_validate(chat_body(presence_penalty=0.5, frequency_penalty=-1.5, top_k=40,
+                                                         min_p=0.05, repetition_penalty=1.2))
+    s = chat_to_generation(req, "r", LARGE).sampling
+    assert (s.top_k, s.min_p, s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (
+        40, 0.05, 0.5, -1.5, 1.2)
+    assert chat_to_generation(ChatCompletionRequest.model_validate(chat_body(top_k=-1)), "r", LARGE).sampling.top_k == 0
+    comp = CompletionRequest.model_validate({"model": SIM_SMALL, "prompt": "x", "frequency_penalty": 1})
+    assert completion_to_generation(comp, "r", CARDS[SIM_SMALL]).sampling.frequency_penalty == 1.0
+
+
 def test_max_tokens_default_and_clamp() -> None:
     assert chat_to_generation(ChatCompletionRequest.model_validate(chat_body()), "r", LARGE).sampling.max_tokens == 4096
     big = ChatCompletionRequest.model_validate(chat_body(max_tokens=100_000))
@@ -155,6 +169,12 @@ def test_max_tokens_default_and_clamp() -> None:
         (chat_body(temperature=2.5), "temperature", "less than or equal to 2"),
         (chat_body(top_p=0), "top_p", "greater than 0"),
         (chat_body(max_tokens=0), "max_tokens", "greater than or equal to 1"),
+        (chat_body(presence_penalty=2.5), "presence_penalty", "less than or equal to 2"),
+        (chat_body(frequency_penalty=-3), "frequency_penalty", "greater than or equal to -2"),
+        (chat_body(repetition_penalty=0), "repetition_penalty", "greater than 0"),
+        (chat_body(logprobs=True), "logprobs", "not supported"),
+        (chat_body(response_format={"type": "json_schema"}), "response_format", "needs a 'json_schema'"),
+        (chat_body(response_format={"type": "xml"}), "response_format.type", "'json_schema'"),
         (chat_body(stop=[1]), "stop", "array of strings"),
         (chat_body(tool_choice={"type": "function"}), "tool_choice", "must be"),
         (chat_body(tools=[{"type": "function", "function": {"description": "no name"}}]),

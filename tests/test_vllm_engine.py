@@ -22,10 +22,11 @@ from serve_apps.engines.types import (
     GenerationChunk,
     GenerationRequest,
     ModelCard,
+    OutputFormat,
     SamplingParams,
     ToolSpec,
 )
-from serve_apps.engines.vllm_engine import VllmEngine, VllmSettings, _OutputParser
+from serve_apps.engines.vllm_engine import VllmEngine, VllmSettings, _OutputParser, _sampling_params
 
 pytestmark = [
     pytest.mark.skipif(
@@ -113,6 +114,42 @@ async def test_stop_sequence_is_reported_and_not_sent(engine: VllmEngine) -> Non
     assert "Paris" not in "".join(c.text for c in chunks)
     assert chunks[-1].finish_reason == "stop"
     assert chunks[-1].stop_sequence == "Paris"
+
+
+async def test_penalties_change_a_greedy_answer(engine: VllmEngine) -> None:
+    """The penalties reach vLLM's sampler (they were once dropped on the way)."""
+    def ask(**sampling: float) -> GenerationRequest:
+        return GenerationRequest(
+            request_id=f"test-{uuid.uuid4().hex[:12]}", model=SMOLLM_ID,
+            sampling=SamplingParams(max_tokens=24, temperature=0.0, **sampling),  # type: ignore[arg-type]
+            prompt="tree, tree, tree, tree, tree, tree, tree, tree,")
+
+    async def text(request: GenerationRequest) -> str:
+        return "".join(c.text for c in await _collect(engine, request))
+
+    plain = await text(ask())
+    assert plain.lower().count("tree") >= 5
+    # A presence penalty is a flat -2 once, too little against eight repetitions; see the mapping test below.
+    for penalty in ({"frequency_penalty": 2.0}, {"repetition_penalty": 2.0}):
+        assert await text(ask(**penalty)) != plain, penalty
+
+
+async def test_every_sampling_field_is_mapped_to_vllm() -> None:
+    sampling = SamplingParams(max_tokens=7, temperature=0.3, top_p=0.9, seed=11, stop=("END",), top_k=40, min_p=0.05,
+                              presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.1)
+    request = GenerationRequest(request_id="r", model=SMOLLM_ID, sampling=sampling, prompt="x",
+                                output_format=OutputFormat("json_schema", {"type": "object"}))
+    params = _sampling_params(request)
+    assert (params.max_tokens, params.temperature, params.top_p, params.seed, params.stop) == (
+        7, 0.3, 0.9, 11, ["END"])
+    assert (params.top_k, params.min_p, params.presence_penalty, params.frequency_penalty,
+            params.repetition_penalty) == (40, 0.05, 0.5, -0.5, 1.1)
+    assert params.structured_outputs is not None and params.structured_outputs.json == {"type": "object"}
+    loose = _sampling_params(GenerationRequest(request_id="r", model=SMOLLM_ID, sampling=sampling, prompt="x",
+                                               output_format=OutputFormat("json_object")))
+    assert loose.structured_outputs is not None and loose.structured_outputs.json_object
+    assert _sampling_params(GenerationRequest(request_id="r", model=SMOLLM_ID, sampling=sampling,
+                                              prompt="x")).structured_outputs is None
 
 
 async def test_completion_prompt(engine: VllmEngine) -> None:

@@ -397,6 +397,11 @@ def _sampling_params(request: GenerationRequest, *, skip_special_tokens: bool = 
         top_p=s.top_p,
         seed=s.seed,
         stop=list(s.stop) or None,
+        top_k=s.top_k,
+        min_p=s.min_p,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        repetition_penalty=s.repetition_penalty,
         skip_special_tokens=skip_special_tokens,
         # DELTA: vLLM sends only new text per output, and holds back a tail
         # that could still become a stop string, so no re-diffing here.

@@ -142,6 +142,7 @@ def messages_to_generation(req: MessagesRequest, request_id: str, card: ModelCar
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             stop=tuple(s for s in req.stop_sequences or () if s),
+            top_k=req.top_k or 0,
         ),
         messages=messages,
         tools=tools,

@@ -122,6 +122,11 @@ def _sampling(
         seed=req.seed,
         # An empty stop string would match at once; clients send them by accident.
         stop=tuple(s for s in req.stop or () if s),
+        top_k=max(req.top_k or 0, 0),  # vLLM's -1 and 0 both mean off
+        min_p=req.min_p or 0.0,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
     )
 
 

@@ -166,6 +166,12 @@ class _SamplingFields(_Request):
     seed: int | None = None
     n: int | None = None
     stop: list[str] | None = Field(default=None, max_length=16)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    # Not OpenAI's, but vLLM's own server takes them and clients send them (in `extra_body`).
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=2)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
