@@ -375,6 +375,9 @@ def test_typed_errors(gw: LiveGateway, account: tuple[str, str]) -> None:
         {"model": "hf:packserve/sim-embed", "max_tokens": 5, "messages": user},
         {"model": LARGE, "max_tokens": 5, "messages": user, "tools": [WEATHER_TOOL],
          "tool_choice": {"type": "tool", "name": "not_a_tool"}},
+        # Structured outputs on a model that cannot constrain its output: refused, not ignored.
+        {"model": LARGE, "max_tokens": 5, "messages": user,
+         "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}},
     ]
     for kwargs in bad_calls:
         with pytest.raises(anthropic.BadRequestError) as bad:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -11,7 +12,14 @@ import pytest
 from anthropic.lib.streaming._messages import accumulate_event
 
 from serve_apps.engines.sim import SIM_LARGE, SIM_SMALL, SimulatedEngine
-from serve_apps.engines.types import GenerationChunk, ModelCard, TokenUsage, ToolCall
+from serve_apps.engines.types import (
+    STRUCTURED_OUTPUTS,
+    GenerationChunk,
+    ModelCard,
+    OutputFormat,
+    TokenUsage,
+    ToolCall,
+)
 from serve_apps.protocols.anthropic_convert import (
     count_tokens_body,
     error_body,
@@ -134,6 +142,21 @@ def test_request_conversion_with_tools_and_results() -> None:
     assert gen.tool_choice == {"name": "get_weather"}
     assert gen.sampling.stop == ("END",) and gen.sampling.temperature == 0.2 and gen.sampling.top_k == 5
     assert gen.sampling.max_tokens == LARGE.max_output_tokens  # clamped, not rejected
+
+
+def test_output_config_format_is_a_json_schema_for_models_that_can_honour_it() -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    req = MessagesRequest.model_validate(body(output_config={"format": {"type": "json_schema", "schema": schema},
+                                                             "effort": "low"}))
+    structured = dataclasses.replace(LARGE, features=(*LARGE.features, STRUCTURED_OUTPUTS))
+    assert messages_to_generation(req, "r", structured).output_format == OutputFormat("json_schema", schema)
+    with pytest.raises(InvalidRequest) as refused:
+        messages_to_generation(req, "r", LARGE)  # the simulated model cannot constrain its output
+    assert refused.value.param == "output_config.format" and STRUCTURED_OUTPUTS in refused.value.message
+    plain = MessagesRequest.model_validate(body(output_config={"effort": "high"}))
+    assert messages_to_generation(plain, "r", LARGE).output_format is None
+    with pytest.raises(pydantic.ValidationError):
+        MessagesRequest.model_validate(body(output_config={"format": {"type": "json_schema"}}))
 
 
 def test_tool_choice_mapping_and_errors() -> None:

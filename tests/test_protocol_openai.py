@@ -304,6 +304,7 @@ def test_models_list() -> None:
     assert large["max_output_tokens"] == 4096 and large["owned_by"] == "packserve"
     assert large["features"]["tools"] and large["features"]["reasoning"] and not large["features"]["embeddings"]
     assert by_id[SIM_SMALL]["features"]["reasoning"] is False
+    assert by_id[SIM_SMALL]["features"]["structured_outputs"] is False  # listed, so clients can test for it
     assert by_id[SIM_SMALL]["request_weight"] == pytest.approx(0.588, abs=1e-3)
     assert by_id[SIM_EMBED]["request_weight"] == 0.0 and by_id[SIM_EMBED]["pricing"]["input_per_million"] == "$0.00"
     assert "warm" not in by_id[SIM_SMALL]

@@ -219,6 +219,12 @@ def test_response_format_constrains_the_answer(vllm_app: VllmApp) -> None:
     loose = client.chat.completions.create(model=SMOLLM_ID, messages=question, max_tokens=24, temperature=0,
                                            response_format={"type": "json_object"})
     assert (loose.choices[0].message.content or "").lstrip().startswith("{")
+    # Anthropic's structured outputs: output_config.format.
+    message = vllm_app.anthropic(vllm_app.new_key()).messages.create(
+        model=SMOLLM_ID, max_tokens=40, extra_body=GREEDY, messages=question,
+        output_config={"format": {"type": "json_schema", "schema": schema}})
+    assert message.stop_reason == "end_turn" and message.content[0].type == "text"
+    assert json.loads(message.content[0].text)["capital"] in ("Paris", "London", "Rome")
 
 
 def test_429_when_the_request_bar_is_empty(vllm_app: VllmApp) -> None:

@@ -10,6 +10,7 @@ from serve_apps.engines.types import (
     FinishReason,
     GenerationRequest,
     ModelCard,
+    OutputFormat,
     SamplingParams,
     TokenUsage,
     ToolCall,
@@ -30,7 +31,7 @@ from serve_apps.protocols.anthropic_models import (
     ToolUseBlockOut,
     UsageOut,
 )
-from serve_apps.protocols.common import GenerationResult, InvalidRequest, clamp_max_tokens
+from serve_apps.protocols.common import GenerationResult, InvalidRequest, clamp_max_tokens, supported_output_format
 
 _ERROR_TYPES: dict[int, str] = {
     400: "invalid_request_error",
@@ -147,7 +148,16 @@ def messages_to_generation(req: MessagesRequest, request_id: str, card: ModelCar
         messages=messages,
         tools=tools,
         tool_choice=_tool_choice(req, tools),
+        output_format=_output_format(req, card),
     )
+
+
+def _output_format(req: MessagesRequest, card: ModelCard) -> OutputFormat | None:
+    fmt = req.output_config.format if req.output_config is not None else None
+    if fmt is None:
+        return None
+    return supported_output_format(OutputFormat("json_schema", fmt.schema_), card, "output_config.format",
+                                   "output_config.format (structured outputs)")
 
 
 def count_tokens_body(input_tokens: int) -> dict[str, Any]:

@@ -141,8 +141,20 @@ class _PromptFields(_Request):
     _system = field_validator("system", mode="before")(_text_blocks)
 
 
+class JsonOutputFormatIn(_Request):
+    type: Literal["json_schema"]
+    # `schema` shadows a BaseModel attribute, hence the alias.
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfigIn(_Request):
+    format: JsonOutputFormatIn | None = None
+    effort: str | None = None  # a reasoning hint; open models have no such knob
+
+
 class MessagesRequest(_PromptFields):
     max_tokens: int = Field(ge=1)
+    output_config: OutputConfigIn | None = None
     stop_sequences: list[str] | None = Field(default=None, max_length=16)
     temperature: float | None = Field(default=None, ge=0, le=1)
     top_p: float | None = Field(default=None, ge=0, le=1)

@@ -8,7 +8,15 @@ from typing import Any, ClassVar
 
 import pydantic
 
-from serve_apps.engines.types import FinishReason, GenerationChunk, ModelCard, TokenUsage, ToolCall
+from serve_apps.engines.types import (
+    STRUCTURED_OUTPUTS,
+    FinishReason,
+    GenerationChunk,
+    ModelCard,
+    OutputFormat,
+    TokenUsage,
+    ToolCall,
+)
 
 
 class InvalidRequest(ValueError):
@@ -102,6 +110,14 @@ class GenerationResult:
         if chunk.finish_reason is not None:
             self.finish_reason = chunk.finish_reason
             self.stop_sequence = chunk.stop_sequence
+
+
+def supported_output_format(fmt: OutputFormat, card: ModelCard, param: str, name: str) -> OutputFormat:
+    """`fmt` if the model can constrain its output; refused otherwise, never ignored (the client parses it)."""
+    if STRUCTURED_OUTPUTS not in card.features:
+        raise InvalidRequest(f"The model '{card.id}' does not support {name}; models listing the "
+                             f"'{STRUCTURED_OUTPUTS}' feature in GET /v1/models do.", param)
+    return fmt
 
 
 def clamp_max_tokens(requested: int | None, card: ModelCard, default: int | None = None) -> int:

@@ -26,7 +26,7 @@ from serve_apps.engines.types import (
     ToolCall,
     ToolSpec,
 )
-from serve_apps.protocols.common import GenerationResult, InvalidRequest, clamp_max_tokens
+from serve_apps.protocols.common import GenerationResult, InvalidRequest, clamp_max_tokens, supported_output_format
 from serve_apps.protocols.openai_models import (
     ChatChoice,
     ChatCompletionRequest,
@@ -57,7 +57,7 @@ from serve_apps.protocols.openai_models import (
 
 # The legacy completions endpoint defaults to 16 tokens in OpenAI's API; keep it.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
-KNOWN_FEATURES = ("streaming", "tools", "reasoning", "embeddings")
+KNOWN_FEATURES = ("streaming", "tools", "reasoning", STRUCTURED_OUTPUTS, "embeddings")
 
 # OpenAI's own `error.type` strings per status. 404 for an unknown model is an
 # `invalid_request_error` with code `model_not_found` in OpenAI's API, and
@@ -164,18 +164,12 @@ def chat_to_generation(req: ChatCompletionRequest, request_id: str, card: ModelC
 
 
 def _output_format(fmt: ResponseFormatIn | None, card: ModelCard) -> OutputFormat | None:
-    """None for plain text; refused for a model whose engine cannot constrain its output (never ignored)."""
     if fmt is None or fmt.type == "text":
         return None
-    if STRUCTURED_OUTPUTS not in card.features:
-        raise InvalidRequest(f"The model '{card.id}' does not support response_format '{fmt.type}'; models "
-                             f"listing the '{STRUCTURED_OUTPUTS}' feature in GET /v1/models do.", "response_format")
-    if fmt.type == "json_object":
-        return OutputFormat("json_object")
-    assert fmt.json_schema is not None  # ResponseFormatIn's validator
-    # No schema: any JSON object, as OpenAI does.
-    schema = fmt.json_schema.schema_
-    return OutputFormat("json_schema", schema) if schema else OutputFormat("json_object")
+    schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
+    # json_schema without a schema: any JSON object, as OpenAI does.
+    wanted = OutputFormat("json_schema", schema) if schema else OutputFormat("json_object")
+    return supported_output_format(wanted, card, "response_format", f"response_format '{fmt.type}'")
 
 
 def completion_to_generation(req: CompletionRequest, request_id: str, card: ModelCard) -> GenerationRequest:
