@@ -227,6 +227,26 @@ def test_response_format_constrains_the_answer(vllm_app: VllmApp) -> None:
     assert json.loads(message.content[0].text)["capital"] in ("Paris", "London", "Rome")
 
 
+def test_a_forced_tool_choice_is_a_tool_call_in_both_apis(vllm_app: VllmApp) -> None:
+    key = vllm_app.new_key()
+    question: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
+    params = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+              "additionalProperties": False}
+    tools: Any = [{"type": "function", "function": {"name": "get_weather", "parameters": params}}]
+    chat = vllm_app.openai(key).chat.completions.create(
+        model=SMOLLM_ID, messages=question, max_tokens=48, temperature=0, tools=tools,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    [call] = chat.choices[0].message.tool_calls or []
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert set(json.loads(call.function.arguments)) == {"city"}
+    message = vllm_app.anthropic(key).messages.create(
+        model=SMOLLM_ID, max_tokens=48, extra_body=GREEDY, messages=question, tool_choice={"type": "any"},
+        tools=[{"name": "get_weather", "description": "Weather for a city", "input_schema": params}])
+    assert message.stop_reason == "tool_use"
+    uses = [b for b in message.content if b.type == "tool_use"]
+    assert uses and all(b.name == "get_weather" and set(b.input) == {"city"} for b in uses)
+
+
 def test_429_when_the_request_bar_is_empty(vllm_app: VllmApp) -> None:
     client = vllm_app.openai(vllm_app.new_key())
     for _ in range(REQUESTS_PER_STANDARD_PACK // CHAT_WEIGHT):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -264,3 +265,31 @@ async def test_tool_calls_parsed_with_vllms_parser(smollm_dir: Path) -> None:
     assert len(calls) == 1
     assert calls[0].name == "get_weather"
     assert calls[0].arguments.replace(" ", "") == '{"city":"Paris"}'
+
+
+WEATHER_TOOL = ToolSpec("get_weather", "Weather for a city", {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+    "additionalProperties": False})
+TIME_TOOL = ToolSpec("get_time", "The time in a timezone", {
+    "type": "object", "properties": {"tz": {"type": "string", "maxLength": 20}}, "required": ["tz"],
+    "additionalProperties": False})
+
+
+@pytest.mark.parametrize("choice", [{"name": "get_weather"}, "required"])
+async def test_a_forced_tool_choice_is_a_tool_call_even_without_a_parser(engine: VllmEngine, choice: object) -> None:
+    """SmolLM2 has no tool-call parser and answers this in prose; forced, the answer is the call."""
+    request = GenerationRequest(
+        request_id=f"test-{uuid.uuid4().hex[:12]}", model=SMOLLM_ID,
+        sampling=SamplingParams(max_tokens=64, temperature=0.0),
+        messages=(ChatMessage(role="user", content="What is the weather in Paris?"),),
+        tools=(WEATHER_TOOL, TIME_TOOL), tool_choice=choice)  # type: ignore[arg-type]
+    chunks = await _collect(engine, request)
+    assert "".join(c.text for c in chunks) == ""  # the JSON never streams as text
+    final = chunks[-1]
+    assert final.finish_reason == "tool_calls" and final.tool_calls
+    for call in final.tool_calls:
+        assert call.name in ("get_weather", "get_time")
+        arguments = json.loads(call.arguments)
+        assert set(arguments) == ({"city"} if call.name == "get_weather" else {"tz"})
+    if choice != "required":
+        assert [c.name for c in final.tool_calls] == ["get_weather"]

@@ -13,6 +13,7 @@ billing and the engine always agree on one number.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from serve_apps.engines.forced_tools import forced_tool_format, parse_forced_calls
 from serve_apps.engines.types import (
     ChatMessage,
     EmbeddingRequest,
@@ -280,12 +282,14 @@ class VllmEngine:
             prompt_text, prompt_ids = await asyncio.to_thread(
                 self._render, self._tokenizer, request.messages, request.prompt, request.tools
             )
+            forced = forced_tool_format(request) if request.prompt is None else None
             parser = _OutputParser(
                 request,
                 tokenizer=engine.get_tokenizer(),
                 prompt_ids=prompt_ids,
                 tool_call_parser=self.settings.tool_call_parser if request.prompt is None else None,
                 reasoning_parser=self.settings.reasoning_parser if request.prompt is None else None,
+                forced_tools=forced is not None,
             )
         except Exception as exc:
             # Chat templates raise on histories they do not accept (e.g. roles
@@ -295,7 +299,9 @@ class VllmEngine:
         limit = engine.model_config.max_model_len
         if len(prompt_ids) > limit:
             raise PromptTooLong(len(prompt_ids), limit)
-        params = _sampling_params(request, skip_special_tokens=parser.skip_special_tokens)
+        # A forced tool choice constrains the output to the call(s), over any response_format.
+        constrained = dataclasses.replace(request, output_format=forced) if forced is not None else request
+        params = _sampling_params(constrained, skip_special_tokens=parser.skip_special_tokens)
         rid = request.request_id
         outputs = engine.generate(
             tokens_input(prompt_ids, prompt=prompt_text),
@@ -474,10 +480,13 @@ class _OutputParser:
         prompt_ids: Sequence[int],
         tool_call_parser: str | None,
         reasoning_parser: str | None,
+        forced_tools: bool = False,
     ) -> None:
         self._request = request
         self._reasoning: Any = None
         self._tools: Any = None
+        # The output is constrained JSON spelling the calls (forced_tools.py): held, then read as calls.
+        self._forced = forced_tools
         self._previous_text = ""
         self._previous_ids: list[int] = []
         self._held = ""
@@ -487,7 +496,7 @@ class _OutputParser:
 
             self._reasoning = ReasoningParserManager.get_reasoning_parser(reasoning_parser)(tokenizer)
             self._reasoning.adjust_initial_state_from_prompt(prompt_ids)
-        if tool_call_parser and request.tools and request.tool_choice != "none":
+        if tool_call_parser and request.tools and request.tool_choice != "none" and not forced_tools:
             from vllm.tool_parsers import ToolParserManager
 
             self._tool_request = _openai_request(request)
@@ -510,13 +519,18 @@ class _OutputParser:
             content = (message.content or "") if message is not None else ""
             reasoning = (message.reasoning or "") if message is not None else ""
             self._previous_text, self._previous_ids = current_text, current_ids
-        if self._tools is not None:
+        if self._tools is not None or self._forced:
             self._held += content
             content = ""
         return content, reasoning
 
     def finish(self) -> tuple[str, str, tuple[ToolCall, ...]]:
         """(content, reasoning, tool calls) still to send with the final chunk."""
+        if self._forced:
+            held, self._held = self._held, ""
+            calls = parse_forced_calls(self._request, held)
+            # Incomplete JSON (cut by max_tokens): the client gets the text, as vLLM's own server does.
+            return ("", "", calls) if calls is not None else (held, "", ())
         if self._tools is None or not self._held:
             return "", "", ()
         held, self._held = self._held, ""
