@@ -35,6 +35,7 @@ from serve_apps.engines.types import (
     ModelCard,
     ModelStarting,
     PromptTooLong,
+    RequestRejected,
     ToolSpec,
 )
 
@@ -300,6 +301,8 @@ def _engine_error(exc: BaseException, *, before_first_token: bool) -> BaseExcept
         cause = exc.cause if isinstance(exc.cause, BaseException) else exc
     if isinstance(cause, PromptTooLong):
         return PromptTooLong(cause.prompt_tokens, cause.limit)
+    if isinstance(cause, RequestRejected):
+        return RequestRejected(str(cause))
     if isinstance(cause, EngineError):
         return EngineError(str(cause), before_first_token=cause.before_first_token)
     if isinstance(cause, KeyError):

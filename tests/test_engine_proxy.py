@@ -9,14 +9,23 @@ the watch asks the Serve controller.
 from __future__ import annotations
 
 import asyncio
+import pickle
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from serve_apps.engine_proxy import DeploymentEngine, ReplicaWatch
-from serve_apps.engines.types import GenerationChunk, GenerationRequest, ModelStarting, SamplingParams
+from serve_apps.engine_proxy import DeploymentEngine, ReplicaWatch, _engine_error
+from serve_apps.engines.types import (
+    EngineError,
+    GenerationChunk,
+    GenerationRequest,
+    ModelStarting,
+    PromptTooLong,
+    RequestRejected,
+    SamplingParams,
+)
 
 MODEL = "hf:packserve/sim-large"
 
@@ -171,3 +180,18 @@ async def test_an_engine_needs_the_close_watch_until_a_replica_has_answered() ->
     assert engine.settled()
     replicas[0] = 0
     assert not engine.settled()  # seen at zero: watched closely again
+
+
+def test_client_errors_keep_their_kind_across_the_ray_boundary() -> None:
+    """Model replicas raise them; Ray pickles them; the gateway answers 400 only if the type survives."""
+    from ray.exceptions import RayTaskError
+
+    for raised in (PromptTooLong(5031, 2048), RequestRejected("Grammar error: Invalid type: strng")):
+        crossed = pickle.loads(pickle.dumps(raised))
+        assert type(crossed) is type(raised) and str(crossed) == str(raised)
+        wrapped = RayTaskError("generate", "traceback", crossed)  # type: ignore[no-untyped-call]
+        mapped = _engine_error(wrapped, before_first_token=True)
+        assert type(mapped) is type(raised) and str(mapped) == str(raised)
+        assert isinstance(mapped, EngineError) and mapped.before_first_token
+    too_long = _engine_error(RayTaskError("generate", "tb", PromptTooLong(5031, 2048)), before_first_token=True)  # type: ignore[no-untyped-call]
+    assert isinstance(too_long, PromptTooLong) and (too_long.prompt_tokens, too_long.limit) == (5031, 2048)

@@ -216,9 +216,17 @@ def test_response_format_constrains_the_answer(vllm_app: VllmApp) -> None:
     # Unconstrained, this model answers in prose ("The capital of France is Paris.").
     assert chat.choices[0].finish_reason == "stop"
     assert json.loads(chat.choices[0].message.content or "")["capital"] in ("Paris", "London", "Rome")
+    # Compact: no structural whitespace for the model to pad with (VllmEngine's engine args).
+    assert (chat.choices[0].message.content or "").startswith('{"capital":"')
     loose = client.chat.completions.create(model=SMOLLM_ID, messages=question, max_tokens=24, temperature=0,
                                            response_format={"type": "json_object"})
     assert (loose.choices[0].message.content or "").lstrip().startswith("{")
+    # A schema vLLM cannot compile is the client's error, in vLLM's words.
+    broken: Any = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "strng"}}}}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=SMOLLM_ID, messages=question, max_tokens=8, response_format=broken)
+    assert "strng" in refused.value.message
     # Anthropic's structured outputs: output_config.format.
     message = vllm_app.anthropic(vllm_app.new_key()).messages.create(
         model=SMOLLM_ID, max_tokens=40, extra_body=GREEDY, messages=question,

@@ -155,7 +155,17 @@ def _rebuild_engine_error(cls: type[EngineError], message: str, before_first_tok
     return cls(message, before_first_token=before_first_token)
 
 
-class PromptTooLong(EngineError):
+class RequestRejected(EngineError):
+    """The engine refused the request as invalid (e.g. a JSON schema it cannot compile): a 400, never charged."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, before_first_token=True)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RequestRejected, (str(self),))
+
+
+class PromptTooLong(RequestRejected):
     """The prompt does not fit the model's context: the client's error (a 400), nothing ran, never charged.
 
     Coding agents watch for exactly this answer to compact their history
@@ -164,8 +174,7 @@ class PromptTooLong(EngineError):
     """
 
     def __init__(self, prompt_tokens: int, limit: int) -> None:
-        super().__init__(f"the prompt is {prompt_tokens} tokens, more than the model's context of {limit}",
-                         before_first_token=True)
+        super().__init__(f"the prompt is {prompt_tokens} tokens, more than the model's context of {limit}")
         self.prompt_tokens = prompt_tokens
         self.limit = limit
 

@@ -33,6 +33,7 @@ from serve_apps.engines.types import (
     GenerationRequest,
     ModelCard,
     PromptTooLong,
+    RequestRejected,
     TokenUsage,
     ToolCall,
     ToolSpec,
@@ -155,6 +156,7 @@ class VllmEngine:
             log.info("vLLM engine ready", extra={"model": self.card.id, "start_s": round(self.start_seconds, 1)})
 
     def _create_engine(self) -> AsyncLLM:
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.lora.request import LoRARequest
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -189,6 +191,11 @@ class VllmEngine:
             # and per-request lines would only duplicate that.
             disable_log_stats=True,
             enable_log_requests=False,
+            # No whitespace between JSON tokens in constrained output: allowed,
+            # small models pad the structure with newlines until max_tokens cuts
+            # the JSON off (SmolLM2 did), and every padding token is billed.
+            # vLLM 0.32 reads this per engine only; the per-request flag is ignored.
+            structured_outputs_config=StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True),
             **optional,
         )
         engine = AsyncLLM.from_engine_args(args)
@@ -326,6 +333,8 @@ class VllmEngine:
                     ) from None
                 except Exception as exc:
                     finished = True
+                    if not emitted and _is_client_error(exc):
+                        raise RequestRejected(str(exc)) from exc
                     raise EngineError(f"vLLM failed: {exc}", before_first_token=not emitted) from exc
                 # vLLM reports the prefix-cache hit once the request is scheduled;
                 # keep the latest so every chunk carries the real figure.
@@ -381,6 +390,13 @@ def _finish_reason(raw: str | None) -> FinishReason:
     if raw in ("stop", None):
         return "stop"
     return "error"
+
+
+def _is_client_error(exc: BaseException) -> bool:
+    """vLLM's own verdict that the request, not the engine, is at fault (its server answers 4xx)."""
+    from vllm.exceptions import VLLMClientError
+
+    return isinstance(exc, VLLMClientError)
 
 
 def _sampling_params(request: GenerationRequest, *, skip_special_tokens: bool = True) -> Any:

@@ -33,6 +33,7 @@ from serve_apps.engines.types import (
     ModelCard,
     ModelStarting,
     PromptTooLong,
+    RequestRejected,
     TokenUsage,
 )
 from serve_apps.gateway.errors import ApiError
@@ -222,6 +223,10 @@ class GatewayService:
                     "request_id": gen.request_id, "model": card.id, "prompt_tokens": exc.prompt_tokens,
                     "limit": exc.limit})
                 raise prompt_too_long(exc, protocol, "prompt" if gen.prompt is not None else "messages") from None
+            except RequestRejected as exc:
+                # Not the reason: it can quote the request (a schema), and logs never hold request content.
+                log.info("request rejected by the engine", extra={"request_id": gen.request_id, "model": card.id})
+                raise ApiError(400, f"The model cannot serve this request: {exc}", "invalid_request") from None
             except EngineError as exc:
                 log.warning("engine failed before the first token", extra={"error": str(exc)})
                 raise ApiError(502, "The model failed before producing output; this request was not charged.",
