@@ -195,7 +195,11 @@ class VllmEngine:
             # small models pad the structure with newlines until max_tokens cuts
             # the JSON off (SmolLM2 did), and every padding token is billed.
             # vLLM 0.32 reads this per engine only; the per-request flag is ignored.
-            structured_outputs_config=StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True),
+            # With the reasoning parser, a reasoning model thinks freely first and
+            # the constraint starts where its reasoning ends (as `vllm serve
+            # --reasoning-parser` sets it up).
+            structured_outputs_config=StructuredOutputsConfig(
+                backend="guidance", disable_any_whitespace=True, reasoning_parser=s.reasoning_parser or ""),
             **optional,
         )
         engine = AsyncLLM.from_engine_args(args)
