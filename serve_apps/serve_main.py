@@ -250,12 +250,10 @@ def _stop_signals_restored() -> Iterator[None]:
 @contextlib.contextmanager
 def _ignoring_stop_signals() -> Iterator[None]:
     """While stopping, a repeated SIGTERM must not cut the shutdown short (a second Ctrl-C still does)."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
-    try:
+    with _stop_signals_restored():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _load(path: Path | None) -> AppConfig:
