@@ -34,8 +34,6 @@ from serve_apps.engines.types import (
     GenerationRequest,
     ModelCard,
     ModelStarting,
-    PromptTooLong,
-    RequestRejected,
     ToolSpec,
 )
 
@@ -299,12 +297,11 @@ def _engine_error(exc: BaseException, *, before_first_token: bool) -> BaseExcept
     cause: BaseException = exc
     if isinstance(exc, RayTaskError):
         cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-    if isinstance(cause, PromptTooLong):
-        return PromptTooLong(cause.prompt_tokens, cause.limit)
-    if isinstance(cause, RequestRejected):
-        return RequestRejected(str(cause))
     if isinstance(cause, EngineError):
-        return EngineError(str(cause), before_first_token=cause.before_first_token)
+        # A fresh copy, rebuilt as it crossed the Ray boundary, so subclasses keep their
+        # type (PromptTooLong and RequestRejected are the gateway's 400s, not 502s).
+        rebuild, args = cause.__reduce__()[:2]
+        return cast(BaseException, rebuild(*args))
     if isinstance(cause, KeyError):
         # The gateway maps KeyError (an id the engine does not serve) to a 404.
         return KeyError(*cause.args)

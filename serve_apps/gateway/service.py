@@ -63,7 +63,7 @@ def prompt_too_long(exc: PromptTooLong, protocol: str, param: str) -> ApiError:
         return ApiError(400, f"prompt is too long: {exc.prompt_tokens} tokens > {exc.limit} maximum",
                         "context_length_exceeded")
     return ApiError(400, f"This model's maximum context length is {exc.limit} tokens. However, your "
-                         f"{'prompt' if param == 'prompt' else 'messages'} resulted in {exc.prompt_tokens} tokens. "
+                         f"{param} resulted in {exc.prompt_tokens} tokens. "
                          f"Please reduce the length of the {param}.", "context_length_exceeded", param)
 
 
