@@ -73,6 +73,17 @@ NODE_ENV: Mapping[str, str] = {
     "RAY_worker_niceness": "0",
 }
 
+# Clusters only (every node of cluster/configs/): Ray's token authentication.
+# A cluster's dashboard port takes `ray job submit`, i.e. runs any code it is
+# sent; Ray 2.59+ turns tokens on by default for local clusters only. With
+# this, Ray reads the shared token from ~/.ray/auth_token (or RAY_AUTH_TOKEN),
+# and every `ray job submit` must present it (RAY_AUTH_MODE=token in the
+# submitting shell, same token file). `packserve serve` leaves its local Ray
+# to Ray's own default.
+CLUSTER_AUTH_ENV: Mapping[str, str] = {
+    "RAY_AUTH_MODE": "token",
+}
+
 
 def _overridden(defaults: Mapping[str, str], environ: Mapping[str, str] | None) -> dict[str, str]:
     """`defaults`, each replaced by the caller's environment where it sets the variable."""

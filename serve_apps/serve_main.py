@@ -150,7 +150,20 @@ def _wait_models(config: AppConfig, deadline: float) -> None:
     """Every model deployment answers `ready`, and the first chat model produces a token.
 
     Called through handles, not HTTP, so the check costs no account anything.
+    The calls run inside an event loop: a driver that inherits Ray Serve's
+    throughput mode from its node (a `ray job submit` onto a cluster whose
+    nodes set RAY_SERVE_THROUGHPUT_OPTIMIZED=1, as cluster/configs/ do) gets
+    handles whose router runs on the caller's loop, and those refuse the
+    blocking `.result()` outside one.
     """
+    timeout_s = max(deadline - time.monotonic(), 1.0)
+    try:
+        asyncio.run(asyncio.wait_for(_models_answer(config), timeout_s))
+    except TimeoutError:
+        raise ServeError(f"the models did not answer within {timeout_s:.0f} s") from None
+
+
+async def _models_answer(config: AppConfig) -> None:
     from ray import serve
     from ray.serve.handle import DeploymentResponseGenerator
 
@@ -160,8 +173,7 @@ def _wait_models(config: AppConfig, deadline: float) -> None:
     plans = serving_plan.plan(config)
     for p in plans:
         _say(f"waiting for {p.model_id} ({p.name})")
-        handle = serve.get_deployment_handle(p.name, app_name=APP_NAME)
-        handle.ready.remote().result(timeout_s=max(deadline - time.monotonic(), 1))
+        await serve.get_deployment_handle(p.name, app_name=APP_NAME).ready.remote()
     chat = next((p for p in plans if p.kind == "chat"), None)
     if chat is None:
         return
@@ -170,7 +182,7 @@ def _wait_models(config: AppConfig, deadline: float) -> None:
                                 sampling=SamplingParams(max_tokens=1, temperature=0.0),
                                 messages=(ChatMessage("user", "Say hi."),))
     stream = cast(DeploymentResponseGenerator[Any], handle.options(stream=True).generate.remote(request))
-    chunks = list(stream)
+    chunks = [chunk async for chunk in stream]
     if not chunks:
         raise ServeError(f"{chat.model_id} returned nothing to its first request")
     _say(f"{chat.model_id} answers")

@@ -131,11 +131,13 @@ def test_ray_autoscaler_cluster_file(path: Path) -> None:
                if r.startswith("accelerator_type:")}
     wanted = {m.resources.accelerator_type for m in production.models if m.resources.accelerator_type}
     assert wanted <= offered
-    # Every node starts Ray with Serve's high-throughput mode, exactly as `packserve serve` does locally.
+    # Every node starts Ray with Serve's high-throughput mode, exactly as `packserve serve` does locally,
+    # and with token authentication, the token file copied to every node.
     for commands in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = next(c for c in cluster[commands] if "ray start" in c)
         assert dict(w.split("=", 1) for w in start.split() if "=" in w and w.startswith("RAY_")) == \
-            {**ray_env.NODE_ENV, **ray_env.THROUGHPUT_ENV}
+            {**ray_env.NODE_ENV, **ray_env.THROUGHPUT_ENV, **ray_env.CLUSTER_AUTH_ENV}
+    assert cluster["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
     machine_key = "InstanceType" if cluster["provider"]["type"] == "aws" else "machineType"
     machines = {t["node_config"][machine_key] for t in gpu_types.values()}
     assert machines & {"p5.48xlarge", "p4d.24xlarge", "a3-highgpu-8g"}
@@ -160,10 +162,17 @@ def test_kuberay_rayservice_points_at_an_importable_builder() -> None:
     groups = cluster["workerGroupSpecs"]
     assert any(c["resources"]["limits"].get("nvidia.com/gpu") for g in groups
                for c in g["template"]["spec"]["containers"])
-    # Head and workers run Ray Serve's high-throughput mode, as `packserve serve` does locally.
+    # Head and workers run Ray Serve's high-throughput mode, as `packserve serve` does locally, and
+    # token authentication with the token from the Secret.
     pods = [cluster["headGroupSpec"], *groups]
     for pod in pods:
         for container in pod["template"]["spec"]["containers"]:
             env = {e["name"]: e.get("value") for e in container["env"] if e["name"].startswith("RAY_")}
-            assert env == {**ray_env.NODE_ENV, **ray_env.THROUGHPUT_ENV}, container["name"]
+            assert env == {**ray_env.NODE_ENV, **ray_env.THROUGHPUT_ENV, **ray_env.CLUSTER_AUTH_ENV,
+                           "RAY_AUTH_TOKEN": None}, container["name"]
+            token = next(e for e in container["env"] if e["name"] == "RAY_AUTH_TOKEN")
+            assert token["valueFrom"]["secretKeyRef"] == {"name": "packserve", "key": "ray-auth-token"}
+    assert cluster["autoscalerOptions"]["env"] == [
+        e for e in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+        if e["name"].startswith("RAY_AUTH_")]
 

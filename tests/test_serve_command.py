@@ -7,7 +7,6 @@ does: exit 0 and leave no process of the Ray it started behind.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import re
@@ -26,40 +25,12 @@ import yaml
 
 from serve_apps.ray_env import free_port
 from serve_apps.serve_main import CONFIG_DIR
+from tests.processes import kill_session, session_members
 
 START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 120.0
 # Ray's agents notice a dead raylet within seconds; this only bounds the wait.
 LEFTOVER_TIMEOUT_S = 30.0
-
-
-def session_members(sid: int) -> dict[int, str]:
-    """Live processes of session `sid` (Linux /proc), by pid, with their names.
-
-    `serve` runs as the leader of its own session; Ray's processes stay in it
-    even when their parent dies and they are reparented to init.
-    """
-    members: dict[int, str] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                raw = f.read()
-        except OSError:
-            continue
-        # The command name may hold spaces and parentheses: the fields follow the last ')'.
-        name, _, rest = raw.partition(" (")[2].rpartition(")")
-        fields = rest.split()
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            members[int(entry)] = name
-    return members
-
-
-def kill_session(sid: int) -> None:
-    for pid in session_members(sid):
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def read_banner(proc: subprocess.Popen[str], timeout_s: float) -> str:

@@ -1,0 +1,139 @@
+"""The README's cluster deploy, run for real: `ray start --head` as the cluster files start a node, then
+`ray job submit --working-dir . -- python -m serve_apps.serve_main --config FILE`.
+
+The node gets the environment every node of cluster/configs/ gets (Ray Serve's
+throughput mode, engines at nice 0) plus Ray token authentication, and the job
+driver inherits it, as on a real cluster. This caught a deploy that failed on
+every such cluster: the driver's handles, built under the inherited throughput
+mode, refused the blocking calls of its readiness check. The application uses
+the simulated engine; the model engines are covered by test_ray_vllm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import redis
+import yaml
+
+from serve_apps import ray_env
+from serve_apps.ray_env import free_port
+from serve_apps.serve_main import CONFIG_DIR
+from tests.conftest import RedisServer
+from tests.processes import kill_session, session_members
+
+REPO = Path(__file__).resolve().parent.parent
+RAY = Path(sys.executable).with_name("ray")
+START_TIMEOUT_S = 120.0
+JOB_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class Cluster:
+    dashboard: str
+    env: dict[str, str]  # what an operator's shell needs to reach it (the token)
+
+
+def _wait_for_dashboard(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"`ray start` exited {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            # 401 without the token: up, and enforcing authentication.
+            if httpx.get(f"{url}/api/version", timeout=2).status_code in (200, 401):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"the Ray dashboard at {url} did not answer within {START_TIMEOUT_S:.0f} s")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A one-node Ray cluster started with `ray start --head --block` in its own session, all ports free."""
+    token = tmp_path / "ray_auth_token"
+    token.write_text(secrets.token_hex(32))
+    auth = {**ray_env.CLUSTER_AUTH_ENV, "RAY_AUTH_TOKEN_PATH": str(token)}
+    node_env = {**ray_env.node_env({}), **ray_env.worker_env({}), **auth,
+                # Another Ray (the test session's) may hold HAProxy's default side ports.
+                **{name: str(free_port()) for name in ray_env.HAPROXY_SIDE_PORTS},
+                # The job's `python` is the one with packserve's dependencies, as in the cluster image.
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "PACKSERVE_"))}
+    dashboard_port = free_port()
+    # Ray's socket paths must stay short: a temp dir under /tmp, not pytest's deep one.
+    temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")
+    log = tmp_path / "ray-start.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(RAY), "start", "--head", "--block", "--disable-usage-stats", "--num-cpus", "2",
+             "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+             "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
+             "--temp-dir", temp_dir],
+            env={**env, **node_env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{dashboard_port}"
+        _wait_for_dashboard(url, proc, log)
+        yield Cluster(url, {**env, **auth})
+    finally:
+        kill_session(proc.pid)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while session_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _submit(cluster: Cluster, config: Path, redis: RedisServer, admin_token: str) -> subprocess.CompletedProcess[str]:
+    runtime_env = {"env_vars": {"PACKSERVE_REDIS_URL": redis.url, "PACKSERVE_ADMIN_TOKEN": admin_token}}
+    return subprocess.run(
+        [str(RAY), "job", "submit", "--address", cluster.dashboard, "--working-dir", ".",
+         "--runtime-env-json", json.dumps(runtime_env),
+         "--", "python", "-m", "serve_apps.serve_main", "--config", str(config)],
+        cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+
+
+def test_ray_job_submit_deploys_the_application(cluster: Cluster, redis_server: RedisServer,
+                                                tmp_path: Path) -> None:
+    redis_server.flushall()
+    config = yaml.safe_load((CONFIG_DIR / "local-sim.yaml").read_text())
+    config["gateway"]["port"] = free_port()
+    config.pop("demo_account", None)  # a cluster deploy creates no account; the operator does
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    admin_token = secrets.token_urlsafe(16)
+
+    job = _submit(cluster, path, redis_server, admin_token)
+    assert job.returncode == 0, f"{job.stdout[-3000:]}\n{job.stderr[-2000:]}"
+    assert "Serve keeps it running after this job ends" in job.stdout + job.stderr
+
+    # The job has ended; Serve runs the application, against the store the job named.
+    base = f"http://127.0.0.1:{config['gateway']['port']}"
+    admin = {"authorization": f"Bearer {admin_token}"}
+    account = httpx.post(f"{base}/admin/v1/accounts", headers=admin,
+                         json={"name": "cluster", "packs": ["standard"]}, timeout=30)
+    assert account.status_code == 201, account.text
+    key = httpx.post(f"{base}/admin/v1/accounts/{account.json()['id']}/keys", headers=admin, timeout=30)
+    assert key.status_code == 201, key.text
+    chat = openai.OpenAI(base_url=f"{base}/v1", api_key=key.json()["key"]).chat.completions.create(
+        model="hf:packserve/sim-small", messages=[{"role": "user", "content": "hello"}], max_tokens=8)
+    assert chat.usage is not None and chat.usage.completion_tokens > 0
+    assert redis.Redis.from_url(redis_server.url).dbsize() > 0, "the gateway did not use the Redis the job was given"
+
+    # A second submit updates the running application in place.
+    again = _submit(cluster, path, redis_server, admin_token)
+    assert again.returncode == 0, f"{again.stdout[-3000:]}\n{again.stderr[-2000:]}"
