@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from fastapi import FastAPI
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Application, Deployment
@@ -42,6 +42,8 @@ APP_NAME = "packserve"
 
 class GatewayArgs(BaseModel):
     """`args` of the KubeRay / `serve run` application builder."""
+
+    model_config = ConfigDict(extra="forbid")
 
     config: str | None = None
 
@@ -139,9 +141,15 @@ def build_app(config: AppConfig, *, admin_token: str | None = None) -> serve.App
     return gateway.bind(wire, handles, admin_token)
 
 
-def app_builder(args: GatewayArgs) -> serve.Application:
-    """Application builder for `serve run` / KubeRay serveConfigV2: `import_path: serve_apps.ray_app:app_builder`."""
-    return build_app(load_config(Path(args.config) if args.config else None))
+def app_builder(args: Mapping[str, Any]) -> serve.Application:
+    """Application builder for `serve run` / KubeRay serveConfigV2: `import_path: serve_apps.ray_app:app_builder`.
+
+    Validated here, not through the annotation: Ray converts the args to a
+    pydantic model only when the annotation is the class itself, and under
+    `from __future__ import annotations` it is a string, so Ray passes the dict.
+    """
+    parsed = GatewayArgs.model_validate(dict(args))
+    return build_app(load_config(Path(parsed.config) if parsed.config else None))
 
 
 def dry_run(config: AppConfig) -> list[dict[str, Any]]:

@@ -2,7 +2,9 @@
 
 Nothing is launched: the application configs go through `load_config` and
 `dry_run` (the same plan `build_app` deploys), the Ray autoscaler and KubeRay
-files are parsed and checked for the keys their tools require.
+files are parsed and checked for the keys their tools require, and the
+KubeRay builder is called the way Ray Serve calls it. tests/test_job_submit.py
+deploys both ways onto a real `ray start` node.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
+from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+from ray.serve.deployment import Application
 
 from serve_apps import ray_env
 from serve_apps.config import AppConfig, ConfigError, load_config
@@ -157,6 +162,10 @@ def test_kuberay_rayservice_points_at_an_importable_builder() -> None:
     # The builder's argument model accepts the manifest's args, and the config it names builds.
     assert GatewayArgs.model_validate(app["args"]).config == app["args"]["config"]
     assert dry_run(load_config(config_path))
+    # Called the way Ray Serve calls it (a plain dict of args), it builds the application.
+    assert isinstance(call_user_app_builder_with_args_if_necessary(builder, dict(app["args"])), Application)
+    with pytest.raises(ValidationError, match="confg"):
+        call_user_app_builder_with_args_if_necessary(builder, {"confg": app["args"]["config"]})
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
     groups = cluster["workerGroupSpecs"]

@@ -1,5 +1,7 @@
-"""The README's cluster deploy, run for real: `ray start --head` as the cluster files start a node, then
-`ray job submit --working-dir . -- python -m serve_apps.serve_main --config FILE`.
+"""The README's cluster deploys, run for real against a `ray start --head` node started as the cluster
+files start one: `ray job submit --working-dir . -- python -m serve_apps.serve_main --config FILE`, and
+the KubeRay manifest's `serveConfigV2` sent through Serve's REST API (`serve deploy`, what the
+KubeRay operator does), which builds the application in the cluster with `app_builder`.
 
 The node gets the environment every node of cluster/configs/ gets (Ray Serve's
 throughput mode, engines at nice 0) plus Ray token authentication, and the job
@@ -37,6 +39,8 @@ from tests.processes import kill_session, session_members
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).with_name("ray")
+SERVE = Path(sys.executable).with_name("serve")
+KUBERAY = REPO / "cluster" / "configs" / "kuberay-rayservice.yaml"
 START_TIMEOUT_S = 120.0
 JOB_TIMEOUT_S = 600.0
 
@@ -110,19 +114,32 @@ def _submit(cluster: Cluster, config: Path, redis: RedisServer, admin_token: str
 def test_ray_job_submit_deploys_the_application(cluster: Cluster, redis_server: RedisServer,
                                                 tmp_path: Path) -> None:
     redis_server.flushall()
-    config = yaml.safe_load((CONFIG_DIR / "local-sim.yaml").read_text())
-    config["gateway"]["port"] = free_port()
-    config.pop("demo_account", None)  # a cluster deploy creates no account; the operator does
-    path = tmp_path / "cluster.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path, port = _sim_config(tmp_path)
     admin_token = secrets.token_urlsafe(16)
 
     job = _submit(cluster, path, redis_server, admin_token)
     assert job.returncode == 0, f"{job.stdout[-3000:]}\n{job.stderr[-2000:]}"
     assert "Serve keeps it running after this job ends" in job.stdout + job.stderr
-
     # The job has ended; Serve runs the application, against the store the job named.
-    base = f"http://127.0.0.1:{config['gateway']['port']}"
+    _serves_an_account(port, admin_token, redis_server)
+
+    # A second submit updates the running application in place.
+    again = _submit(cluster, path, redis_server, admin_token)
+    assert again.returncode == 0, f"{again.stdout[-3000:]}\n{again.stderr[-2000:]}"
+
+
+def _sim_config(tmp_path: Path) -> tuple[Path, int]:
+    config = yaml.safe_load((CONFIG_DIR / "local-sim.yaml").read_text())
+    config["gateway"]["port"] = free_port()
+    config.pop("demo_account", None)  # a cluster deploy creates no account; the operator does
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, config["gateway"]["port"]
+
+
+def _serves_an_account(port: int, admin_token: str, redis_server: RedisServer) -> None:
+    """The deployed gateway: admin API with the operator's token, a key, a chat completion, usage in Redis."""
+    base = f"http://127.0.0.1:{port}"
     admin = {"authorization": f"Bearer {admin_token}"}
     account = httpx.post(f"{base}/admin/v1/accounts", headers=admin,
                          json={"name": "cluster", "packs": ["standard"]}, timeout=30)
@@ -132,8 +149,36 @@ def test_ray_job_submit_deploys_the_application(cluster: Cluster, redis_server: 
     chat = openai.OpenAI(base_url=f"{base}/v1", api_key=key.json()["key"]).chat.completions.create(
         model="hf:packserve/sim-small", messages=[{"role": "user", "content": "hello"}], max_tokens=8)
     assert chat.usage is not None and chat.usage.completion_tokens > 0
-    assert redis.Redis.from_url(redis_server.url).dbsize() > 0, "the gateway did not use the Redis the job was given"
+    assert redis.Redis.from_url(redis_server.url).dbsize() > 0, "the gateway did not use the Redis it was given"
 
-    # A second submit updates the running application in place.
-    again = _submit(cluster, path, redis_server, admin_token)
-    assert again.returncode == 0, f"{again.stdout[-3000:]}\n{again.stderr[-2000:]}"
+
+def test_kuberay_serve_config_deploys_through_the_rest_api(cluster: Cluster, redis_server: RedisServer,
+                                                           tmp_path: Path) -> None:
+    redis_server.flushall()
+    path, port = _sim_config(tmp_path)
+    admin_token = secrets.token_urlsafe(16)
+    service = next(d for d in yaml.safe_load_all(KUBERAY.read_text()) if d and d["kind"] == "RayService")
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    serve_config["http_options"] = {"host": "127.0.0.1", "port": port}
+    (app,) = serve_config["applications"]
+    app["args"]["config"] = str(path)
+    # The pods' environment on KubeRay; the image's /app is this checkout here.
+    app["runtime_env"] = {"env_vars": {"PACKSERVE_REDIS_URL": redis_server.url,
+                                       "PACKSERVE_ADMIN_TOKEN": admin_token}}
+    deploy_file = tmp_path / "serve-config.yaml"
+    deploy_file.write_text(yaml.safe_dump(serve_config))
+
+    deployed = subprocess.run([str(SERVE), "deploy", str(deploy_file), "--address", cluster.dashboard],
+                              cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120)
+    assert deployed.returncode == 0, f"{deployed.stdout[-2000:]}\n{deployed.stderr[-2000:]}"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    status = ""
+    while time.monotonic() < deadline:
+        status = subprocess.run([str(SERVE), "status", "--address", cluster.dashboard], env=cluster.env,
+                                capture_output=True, text=True, timeout=60).stdout
+        if "DEPLOY_FAILED" in status or yaml.safe_load(status)["applications"].get(app["name"], {}).get(
+                "status") == "RUNNING":
+            break
+        time.sleep(1)
+    assert yaml.safe_load(status)["applications"][app["name"]]["status"] == "RUNNING", status
+    _serves_an_account(port, admin_token, redis_server)
