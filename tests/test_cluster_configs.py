@@ -155,7 +155,7 @@ def test_kuberay_rayservice_points_at_an_importable_builder() -> None:
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
     (app,) = serve_config["applications"]
     module_name, _, attr = app["import_path"].partition(":")
-    builder = getattr(importlib.import_module(module_name), attr)
+    builder: Any = getattr(importlib.import_module(module_name), attr)  # what Ray imports: a plain function
     assert builder is app_builder
     config_path = ROOT / app["args"]["config"]
     assert config_path.is_file()
