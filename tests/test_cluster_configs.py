@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from types import FunctionType
 from typing import Any
 
 import pytest
@@ -155,17 +156,19 @@ def test_kuberay_rayservice_points_at_an_importable_builder() -> None:
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
     (app,) = serve_config["applications"]
     module_name, _, attr = app["import_path"].partition(":")
-    builder: Any = getattr(importlib.import_module(module_name), attr)  # what Ray imports: a plain function
+    builder = getattr(importlib.import_module(module_name), attr)
     assert builder is app_builder
+    # What Ray imports, a plain function (narrowed above to the typed builder).
+    imported: FunctionType = getattr(importlib.import_module(module_name), attr)
     config_path = ROOT / app["args"]["config"]
     assert config_path.is_file()
     # The builder's argument model accepts the manifest's args, and the config it names builds.
     assert GatewayArgs.model_validate(app["args"]).config == app["args"]["config"]
     assert dry_run(load_config(config_path))
     # Called the way Ray Serve calls it (a plain dict of args), it builds the application.
-    assert isinstance(call_user_app_builder_with_args_if_necessary(builder, dict(app["args"])), Application)
+    assert isinstance(call_user_app_builder_with_args_if_necessary(imported, dict(app["args"])), Application)
     with pytest.raises(ValidationError, match="confg"):
-        call_user_app_builder_with_args_if_necessary(builder, {"confg": app["args"]["config"]})
+        call_user_app_builder_with_args_if_necessary(imported, {"confg": app["args"]["config"]})
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
     groups = cluster["workerGroupSpecs"]
