@@ -29,9 +29,9 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Application, Deployment
 from ray.serve.handle import DeploymentHandle
 
-from cluster.settings import admin_token_from_env
+from cluster.settings import admin_token_from_env, redis_url_from_env
 from serve_apps import routing, serving_plan
-from serve_apps.config import AppConfig, load_config
+from serve_apps.config import AppConfig, ConfigError, load_config
 from serve_apps.engine_proxy import DeploymentEngine, ReplicaWatch
 from serve_apps.engines.types import Engine
 from serve_apps.gateway.app import GatewayRuntime, build_gateway_app, create_runtime
@@ -127,7 +127,13 @@ def model_deployment(p: serving_plan.DeploymentPlan, config: AppConfig) -> Appli
 
 
 def build_app(config: AppConfig, *, admin_token: str | None = None) -> serve.Application:
-    """The whole application. `admin_token` overrides PACKSERVE_ADMIN_TOKEN in the gateway replicas."""
+    """The whole application. `admin_token` overrides PACKSERVE_ADMIN_TOKEN in the gateway replicas.
+
+    Called where the replicas' environment is known (the deploying driver, or
+    the builder task KubeRay's serveConfigV2 runs in the cluster), so it can
+    refuse a store the gateways could not share.
+    """
+    _require_shared_store(config)
     plans = serving_plan.plan(config)
     wire = _wire_config(config)
     handles: dict[str, Any] = {p.name: model_deployment(p, config) for p in plans}
@@ -139,6 +145,20 @@ def build_app(config: AppConfig, *, admin_token: str | None = None) -> serve.App
         max_ongoing_requests=gw.max_ongoing_requests,
         logging_config={"enable_access_log": gw.access_log})
     return gateway.bind(wire, handles, admin_token)
+
+
+def _require_shared_store(config: AppConfig) -> None:
+    """Several gateway replicas need the Redis store: the embedded one is a file on one replica's node.
+
+    Without it each gateway (on another node, or after a move) would keep its
+    own accounts, keys, bars and usage, and a customer's requests would be
+    authenticated and charged differently depending on which one answers.
+    """
+    replicas = config.gateway.autoscaling.max_replicas
+    if replicas > 1 and not (config.store.redis_url or redis_url_from_env()):
+        raise ConfigError(f"the gateway may run {replicas} replicas (gateway.autoscaling.max_replicas) but no "
+                          "Redis store is set: each would keep its own accounts, bars and usage. Set "
+                          "PACKSERVE_REDIS_URL (or store.redis_url), or run one gateway replica.")
 
 
 def app_builder(args: Mapping[str, Any]) -> serve.Application:

@@ -149,7 +149,9 @@ def test_ray_autoscaler_cluster_file(path: Path) -> None:
     assert machines & {"p5.48xlarge", "p4d.24xlarge", "a3-highgpu-8g"}
 
 
-def test_kuberay_rayservice_points_at_an_importable_builder() -> None:
+def test_kuberay_rayservice_points_at_an_importable_builder(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The pods' environment carries the Redis store (from the Secret); several gateways need it.
+    monkeypatch.setenv("PACKSERVE_REDIS_URL", "redis://redis:6379/0")
     docs = [d for d in yaml.safe_load_all(KUBERAY.read_text()) if d]
     service = next(d for d in docs if d["kind"] == "RayService")
     assert service["apiVersion"].startswith("ray.io/")
@@ -169,6 +171,9 @@ def test_kuberay_rayservice_points_at_an_importable_builder() -> None:
     assert isinstance(call_user_app_builder_with_args_if_necessary(imported, dict(app["args"])), Application)
     with pytest.raises(ValidationError, match="confg"):
         call_user_app_builder_with_args_if_necessary(imported, {"confg": app["args"]["config"]})
+    monkeypatch.delenv("PACKSERVE_REDIS_URL")
+    with pytest.raises(ConfigError, match=r"may run 8 replicas .* no Redis store"):
+        call_user_app_builder_with_args_if_necessary(imported, dict(app["args"]))
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
     groups = cluster["workerGroupSpecs"]
