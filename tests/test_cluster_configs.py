@@ -10,6 +10,8 @@ deploys both ways onto a real `ray start` node.
 from __future__ import annotations
 
 import importlib
+import shlex
+import tomllib
 from pathlib import Path
 from types import FunctionType
 from typing import Any
@@ -147,6 +149,26 @@ def test_ray_autoscaler_cluster_file(path: Path) -> None:
     machine_key = "InstanceType" if cluster["provider"]["type"] == "aws" else "machineType"
     machines = {t["node_config"][machine_key] for t in gpu_types.values()}
     assert machines & {"p5.48xlarge", "p4d.24xlarge", "a3-highgpu-8g"}
+
+
+def _requirement(spec: str) -> str:
+    return spec.split(";", 1)[0].strip()
+
+
+@pytest.mark.parametrize("path", RAY_CLUSTERS, ids=lambda p: p.name)
+def test_cluster_nodes_install_the_tested_releases(path: Path) -> None:
+    """The nodes get pyproject's dependencies and `gpu` extra, and run the Ray release the extras pin."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    gpu = [_requirement(r) for r in project["optional-dependencies"]["gpu"]]
+    (ray_pin,) = [r for r in gpu if r.startswith("ray[serve]==")]
+    wanted = {_requirement(r) for r in project["dependencies"]} | set(gpu) - {ray_pin}
+    cluster = yaml.safe_load(path.read_text())
+    (pip,) = [c for c in cluster["setup_commands"] if c.startswith("pip install")]
+    assert set(shlex.split(pip)[2:]) - {"--quiet"} == wanted
+    ray_version = ray_pin.split("==")[1]
+    assert cluster["docker"]["image"].startswith(f"rayproject/ray:{ray_version}-")
+    service = next(d for d in yaml.safe_load_all(KUBERAY.read_text()) if d and d["kind"] == "RayService")
+    assert service["spec"]["rayClusterConfig"]["rayVersion"] == ray_version
 
 
 def test_kuberay_rayservice_points_at_an_importable_builder(monkeypatch: pytest.MonkeyPatch) -> None:
