@@ -32,6 +32,7 @@ from ray.serve.handle import DeploymentHandle
 from cluster.settings import admin_token_from_env, redis_url_from_env
 from serve_apps import routing, serving_plan
 from serve_apps.config import AppConfig, ConfigError, load_config
+from serve_apps.deploy_versions import deployment_version, inherited_environment, job_runtime_env
 from serve_apps.engine_proxy import DeploymentEngine, ReplicaWatch
 from serve_apps.engines.types import Engine
 from serve_apps.gateway.app import GatewayRuntime, build_gateway_app, create_runtime
@@ -110,8 +111,12 @@ def _deployment(cls: type) -> Deployment:
     return cast(Deployment, serve.deployment(cls))
 
 
-def model_deployment(p: serving_plan.DeploymentPlan, config: AppConfig) -> Application:
-    """One model's deployment, bound: what `build_app` deploys for `p` (benchmarks deploy it alone)."""
+def model_deployment(p: serving_plan.DeploymentPlan, config: AppConfig,
+                     environment: Mapping[str, Any] | None = None) -> Application:
+    """One model's deployment, bound: what `build_app` deploys for `p` (benchmarks deploy it alone).
+
+    `environment`: what its replicas inherit (`inherited_environment`), part of its version.
+    """
     options: dict[str, Any] = {}
     if p.routing == "affinity":
         # By import path: the router is instantiated in whichever process holds
@@ -120,10 +125,18 @@ def model_deployment(p: serving_plan.DeploymentPlan, config: AppConfig) -> Appli
                                    "request_router_kwargs": dict(p.router_kwargs)}
         # Unpacked from a dict: Ray annotates this constructor's **kwargs as dicts.
         options["request_router_config"] = RequestRouterConfig(**router)
+    replica_config = serving_plan.replica_config(config, p.model_id)
+    if environment is None:
+        environment = inherited_environment(job_runtime_env())
+    version = deployment_version("model", p.model_id, replica_config, p.ray_actor_options, environment)
     deployment = _deployment(ModelServer).options(
         name=p.name, autoscaling_config=p.autoscaling_config, ray_actor_options=p.ray_actor_options,
-        max_ongoing_requests=p.max_ongoing_requests, logging_config={"enable_access_log": False}, **options)
-    return deployment.bind(p.model_id, _wire_config(config))
+        max_ongoing_requests=p.max_ongoing_requests, logging_config={"enable_access_log": False},
+        # Serve's public API no longer takes versions (it draws a random one per
+        # `serve.run`, restarting every replica); packserve pins Ray 2.60 and
+        # tests/test_job_submit.py checks that replicas survive a redeploy.
+        version=version, _internal=True, **options)
+    return deployment.bind(p.model_id, replica_config)
 
 
 def build_app(config: AppConfig, *, admin_token: str | None = None) -> serve.Application:
@@ -136,14 +149,18 @@ def build_app(config: AppConfig, *, admin_token: str | None = None) -> serve.App
     _require_shared_store(config)
     plans = serving_plan.plan(config)
     wire = _wire_config(config)
-    handles: dict[str, Any] = {p.name: model_deployment(p, config) for p in plans}
+    environment = inherited_environment(job_runtime_env())
+    handles: dict[str, Any] = {p.name: model_deployment(p, config, environment) for p in plans}
     gw = config.gateway
+    actor_options = {"num_cpus": gw.num_cpus}
+    version = deployment_version("gateway", wire, sorted(handles), actor_options, admin_token, environment)
     gateway = _deployment(GatewayIngress).options(
         name=serving_plan.GATEWAY_DEPLOYMENT,
         autoscaling_config=serving_plan.autoscaling_config(gw.autoscaling),
-        ray_actor_options={"num_cpus": gw.num_cpus},
+        ray_actor_options=actor_options,
         max_ongoing_requests=gw.max_ongoing_requests,
-        logging_config={"enable_access_log": gw.access_log})
+        logging_config={"enable_access_log": gw.access_log},
+        version=version, _internal=True)
     return gateway.bind(wire, handles, admin_token)
 
 

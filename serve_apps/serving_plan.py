@@ -95,6 +95,20 @@ def served_models(config: AppConfig, model_id: str) -> tuple[ModelConfig, ...]:
     return (base, *(m for m in models if m.kind == "lora" and m.base_model == model_id))
 
 
+# What a model deployment's replicas are built from. The rest of a model's
+# entry (prices, weight, owned_by, routing, autoscaling, cold-start timeout)
+# is read by the gateway or by Serve, so changing it must not reload a model.
+ENGINE_FIELDS = frozenset({"id", "kind", "size_class", "context_length", "max_output_tokens", "features",
+                           "base_model", "adapter_path", "vllm"})
+
+
+def replica_config(config: AppConfig, model_id: str) -> dict[str, Any]:
+    """The config a model deployment's replicas get (JSON-mode): its base model and adapters, engine fields only."""
+    return {"engine": config.engine, "sim": config.sim.model_dump(mode="json"),
+            "store": config.store.model_dump(mode="json", include={"data_dir"}),
+            "models": [m.model_dump(mode="json", include=set(ENGINE_FIELDS)) for m in served_models(config, model_id)]}
+
+
 def autoscaling_config(a: Autoscaling) -> dict[str, Any]:
     out: dict[str, Any] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
                            "target_ongoing_requests": a.target_ongoing_requests,

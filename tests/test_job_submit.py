@@ -3,9 +3,10 @@ files start one: `ray job submit --working-dir . -- python -m serve_apps.serve_m
 the KubeRay manifest's `serveConfigV2` sent through Serve's REST API (`serve deploy`, what the
 KubeRay operator does), which builds the application in the cluster with `app_builder`.
 
-The node gets the environment every node of cluster/configs/ gets (Ray Serve's
-throughput mode, engines at nice 0) plus Ray token authentication, and the job
-driver inherits it, as on a real cluster. This caught a deploy that failed on
+A resubmit must restart only what changed (deployment versions,
+serve_apps/deploy_versions.py). The node gets the environment every node of
+cluster/configs/ gets (Ray Serve's throughput mode, engines at nice 0) plus Ray
+token authentication, and the job driver inherits it, as on a real cluster. This caught a deploy that failed on
 every such cluster: the driver's handles, built under the inherited throughput
 mode, refused the blocking calls of its readiness check. The application uses
 the simulated engine; the model engines are covered by test_ray_vllm.
@@ -48,7 +49,19 @@ JOB_TIMEOUT_S = 600.0
 @dataclass(frozen=True)
 class Cluster:
     dashboard: str
+    gcs: str
     env: dict[str, str]  # what an operator's shell needs to reach it (the token)
+
+    def replicas(self) -> dict[str, str]:
+        """Live Serve replica actors: deployment name → replica actor name (new on every restart)."""
+        listed = subprocess.run([str(RAY), "list", "actors", "--filter", "state=ALIVE", "--format", "json",
+                                 "--limit", "1000", "--address", self.gcs],
+                                env=self.env, capture_output=True, text=True, timeout=60, check=True)
+        out: dict[str, str] = {}
+        for actor in json.loads(listed.stdout):
+            if actor["class_name"].startswith("ServeReplica:"):
+                out[actor["class_name"].rsplit(":", 1)[1]] = actor["name"]
+        return out
 
 
 def _wait_for_dashboard(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -78,21 +91,21 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
                 # The job's `python` is the one with packserve's dependencies, as in the cluster image.
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "PACKSERVE_"))}
-    dashboard_port = free_port()
+    dashboard_port, gcs_port = free_port(), free_port()
     # Ray's socket paths must stay short: a temp dir under /tmp, not pytest's deep one.
     temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")
     log = tmp_path / "ray-start.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [str(RAY), "start", "--head", "--block", "--disable-usage-stats", "--num-cpus", "2",
-             "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+             "--port", str(gcs_port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
              "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
              "--temp-dir", temp_dir],
             env={**env, **node_env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{dashboard_port}"
         _wait_for_dashboard(url, proc, log)
-        yield Cluster(url, {**env, **auth})
+        yield Cluster(url, f"127.0.0.1:{gcs_port}", {**env, **auth})
     finally:
         kill_session(proc.pid)
         proc.wait(timeout=30)
@@ -111,8 +124,8 @@ def _submit(cluster: Cluster, config: Path, redis: RedisServer, admin_token: str
         cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
 
 
-def test_ray_job_submit_deploys_the_application(cluster: Cluster, redis_server: RedisServer,
-                                                tmp_path: Path) -> None:
+def test_ray_job_submit_deploys_and_redeploys_only_what_changed(cluster: Cluster, redis_server: RedisServer,
+                                                                tmp_path: Path) -> None:
     redis_server.flushall()
     path, port = _sim_config(tmp_path)
     admin_token = secrets.token_urlsafe(16)
@@ -121,11 +134,30 @@ def test_ray_job_submit_deploys_the_application(cluster: Cluster, redis_server: 
     assert job.returncode == 0, f"{job.stdout[-3000:]}\n{job.stderr[-2000:]}"
     assert "Serve keeps it running after this job ends" in job.stdout + job.stderr
     # The job has ended; Serve runs the application, against the store the job named.
-    _serves_an_account(port, admin_token, redis_server)
+    key = _serves_an_account(port, admin_token, redis_server)
+    first = cluster.replicas()
+    assert set(first) == {"gateway", "model-packserve--sim-large", "model-packserve--sim-small",
+                          "model-packserve--sim-embed"}
 
-    # A second submit updates the running application in place.
+    # The same config again (a re-run pipeline): nothing restarts.
     again = _submit(cluster, path, redis_server, admin_token)
     assert again.returncode == 0, f"{again.stdout[-3000:]}\n{again.stderr[-2000:]}"
+    assert cluster.replicas() == first
+
+    # A price (the gateway's business) and one model's context length (its engine's): only those restart.
+    config = yaml.safe_load(path.read_text())
+    models = {m["id"]: m for m in config["models"]}
+    models["hf:packserve/sim-small"]["output_price"] = "9.99"
+    models["hf:packserve/sim-large"]["context_length"] = 16384
+    path.write_text(yaml.safe_dump(config))
+    changed = _submit(cluster, path, redis_server, admin_token)
+    assert changed.returncode == 0, f"{changed.stdout[-3000:]}\n{changed.stderr[-2000:]}"
+    now = cluster.replicas()
+    assert {name for name in first if now[name] != first[name]} == {"gateway", "model-packserve--sim-large"}
+    listed = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key).models.list()
+    by_id = {m.id: m.model_dump() for m in listed.data}
+    assert by_id["hf:packserve/sim-small"]["pricing"]["output_per_million"] == "$9.99"
+    assert by_id["hf:packserve/sim-large"]["context_length"] == 16384
 
 
 def _sim_config(tmp_path: Path) -> tuple[Path, int]:
@@ -137,7 +169,7 @@ def _sim_config(tmp_path: Path) -> tuple[Path, int]:
     return path, config["gateway"]["port"]
 
 
-def _serves_an_account(port: int, admin_token: str, redis_server: RedisServer) -> None:
+def _serves_an_account(port: int, admin_token: str, redis_server: RedisServer) -> str:
     """The deployed gateway: admin API with the operator's token, a key, a chat completion, usage in Redis."""
     base = f"http://127.0.0.1:{port}"
     admin = {"authorization": f"Bearer {admin_token}"}
@@ -150,6 +182,7 @@ def _serves_an_account(port: int, admin_token: str, redis_server: RedisServer) -
         model="hf:packserve/sim-small", messages=[{"role": "user", "content": "hello"}], max_tokens=8)
     assert chat.usage is not None and chat.usage.completion_tokens > 0
     assert redis.Redis.from_url(redis_server.url).dbsize() > 0, "the gateway did not use the Redis it was given"
+    return str(key.json()["key"])
 
 
 def test_kuberay_serve_config_deploys_through_the_rest_api(cluster: Cluster, redis_server: RedisServer,
