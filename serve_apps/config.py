@@ -66,6 +66,11 @@ class GatewayConfig(StrictModel):
     # How long a request for a model at zero replicas waits for one to start
     # (before admission: the wait is never charged); past it, 503 + Retry-After.
     cold_start_timeout_s: float = Field(600, gt=0)
+    # Under Ray Serve: how long a gateway replica being replaced (a redeploy that
+    # changed it, a scale-down) keeps serving its open streams before Serve
+    # kills it. Ray's default is 20 s; a coding agent's stream often runs
+    # longer. Stopping `packserve serve` waits for it too when streams are open.
+    graceful_shutdown_timeout_s: float = Field(20, ge=0)
 
 
 class Resources(StrictModel):
@@ -121,6 +126,8 @@ class ModelConfig(StrictModel):
     # The preferred replica is passed over once it has more requests than this in flight.
     affinity_max_queue: int = Field(8, ge=0)
     cold_start_timeout_s: float | None = Field(None, gt=0, description="overrides gateway.cold_start_timeout_s")
+    # As the gateway's: how long a replica being replaced finishes its open generations.
+    graceful_shutdown_timeout_s: float = Field(20, ge=0)
 
     @field_validator("id")
     @classmethod

@@ -132,6 +132,7 @@ def model_deployment(p: serving_plan.DeploymentPlan, config: AppConfig,
     deployment = _deployment(ModelServer).options(
         name=p.name, autoscaling_config=p.autoscaling_config, ray_actor_options=p.ray_actor_options,
         max_ongoing_requests=p.max_ongoing_requests, logging_config={"enable_access_log": False},
+        graceful_shutdown_timeout_s=p.graceful_shutdown_timeout_s,
         # Serve's public API no longer takes versions (it draws a random one per
         # `serve.run`, restarting every replica); packserve pins Ray 2.60 and
         # tests/test_job_submit.py checks that replicas survive a redeploy.
@@ -160,6 +161,7 @@ def build_app(config: AppConfig, *, admin_token: str | None = None) -> serve.App
         ray_actor_options=actor_options,
         max_ongoing_requests=gw.max_ongoing_requests,
         logging_config={"enable_access_log": gw.access_log},
+        graceful_shutdown_timeout_s=gw.graceful_shutdown_timeout_s,
         version=version, _internal=True)
     return gateway.bind(wire, handles, admin_token)
 
@@ -196,5 +198,6 @@ def dry_run(config: AppConfig) -> list[dict[str, Any]]:
                "http": {"host": gw.host, "port": gw.port},
                "autoscaling_config": serving_plan.autoscaling_config(gw.autoscaling),
                "ray_actor_options": {"num_cpus": gw.num_cpus}, "max_ongoing_requests": gw.max_ongoing_requests,
-               "access_log": gw.access_log, "serves": sorted(serving_plan.cards(config))}
+               "access_log": gw.access_log, "graceful_shutdown_timeout_s": gw.graceful_shutdown_timeout_s,
+               "serves": sorted(serving_plan.cards(config))}
     return [gateway, *(p.describe() for p in serving_plan.plan(config))]

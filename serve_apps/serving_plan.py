@@ -44,13 +44,15 @@ class DeploymentPlan:
     engine_args: dict[str, Any] = field(default_factory=dict)
     routing: str = "default"  # "affinity" | "default" (Ray's power of two choices)
     router_kwargs: dict[str, Any] = field(default_factory=dict)
+    graceful_shutdown_timeout_s: float = 20.0
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "model": self.model_id, "kind": self.kind, "serves": list(self.served_ids),
                 "engine": self.engine, "autoscaling_config": dict(self.autoscaling_config),
                 "ray_actor_options": dict(self.ray_actor_options),
                 "max_ongoing_requests": self.max_ongoing_requests, "engine_args": dict(self.engine_args),
-                "routing": self.routing, "router_kwargs": dict(self.router_kwargs)}
+                "routing": self.routing, "router_kwargs": dict(self.router_kwargs),
+                "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s}
 
 
 def deployment_name(model_id: str) -> str:
@@ -171,7 +173,8 @@ def plan(config: AppConfig) -> list[DeploymentPlan]:
             routing=routing, router_kwargs=(
                 # Several gateway replicas each learn their own table: route unseen conversations to a shared home.
                 {"max_queue": m.affinity_max_queue, "shared": config.gateway.autoscaling.max_replicas > 1}
-                if routing == "affinity" else {})))
+                if routing == "affinity" else {}),
+            graceful_shutdown_timeout_s=m.graceful_shutdown_timeout_s))
     return plans
 
 

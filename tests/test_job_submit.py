@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,12 @@ SERVE = Path(sys.executable).with_name("serve")
 KUBERAY = REPO / "cluster" / "configs" / "kuberay-rayservice.yaml"
 START_TIMEOUT_S = 120.0
 JOB_TIMEOUT_S = 600.0
+SIM_TOKENS_PER_S = 0.5
+# 80 s at SIM_TOKENS_PER_S: longer than what a replaced gateway replica gets by
+# default (Ray keeps it reachable 30 s, then gives it 20 s of graceful shutdown).
+# The simulated answer to LONG_STREAM_SEED runs to 47 tokens, so it ends by length.
+LONG_STREAM_TOKENS = 40
+LONG_STREAM_SEED = 6
 
 
 @dataclass(frozen=True)
@@ -145,6 +152,8 @@ def test_ray_job_submit_deploys_and_redeploys_only_what_changed(cluster: Cluster
     assert cluster.replicas() == first
 
     # A price (the gateway's business) and one model's context length (its engine's): only those restart.
+    # A stream open on the old gateway replica meanwhile runs to its end (graceful_shutdown_timeout_s).
+    long_stream = ThreadPoolExecutor(1).submit(_stream_tokens, port, key, LONG_STREAM_TOKENS)
     config = yaml.safe_load(path.read_text())
     models = {m["id"]: m for m in config["models"]}
     models["hf:packserve/sim-small"]["output_price"] = "9.99"
@@ -154,15 +163,33 @@ def test_ray_job_submit_deploys_and_redeploys_only_what_changed(cluster: Cluster
     assert changed.returncode == 0, f"{changed.stdout[-3000:]}\n{changed.stderr[-2000:]}"
     now = cluster.replicas()
     assert {name for name in first if now[name] != first[name]} == {"gateway", "model-packserve--sim-large"}
+    assert long_stream.result(timeout=JOB_TIMEOUT_S) == (LONG_STREAM_TOKENS, "length")
     listed = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key).models.list()
     by_id = {m.id: m.model_dump() for m in listed.data}
     assert by_id["hf:packserve/sim-small"]["pricing"]["output_per_million"] == "$9.99"
     assert by_id["hf:packserve/sim-large"]["context_length"] == 16384
 
 
+def _stream_tokens(port: int, key: str, max_tokens: int) -> tuple[int, str | None]:
+    """A streamed chat completion's completion tokens and finish reason."""
+    stream = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0).chat.completions.create(
+        model="hf:packserve/sim-small", messages=[{"role": "user", "content": "write at length"}],
+        max_tokens=max_tokens, seed=LONG_STREAM_SEED, stream=True, stream_options={"include_usage": True})
+    finish, tokens = None, 0
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return tokens, finish
+
+
 def _sim_config(tmp_path: Path) -> tuple[Path, int]:
     config = yaml.safe_load((CONFIG_DIR / "local-sim.yaml").read_text())
     config["gateway"]["port"] = free_port()
+    # Slow enough that a stream outlives Ray's default 20 s graceful shutdown of a replaced replica.
+    config["sim"]["tokens_per_s"] = SIM_TOKENS_PER_S
+    config["gateway"]["graceful_shutdown_timeout_s"] = 120
     config.pop("demo_account", None)  # a cluster deploy creates no account; the operator does
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -179,7 +206,7 @@ def _serves_an_account(port: int, admin_token: str, redis_server: RedisServer) -
     key = httpx.post(f"{base}/admin/v1/accounts/{account.json()['id']}/keys", headers=admin, timeout=30)
     assert key.status_code == 201, key.text
     chat = openai.OpenAI(base_url=f"{base}/v1", api_key=key.json()["key"]).chat.completions.create(
-        model="hf:packserve/sim-small", messages=[{"role": "user", "content": "hello"}], max_tokens=8)
+        model="hf:packserve/sim-small", messages=[{"role": "user", "content": "hello"}], max_tokens=2)
     assert chat.usage is not None and chat.usage.completion_tokens > 0
     assert redis.Redis.from_url(redis_server.url).dbsize() > 0, "the gateway did not use the Redis it was given"
     return str(key.json()["key"])
