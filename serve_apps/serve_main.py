@@ -329,6 +329,12 @@ def deploy_main(argv: Sequence[str] | None = None) -> int:
         if not args.no_wait:
             _wait_models(config, time.monotonic() + READY_TIMEOUT_S)
         _say(f"deployed in {time.monotonic() - started:.0f} s; Serve keeps it running after this job ends")
+        port = config.gateway.port
+        _say(f"the gateway answers on port {port} of every node: OpenAI http://NODE:{port}/v1, "
+             f"Anthropic http://NODE:{port}/anthropic, admin API http://NODE:{port}/admin/v1")
+        if admin_token_from_env() is None:
+            _say("warning: PACKSERVE_ADMIN_TOKEN is not set, so the admin API is off; manage accounts and keys "
+                 "with `packserve --redis-url URL accounts ...` against the store")
         return 0
     except (ConfigError, ServeError) as exc:
         print(f"packserve: error: {exc}", file=sys.stderr)

@@ -140,6 +140,8 @@ def test_ray_job_submit_deploys_and_redeploys_only_what_changed(cluster: Cluster
     job = _submit(cluster, path, redis_server, admin_token)
     assert job.returncode == 0, f"{job.stdout[-3000:]}\n{job.stderr[-2000:]}"
     assert "Serve keeps it running after this job ends" in job.stdout + job.stderr
+    assert f"the gateway answers on port {port} of every node" in job.stdout + job.stderr
+    assert "PACKSERVE_ADMIN_TOKEN is not set" not in job.stdout + job.stderr
     # The job has ended; Serve runs the application, against the store the job named.
     key = _serves_an_account(port, admin_token, redis_server)
     first = cluster.replicas()
