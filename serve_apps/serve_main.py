@@ -114,10 +114,34 @@ def _deploy(config: AppConfig, admin_token: str | None) -> None:
     try:
         serve.run(build_app(config, admin_token=admin_token), name=APP_NAME, route_prefix="/", blocking=False)
     except RuntimeError as exc:
-        # Ray reports a replica's constructor failure here, with its traceback
-        # as text; the last line names the actual error.
-        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-        raise ServeError(f"deployment failed: {lines[-1] if lines else exc}") from None
+        raise ServeError(f"deployment failed: {_failure_reason(exc)}") from None
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _failure_reason(exc: RuntimeError) -> str:
+    """What failed and why, in one line.
+
+    Ray's exception says which deployments failed ("Failed to update the
+    deployments ['gateway']"); the reason, a replica constructor's traceback
+    as text (e.g. the store unreachable), is in each one's status message,
+    whose last line names the actual error.
+    """
+    from ray import serve
+
+    from serve_apps.ray_app import APP_NAME
+
+    reasons: list[str] = []
+    with contextlib.suppress(Exception):  # the status is a best effort on top of Ray's own message
+        app = serve.status().applications.get(APP_NAME)
+        for name, deployment in (app.deployments if app else {}).items():
+            # DeploymentStatus is a str enum; its class is private to Ray.
+            if deployment.status == "DEPLOY_FAILED" and _last_line(deployment.message or ""):
+                reasons.append(f"{name}: {_last_line(deployment.message)}")
+    return "; ".join(reasons) or _last_line(str(exc)) or str(exc)
 
 
 def _graph(config: AppConfig) -> list[dict[str, Any]]:

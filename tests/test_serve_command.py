@@ -105,3 +105,33 @@ def test_serve_answers_the_sdks_and_stops_cleanly_on_sigterm(
         time.sleep(0.5)
     left = session_members(proc.pid)
     assert not left, f"processes left running after SIGTERM: {left}"
+
+
+def test_serve_names_why_a_deployment_failed_and_leaves_nothing(tmp_path: Path) -> None:
+    """A wrong Redis URL: one line naming the deployment and the reason, exit 1, Ray stopped."""
+    config = yaml.safe_load((CONFIG_DIR / "local-sim.yaml").read_text())
+    config["gateway"]["port"] = free_port()
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    closed = free_port()  # nothing listens there
+    env = {**os.environ, "PACKSERVE_DATA_DIR": str(tmp_path / "data"),
+           "PACKSERVE_REDIS_URL": f"redis://127.0.0.1:{closed}/0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "serve_apps", "serve", "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=START_TIMEOUT_S)
+        assert proc.returncode == 1, stderr[-2000:]
+        errors = [line for line in stderr.splitlines() if line.startswith("packserve: error:")]
+        # Ray's own message alone said only "Failed to update the deployments ['gateway']".
+        assert len(errors) == 1 and errors[0].startswith(
+            "packserve: error: deployment failed: gateway: cluster.store.StoreError: cannot reach Redis at "
+            f"127.0.0.1:{closed}"), stderr[-2000:]
+        deadline = time.monotonic() + LEFTOVER_TIMEOUT_S
+        while session_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not session_members(proc.pid)
+    finally:
+        kill_session(proc.pid)
+        proc.wait(timeout=30)
