@@ -101,6 +101,16 @@ def _start_ray(local: bool) -> str | None:
     return ray_env.init_local(include_dashboard=False, log_to_driver=False)
 
 
+def _check_fits_here(config: AppConfig, path: Path) -> None:
+    """Refuse a config this machine cannot start (Ray would leave its replicas pending for ever)."""
+    import ray
+
+    shortfalls = serving_plan.local_shortfalls(config, ray.cluster_resources())  # type: ignore[no-untyped-call]
+    if shortfalls:
+        raise ServeError(f"this machine cannot run {path}: {'; '.join(shortfalls)}. Lower `resources` or the "
+                         "starting replicas in the config, or deploy it onto a cluster (README: \"A cluster\")")
+
+
 def _deploy(config: AppConfig, admin_token: str | None) -> None:
     from ray import serve
 
@@ -315,6 +325,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         _build_embedded_catalog(config)
         local_ray = _start_ray(local=True)
         _interrupt_on_stop_signals()
+        if local_ray is not None:
+            _check_fits_here(config, args.config or DEFAULT_CONFIG)
         _deploy(config, admin_token_from_env())
         deadline = time.monotonic() + READY_TIMEOUT_S
         _wait_healthy(base_url(config), deadline)

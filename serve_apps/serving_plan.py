@@ -11,6 +11,7 @@ anything starts.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -201,3 +202,34 @@ def _engine_args(config: AppConfig, m: ModelConfig, adapters: tuple[ModelConfig,
         args["max_loras"] = max(m.vllm.max_loras, len(adapters))
         args["lora_modules"] = {a.id: a.adapter_path for a in adapters}
     return args
+
+
+def _starting_replicas(a: dict[str, Any]) -> int:
+    return max(int(a["min_replicas"]), int(a.get("initial_replicas") or 0))
+
+
+def local_shortfalls(config: AppConfig, available: Mapping[str, float]) -> list[str]:
+    """What the deployments need at their starting replica counts that a machine with `available` lacks.
+
+    `available` is Ray's resource map of that machine (`ray.cluster_resources()`:
+    "CPU", "GPU", "accelerator_type:H100", ...). Ray would otherwise leave such a
+    replica pending for ever, and `packserve serve` would wait for it in silence.
+    """
+    gateway = config.gateway
+    demand: list[tuple[str, int, dict[str, Any]]] = [
+        (GATEWAY_DEPLOYMENT, _starting_replicas(autoscaling_config(gateway.autoscaling)),
+         {"num_cpus": gateway.num_cpus, "num_gpus": 0})]
+    demand += [(p.model_id, _starting_replicas(p.autoscaling_config), p.ray_actor_options) for p in plan(config)]
+    out: list[str] = []
+    for name, _, options in demand:
+        accelerator = options.get("accelerator_type")
+        if accelerator and available.get(f"accelerator_type:{accelerator}", 0) <= 0:
+            out.append(f"{name} needs an {accelerator} GPU (resources.accelerator_type) and this machine has none")
+    for key, resource, unit in (("num_cpus", "CPU", "CPUs"), ("num_gpus", "GPU", "GPUs")):
+        parts = [(name, count, float(options.get(key) or 0)) for name, count, options in demand]
+        needed = sum(count * each for _, count, each in parts)
+        if needed > available.get(resource, 0) + 1e-9:
+            detail = ", ".join(f"{name} {count}×{each:g}" for name, count, each in parts if count and each)
+            out.append(f"the deployments need {needed:g} {unit} at their starting replicas ({detail}) and this "
+                       f"machine has {available.get(resource, 0):g}")
+    return out

@@ -25,6 +25,7 @@ from ray.serve.deployment import Application
 from serve_apps import ray_env
 from serve_apps.config import AppConfig, ConfigError, load_config
 from serve_apps.ray_app import GatewayArgs, app_builder, dry_run
+from serve_apps.serving_plan import local_shortfalls
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster" / "configs"
@@ -215,3 +216,20 @@ def test_kuberay_rayservice_points_at_an_importable_builder(monkeypatch: pytest.
         e for e in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
         if e["name"].startswith("RAY_AUTH_")]
 
+
+
+def test_local_shortfalls_name_what_this_machine_lacks() -> None:
+    """`packserve serve` refuses at once what Ray would leave pending for ever (see serve_main)."""
+    two_cpus = {"CPU": 2.0, "memory": 2e10}
+    assert local_shortfalls(load_config(ROOT / "serve_apps" / "configs" / "local.yaml"), two_cpus) == []
+    assert local_shortfalls(load_config(ROOT / "serve_apps" / "configs" / "local-sim.yaml"), two_cpus) == []
+    (cpus,) = local_shortfalls(load_config(ROOT / "serve_apps" / "configs" / "local.yaml"), {"CPU": 1.0})
+    assert cpus.startswith("the deployments need 1.75 CPUs at their starting replicas (gateway 1×0.5, ")
+    assert cpus.endswith("and this machine has 1")
+    production = load_config(CLUSTER / "production.yaml")
+    lacking = local_shortfalls(production, two_cpus)
+    assert "hf:zai-org/GLM-4.6 needs an H100 GPU (resources.accelerator_type) and this machine has none" in lacking
+    assert any(line.startswith("the deployments need 33.25 GPUs") for line in lacking)
+    cluster = {"CPU": 128.0, "GPU": 40.0, "accelerator_type:H100": 1.0, "accelerator_type:H200": 1.0,
+               "accelerator_type:L4": 1.0}
+    assert local_shortfalls(production, cluster) == []
