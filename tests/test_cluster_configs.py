@@ -21,6 +21,7 @@ import yaml
 from pydantic import ValidationError
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve.deployment import Application
+from ray.serve.schema import ServeDeploySchema
 
 from serve_apps import ray_env
 from serve_apps.config import AppConfig, ConfigError, load_config
@@ -179,6 +180,8 @@ def test_kuberay_rayservice_points_at_an_importable_builder(monkeypatch: pytest.
     service = next(d for d in docs if d["kind"] == "RayService")
     assert service["apiVersion"].startswith("ray.io/")
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    # Ray's own schema for it, as the dashboard applies it (it refused a bare `working_dir: /app`).
+    ServeDeploySchema.model_validate(serve_config)
     (app,) = serve_config["applications"]
     module_name, _, attr = app["import_path"].partition(":")
     builder = getattr(importlib.import_module(module_name), attr)

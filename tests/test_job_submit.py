@@ -224,9 +224,10 @@ def test_kuberay_serve_config_deploys_through_the_rest_api(cluster: Cluster, red
     serve_config["http_options"] = {"host": "127.0.0.1", "port": port}
     (app,) = serve_config["applications"]
     app["args"]["config"] = str(path)
-    # The pods' environment on KubeRay; the image's /app is this checkout here.
-    app["runtime_env"] = {"env_vars": {"PACKSERVE_REDIS_URL": redis_server.url,
-                                       "PACKSERVE_ADMIN_TOKEN": admin_token}}
+    # The image's /app is this checkout here; env vars stand for the pods' environment on KubeRay.
+    assert app["runtime_env"] == {"working_dir": "local:///app"}
+    app["runtime_env"] = {"working_dir": f"local://{REPO}", "env_vars": {"PACKSERVE_REDIS_URL": redis_server.url,
+                                                                 "PACKSERVE_ADMIN_TOKEN": admin_token}}
     deploy_file = tmp_path / "serve-config.yaml"
     deploy_file.write_text(yaml.safe_dump(serve_config))
 
