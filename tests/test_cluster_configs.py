@@ -10,13 +10,16 @@ deploys both ways onto a real `ray start` node.
 from __future__ import annotations
 
 import importlib
+import json
 import shlex
 import tomllib
 from pathlib import Path
 from types import FunctionType
 from typing import Any
 
+import jsonschema
 import pytest
+import ray.autoscaler
 import yaml
 from pydantic import ValidationError
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
@@ -124,6 +127,9 @@ def test_sim_engine_refuses_structured_outputs() -> None:
 @pytest.mark.parametrize("path", RAY_CLUSTERS, ids=lambda p: p.name)
 def test_ray_autoscaler_cluster_file(path: Path) -> None:
     cluster = yaml.safe_load(path.read_text())
+    # The JSON schema `ray up` validates cluster files with, shipped inside Ray.
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(cluster, schema)
     for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "max_workers"):
         assert key in cluster, key
     assert cluster["provider"]["type"] in ("aws", "gcp")
