@@ -153,7 +153,7 @@ def build_app(config: AppConfig, *, admin_token: str | None = None) -> serve.App
     environment = inherited_environment(job_runtime_env())
     handles: dict[str, Any] = {p.name: model_deployment(p, config, environment) for p in plans}
     gw = config.gateway
-    actor_options = {"num_cpus": gw.num_cpus}
+    actor_options = serving_plan.gateway_actor_options(config)
     version = deployment_version("gateway", wire, sorted(handles), actor_options, admin_token, environment)
     gateway = _deployment(GatewayIngress).options(
         name=serving_plan.GATEWAY_DEPLOYMENT,
@@ -197,7 +197,8 @@ def dry_run(config: AppConfig) -> list[dict[str, Any]]:
     gateway = {"name": serving_plan.GATEWAY_DEPLOYMENT, "kind": "ingress", "route_prefix": "/",
                "http": {"host": gw.host, "port": gw.port},
                "autoscaling_config": serving_plan.autoscaling_config(gw.autoscaling),
-               "ray_actor_options": {"num_cpus": gw.num_cpus}, "max_ongoing_requests": gw.max_ongoing_requests,
+               "ray_actor_options": serving_plan.gateway_actor_options(config),
+               "max_ongoing_requests": gw.max_ongoing_requests,
                "access_log": gw.access_log, "graceful_shutdown_timeout_s": gw.graceful_shutdown_timeout_s,
                "serves": sorted(serving_plan.cards(config))}
     return [gateway, *(p.describe() for p in serving_plan.plan(config))]

@@ -112,6 +112,11 @@ def replica_config(config: AppConfig, model_id: str) -> dict[str, Any]:
             "models": [m.model_dump(mode="json", include=set(ENGINE_FIELDS)) for m in served_models(config, model_id)]}
 
 
+def gateway_actor_options(config: AppConfig) -> dict[str, Any]:
+    """`ray_actor_options` of the gateway deployment (CPU only)."""
+    return {"num_cpus": config.gateway.num_cpus}
+
+
 def autoscaling_config(a: Autoscaling) -> dict[str, Any]:
     out: dict[str, Any] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
                            "target_ongoing_requests": a.target_ongoing_requests,
@@ -215,10 +220,9 @@ def local_shortfalls(config: AppConfig, available: Mapping[str, float]) -> list[
     "CPU", "GPU", "accelerator_type:H100", ...). Ray would otherwise leave such a
     replica pending for ever, and `packserve serve` would wait for it in silence.
     """
-    gateway = config.gateway
     demand: list[tuple[str, int, dict[str, Any]]] = [
-        (GATEWAY_DEPLOYMENT, _starting_replicas(autoscaling_config(gateway.autoscaling)),
-         {"num_cpus": gateway.num_cpus, "num_gpus": 0})]
+        (GATEWAY_DEPLOYMENT, _starting_replicas(autoscaling_config(config.gateway.autoscaling)),
+         gateway_actor_options(config))]
     demand += [(p.model_id, _starting_replicas(p.autoscaling_config), p.ray_actor_options) for p in plan(config)]
     out: list[str] = []
     for name, _, options in demand:
