@@ -6,9 +6,10 @@ KubeRay operator does), which builds the application in the cluster with `app_bu
 A resubmit must restart only what changed (deployment versions,
 serve_apps/deploy_versions.py). The node gets the environment every node of
 cluster/configs/ gets (Ray Serve's throughput mode, engines at nice 0) plus Ray
-token authentication, and the job driver inherits it, as on a real cluster. This caught a deploy that failed on
-every such cluster: the driver's handles, built under the inherited throughput
-mode, refused the blocking calls of its readiness check. The application uses
+token authentication, and the job driver inherits it, as on a real cluster.
+This caught a deploy that failed on every such cluster: the driver's handles,
+built under the inherited throughput mode, refused the blocking calls of its
+readiness check. The application uses
 the simulated engine; the model engines are covered by test_ray_vllm.
 """
 
@@ -59,15 +60,18 @@ class Cluster:
     gcs: str
     env: dict[str, str]  # what an operator's shell needs to reach it (the token)
 
-    def replicas(self) -> dict[str, str]:
-        """Live Serve replica actors: deployment name → replica actor name (new on every restart)."""
+    def replicas(self) -> dict[str, set[str]]:
+        """Live Serve replica actors: deployment name → replica actor names (new ones on every restart).
+
+        A replaced replica still draining its streams is alive beside its successor.
+        """
         listed = subprocess.run([str(RAY), "list", "actors", "--filter", "state=ALIVE", "--format", "json",
                                  "--limit", "1000", "--address", self.gcs],
                                 env=self.env, capture_output=True, text=True, timeout=60, check=True)
-        out: dict[str, str] = {}
+        out: dict[str, set[str]] = {}
         for actor in json.loads(listed.stdout):
             if actor["class_name"].startswith("ServeReplica:"):
-                out[actor["class_name"].rsplit(":", 1)[1]] = actor["name"]
+                out.setdefault(actor["class_name"].rsplit(":", 1)[1], set()).add(actor["name"])
         return out
 
 
@@ -165,6 +169,7 @@ def test_ray_job_submit_deploys_and_redeploys_only_what_changed(cluster: Cluster
     assert changed.returncode == 0, f"{changed.stdout[-3000:]}\n{changed.stderr[-2000:]}"
     now = cluster.replicas()
     assert {name for name in first if now[name] != first[name]} == {"gateway", "model-packserve--sim-large"}
+    assert now["gateway"] - first["gateway"] and now["model-packserve--sim-large"] - first["model-packserve--sim-large"]
     assert long_stream.result(timeout=JOB_TIMEOUT_S) == (LONG_STREAM_TOKENS, "length")
     listed = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key).models.list()
     by_id = {m.id: m.model_dump() for m in listed.data}
@@ -223,11 +228,15 @@ def test_kuberay_serve_config_deploys_through_the_rest_api(cluster: Cluster, red
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
     serve_config["http_options"] = {"host": "127.0.0.1", "port": port}
     (app,) = serve_config["applications"]
-    app["args"]["config"] = str(path)
-    # The image's /app is this checkout here; env vars stand for the pods' environment on KubeRay.
+    # The image: the packages at /app, the config at the manifest's own relative path (the simulated
+    # catalog here); env vars stand for the pods' environment on KubeRay.
+    image = tmp_path / "app"
+    for package in ("serve_apps", "cluster", "policies"):
+        shutil.copytree(REPO / package, image / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copyfile(path, image / app["args"]["config"])
     assert app["runtime_env"] == {"working_dir": "local:///app"}
-    app["runtime_env"] = {"working_dir": f"local://{REPO}", "env_vars": {"PACKSERVE_REDIS_URL": redis_server.url,
-                                                                 "PACKSERVE_ADMIN_TOKEN": admin_token}}
+    app["runtime_env"] = {"working_dir": f"local://{image}", "env_vars": {"PACKSERVE_REDIS_URL": redis_server.url,
+                                                                  "PACKSERVE_ADMIN_TOKEN": admin_token}}
     deploy_file = tmp_path / "serve-config.yaml"
     deploy_file.write_text(yaml.safe_dump(serve_config))
 
