@@ -9,6 +9,11 @@ number of gateways agree. Contract:
 - `settle` runs exactly once per admitted request however it ended, and is
   never lost: it runs in its own task (a cancelled request cannot cancel
   it), and if the store is unreachable it goes to the outbox and is retried.
+- A response that outlives a renewal period leaves a checkpoint in the store
+  (its settlement as it stands, status "interrupted"), replaced at every
+  renewal and dropped when it settles. If its gateway dies, the checkpoint
+  falls due and any gateway's sweep settles it: the weekly bar is debited
+  and a usage event recorded for what was streamed up to the last renewal.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from policies.pricing import ModelPrice, token_cost_pico
 log = logging.getLogger("packserve.admission")
 
 Clock = Callable[[], int | None]
+# A checkpoint falls due this long after its lease would have expired; see `checkpoint`.
+CHECKPOINT_GRACE_MS = 5 * 60 * 1000
 
 
 def store_clock() -> int | None:
@@ -83,6 +90,18 @@ class Ticket:
     queued_s: float
     started_mono: float = field(default_factory=time.monotonic)
     settled: bool = False
+    checkpointed: bool = False
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A response's counts so far (or final): what its settlement charges."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    first_token: bool
+    ttft_ms: int | None
 
 
 @dataclass
@@ -101,6 +120,7 @@ class AdmissionController:
         self._clock = clock
         self.outbox = outbox if outbox is not None else SettleOutbox(store)
         self._settling: set[asyncio.Task[Snapshot | None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
         self.queue = QueueStats()
         self.active = 0
 
@@ -169,8 +189,12 @@ class AdmissionController:
         return await self.store.renew(ticket.lease, self.settings.lease_ttl_ms, self._clock())
 
     @contextlib.asynccontextmanager
-    async def renewing(self, ticket: Ticket) -> AsyncIterator[None]:
-        """Keep the lease alive while a response streams (renews at a third of the TTL)."""
+    async def renewing(self, ticket: Ticket, progress: Callable[[], Progress] | None = None) -> AsyncIterator[None]:
+        """Keep the lease alive while a response streams (renews at a third of the TTL).
+
+        With `progress` (the response's counts so far), each renewal also
+        checkpoints what to settle if this process dies before it settles.
+        """
 
         async def _loop() -> None:
             period = self.settings.lease_ttl_s / 3
@@ -178,6 +202,8 @@ class AdmissionController:
                 await asyncio.sleep(period)
                 try:
                     await self.renew(ticket)
+                    if progress is not None:
+                        await self.checkpoint(ticket, progress())
                 except StoreError:
                     log.warning("lease renewal failed", extra={"lease": ticket.lease.lease_id})
 
@@ -187,6 +213,20 @@ class AdmissionController:
         finally:
             task.cancel()
 
+    def _settlement(self, ticket: Ticket, progress: Progress, status: str) -> Settlement:
+        subscription = ticket.account.plan is PlanKind.SUBSCRIPTION
+        # Validates the counts first: bad counts raise before anything is marked or sent.
+        cost = token_cost_pico(ticket.price, progress.prompt_tokens, progress.cached_tokens,
+                               progress.completion_tokens, cache_discount=subscription)
+        refund = ticket.lease.weight_units if status == "error" and not progress.first_token else 0
+        event = UsageEvent(
+            ts_ms=self._now_ms(), account_id=ticket.account.id, key_id=ticket.key_id, model=ticket.lease.model,
+            prompt_tokens=progress.prompt_tokens, cached_tokens=progress.cached_tokens,
+            completion_tokens=progress.completion_tokens, weight_units=ticket.lease.weight_units - refund,
+            cost_pico=cost, status="refunded" if refund else status, ttft_ms=progress.ttft_ms,
+            duration_ms=int((time.monotonic() - ticket.started_mono) * 1000), lease_id=ticket.lease.lease_id)
+        return Settlement(ticket.lease, cost, refund, event, self.settings.retention_ms)
+
     def settle(self, ticket: Ticket, *, prompt_tokens: int, cached_tokens: int, completion_tokens: int,
                status: str, first_token: bool, ttft_ms: int | None) -> asyncio.Task[Snapshot | None]:
         """Release the slot, debit the weekly bar, record usage. Safe to await with shield.
@@ -195,39 +235,82 @@ class AdmissionController:
         """
         if ticket.settled:
             raise RuntimeError("ticket already settled")
-        subscription = ticket.account.plan is PlanKind.SUBSCRIPTION
-        # Validates the counts first: bad counts leave the ticket unsettled, so the caller can still settle it.
-        cost = token_cost_pico(ticket.price, prompt_tokens, cached_tokens, completion_tokens,
-                               cache_discount=subscription)
+        # Bad counts raise here and leave the ticket unsettled, so the caller can still settle it.
+        settlement = self._settlement(
+            ticket, Progress(prompt_tokens, cached_tokens, completion_tokens, first_token, ttft_ms), status)
         ticket.settled = True
         self.active -= 1
-        refund = ticket.lease.weight_units if status == "error" and not first_token else 0
-        event = UsageEvent(
-            ts_ms=self._now_ms(), account_id=ticket.account.id, key_id=ticket.key_id, model=ticket.lease.model,
-            prompt_tokens=prompt_tokens, cached_tokens=cached_tokens, completion_tokens=completion_tokens,
-            weight_units=ticket.lease.weight_units - refund, cost_pico=cost,
-            status="refunded" if refund else status, ttft_ms=ttft_ms,
-            duration_ms=int((time.monotonic() - ticket.started_mono) * 1000), lease_id=ticket.lease.lease_id)
-        settlement = Settlement(ticket.lease, cost, refund, event, self.settings.retention_ms)
-        task = asyncio.get_running_loop().create_task(self._settle(settlement))
+        task = asyncio.get_running_loop().create_task(self._settle(settlement, ticket.checkpointed))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
         return task
 
-    async def _settle(self, settlement: Settlement) -> Snapshot | None:
+    async def _settle(self, settlement: Settlement, checkpointed: bool = False) -> Snapshot | None:
         try:
-            return await self.store.settle(settlement, self._clock())
+            snapshot = await self.store.settle(settlement, self._clock())
         except StoreError:
             log.warning("store unreachable at settlement; kept in outbox",
                         extra={"lease": settlement.lease.lease_id})
             self.outbox.add(settlement)
             return None
+        if checkpointed:
+            # Best effort: a checkpoint left behind is settled later as a no-op (settle is idempotent).
+            with contextlib.suppress(StoreError):
+                await self.store.drop_checkpoint(settlement.lease.lease_id)
+        return snapshot
+
+    # -- checkpoints: usage a dead gateway owed ---------------------------------
+
+    async def checkpoint(self, ticket: Ticket, progress: Progress) -> None:
+        """Keep, in the store, the settlement of `ticket` as it stands, due if this process stops renewing.
+
+        Due a lease TTL plus CHECKPOINT_GRACE_MS after now: long enough that a
+        gateway which is alive but lost the store (its final settlement in the
+        outbox) settles first, and that a renewal running late never races it.
+        """
+        if ticket.settled:
+            return
+        settlement = self._settlement(ticket, progress, "interrupted")
+        await self.store.checkpoint(settlement, self.settings.lease_ttl_ms + CHECKPOINT_GRACE_MS, self._clock())
+        ticket.checkpointed = True
+
+    async def settle_due_checkpoints(self) -> int:
+        """Settle the checkpoints whose gateway stopped renewing them (it died); returns how many were due."""
+        due = await self.store.due_checkpoints(self._clock())
+        for settlement in due:
+            await self.store.settle(settlement, self._clock())
+            await self.store.drop_checkpoint(settlement.lease.lease_id)
+            event = settlement.event
+            log.info("settled the checkpoint of a response whose gateway stopped", extra={
+                "lease": settlement.lease.lease_id, "account": event.account_id, "model": event.model,
+                "prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens})
+        return len(due)
+
+    async def sweep_checkpoints(self) -> None:
+        """Run `settle_due_checkpoints` every lease TTL, for ever (every gateway runs one; settling is idempotent)."""
+        while True:
+            await asyncio.sleep(self.settings.lease_ttl_s)
+            try:
+                await self.settle_due_checkpoints()
+            except StoreError:
+                log.warning("checkpoint sweep failed: store unreachable")
 
     async def snapshot(self, account_id: str) -> Snapshot:
         return await self.store.snapshot(account_id, self._clock())
 
+    def start(self) -> None:
+        """Start the background work of a serving process: the outbox's retries and the checkpoint sweep."""
+        self.outbox.start()
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self.sweep_checkpoints())
+
     async def drain(self) -> None:
         """Wait for in-flight settlements; called at shutdown."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
         if self._settling:
             await asyncio.gather(*self._settling, return_exceptions=True)
         await self.outbox.flush()

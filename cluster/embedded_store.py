@@ -75,6 +75,8 @@ CREATE INDEX IF NOT EXISTS usage_account ON usage(account_id, ts);
 CREATE TABLE IF NOT EXISTS spend (
   account_id TEXT NOT NULL, month INTEGER NOT NULL, pico INTEGER NOT NULL, PRIMARY KEY(account_id, month));
 CREATE TABLE IF NOT EXISTS settled (lease_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, ts INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoints (lease_id TEXT PRIMARY KEY, due INTEGER NOT NULL, settlement BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS checkpoints_due ON checkpoints(due);
 """
 
 SETTLED_MEMORY_MS = DAY_MS
@@ -439,6 +441,34 @@ class EmbeddedStore:
                                     (now + ttl_ms, lease.lease_id, now)).rowcount > 0
 
         return await self._run(_renew)
+
+    async def checkpoint(self, settlement: Settlement, ttl_ms: int, now_ms: int | None = None) -> None:
+        now = self._time(now_ms)
+
+        def _checkpoint() -> None:
+            with self._tx() as conn:
+                conn.execute("INSERT INTO checkpoints VALUES (?, ?, ?) ON CONFLICT(lease_id) "
+                             "DO UPDATE SET due = excluded.due, settlement = excluded.settlement",
+                             (settlement.lease.lease_id, now + ttl_ms, settlement.encode()))
+
+        await self._run(_checkpoint)
+
+    async def due_checkpoints(self, now_ms: int | None = None, limit: int = 100) -> list[Settlement]:
+        now = self._time(now_ms)
+
+        def _due() -> list[bytes]:
+            rows = self._conn().execute("SELECT settlement FROM checkpoints WHERE due <= ? ORDER BY due LIMIT ?",
+                                        (now, limit)).fetchall()
+            return [row[0] for row in rows]
+
+        return [Settlement.decode(blob) for blob in await self._run(_due)]
+
+    async def drop_checkpoint(self, lease_id: str) -> None:
+        def _drop() -> None:
+            with self._tx() as conn:
+                conn.execute("DELETE FROM checkpoints WHERE lease_id = ?", (lease_id,))
+
+        await self._run(_drop)
 
     async def settle(self, settlement: Settlement, now_ms: int | None = None) -> Snapshot | None:
         now = self._time(now_ms)

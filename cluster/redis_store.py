@@ -26,10 +26,13 @@ strings; times in ms, request bar in request units, money in picodollars.
   packserve:accounts           zset    account id -> created ms
   packserve:keyhash            hash    sha256 hex -> JSON key record (active keys only)
   packserve:keyid              hash    key id -> account id (key ids are globally unique)
+  packserve:checkpoints        zset    lease_id -> due ms: settle it then unless renewed
+  packserve:checkpoint         hash    lease_id -> msgpack Settlement (what a dead gateway owed)
   channel packserve:wake:{A}:<model>   published whenever a slot may have freed
 
 Redis Cluster: the hot path (reserve, settle, renew, snapshot) touches one
-slot. Account and key administration also updates the three global indexes in
+slot; a checkpoint (one per lease renewal of a long response) touches the two
+global checkpoint keys. Account and key administration also updates the three global indexes in
 the same script; on a cluster those scripts would need splitting.
 """
 
@@ -43,7 +46,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import cache
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 from urllib.parse import SplitResult, urlsplit
 
 from redis.asyncio import Redis
@@ -98,6 +101,7 @@ SCRIPTS: Final = (
     "delete_account",
     "create_key",
     "revoke_key",
+    "checkpoint",
 )
 SETTLED_MEMORY_MS: Final = DAY_MS
 USAGE_PAGE: Final = 1000
@@ -723,6 +727,30 @@ class RedisStore:
         if _text(reply[0]) == "missing":
             return None
         return self._parse_snapshot(reply)
+
+    @property
+    def _checkpoint_keys(self) -> list[str]:
+        return [f"{self._prefix}checkpoints", f"{self._prefix}checkpoint"]
+
+    async def checkpoint(self, settlement: Settlement, ttl_ms: int, now_ms: int | None = None) -> None:
+        await self._run("checkpoint", self._checkpoint_keys,
+                        [self._now_arg(now_ms), settlement.lease.lease_id, ttl_ms, settlement.encode()])
+
+    async def due_checkpoints(self, now_ms: int | None = None, limit: int = 100) -> list[Settlement]:
+        now = await self.now_ms() if now_ms is None else now_ms
+        due_key, blobs_key = self._checkpoint_keys
+        with self._errors():
+            lease_ids = cast(list[bytes], await self._client.zrangebyscore(due_key, "-inf", now, start=0, num=limit))
+            blobs = cast(list[bytes | None], await self._client.hmget(blobs_key, lease_ids)) if lease_ids else []
+        return [Settlement.decode(blob) for blob in blobs if blob is not None]
+
+    async def drop_checkpoint(self, lease_id: str) -> None:
+        due_key, blobs_key = self._checkpoint_keys
+        with self._errors():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.zrem(due_key, lease_id)
+                pipe.hdel(blobs_key, lease_id)
+                await pipe.execute()
 
     async def snapshot(self, account_id: str, now_ms: int | None = None) -> Snapshot:
         k = self._keys(account_id)

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import msgpack
+
 from cluster.records import Account, ApiKey, UsageEvent
 from policies.admission import Reason
 from policies.bars import BarSpec, BarState
@@ -98,6 +100,21 @@ class Settlement:
     event: UsageEvent
     retention_ms: int
 
+    def encode(self) -> bytes:
+        """msgpack positional array, as UsageEvent: how a checkpoint keeps it in the store."""
+        lease = self.lease
+        packed: bytes = msgpack.packb([
+            1, lease.lease_id, lease.account_id, lease.model, lease.weight_units, lease.admitted_ms,
+            lease.expires_ms, self.cost_pico, self.refund_units, self.event.encode(), self.retention_ms])
+        return packed
+
+    @staticmethod
+    def decode(blob: bytes) -> Settlement:
+        row = msgpack.unpackb(blob)
+        if not isinstance(row, list) or not row or row[0] != 1:
+            raise ValueError("unknown settlement encoding")
+        return Settlement(Lease(*row[1:7]), row[7], row[8], UsageEvent.decode(row[9]), row[10])
+
 
 class SlotWaiter(Protocol):
     """Woken when a slot for (account, model) may have freed up."""
@@ -131,6 +148,15 @@ class Store(Protocol):
     async def renew(self, lease: Lease, ttl_ms: int, now_ms: int | None = None) -> bool: ...
     async def settle(self, settlement: Settlement, now_ms: int | None = None) -> Snapshot | None: ...
     async def snapshot(self, account_id: str, now_ms: int | None = None) -> Snapshot: ...
+    # Checkpoints: what to settle for a lease if its gateway dies mid-response.
+    # `checkpoint` keeps (or replaces) the settlement of `settlement.lease`,
+    # due `ttl_ms` from now unless replaced again; `due_checkpoints` returns
+    # the ones past due (their gateway stopped renewing); `drop_checkpoint`
+    # forgets one. Settling a due checkpoint is the ordinary, idempotent
+    # `settle`: a lease already settled is charged nothing twice.
+    async def checkpoint(self, settlement: Settlement, ttl_ms: int, now_ms: int | None = None) -> None: ...
+    async def due_checkpoints(self, now_ms: int | None = None, limit: int = 100) -> list[Settlement]: ...
+    async def drop_checkpoint(self, lease_id: str) -> None: ...
     async def active_leases(self, account_id: str, model: str, now_ms: int | None = None) -> int: ...
     def slot_waiter(self, account_id: str, model: str) -> SlotWaiter: ...
 

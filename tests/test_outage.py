@@ -1,20 +1,35 @@
-"""A Redis outage loses no usage record and leaks no slot: settlements wait in the outbox."""
+"""A Redis outage or a gateway crash loses no usage record and leaks no slot.
+
+Settlements wait in the outbox while the store is away; a killed gateway's
+streams are settled from their last checkpoint by another gateway.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
+import openai
+import yaml
+
 from cluster.accounts import Accounts
-from cluster.controller import AdmissionController
+from cluster.controller import CHECKPOINT_GRACE_MS, AdmissionController
 from cluster.outbox import SettleOutbox
 from cluster.redis_store import RedisStore
 from cluster.settings import AdmissionSettings
 from cluster.store import Settlement
 from policies.plans import SizeClass
 from policies.pricing import ModelPrice
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, free_port
 
 MODEL = "hf:test/m"
+CRASH_LEASE_TTL_S = 1.5
 PRICES = {MODEL: ModelPrice(1_200_000, 3_400_000, SizeClass.STANDARD)}
 
 
@@ -51,3 +66,69 @@ async def test_settlement_survives_an_outage_and_a_gateway_restart(persistent_re
     assert await store.active_leases(account.id, MODEL) == 0
     await store.close()
 
+
+
+def test_a_killed_gateway_still_records_what_it_streamed(redis_url: str, tmp_path: Path) -> None:
+    """SIGKILL mid-stream: the checkpoint of its last lease renewal is settled by another gateway's sweep."""
+    account_id, received = _stream_then_kill_the_gateway(redis_url, tmp_path)
+    asyncio.run(_sweep_settles_it(redis_url, account_id, received))
+
+
+def _stream_then_kill_the_gateway(redis_url: str, tmp_path: Path) -> tuple[str, int]:
+    config = tmp_path / "gateway.yaml"
+    # A short lease: renewals (and checkpoints) every 0.5 s, so the test streams for a few seconds only.
+    config.write_text(yaml.safe_dump({"engine": "sim", "admission": {"lease_ttl_s": CRASH_LEASE_TTL_S}}))
+    port = free_port()
+    env = {**os.environ, "PACKSERVE_ADMIN_TOKEN": "admin-for-crash-test", "PACKSERVE_DATA_DIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "serve_apps", "--redis-url", redis_url, "gateway", "--engine",
+                             "sim", "--config", str(config), "--port", str(port), "--sim-tokens-per-s", "5"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        admin = {"authorization": "Bearer admin-for-crash-test"}
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "the gateway did not start"
+            time.sleep(0.1)
+        account = httpx.post(f"{base}/admin/v1/accounts", headers=admin,
+                             json={"name": "crash", "packs": ["standard"]}).json()
+        key = httpx.post(f"{base}/admin/v1/accounts/{account['id']}/keys", headers=admin).json()["key"]
+        stream = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0).chat.completions.create(
+            model="hf:packserve/sim-small", messages=[{"role": "user", "content": "write at length"}],
+            max_tokens=40, seed=6, stream=True)  # 40 tokens at 5/s: 8 s
+        received = 0
+        for chunk in stream:
+            received += bool(chunk.choices and chunk.choices[0].delta.content)
+            if received >= 12:  # ~2.4 s in: several renewals have checkpointed
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=30)
+        return str(account["id"]), received
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+async def _sweep_settles_it(redis_url: str, account_id: str, received: int) -> None:
+    settings = AdmissionSettings(lease_ttl_s=CRASH_LEASE_TTL_S)
+    store = await RedisStore.connect(redis_url, request_unit=settings.weight_policy.unit)
+    try:
+        assert await store.usage(account_id) == []  # the dead gateway settled nothing
+        due = await store.now_ms() + settings.lease_ttl_ms + CHECKPOINT_GRACE_MS
+        sweeper = AdmissionController(store, settings, {}, clock=lambda: due)
+        assert await sweeper.settle_due_checkpoints() == 1
+        (event,) = await store.usage(account_id)
+        assert event.status == "interrupted" and event.model == "hf:packserve/sim-small"
+        assert 0 < event.completion_tokens <= received and event.cost_pico > 0
+        snapshot = await store.snapshot(account_id, due)
+        assert snapshot.weekly is not None and snapshot.weekly_spec is not None
+        assert snapshot.weekly.level < snapshot.weekly_spec.capacity  # the weekly bar paid for it
+        assert await store.active_leases(account_id, "hf:packserve/sim-small", due) == 0
+    finally:
+        await store.close()

@@ -14,7 +14,7 @@ from decimal import Decimal
 import pytest
 
 from cluster.accounts import Accounts
-from cluster.controller import AdmissionController, AdmissionRefused, Ticket
+from cluster.controller import CHECKPOINT_GRACE_MS, AdmissionController, AdmissionRefused, Progress, Ticket
 from cluster.embedded_store import EmbeddedStore
 from cluster.records import Account
 from cluster.settings import AdmissionSettings
@@ -287,6 +287,65 @@ async def test_renewed_lease_does_not_expire(h: Harness) -> None:
         await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)
     h.clock.advance(11_000)
     assert not await h.ctl.renew(ticket)  # expired: renewal cannot resurrect it
+
+
+# -- checkpoints: usage a dead gateway owed -------------------------------------
+
+DUE_MS = 30_000 + CHECKPOINT_GRACE_MS  # lease TTL + grace
+
+
+async def test_checkpoint_of_a_dead_gateway_is_settled_once_when_due(h: Harness) -> None:
+    acct = await h.account(["standard"])
+    ticket = await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)
+    await h.ctl.checkpoint(ticket, Progress(1_000_000, 0, 500_000, True, 40))
+    # The gateway dies here: it never settles.
+    h.clock.advance(DUE_MS - 1)
+    assert await h.ctl.settle_due_checkpoints() == 0
+    assert await h.store.usage(acct.id) == []
+    h.clock.advance(1)
+    assert await h.ctl.settle_due_checkpoints() == 1
+    (event,) = await h.store.usage(acct.id)
+    assert (event.status, event.prompt_tokens, event.completion_tokens, event.ttft_ms) == (
+        "interrupted", 1_000_000, 500_000, 40)
+    # 1M × $1.20 + 0.5M × $3.40 = $2.90, charged once.
+    assert event.cost_pico == 2_900_000 * 1_000_000
+    snap = await h.ctl.snapshot(acct.id)
+    assert snap.weekly is not None and snap.weekly.level == (24 - Decimal("2.90")) * PICO_PER_DOLLAR
+    assert await h.store.active_leases(acct.id, LARGE, h.clock.now) == 0
+    assert await h.ctl.settle_due_checkpoints() == 0
+    # Its gateway was only cut off, and settles late: nothing is charged twice.
+    await h.ctl.settle(ticket, prompt_tokens=1_000_000, cached_tokens=0, completion_tokens=600_000, status="ok",
+                       first_token=True, ttft_ms=40)
+    assert len(await h.store.usage(acct.id)) == 1
+    assert (await h.ctl.snapshot(acct.id)).weekly == snap.weekly
+
+
+async def test_a_settled_response_leaves_no_checkpoint_behind(h: Harness) -> None:
+    acct = await h.account(["standard"])
+    ticket = await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)
+    await h.ctl.checkpoint(ticket, Progress(10, 0, 5, True, 40))
+    h.clock.advance(10_000)
+    await h.ctl.checkpoint(ticket, Progress(10, 0, 9, True, 40))  # replaces the first
+    await h.ctl.settle(ticket, prompt_tokens=10, cached_tokens=0, completion_tokens=12, status="ok",
+                       first_token=True, ttft_ms=40)
+    h.clock.advance(DUE_MS)
+    assert await h.store.due_checkpoints(h.clock.now) == []
+    assert await h.ctl.settle_due_checkpoints() == 0
+    (event,) = await h.store.usage(acct.id)
+    assert (event.status, event.completion_tokens) == ("ok", 12)
+
+
+async def test_a_replaced_checkpoint_is_due_from_its_last_write(h: Harness) -> None:
+    acct = await h.account(["standard"])
+    ticket = await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)
+    await h.ctl.checkpoint(ticket, Progress(10, 0, 5, True, 40))
+    h.clock.advance(10_000)
+    await h.ctl.checkpoint(ticket, Progress(10, 0, 9, True, 40))
+    h.clock.advance(DUE_MS - 10_000)
+    assert await h.ctl.settle_due_checkpoints() == 0  # the first write's due time passed; the second's not
+    h.clock.advance(10_000)
+    (due,) = await h.store.due_checkpoints(h.clock.now)
+    assert due.event.completion_tokens == 9 and due.lease == ticket.lease
 
 
 async def test_concurrency_is_per_model(h: Harness) -> None:

@@ -85,7 +85,7 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        rt.controller.outbox.start()
+        rt.controller.start()
         if rt.admin_token is None:
             log.warning("admin API disabled: PACKSERVE_ADMIN_TOKEN is not set")
         yield

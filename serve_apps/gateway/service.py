@@ -19,7 +19,7 @@ from typing import TypeVar
 from starlette.requests import Request
 
 from cluster.accounts import Accounts, AuthError, Principal
-from cluster.controller import AdmissionController, AdmissionRefused, Ticket
+from cluster.controller import AdmissionController, AdmissionRefused, Progress, Ticket
 from cluster.quotas import quota_headers
 from cluster.store import NotFound, StoreError
 from policies.admission import Reason
@@ -253,8 +253,13 @@ class GatewayService:
         ttft_ms: int | None = None
         status = "aborted"
         started = time.monotonic()
+
+        def progress() -> Progress:
+            # What to charge if this process dies mid-stream (checkpointed at each lease renewal).
+            return Progress(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, first_token, ttft_ms)
+
         try:
-            async with self.controller.renewing(ticket):
+            async with self.controller.renewing(ticket, progress):
                 async for chunk in agen:
                     if chunk.usage is not None:
                         usage = chunk.usage
