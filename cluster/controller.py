@@ -42,7 +42,7 @@ from cluster.store import (
 from policies.admission import Reason
 from policies.bars import ceil_seconds
 from policies.plans import PlanKind
-from policies.pricing import ModelPrice, token_cost_pico
+from policies.pricing import ModelPrice, UsageError, token_cost_pico
 
 log = logging.getLogger("packserve.admission")
 
@@ -202,10 +202,16 @@ class AdmissionController:
                 await asyncio.sleep(period)
                 try:
                     await self.renew(ticket)
-                    if progress is not None:
-                        await self.checkpoint(ticket, progress())
                 except StoreError:
                     log.warning("lease renewal failed", extra={"lease": ticket.lease.lease_id})
+                    continue
+                if progress is None:
+                    continue
+                try:
+                    await self.checkpoint(ticket, progress())
+                except (StoreError, UsageError) as exc:
+                    # Best effort: the renewal, which keeps the slot, must go on.
+                    log.warning("checkpoint failed", extra={"lease": ticket.lease.lease_id, "error": str(exc)})
 
         task = asyncio.get_running_loop().create_task(_loop())
         try:

@@ -434,3 +434,30 @@ async def test_impossible_token_counts_are_refused_and_nothing_is_half_written(
                        first_token=True, ttft_ms=1)
     assert len(await h.store.usage(acct.id)) == 1
     assert (await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)).lease.lease_id
+
+
+async def test_a_failing_checkpoint_does_not_stop_the_renewals(tmp_path: object) -> None:
+    """Checkpoints are a best effort; the renewal loop, which keeps the slot, goes on (real, short periods)."""
+    clock = FakeClock()
+    settings = AdmissionSettings(queue_timeout_s=0, lease_ttl_s=0.15)  # renews every 50 ms
+    store = EmbeddedStore(None, request_unit=settings.weight_policy.unit, clock=clock)
+    ctl = AdmissionController(store, settings, PRICES, clock=clock)
+    acct = await Accounts(store, clock).create("t", "subscription", ["standard"])
+    ticket = await ctl.reserve(acct, "k", LARGE)
+    calls = 0
+    second = asyncio.Event()
+
+    def progress() -> Progress:
+        nonlocal calls
+        calls += 1
+        if calls >= 2:
+            second.set()
+        return Progress(10, 20, 5, True, 1)  # more cached than prompt tokens: the checkpoint refuses it
+
+    async with ctl.renewing(ticket, progress):
+        await asyncio.wait_for(second.wait(), timeout=10)
+    assert await store.due_checkpoints(clock.now + 10 * 60_000) == []
+    await ctl.settle(ticket, prompt_tokens=10, cached_tokens=0, completion_tokens=5, status="ok", first_token=True,
+                     ttft_ms=1)
+    await ctl.drain()
+    await store.close()
