@@ -44,9 +44,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 THROUGHPUT_ENV: Mapping[str, str] = {
@@ -151,6 +152,43 @@ def free_port() -> int:
         return port
 
 
+# Ray's workers take ports 10002-19999 by default; below 20000 is Ray's, above
+# the ephemeral range's start is the kernel's (see `reserved_free_port`).
+FIXED_PORTS_FROM = 20000
+EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
+def reserved_free_port(exclude: Collection[int] = (), rng: random.Random | None = None) -> int:
+    """A port free on every interface now that nothing else will be handed meanwhile.
+
+    For a listener that binds seconds later (HAProxy's side ports, bound once
+    Serve starts): a port from `free_port` lies in the kernel's ephemeral
+    range, which the kernel keeps handing to Ray's own port-0 sockets while
+    Ray starts, and one of them took HAProxy's stats port in CI ("cannot bind
+    socket (Address already in use)"). Ports between Ray's worker range and
+    the ephemeral range are only ever bound on purpose.
+    """
+    try:
+        with open(EPHEMERAL_RANGE) as f:
+            ephemeral_from = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return free_port()
+    rng = rng or random.Random()
+    for _ in range(200):
+        port = rng.randrange(FIXED_PORTS_FROM, ephemeral_from) if ephemeral_from > FIXED_PORTS_FROM + 1 else 0
+        if port == 0:
+            break
+        if port in exclude:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        return port
+    return free_port()
+
+
 def init_local(**kwargs: Any) -> str:
     """`ray.init` that starts Ray on this machine with packserve's environment (see the module doc).
 
@@ -192,8 +230,11 @@ def local_runtime_env(environ: Mapping[str, str] | None = None) -> dict[str, Any
     env = os.environ if environ is None else environ
     out = runtime_env(env)
     out["env_vars"].update(_overridden(LOCAL_ENV, env))
+    taken: set[int] = set()
     for key in HAPROXY_SIDE_PORTS:
-        out["env_vars"][key] = env.get(key) or str(free_port())
+        out["env_vars"][key] = env.get(key) or str(reserved_free_port(taken))
+        with contextlib.suppress(ValueError):
+            taken.add(int(out["env_vars"][key]))
     return out
 
 

@@ -119,17 +119,23 @@ def _deploy(config: AppConfig, admin_token: str | None) -> None:
     gw = config.gateway
     names = [d["name"] for d in _graph(config)]
     _say(f"deploying {len(names)} deployments: {', '.join(names)}")
-    serve.start(http_options={"host": gw.host, "port": gw.port},
-                logging_config={"enable_access_log": gw.access_log})
+    try:
+        serve.start(http_options={"host": gw.host, "port": gw.port},
+                    logging_config={"enable_access_log": gw.access_log})
+    except RuntimeError as exc:
+        # e.g. HAProxy cannot bind its port: its log's ALERT line says which.
+        raise ServeError(f"Ray Serve's HTTP ingress did not start: {_reason_line(str(exc))}") from None
     try:
         serve.run(build_app(config, admin_token=admin_token), name=APP_NAME, route_prefix="/", blocking=False)
     except RuntimeError as exc:
         raise ServeError(f"deployment failed: {_failure_reason(exc)}") from None
 
 
-def _last_line(text: str) -> str:
+def _reason_line(text: str) -> str:
+    """The line of an error text that says why: HAProxy's first ALERT, else the last line (a traceback's)."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+    alerts = [line for line in lines if "[ALERT]" in line]
+    return alerts[0] if alerts else lines[-1] if lines else ""
 
 
 def _failure_reason(exc: RuntimeError) -> str:
@@ -149,9 +155,9 @@ def _failure_reason(exc: RuntimeError) -> str:
         app = serve.status().applications.get(APP_NAME)
         for name, deployment in (app.deployments if app else {}).items():
             # DeploymentStatus is a str enum; its class is private to Ray.
-            if deployment.status == "DEPLOY_FAILED" and _last_line(deployment.message or ""):
-                reasons.append(f"{name}: {_last_line(deployment.message)}")
-    return "; ".join(reasons) or _last_line(str(exc)) or str(exc)
+            if deployment.status == "DEPLOY_FAILED" and _reason_line(deployment.message or ""):
+                reasons.append(f"{name}: {_reason_line(deployment.message)}")
+    return "; ".join(reasons) or _reason_line(str(exc)) or str(exc)
 
 
 def _graph(config: AppConfig) -> list[dict[str, Any]]:

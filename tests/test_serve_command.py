@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from serve_apps.ray_env import free_port
-from serve_apps.serve_main import CONFIG_DIR
+from serve_apps.serve_main import CONFIG_DIR, _reason_line
 from tests.processes import kill_session, session_members
 
 START_TIMEOUT_S = 300.0
@@ -135,3 +135,14 @@ def test_serve_names_why_a_deployment_failed_and_leaves_nothing(tmp_path: Path) 
     finally:
         kill_session(proc.pid)
         proc.wait(timeout=30)
+
+
+def test_the_reason_line_of_an_error_text() -> None:
+    """HAProxy's crash text (as seen in CI) names its cause in an ALERT line; a traceback in its last line."""
+    haproxy = ("RuntimeError: HAProxy crashed during startup: [NOTICE]   (5606) : haproxy version is 2.8.25\n"
+               "[ALERT]    (5606) : Binding [/tmp/haproxy-serve/x/haproxy.cfg:95] for proxy stats: cannot bind "
+               "socket (Address already in use) for [0.0.0.0:41433]\n"
+               "[ALERT]    (5606) : [haproxy.main()] Some protocols failed to start their listeners! Exiting.\n")
+    assert "cannot bind socket (Address already in use) for [0.0.0.0:41433]" in _reason_line(haproxy)
+    assert _reason_line("Traceback (most recent call last):\n  File x\nValueError: bad\n\n") == "ValueError: bad"
+    assert _reason_line("") == ""
