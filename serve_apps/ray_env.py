@@ -168,16 +168,12 @@ def reserved_free_port(exclude: Collection[int] = (), rng: random.Random | None 
     socket (Address already in use)"). Ports between Ray's worker range and
     the ephemeral range are only ever bound on purpose.
     """
-    try:
-        with open(EPHEMERAL_RANGE) as f:
-            ephemeral_from = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
+    ephemeral_from = ephemeral_range_start()
+    if ephemeral_from is None or ephemeral_from <= FIXED_PORTS_FROM + 1:
         return free_port()
     rng = rng or random.Random()
     for _ in range(200):
-        port = rng.randrange(FIXED_PORTS_FROM, ephemeral_from) if ephemeral_from > FIXED_PORTS_FROM + 1 else 0
-        if port == 0:
-            break
+        port = rng.randrange(FIXED_PORTS_FROM, ephemeral_from)
         if port in exclude:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -187,6 +183,15 @@ def reserved_free_port(exclude: Collection[int] = (), rng: random.Random | None 
                 continue
         return port
     return free_port()
+
+
+def ephemeral_range_start() -> int | None:
+    """The first port of the kernel's ephemeral range (Linux), or None where it cannot be read."""
+    try:
+        with open(EPHEMERAL_RANGE) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def init_local(**kwargs: Any) -> str:
@@ -225,16 +230,23 @@ def shutdown_local(node_id: str) -> None:
         stop_haproxy(node_id)
 
 
+def haproxy_side_ports(environ: Mapping[str, str]) -> dict[str, str]:
+    """HAProxy's stats and metrics ports: the caller's where set, else two distinct `reserved_free_port`s."""
+    ports: dict[str, str] = {}
+    taken: set[int] = set()
+    for key in HAPROXY_SIDE_PORTS:
+        ports[key] = environ.get(key) or str(reserved_free_port(taken))
+        with contextlib.suppress(ValueError):
+            taken.add(int(ports[key]))
+    return ports
+
+
 def local_runtime_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """`runtime_env` plus LOCAL_ENV and free HAProxy side ports (see init_local); the caller's values win."""
     env = os.environ if environ is None else environ
     out = runtime_env(env)
     out["env_vars"].update(_overridden(LOCAL_ENV, env))
-    taken: set[int] = set()
-    for key in HAPROXY_SIDE_PORTS:
-        out["env_vars"][key] = env.get(key) or str(reserved_free_port(taken))
-        with contextlib.suppress(ValueError):
-            taken.add(int(out["env_vars"][key]))
+    out["env_vars"].update(haproxy_side_ports(env))
     return out
 
 

@@ -155,8 +155,9 @@ def _failure_reason(exc: RuntimeError) -> str:
         app = serve.status().applications.get(APP_NAME)
         for name, deployment in (app.deployments if app else {}).items():
             # DeploymentStatus is a str enum; its class is private to Ray.
-            if deployment.status == "DEPLOY_FAILED" and _reason_line(deployment.message or ""):
-                reasons.append(f"{name}: {_reason_line(deployment.message)}")
+            reason = _reason_line(deployment.message or "")
+            if deployment.status == "DEPLOY_FAILED" and reason:
+                reasons.append(f"{name}: {reason}")
     return "; ".join(reasons) or _reason_line(str(exc)) or str(exc)
 
 

@@ -90,13 +90,6 @@ def _wait_for_dashboard(url: str, proc: subprocess.Popen[bytes], log: Path) -> N
     pytest.fail(f"the Ray dashboard at {url} did not answer within {START_TIMEOUT_S:.0f} s")
 
 
-def _haproxy_side_ports() -> dict[str, str]:
-    """Free ones, chosen as `packserve serve` chooses them (outside the kernel's ephemeral range)."""
-    stats = ray_env.reserved_free_port()
-    metrics = ray_env.reserved_free_port(exclude={stats})
-    return dict(zip(ray_env.HAPROXY_SIDE_PORTS, (str(stats), str(metrics)), strict=True))
-
-
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     """A one-node Ray cluster started with `ray start --head --block` in its own session, all ports free."""
@@ -105,7 +98,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     auth = {**ray_env.CLUSTER_AUTH_ENV, "RAY_AUTH_TOKEN_PATH": str(token)}
     node_env = {**ray_env.node_env({}), **ray_env.worker_env({}), **auth,
                 # Another Ray (the test session's) may hold HAProxy's default side ports.
-                **_haproxy_side_ports(),
+                **ray_env.haproxy_side_ports({}),
                 # The job's `python` is the one with packserve's dependencies, as in the cluster image.
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "PACKSERVE_"))}
