@@ -1,11 +1,13 @@
-"""Shared bits of the benchmarks: percentiles, the table, the --json line, a redis-server."""
+"""Shared bits of the benchmarks: percentiles, the table, the --json line, a redis-server, process sessions."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -67,3 +69,58 @@ def redis_server() -> Iterator[str]:
         finally:
             proc.terminate()
             proc.wait(timeout=10)
+
+
+# ----------------------------------------------------------------- process sessions (Linux /proc)
+
+
+def _stat_fields(pid: int | str) -> tuple[str, list[str]]:
+    """(command name, the fields after it) of /proc/PID/stat; OSError when the process is gone."""
+    with open(f"/proc/{pid}/stat") as f:
+        raw = f.read()
+    # The command name may hold spaces and parentheses: the fields follow the last ')'.
+    name, _, rest = raw.partition(" (")[2].rpartition(")")
+    return name, rest.split()
+
+
+def session_members(sid: int) -> dict[int, str]:
+    """Live processes of session `sid`, by pid, with their names.
+
+    A command started as the leader of its own session (`start_new_session`)
+    keeps every process it spawns in that session, Ray's included (Ray puts
+    each worker in a process group of its own, so `killpg` misses them), even
+    after they are reparented to init.
+    """
+    members: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            name, fields = _stat_fields(entry)
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            members[int(entry)] = name
+    return members
+
+
+def signal_session(sid: int, signum: int) -> None:
+    for pid in session_members(sid):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signum)
+
+
+def kill_session(sid: int) -> None:
+    signal_session(sid, signal.SIGKILL)
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds the processes have used so far (those still alive)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            _, fields = _stat_fields(pid)
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")

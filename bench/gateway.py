@@ -73,7 +73,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -104,13 +104,17 @@ def log(message: str) -> None:
 
 @contextmanager
 def process(name: str, argv: Sequence[str], env: dict[str, str] | None = None,
-            unset: Sequence[str] = ()) -> Iterator[subprocess.Popen[bytes]]:
-    """Start a server in its own process group, stdout+stderr to a temp log; always stop it (group included)."""
+            unset: Sequence[str] = (), cpus: Collection[int] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """Start a server in its own process group, stdout+stderr to a temp log; always stop it (group included).
+
+    `cpus`: the CPUs it may run on (default: this process's).
+    """
     full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
     with tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False) as logf:
         log_path = Path(logf.name)
         proc = subprocess.Popen(list(argv), stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=full_env, start_new_session=True, cwd=ROOT)
+                                env=full_env, start_new_session=True, cwd=ROOT,
+                                preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus))
     try:
         yield proc
     except BaseException:

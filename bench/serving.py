@@ -48,8 +48,18 @@ one warm-up request first. Streams are closed loops (each sends its next
 request when the previous one ends). TTFT is client-side, from just before
 the request is sent to the first SSE event with non-empty content. Output
 tokens/s is the level's total completion tokens (from `usage`) divided by
-its wall time: the throughput the server delivers. The load generator (this
-process) shares the cores with the server it measures.
+its wall time: the throughput the server delivers.
+
+Placement (`--no-split`, `--pin-vllm`): packserve starts its Ray as `packserve
+serve` does for local.yaml, with the CPU split of serve_apps/cpu_split.py
+(vLLM's OpenMP threads on the engine CPUs, every other process of packserve on
+the rest). vLLM's server runs as it ships: on every CPU, with its own auto
+binding of its OpenMP threads (which picks the same engine CPUs);
+`--pin-vllm` runs it split the same way instead, as an operator would with
+`taskset`. The load generator (this process) and Redis are clients: they keep
+to the serving CPUs for both targets, as a client on another machine would
+stay off the engine's cores. `--no-split` restores the earlier setup
+(nothing pinned, load generator anywhere).
 """
 
 from __future__ import annotations
@@ -61,8 +71,9 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -73,6 +84,8 @@ import httpx
 
 from bench.common import emit_json, free_port, machine, percentile, print_table, redis_server
 from bench.gateway import Sample, Target, one_stream, process, wait_http
+from serve_apps.cpu_split import CpuSplit, id_list
+from serve_apps.ray_env import OMP_BIND, engine_cpu_split
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_CONFIG = ROOT / "serve_apps" / "configs" / "local.yaml"
@@ -224,8 +237,9 @@ def vllm_args(model_id: str) -> tuple[list[str], dict[str, str]]:
 
 
 @contextmanager
-def packserve(data_dir: Path, redis_url: str, streams: int, with_embeddings: bool = False) -> Iterator[Target]:
-    """build_app(local.yaml) on a Ray started here; Ray and Serve are stopped on the way out."""
+def packserve(data_dir: Path, redis_url: str, streams: int, with_embeddings: bool = False,
+              cpus: CpuSplit | None = None) -> Iterator[Target]:
+    """build_app(local.yaml) on a Ray started here (on `cpus`, as `packserve serve` starts it), stopped at the end."""
     from ray import serve
 
     from serve_apps import ray_env
@@ -238,13 +252,16 @@ def packserve(data_dir: Path, redis_url: str, streams: int, with_embeddings: boo
     config = packserve_config(data_dir, redis_url, port, with_embeddings)
     log(f"packserve: starting Ray ({os.cpu_count()} CPUs) and Serve on port {port}")
     started = time.monotonic()
-    local_ray = ray_env.init_local(include_dashboard=False, log_to_driver=False)
+    local_ray = ray_env.init_local(cpus, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
         serve.run(build_app(config, admin_token=admin_token), name=APP_NAME, route_prefix="/", blocking=False)
         log("packserve: deployed; waiting for the vLLM engine to start (~40 s)")
         handle = serve.get_deployment_handle(deployment_name(SMOLLM_ID), app_name=APP_NAME)
         handle.ready.remote().result(timeout_s=START_TIMEOUT_S)
+        # Its router would flush metrics 10 times a second in this process,
+        # the load generator, for the whole run (serve_main does the same).
+        handle.shutdown()  # type: ignore[no-untyped-call]
         base = f"http://127.0.0.1:{port}"
         keys = asyncio.run(create_accounts_one_pack(base, admin_token, streams))
         log(f"packserve: ready in {time.monotonic() - started:.0f} s")
@@ -273,18 +290,20 @@ async def create_accounts_one_pack(base: str, admin_token: str, n: int) -> list[
 
 
 @contextmanager
-def vllm_server(model_dir: Path, model_id: str) -> Iterator[Target]:
-    """vLLM's own OpenAI server with local.yaml's engine settings, in its own process group."""
+def vllm_server(model_dir: Path, model_id: str, cpus: Collection[int] | None = None,
+                extra_env: dict[str, str] | None = None) -> Iterator[Target]:
+    """vLLM's own OpenAI server with local.yaml's engine settings, in its own process group, on `cpus`."""
     port = free_port()
     flags, engine_env = vllm_args(model_id)
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             "--served-model-name", model_id, "--host", "127.0.0.1", "--port", str(port),
             "--enable-prompt-tokens-details", "--disable-log-stats", *flags]
     # As VllmEngine sets them for its own processes (serve_apps/engines/vllm_engine.py).
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_USE_AOT_COMPILE": "0", **engine_env}
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_USE_AOT_COMPILE": "0", **engine_env,
+           **(extra_env or {})}
     log(f"vllm: starting its OpenAI server on port {port} (~40 s): {' '.join(argv[3:])}")
     started = time.monotonic()
-    with process("vllm", argv, env=env) as proc:
+    with process("vllm", argv, env=env, cpus=cpus) as proc:
         wait_http(f"http://127.0.0.1:{port}/v1/models", proc, "vLLM's OpenAI server", START_TIMEOUT_S)
         log(f"vllm: ready in {time.monotonic() - started:.0f} s")
         yield Target("vllm", f"http://127.0.0.1:{port}/v1/chat/completions", model_id, ["unused"])
@@ -310,7 +329,8 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def run_rounds(args: argparse.Namespace, levels: list[int], data_dir: Path, model_dir: Path) -> list[dict[str, Any]]:
+def run_rounds(args: argparse.Namespace, levels: list[int], data_dir: Path, model_dir: Path,
+               placement: Placement) -> list[dict[str, Any]]:
     """`args.rounds` rounds, each measuring both targets; the order alternates so neither always goes first."""
     from serve_apps.catalog_build import SMOLLM_ID
 
@@ -326,14 +346,43 @@ def run_rounds(args: argparse.Namespace, levels: list[int], data_dir: Path, mode
             log(f"round {n + 1} of {args.rounds}: {order[0]} first")
             for name in order:
                 if name == "packserve":
-                    with packserve(data_dir, redis_url, max(levels), args.with_embeddings) as target:
+                    with packserve(data_dir, redis_url, max(levels), args.with_embeddings,
+                                   placement.split) as target:
                         keep(name, asyncio.run(measure(name, target, levels, args)))
                 else:
-                    with vllm_server(model_dir, SMOLLM_ID) as target:
+                    with vllm_server(model_dir, SMOLLM_ID, placement.vllm_cpus, placement.vllm_env) as target:
                         keep(name, asyncio.run(measure(name, target, levels, args)))
     rows = [summarize(name, streams, measured) for (name, streams), measured in results.items()]
     rows.sort(key=lambda r: (r["streams"], r["target"] != "vllm"))
     return rows
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which CPUs each side runs on (see the module doc)."""
+
+    split: CpuSplit | None  # packserve's, as `packserve serve` computes it; None: no split
+    vllm_cpus: frozenset[int]  # vLLM's server: all CPUs as shipped, or the serving CPUs with --pin-vllm
+    vllm_env: dict[str, str]  # with --pin-vllm: its OpenMP threads on the engine CPUs
+    client_cpus: frozenset[int]  # this process (the load generator) and Redis
+
+    def describe(self) -> str:
+        if self.split is None:
+            return "no CPU split: every process may run on every CPU"
+        return (f"packserve: vLLM on CPU {id_list(self.split.engine)}, the rest on {id_list(self.split.serving)}; "
+                f"vLLM's server on CPU {id_list(self.vllm_cpus)}"
+                f"{' (OpenMP on ' + self.vllm_env[OMP_BIND] + ')' if self.vllm_env else ' (its own binding)'}; "
+                f"load generator and Redis on {id_list(self.client_cpus)}")
+
+
+def placement(no_split: bool, pin_vllm: bool) -> Placement:
+    everything = frozenset(os.sched_getaffinity(0))
+    split = None if no_split else engine_cpu_split()
+    if split is None:
+        return Placement(None, everything, {}, everything)
+    serving = frozenset(split.serving)
+    return Placement(split, serving if pin_vllm else everything,
+                     {OMP_BIND: id_list(split.engine)} if pin_vllm else {}, serving)
 
 
 def main() -> None:
@@ -348,6 +397,10 @@ def main() -> None:
                         help="packserve also deploys local.yaml's embeddings model, as `make run` does")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="where the embedded models are built (default: PACKSERVE_DATA_DIR or ~/.local/share)")
+    parser.add_argument("--no-split", action="store_true",
+                        help="start packserve's Ray without the CPU split (and leave the load generator anywhere)")
+    parser.add_argument("--pin-vllm", action="store_true",
+                        help="also run vLLM's server split the same way (taskset-style), not as it ships")
     parser.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
     args = parser.parse_args()
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
@@ -359,9 +412,14 @@ def main() -> None:
     log(f"building (or reusing) SmolLM2 and MiniLM in {data_dir}/models")
     needed = [m for m in EMBEDDED_MODELS if m.catalog_id in (SMOLLM_ID, MINILM_ID)]
     model_dir = build_catalog(data_dir, progress=True, models=needed)[SMOLLM_ID]
+    where = placement(args.no_split, args.pin_vllm)
+    log(f"placement: {where.describe()}")
+    # The load generator is a client: it keeps off the engine's CPUs, as a
+    # client on another machine would, for both targets alike.
+    os.sched_setaffinity(0, where.client_cpus)
     load_before = uptime()
     log(f"uptime before: {load_before}")
-    rows = run_rounds(args, levels, data_dir, model_dir)
+    rows = run_rounds(args, levels, data_dir, model_dir, where)
     load_after = uptime()
     log(f"uptime after: {load_after}")
 
@@ -375,7 +433,7 @@ def main() -> None:
     if args.json:
         emit_json({"benchmark": "serving", "date": datetime.now(UTC).isoformat(timespec="seconds"),
                    "machine": machine(), "model": SMOLLM_ID, "max_tokens": args.max_tokens, "rounds": args.rounds,
-                   "with_embeddings": args.with_embeddings, "rows": rows,
+                   "with_embeddings": args.with_embeddings, "placement": where.describe(), "rows": rows,
                    "ratios": compared, "uptime_before": load_before, "uptime_after": load_after,
                    "targets": {"throughput_ratio_min": 0.95, "added_ttft_p50_ms_max": 10}})
 

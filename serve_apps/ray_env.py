@@ -47,8 +47,10 @@ import os
 import random
 import signal
 import socket
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
+
+from serve_apps import cpu_split
 
 THROUGHPUT_ENV: Mapping[str, str] = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
@@ -194,13 +196,18 @@ def ephemeral_range_start() -> int | None:
         return None
 
 
-def init_local(**kwargs: Any) -> str:
+def init_local(cpus: cpu_split.CpuSplit | None = None, **kwargs: Any) -> str:
     """`ray.init` that starts Ray on this machine with packserve's environment (see the module doc).
 
     HAProxy's stats page and metrics listener have fixed ports by default
     (8404, 9101), so a second local Ray on the same machine (the test suite
     while `make run` is up, a benchmark) would fail to start its HAProxy: a
     local Ray gets free ports for both unless the operator chose them.
+
+    With `cpus` (`engine_cpu_split`), every process of this Ray starts on the
+    serving CPUs and vLLM's engines compute on the engine CPUs (see
+    serve_apps/cpu_split.py). Only the processes Ray spawns are confined: the
+    calling thread gets its own CPUs back once Ray is up.
     Returns this Ray node's id, for `shutdown_local`.
     """
     import ray
@@ -208,9 +215,80 @@ def init_local(**kwargs: Any) -> str:
     # The raylet this call spawns inherits the driver's environment; that is
     # the only way to hand it node-level settings without a `ray start`.
     os.environ.update(node_env())
-    ray.init(runtime_env=local_runtime_env(), **kwargs)
+    env = local_runtime_env()
+    if cpus is not None:
+        env["env_vars"][OMP_BIND] = cpu_split.id_list(cpus.engine)
+    with _affinity(cpus.serving if cpus is not None else None):
+        ray.init(runtime_env=env, **kwargs)
     node_id: str = ray.get_runtime_context().get_node_id()
     return node_id
+
+
+# vLLM's CPU binding of its OpenMP threads; an operator who sets it keeps their own.
+OMP_BIND = "VLLM_CPU_OMP_THREADS_BIND"
+SYS_CPU = "/sys/devices/system/cpu"
+SYS_NODE = "/sys/devices/system/node"
+
+
+def engine_cpu_split(environ: Mapping[str, str] | None = None) -> cpu_split.CpuSplit | None:
+    """How to split this machine's CPUs between vLLM CPU engines and the rest, or None to leave them be.
+
+    None when the operator binds vLLM's threads themselves (VLLM_CPU_OMP_THREADS_BIND),
+    when the topology cannot be read, or when there is nothing to split (one core).
+    """
+    env = os.environ if environ is None else environ
+    if env.get(OMP_BIND):
+        return None
+    return cpu_split.split(read_cpus())
+
+
+def read_cpus() -> list[cpu_split.LogicalCpu]:
+    """This thread's allowed CPUs with their cores and NUMA nodes (Linux sysfs); [] where unreadable."""
+    node_of: dict[int, int] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(SYS_NODE):
+            if entry.startswith("node") and entry[4:].isdigit():
+                with open(f"{SYS_NODE}/{entry}/cpulist") as f:
+                    for cpu in parse_cpulist(f.read()):
+                        node_of[cpu] = int(entry[4:])
+    cpus: list[cpu_split.LogicalCpu] = []
+    try:
+        for cpu in sorted(os.sched_getaffinity(0)):
+            topology = f"{SYS_CPU}/cpu{cpu}/topology"
+            with open(f"{topology}/core_id") as f:
+                core = int(f.read())
+            with open(f"{topology}/physical_package_id") as f:
+                package = int(f.read())
+            cpus.append(cpu_split.LogicalCpu(cpu, (package, core), node_of.get(cpu, 0)))
+    except (OSError, ValueError):
+        return []
+    return cpus
+
+
+def parse_cpulist(text: str) -> list[int]:
+    """sysfs's "0-3,8" form."""
+    ids: list[int] = []
+    for part in text.strip().split(","):
+        if "-" in part:
+            start, end = part.split("-")
+            ids.extend(range(int(start), int(end) + 1))
+        elif part:
+            ids.append(int(part))
+    return ids
+
+
+@contextlib.contextmanager
+def _affinity(cpus: Collection[int] | None) -> Iterator[None]:
+    """Run the block on `cpus` only (the calling thread: what it spawns inherits it), then restore."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def shutdown_local(node_id: str) -> None:

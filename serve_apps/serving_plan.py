@@ -237,3 +237,19 @@ def local_shortfalls(config: AppConfig, available: Mapping[str, float]) -> list[
             out.append(f"the deployments need {needed:g} {unit} at their starting replicas ({detail}) and this "
                        f"machine has {available.get(resource, 0):g}")
     return out
+
+
+def cpu_engines(config: AppConfig) -> bool:
+    """True when `config` runs vLLM engines here and all of them compute on CPU in one worker process.
+
+    Then the machine's CPUs can be split between the engines' OpenMP threads
+    and everything else (serve_apps/cpu_split.py). A GPU engine (num_gpus > 0)
+    needs no split, and a CPU engine with tensor or pipeline parallelism binds
+    one CPU list per worker, which the split does not compute.
+    """
+    if config.engine != "vllm":
+        return False
+    engines = [m for m in config.models if m.vllm is not None]
+    return bool(engines) and all(
+        m.resources.num_gpus == 0 and m.vllm.tensor_parallel_size == 1 and m.vllm.pipeline_parallel_size == 1
+        for m in engines if m.vllm is not None)

@@ -161,8 +161,10 @@ def ray_serve() -> Iterator[RayServe]:
     from serve_apps import ray_env
 
     port = free_port()
-    # The same Ray packserve deploys on (engines at nice 0; HAProxy, direct ingress, gRPC between deployments).
-    local_ray = ray_env.init_local(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # The same Ray packserve deploys on (engines at nice 0; HAProxy, direct ingress, gRPC between deployments),
+    # split from vLLM's CPUs as `packserve serve` does for local.yaml (serve_apps/cpu_split.py).
+    local_ray = ray_env.init_local(ray_env.engine_cpu_split(), num_cpus=2, include_dashboard=False,
+                                   log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
         yield RayServe(port)

@@ -13,8 +13,10 @@ a standard pack's 500-request bar empties after 5 requests.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ import openai
 import pytest
 from ray import serve
 
+from serve_apps import ray_env
 from serve_apps.catalog_build import EMBEDDED_MODELS, MINILM_ID, SMOLLM_ID, build_catalog
 from serve_apps.config import AppConfig, load_config
 from serve_apps.ray_app import APP_NAME, build_app
@@ -290,3 +293,73 @@ def test_client_disconnect_aborts_the_generation_in_vllm(vllm_app: VllmApp) -> N
     assert request_id in stats["aborted"], stats
     assert request_id not in stats["in_flight"], stats
     assert stats["unfinished"] == 0, stats  # vLLM itself dropped the sequence
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rpartition(")")[2].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _thread_cpus(pid: int) -> dict[int, frozenset[int]]:
+    """Each thread's allowed CPUs (Cpus_allowed_list), by thread id; {} for a process that is gone."""
+    from serve_apps.ray_env import parse_cpulist
+
+    out: dict[int, frozenset[int]] = {}
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                line = next(line for line in f if line.startswith("Cpus_allowed_list:"))
+            out[int(tid)] = frozenset(parse_cpulist(line.split(":", 1)[1]))
+    return out
+
+
+def _name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def test_vllm_computes_on_its_cpus_and_everything_else_keeps_off_them(vllm_app: VllmApp) -> None:
+    """The CPU split of `packserve serve` (serve_apps/cpu_split.py), on the session Ray that conftest started with it.
+
+    vLLM's OpenMP threads run on the engine CPUs only; no other thread of
+    Ray or packserve (GCS, raylet, agents, Serve controller, HAProxy, the
+    gateway and model replicas, vLLM's engine-core processes) may run there.
+    """
+    cpus = ray_env.engine_cpu_split()
+    if cpus is None:
+        pytest.skip("this machine has one core: nothing to split")
+    engine, serving = frozenset(cpus.engine), frozenset(cpus.serving)
+    ray_side = [p for p in _descendants(os.getpid()) if "redis-server" not in _name(p)]
+    assert any("raylet" in _name(p) for p in ray_side), "the session Ray is not a child of this process"
+    on_engine: set[int] = set()
+    for pid in ray_side:
+        for tid, allowed in _thread_cpus(pid).items():
+            if allowed & engine:
+                # Only vLLM's worker processes compute there, each thread bound to the engine CPUs alone.
+                assert "VLLM" in _name(pid) or "multiprocessing" in _name(pid), (pid, _name(pid), tid, allowed)
+                assert allowed <= engine, (pid, _name(pid), tid, allowed)
+                on_engine.add(pid)
+            else:
+                assert allowed <= serving, (pid, _name(pid), tid, allowed)
+    # The OpenMP threads of both engines (the chat model's and MiniLM's) are there.
+    assert len(on_engine) >= 2, f"vLLM workers on the engine CPUs: {[_name(p) for p in on_engine]}"
+    # The chat model still answers from there.
+    reply = vllm_app.openai(vllm_app.new_key()).chat.completions.create(
+        model=SMOLLM_ID, max_tokens=8, messages=[{"role": "user", "content": "Say hi."}], temperature=0)
+    assert reply.choices[0].message.content
