@@ -60,7 +60,7 @@ from bench.common import (
     signal_session,
 )
 from bench.gateway import Sample
-from bench.serving import Levels, log, measure, summarize, uptime, vllm_server
+from bench.serving import Levels, add_load_arguments, embedded_models, log, measure, summarize, uptime, vllm_server
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("none", "ray", "packserve")
@@ -155,24 +155,13 @@ def floor_rows(by_mode: dict[str, dict[int, list[tuple[list[Sample], float]]]],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated stream counts")
-    parser.add_argument("--requests-per-stream", type=int, default=4)
-    parser.add_argument("--min-requests", type=int, default=8, help="at least this many requests per level")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of each mode")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="where the embedded models are built (default: PACKSERVE_DATA_DIR or ~/.local/share)")
-    parser.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
+    add_load_arguments(parser, rounds_help="rounds of each mode")
     args = parser.parse_args()
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
 
-    from cluster.settings import default_data_dir
-    from serve_apps.catalog_build import EMBEDDED_MODELS, SMOLLM_ID, build_catalog
+    from serve_apps.catalog_build import SMOLLM_ID
 
-    data_dir: Path = args.data_dir or default_data_dir()
-    log(f"building (or reusing) SmolLM2 in {data_dir}/models")
-    model_dir = build_catalog(data_dir, progress=True,
-                              models=[m for m in EMBEDDED_MODELS if m.catalog_id == SMOLLM_ID])[SMOLLM_ID]
+    _, model_dir = embedded_models(args, (SMOLLM_ID,))
     load_before = uptime()
     log(f"uptime before: {load_before}")
 

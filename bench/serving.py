@@ -385,33 +385,45 @@ def placement(no_split: bool, pin_vllm: bool) -> Placement:
                      {OMP_BIND: id_list(split.engine)} if pin_vllm else {}, serving)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_load_arguments(parser: argparse.ArgumentParser, rounds_help: str) -> None:
+    """The load and model arguments bench/serving.py and bench/ray_floor.py share."""
     parser.add_argument("--concurrency", default="1,4,16", help="comma-separated stream counts")
     parser.add_argument("--requests-per-stream", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="measure both targets this many times (order alternating) and pool the samples")
+    parser.add_argument("--rounds", type=int, default=2, help=rounds_help)
     parser.add_argument("--min-requests", type=int, default=8, help="at least this many requests per level")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--with-embeddings", action="store_true",
-                        help="packserve also deploys local.yaml's embeddings model, as `make run` does")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="where the embedded models are built (default: PACKSERVE_DATA_DIR or ~/.local/share)")
+    parser.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
+
+
+def embedded_models(args: argparse.Namespace, catalog_ids: Sequence[str]) -> tuple[Path, Path]:
+    """The data directory and SmolLM2's converted directory, building `catalog_ids` first if needed."""
+    from cluster.settings import default_data_dir
+    from serve_apps.catalog_build import EMBEDDED_MODELS, SMOLLM_ID, build_catalog
+
+    data_dir: Path = args.data_dir or default_data_dir()
+    log(f"building (or reusing) {', '.join(catalog_ids)} in {data_dir}/models")
+    built = build_catalog(data_dir, progress=True, models=[m for m in EMBEDDED_MODELS if m.catalog_id in catalog_ids])
+    return data_dir, built[SMOLLM_ID]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_load_arguments(parser, rounds_help="measure both targets this many times (order alternating) and pool "
+                                           "the samples")
+    parser.add_argument("--with-embeddings", action="store_true",
+                        help="packserve also deploys local.yaml's embeddings model, as `make run` does")
     parser.add_argument("--no-split", action="store_true",
                         help="start packserve's Ray without the CPU split (and leave the load generator anywhere)")
     parser.add_argument("--pin-vllm", action="store_true",
                         help="also run vLLM's server split the same way (taskset-style), not as it ships")
-    parser.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
     args = parser.parse_args()
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
 
-    from cluster.settings import default_data_dir
-    from serve_apps.catalog_build import EMBEDDED_MODELS, MINILM_ID, SMOLLM_ID, build_catalog
+    from serve_apps.catalog_build import MINILM_ID, SMOLLM_ID
 
-    data_dir: Path = args.data_dir or default_data_dir()
-    log(f"building (or reusing) SmolLM2 and MiniLM in {data_dir}/models")
-    needed = [m for m in EMBEDDED_MODELS if m.catalog_id in (SMOLLM_ID, MINILM_ID)]
-    model_dir = build_catalog(data_dir, progress=True, models=needed)[SMOLLM_ID]
+    data_dir, model_dir = embedded_models(args, (SMOLLM_ID, MINILM_ID))
     where = placement(args.no_split, args.pin_vllm)
     log(f"placement: {where.describe()}")
     # The load generator is a client: it keeps off the engine's CPUs, as a
