@@ -295,7 +295,8 @@ def test_client_disconnect_aborts_the_generation_in_vllm(vllm_app: VllmApp) -> N
     assert stats["unfinished"] == 0, stats  # vLLM itself dropped the sequence
 
 
-def _descendants(pid: int) -> list[int]:
+def _children() -> dict[int, list[int]]:
+    """Every live process's children, by parent pid (Linux /proc)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -305,7 +306,16 @@ def _descendants(pid: int) -> list[int]:
             except OSError:
                 continue
             children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
+    return children
+
+
+def _session_ray_processes() -> list[int]:
+    """The processes of the session's Ray: what this process's `ray.init` started (GCS, raylet, dashboard,
+    log monitor, ...) and all they spawned. Not the other children of pytest: vLLM engines that
+    test_vllm_engine starts in this process (and their multiprocessing helpers) are not under Ray."""
+    children = _children()
+    roots = [p for p in children.get(os.getpid(), []) if "/ray/" in _name(p)]
+    out, todo = list(roots), list(roots)
     while todo:
         for child in children.get(todo.pop(), []):
             out.append(child)
@@ -345,20 +355,21 @@ def test_vllm_computes_on_its_cpus_and_everything_else_keeps_off_them(vllm_app: 
     if cpus is None:
         pytest.skip("this machine has one core: nothing to split")
     engine, serving = frozenset(cpus.engine), frozenset(cpus.serving)
-    ray_side = [p for p in _descendants(os.getpid()) if "redis-server" not in _name(p)]
+    ray_side = _session_ray_processes()
     assert any("raylet" in _name(p) for p in ray_side), "the session Ray is not a child of this process"
     on_engine: set[int] = set()
     for pid in ray_side:
         for tid, allowed in _thread_cpus(pid).items():
             if allowed & engine:
                 # Only vLLM's worker processes compute there, each thread bound to the engine CPUs alone.
-                assert "VLLM" in _name(pid) or "multiprocessing" in _name(pid), (pid, _name(pid), tid, allowed)
+                assert "VLLM::Worker" in _name(pid), (pid, _name(pid), tid, allowed)
                 assert allowed <= engine, (pid, _name(pid), tid, allowed)
                 on_engine.add(pid)
             else:
                 assert allowed <= serving, (pid, _name(pid), tid, allowed)
-    # The OpenMP threads of both engines (the chat model's and MiniLM's) are there.
-    assert len(on_engine) >= 2, f"vLLM workers on the engine CPUs: {[_name(p) for p in on_engine]}"
+    # The chat model's vLLM worker computes there (MiniLM's embeddings run on torch inside their
+    # replica, so on the serving CPUs with everything else).
+    assert any("VLLM::Worker" in _name(p) for p in on_engine), "vLLM did not bind its OpenMP threads there"
     # The chat model still answers from there.
     reply = vllm_app.openai(vllm_app.new_key()).chat.completions.create(
         model=SMOLLM_ID, max_tokens=8, messages=[{"role": "user", "content": "Say hi."}], temperature=0)
