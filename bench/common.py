@@ -74,7 +74,7 @@ def redis_server() -> Iterator[str]:
 # ----------------------------------------------------------------- process sessions (Linux /proc)
 
 
-def _stat_fields(pid: int | str) -> tuple[str, list[str]]:
+def proc_stat(pid: int | str) -> tuple[str, list[str]]:
     """(command name, the fields after it) of /proc/PID/stat; OSError when the process is gone."""
     with open(f"/proc/{pid}/stat") as f:
         raw = f.read()
@@ -96,7 +96,7 @@ def session_members(sid: int) -> dict[int, str]:
         if not entry.isdigit():
             continue
         try:
-            name, fields = _stat_fields(entry)
+            name, fields = proc_stat(entry)
         except OSError:
             continue
         if fields[0] != "Z" and int(fields[3]) == sid:
@@ -119,7 +119,7 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     ticks = 0
     for pid in pids:
         try:
-            _, fields = _stat_fields(pid)
+            _, fields = proc_stat(pid)
         except OSError:
             continue
         ticks += int(fields[11]) + int(fields[12])

@@ -29,6 +29,7 @@ import openai
 import pytest
 from ray import serve
 
+from bench.common import proc_stat
 from serve_apps import ray_env
 from serve_apps.catalog_build import EMBEDDED_MODELS, MINILM_ID, SMOLLM_ID, build_catalog
 from serve_apps.config import AppConfig, load_config
@@ -301,11 +302,10 @@ def _children() -> dict[int, list[int]]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rpartition(")")[2].split()[1])
+                _, fields = proc_stat(entry)
             except OSError:
                 continue
-            children.setdefault(ppid, []).append(int(entry))
+            children.setdefault(int(fields[1]), []).append(int(entry))
     return children
 
 
