@@ -1,4 +1,4 @@
-"""Shared bits of the benchmarks: percentiles, the table, the --json line, a redis-server, process sessions."""
+"""Shared bits of the benchmarks: percentiles, the table, the --json line, a redis-server, server processes."""
 
 from __future__ import annotations
 
@@ -10,13 +10,17 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from serve_apps.ray_env import free_port as free_port  # re-exported for the bench scripts
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -124,3 +128,51 @@ def cpu_seconds(pids: Sequence[int]) -> float:
             continue
         ticks += int(fields[11]) + int(fields[12])
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def process(name: str, argv: Sequence[str], env: dict[str, str] | None = None, unset: Sequence[str] = (),
+            cpus: Collection[int] | None = None, ready: str | None = None,
+            ready_timeout_s: float = 300.0) -> Iterator[subprocess.Popen[bytes]]:
+    """Start a server as the leader of a new session, stdout+stderr to a temp log; always stop all of it.
+
+    `cpus`: the CPUs it may run on (default: this process's). `ready`: wait
+    until this text appears in its output before handing it over. On an error
+    the log's tail is printed. Stopping sends SIGTERM to its process group and
+    then SIGKILL to whatever is left in its session: Ray puts each worker in a
+    process group of its own, so the process group alone would leave them.
+    """
+    full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
+    with tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False) as logf:
+        log_path = Path(logf.name)
+        proc = subprocess.Popen(list(argv), stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=full_env, start_new_session=True, cwd=ROOT,
+                                preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus))
+    try:
+        if ready is not None:
+            deadline = time.monotonic() + ready_timeout_s
+            while ready not in log_path.read_text(errors="replace"):
+                if proc.poll() is not None:
+                    raise SystemExit(f"{name} exited with code {proc.returncode} before it was ready")
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{name} did not print {ready!r} within {ready_timeout_s:.0f} s")
+                time.sleep(0.5)
+        yield proc
+    except BaseException:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        log(f"--- last lines of the {name} log ({log_path}) ---\n{tail}")
+        raise
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=15)
+        kill_session(proc.pid)
+        if proc.poll() is None:
+            proc.wait(timeout=5)
+        log_path.unlink(missing_ok=True)

@@ -73,7 +73,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -84,7 +84,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
 
-from bench.common import emit_json, free_port, machine, percentile, print_table, redis_server
+from bench.common import emit_json, free_port, log, machine, percentile, print_table, process, redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "hf:packserve/sim-large"
@@ -95,43 +95,7 @@ CPU_NOTE = ("note: the load generator (one Python process, asyncio + httpx) shar
             f"{os.cpu_count()} CPU cores with the servers it measures (and redis-server / the bare upstream).")
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 # ----------------------------------------------------------------- processes
-
-
-@contextmanager
-def process(name: str, argv: Sequence[str], env: dict[str, str] | None = None,
-            unset: Sequence[str] = (), cpus: Collection[int] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    """Start a server in its own process group, stdout+stderr to a temp log; always stop it (group included).
-
-    `cpus`: the CPUs it may run on (default: this process's).
-    """
-    full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
-    with tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False) as logf:
-        log_path = Path(logf.name)
-        proc = subprocess.Popen(list(argv), stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=full_env, start_new_session=True, cwd=ROOT,
-                                preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus))
-    try:
-        yield proc
-    except BaseException:
-        tail = log_path.read_text(errors="replace")[-3000:]
-        log(f"--- last lines of the {name} log ({log_path}) ---\n{tail}")
-        raise
-    finally:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
-            except ProcessLookupError:
-                pass
-        log_path.unlink(missing_ok=True)
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], name: str, timeout_s: float) -> None:

@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +53,7 @@ from bench.common import (
     kill_session,
     machine,
     print_table,
+    process,
     redis_server,
     session_members,
     signal_session,
@@ -96,28 +95,17 @@ models:
 
 @contextmanager
 def frozen_session(name: str, argv: Sequence[str], ready: str, env: dict[str, str]) -> Iterator[int]:
-    """Start `argv` as the leader of a new session, wait for `ready` on its stdout, freeze it; kill it on exit."""
-    with tempfile.NamedTemporaryFile(prefix=f"bench-floor-{name}-", suffix=".log", delete=False) as f:
-        log_path = Path(f.name)
-    log(f"{name}: starting ({log_path})")
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **env}, cwd=ROOT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while ready not in log_path.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = log_path.read_text(errors="replace")[-2000:]
-                raise SystemExit(f"{name} did not start (exit code {proc.poll()}):\n{tail}")
-            time.sleep(0.5)
-        time.sleep(SETTLE_S)  # let start-up work finish before the first freeze
-        signal_session(proc.pid, signal.SIGSTOP)
-        log(f"{name}: up, {len(session_members(proc.pid))} processes, frozen")
-        yield proc.pid
-    finally:
-        kill_session(proc.pid)
-        proc.wait(timeout=30)
-        log_path.unlink(missing_ok=True)
+    """`argv` started as the leader of a new session, once it printed `ready`, frozen; its session id."""
+    log(f"{name}: starting")
+    with process(name, argv, env=env, ready=ready, ready_timeout_s=START_TIMEOUT_S) as proc:
+        try:
+            time.sleep(SETTLE_S)  # let start-up work finish before the first freeze
+            signal_session(proc.pid, signal.SIGSTOP)
+            log(f"{name}: up, {len(session_members(proc.pid))} processes, frozen")
+            yield proc.pid
+        finally:
+            # A frozen session cannot stop gracefully (SIGTERM would wait for a thaw): kill it outright.
+            kill_session(proc.pid)
 
 
 def schedule(rounds: int) -> list[str]:

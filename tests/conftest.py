@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -150,6 +151,24 @@ class RayServe:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+def call_model(model_id: str, method: str, app_name: str, timeout_s: float) -> Any:
+    """`method()` of `model_id`'s deployment in `app_name`, through a handle shut down afterwards.
+
+    A handle left behind keeps its router running in this process for the
+    rest of the session (metrics pushes, long polls), and that router follows
+    any later deployment of the same name in the same application.
+    """
+    from ray import serve
+
+    from serve_apps.serving_plan import deployment_name
+
+    handle = serve.get_deployment_handle(deployment_name(model_id), app_name=app_name)
+    try:
+        return getattr(handle, method).remote().result(timeout_s=timeout_s)
+    finally:
+        handle.shutdown()  # type: ignore[no-untyped-call]
 
 
 @pytest.fixture(scope="session")

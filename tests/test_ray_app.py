@@ -31,8 +31,7 @@ from serve_apps.config import AppConfig
 from serve_apps.engines.sim import SimulatedEngine
 from serve_apps.engines.types import ChatMessage, GenerationRequest, SamplingParams
 from serve_apps.ray_app import APP_NAME, build_app, dry_run
-from serve_apps.serving_plan import deployment_name
-from tests.conftest import RayServe, RedisServer
+from tests.conftest import RayServe, RedisServer, call_model
 
 ADMIN_TOKEN = "ray-test-admin-token"
 LARGE = "hf:packserve/sim-large"
@@ -121,9 +120,7 @@ def first_data_line(lines: Iterator[str]) -> str:
 
 
 def model_stats(model_id: str) -> dict[str, Any]:
-    handle = serve.get_deployment_handle(deployment_name(model_id), app_name=APP_NAME)
-    result: dict[str, Any] = handle.stats.remote().result(timeout_s=10)
-    return result
+    return dict(call_model(model_id, "stats", APP_NAME, timeout_s=10))
 
 
 # -- the graph --------------------------------------------------------------------------------

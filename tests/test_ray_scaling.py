@@ -11,7 +11,10 @@ sum(cached_tokens) / sum(prompt_tokens) from the usage the engine returns.
 Cold starts: a whole application through the HTTP proxy, with sim-large at
 zero replicas (downscale after 1 s idle), sim-small impossible to place (it
 asks for a GPU this machine does not have, so it never starts) and sim-embed
-always warm.
+always warm. It is deployed under an application name no other module uses:
+CI once found sim-large already running right after the deploy, when it was
+deployed as `packserve`, the name test_ray_app had just deleted (whose routers,
+left in this process, were seen picking up the new deployment of the same id).
 """
 
 from __future__ import annotations
@@ -37,11 +40,12 @@ from serve_apps.engine_proxy import DeploymentEngine
 from serve_apps.engines.sim import SIM_CARDS, SIM_EMBED, SIM_LARGE, SIM_SMALL, SimulatedEngine
 from serve_apps.engines.types import ChatMessage, Engine, GenerationRequest, SamplingParams
 from serve_apps.gateway.service import COLD_START_RETRY_AFTER_S
-from serve_apps.ray_app import APP_NAME, build_app, model_deployment
+from serve_apps.ray_app import build_app, model_deployment
 from serve_apps.serving_plan import deployment_name, plan
 from tests.conftest import RayServe, RedisServer
 
 ADMIN_TOKEN = "ray-scaling-admin-token"
+COLD_APP = "cold-start"
 CONVERSATIONS = 8
 TURNS = 8
 # Each replica's share of the requests may exceed the even 1/2 by at most this:
@@ -193,7 +197,7 @@ class ColdApp:
 
 
 def running_replicas(model: str) -> int:
-    deployment = serve.status().applications[APP_NAME].deployments[deployment_name(model)]
+    deployment = serve.status().applications[COLD_APP].deployments[deployment_name(model)]
     return sum(n for state, n in deployment.replica_states.items() if state == "RUNNING")
 
 
@@ -209,7 +213,7 @@ def cold_app(ray_serve: RayServe, redis_server: RedisServer,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[ColdApp]:
     try:
         config = cold_config(redis_server.url, tmp_path_factory.mktemp("cold-app"))
-        serve.run(build_app(config, admin_token=ADMIN_TOKEN), name=APP_NAME, route_prefix="/", blocking=False)
+        serve.run(build_app(config, admin_token=ADMIN_TOKEN), name=COLD_APP, route_prefix="/", blocking=False)
         with httpx.Client(base_url=ray_serve.base_url, headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
                           timeout=30) as admin:
             app = ColdApp(ray_serve.base_url, admin)
@@ -217,7 +221,7 @@ def cold_app(ray_serve: RayServe, redis_server: RedisServer,
             eventually(lambda: app.warm()[SIM_EMBED], 20, "sim-embed to be warm")
             yield app
     finally:
-        serve.delete(APP_NAME)
+        serve.delete(COLD_APP)
 
 
 def test_a_cold_model_waits_for_its_first_replica_uncharged_then_scales_back_to_zero(cold_app: ColdApp) -> None:

