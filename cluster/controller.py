@@ -9,11 +9,13 @@ number of gateways agree. Contract:
 - `settle` runs exactly once per admitted request however it ended, and is
   never lost: it runs in its own task (a cancelled request cannot cancel
   it), and if the store is unreachable it goes to the outbox and is retried.
-- A response that outlives a renewal period leaves a checkpoint in the store
-  (its settlement as it stands, status "interrupted"), replaced at every
-  renewal and dropped when it settles. If its gateway dies, the checkpoint
-  falls due and any gateway's sweep settles it: the weekly bar is debited
-  and a usage event recorded for what was streamed up to the last renewal.
+- Every admitted request that runs under `renewing` leaves a checkpoint in
+  the store (its settlement as it stands, status "interrupted"): written as
+  it starts (no tokens yet), replaced at every renewal and dropped when it
+  settles. If its gateway dies, the checkpoint falls due and any gateway's
+  sweep settles it: a usage event is recorded and the weekly bar debited for
+  what was streamed up to the last renewal, so no admitted request goes
+  unrecorded however short it was.
 """
 
 from __future__ import annotations
@@ -123,6 +125,7 @@ class AdmissionController:
         self._sweeper: asyncio.Task[None] | None = None
         self.queue = QueueStats()
         self.active = 0
+        self._store_was_away = False
 
     def price(self, model: str) -> ModelPrice:
         try:
@@ -192,12 +195,26 @@ class AdmissionController:
     async def renewing(self, ticket: Ticket, progress: Callable[[], Progress] | None = None) -> AsyncIterator[None]:
         """Keep the lease alive while a response streams (renews at a third of the TTL).
 
-        With `progress` (the response's counts so far), each renewal also
-        checkpoints what to settle if this process dies before it settles.
+        With `progress` (the response's counts so far), what to settle if
+        this process dies before it settles is checkpointed at once (so a
+        short response is covered too) and again at each renewal. One task
+        does both, so a checkpoint never overtakes a later one.
         """
+
+        async def _checkpoint() -> None:
+            if progress is None:
+                return
+            try:
+                # Shielded: a response that ends while its first checkpoint is being written must not
+                # cancel the write (redis-py drops a connection whose command is cancelled mid-flight).
+                await asyncio.shield(self.checkpoint(ticket, progress()))
+            except (StoreError, UsageError) as exc:
+                # Best effort: the renewal, which keeps the slot, must go on.
+                log.warning("checkpoint failed", extra={"lease": ticket.lease.lease_id, "error": str(exc)})
 
         async def _loop() -> None:
             period = self.settings.lease_ttl_s / 3
+            await _checkpoint()
             while True:
                 await asyncio.sleep(period)
                 try:
@@ -205,13 +222,7 @@ class AdmissionController:
                 except StoreError:
                     log.warning("lease renewal failed", extra={"lease": ticket.lease.lease_id})
                     continue
-                if progress is None:
-                    continue
-                try:
-                    await self.checkpoint(ticket, progress())
-                except (StoreError, UsageError) as exc:
-                    # Best effort: the renewal, which keeps the slot, must go on.
-                    log.warning("checkpoint failed", extra={"lease": ticket.lease.lease_id, "error": str(exc)})
+                await _checkpoint()
 
         task = asyncio.get_running_loop().create_task(_loop())
         try:
@@ -277,29 +288,50 @@ class AdmissionController:
         if ticket.settled:
             return
         settlement = self._settlement(ticket, progress, "interrupted")
-        await self.store.checkpoint(settlement, self.settings.lease_ttl_ms + CHECKPOINT_GRACE_MS, self._clock())
+        # Set before the write: a write cancelled in flight may still land, and settling drops what it finds.
         ticket.checkpointed = True
+        await self.store.checkpoint(settlement, self.settings.lease_ttl_ms + CHECKPOINT_GRACE_MS, self._clock())
 
     async def settle_due_checkpoints(self) -> int:
         """Settle the checkpoints whose gateway stopped renewing them (it died); returns how many were due."""
         due = await self.store.due_checkpoints(self._clock())
         for settlement in due:
-            await self.store.settle(settlement, self._clock())
+            applied = await self.store.settle(settlement, self._clock())
             await self.store.drop_checkpoint(settlement.lease.lease_id)
+            if applied is None:
+                continue  # its gateway settled it and was stopped before it dropped the checkpoint
             event = settlement.event
             log.info("settled the checkpoint of a response whose gateway stopped", extra={
                 "lease": settlement.lease.lease_id, "account": event.account_id, "model": event.model,
                 "prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens})
         return len(due)
 
+    async def sweep_once(self) -> int | None:
+        """One sweep: how many checkpoints were due, or None when it settled nothing on purpose or failed.
+
+        The first sweep after the store was seen away settles nothing: a
+        checkpoint can only fall due during an outage longer than
+        CHECKPOINT_GRACE_MS, and then the final settlements of the same
+        requests wait in live gateways' outboxes (retried every few seconds);
+        a period's wait lets them land first, so the exact counts win over a
+        checkpoint's "interrupted" ones (a later checkpoint settle is a no-op).
+        """
+        try:
+            if self._store_was_away:
+                await self.store.now_ms()
+                self._store_was_away = False
+                return None
+            return await self.settle_due_checkpoints()
+        except StoreError:
+            self._store_was_away = True
+            log.warning("checkpoint sweep failed: store unreachable")
+            return None
+
     async def sweep_checkpoints(self) -> None:
-        """Run `settle_due_checkpoints` every lease TTL, for ever (every gateway runs one; settling is idempotent)."""
+        """Run `sweep_once` every lease TTL, for ever (every gateway runs one; settling is idempotent)."""
         while True:
             await asyncio.sleep(self.settings.lease_ttl_s)
-            try:
-                await self.settle_due_checkpoints()
-            except StoreError:
-                log.warning("checkpoint sweep failed: store unreachable")
+            await self.sweep_once()
 
     async def snapshot(self, account_id: str) -> Snapshot:
         return await self.store.snapshot(account_id, self._clock())

@@ -31,9 +31,10 @@ strings; times in ms, request bar in request units, money in picodollars.
   channel packserve:wake:{A}:<model>   published whenever a slot may have freed
 
 Redis Cluster: the hot path (reserve, settle, renew, snapshot) touches one
-slot; a checkpoint (one per lease renewal of a long response) touches the two
-global checkpoint keys. Account and key administration also updates the three global indexes in
-the same script; on a cluster those scripts would need splitting.
+slot; a checkpoint (written as each response starts and at each lease
+renewal, dropped when it settles) touches the two global checkpoint keys.
+Account and key administration also updates the three global indexes in the
+same script; on a cluster those scripts would need splitting.
 """
 
 from __future__ import annotations

@@ -227,8 +227,12 @@ def test_a_stale_warm_flag_gives_the_slot_and_charge_back_and_waits(slow: ColdGa
     slow.release()
     waiter.join(timeout=10)
     assert result["r"].choices[0].message.content
-    events = [e["status"] for e in slow.usage_events(account) if e["model"] == LARGE]
-    assert sorted(events) == ["ok", "refunded"]
+    def statuses() -> list[str]:
+        return sorted(e["status"] for e in slow.usage_events(account) if e["model"] == LARGE)
+
+    # Settlement runs in its own task, after the answer was sent: the usage record follows within moments.
+    wait_until(lambda: len(statuses()) == 2, timeout_s=5)
+    assert statuses() == ["ok", "refunded"]
     assert slow.quotas(key)["rollingFiveHourLimit"]["remaining"] == FULL_BAR - 1  # charged once, for the answer
     metrics = httpx.get(f"{slow.base_url}/metrics", timeout=5).text
     assert f'packserve_cold_redispatches_total{{model="{LARGE}"}} 1.0' in metrics

@@ -1,7 +1,8 @@
 """A Redis outage or a gateway crash loses no usage record and leaks no slot.
 
 Settlements wait in the outbox while the store is away; a killed gateway's
-streams are settled from their last checkpoint by another gateway.
+responses are settled from their last checkpoint by another gateway, however
+early in the response it died.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import yaml
 from cluster.accounts import Accounts
 from cluster.controller import CHECKPOINT_GRACE_MS, AdmissionController
 from cluster.outbox import SettleOutbox
+from cluster.records import UsageEvent
 from cluster.redis_store import RedisStore
 from cluster.settings import AdmissionSettings
 from cluster.store import Settlement
@@ -70,14 +72,31 @@ async def test_settlement_survives_an_outage_and_a_gateway_restart(persistent_re
 
 def test_a_killed_gateway_still_records_what_it_streamed(redis_url: str, tmp_path: Path) -> None:
     """SIGKILL mid-stream: the checkpoint of its last lease renewal is settled by another gateway's sweep."""
-    account_id, received = _stream_then_kill_the_gateway(redis_url, tmp_path)
-    asyncio.run(_sweep_settles_it(redis_url, account_id, received))
-
-
-def _stream_then_kill_the_gateway(redis_url: str, tmp_path: Path) -> tuple[str, int]:
-    config = tmp_path / "gateway.yaml"
     # A short lease: renewals (and checkpoints) every 0.5 s, so the test streams for a few seconds only.
-    config.write_text(yaml.safe_dump({"engine": "sim", "admission": {"lease_ttl_s": CRASH_LEASE_TTL_S}}))
+    account_id, received = _stream_then_kill_the_gateway(redis_url, tmp_path, CRASH_LEASE_TTL_S, kill_after=12)
+    event, weekly_paid = asyncio.run(_sweep_settles_it(redis_url, account_id, CRASH_LEASE_TTL_S))
+    assert 0 < event.completion_tokens <= received and event.cost_pico > 0
+    assert weekly_paid
+
+
+def test_a_gateway_killed_before_its_first_renewal_still_leaves_the_usage_record(redis_url: str,
+                                                                                 tmp_path: Path) -> None:
+    """SIGKILL a second into a stream, long before the first renewal (10 s with the default 30 s lease)."""
+    lease_ttl_s = 30.0
+    account_id, received = _stream_then_kill_the_gateway(redis_url, tmp_path, lease_ttl_s, kill_after=1)
+    assert received == 1
+    event, weekly_paid = asyncio.run(_sweep_settles_it(redis_url, account_id, lease_ttl_s))
+    # The checkpoint written as the response started (the counts it had by then: none, or its first token);
+    # the request-bar charge stands.
+    assert event.completion_tokens <= received and event.weight_units > 0
+    assert weekly_paid == (event.cost_pico > 0)
+
+
+def _stream_then_kill_the_gateway(redis_url: str, tmp_path: Path, lease_ttl_s: float,
+                                  kill_after: int) -> tuple[str, int]:
+    """Stream from a real `packserve gateway` and SIGKILL it after `kill_after` content chunks."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({"engine": "sim", "admission": {"lease_ttl_s": lease_ttl_s}}))
     port = free_port()
     env = {**os.environ, "PACKSERVE_ADMIN_TOKEN": "admin-for-crash-test", "PACKSERVE_DATA_DIR": str(tmp_path)}
     proc = subprocess.Popen([sys.executable, "-m", "serve_apps", "--redis-url", redis_url, "gateway", "--engine",
@@ -104,7 +123,7 @@ def _stream_then_kill_the_gateway(redis_url: str, tmp_path: Path) -> tuple[str, 
         received = 0
         for chunk in stream:
             received += bool(chunk.choices and chunk.choices[0].delta.content)
-            if received >= 12:  # ~2.4 s in: several renewals have checkpointed
+            if received >= kill_after:  # 12: ~2.4 s in, several renewals of a 1.5 s lease have checkpointed
                 proc.send_signal(signal.SIGKILL)
                 break
         proc.wait(timeout=30)
@@ -115,8 +134,9 @@ def _stream_then_kill_the_gateway(redis_url: str, tmp_path: Path) -> tuple[str, 
             proc.wait(timeout=30)
 
 
-async def _sweep_settles_it(redis_url: str, account_id: str, received: int) -> None:
-    settings = AdmissionSettings(lease_ttl_s=CRASH_LEASE_TTL_S)
+async def _sweep_settles_it(redis_url: str, account_id: str, lease_ttl_s: float) -> tuple[UsageEvent, bool]:
+    """Another gateway's sweep, once the checkpoint is due: the one usage event, and whether the weekly bar paid."""
+    settings = AdmissionSettings(lease_ttl_s=lease_ttl_s)
     store = await RedisStore.connect(redis_url, request_unit=settings.weight_policy.unit)
     try:
         assert await store.usage(account_id) == []  # the dead gateway settled nothing
@@ -125,10 +145,9 @@ async def _sweep_settles_it(redis_url: str, account_id: str, received: int) -> N
         assert await sweeper.settle_due_checkpoints() == 1
         (event,) = await store.usage(account_id)
         assert event.status == "interrupted" and event.model == "hf:packserve/sim-small"
-        assert 0 < event.completion_tokens <= received and event.cost_pico > 0
         snapshot = await store.snapshot(account_id, due)
         assert snapshot.weekly is not None and snapshot.weekly_spec is not None
-        assert snapshot.weekly.level < snapshot.weekly_spec.capacity  # the weekly bar paid for it
         assert await store.active_leases(account_id, "hf:packserve/sim-small", due) == 0
+        return event, snapshot.weekly.level < snapshot.weekly_spec.capacity
     finally:
         await store.close()

@@ -18,7 +18,7 @@ from cluster.controller import CHECKPOINT_GRACE_MS, AdmissionController, Admissi
 from cluster.embedded_store import EmbeddedStore
 from cluster.records import Account
 from cluster.settings import AdmissionSettings
-from cluster.store import NotFound, Store
+from cluster.store import NotFound, Store, StoreError
 from policies.admission import Reason
 from policies.plans import SizeClass
 from policies.pricing import ModelPrice, UsageError
@@ -346,6 +346,83 @@ async def test_a_replaced_checkpoint_is_due_from_its_last_write(h: Harness) -> N
     h.clock.advance(10_000)
     (due,) = await h.store.due_checkpoints(h.clock.now)
     assert due.event.completion_tokens == 9 and due.lease == ticket.lease
+
+
+async def _written(h: Harness, ticket: Ticket) -> None:
+    """Until the renewal task's first checkpoint of `ticket` is in the store (a real round trip for Redis)."""
+    for _ in range(500):
+        if any(d.lease == ticket.lease for d in await h.store.due_checkpoints(h.clock.now + DUE_MS)):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no checkpoint was written")
+
+
+async def test_a_response_whose_gateway_dies_before_its_first_renewal_is_still_recorded(h: Harness) -> None:
+    acct = await h.account(["standard"])
+    ticket = await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)
+    renewing = h.ctl.renewing(ticket, lambda: Progress(0, 0, 0, False, None))
+    await renewing.__aenter__()
+    await _written(h, ticket)  # at once, not at the first renewal a third of the TTL in
+    await renewing.__aexit__(None, None, None)  # the gateway dies: renewals stop, nothing settles
+    h.clock.advance(DUE_MS)
+    assert await h.ctl.settle_due_checkpoints() == 1
+    (event,) = await h.store.usage(acct.id)
+    assert (event.status, event.prompt_tokens, event.completion_tokens, event.cost_pico) == ("interrupted", 0, 0, 0)
+    # Not refunded: the request-bar charge stands (the response may have streamed before the gateway died).
+    assert event.weight_units == ticket.lease.weight_units > 0
+    assert await h.store.active_leases(acct.id, LARGE, h.clock.now) == 0
+
+
+async def test_a_short_response_that_settles_drops_its_first_checkpoint(h: Harness) -> None:
+    acct = await h.account(["standard"])
+    ticket = await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)
+    async with h.ctl.renewing(ticket, lambda: Progress(0, 0, 0, False, None)):
+        await _written(h, ticket)
+    await h.ctl.settle(ticket, prompt_tokens=10, cached_tokens=0, completion_tokens=12, status="ok",
+                       first_token=True, ttft_ms=40)
+    h.clock.advance(DUE_MS)
+    assert await h.store.due_checkpoints(h.clock.now) == []
+    (event,) = await h.store.usage(acct.id)
+    assert (event.status, event.completion_tokens) == ("ok", 12)
+
+
+class _Flaky:
+    """The store, or StoreError from every call while `down`."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.down = False
+
+    def __getattr__(self, name: str) -> object:
+        attr = getattr(self.store, name)
+
+        async def call(*args: object, **kwargs: object) -> object:
+            if self.down:
+                raise StoreError("down")
+            return await attr(*args, **kwargs)
+
+        return call
+
+
+async def test_after_an_outage_the_sweep_waits_a_period_so_outboxed_final_counts_win(h: Harness) -> None:
+    acct = await h.account(["standard"])
+    ticket = await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)
+    await h.ctl.checkpoint(ticket, Progress(10, 0, 5, True, 40))
+    flaky = _Flaky(h.store)
+    sweeper = AdmissionController(flaky, h.ctl.settings, PRICES, clock=h.clock)  # type: ignore[arg-type]
+    flaky.down = True  # an outage longer than the grace: the checkpoint falls due during it
+    h.clock.advance(DUE_MS)
+    assert await sweeper.sweep_once() is None
+    flaky.down = False
+    assert await sweeper.sweep_once() is None  # back, but the first sweep only looks
+    assert await h.store.usage(acct.id) == []
+    # Meanwhile the live gateway's outbox delivers the final settlement.
+    await h.ctl.settle(ticket, prompt_tokens=10, cached_tokens=0, completion_tokens=12, status="ok",
+                       first_token=True, ttft_ms=40)
+    assert await sweeper.sweep_once() == 0  # the settlement dropped the checkpoint
+    (event,) = await h.store.usage(acct.id)
+    assert (event.status, event.completion_tokens) == ("ok", 12)
+    assert await h.store.due_checkpoints(h.clock.now) == []
 
 
 async def test_concurrency_is_per_model(h: Harness) -> None:

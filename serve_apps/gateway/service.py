@@ -255,7 +255,7 @@ class GatewayService:
         started = time.monotonic()
 
         def progress() -> Progress:
-            # What to charge if this process dies mid-stream (checkpointed at each lease renewal).
+            # What to charge if this process dies mid-stream (checkpointed at the start and each renewal).
             return Progress(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, first_token, ttft_ms)
 
         try:
@@ -300,8 +300,11 @@ class GatewayService:
         """Embeddings: same lease and settlement path as generations."""
         status = "error"
         prompt_tokens = 0
+        nothing_yet = Progress(0, 0, 0, False, None)
         try:
-            result = await self.engine(self.cards[request.model]).embed(request)
+            # Renewed and checkpointed like a stream: a gateway that dies meanwhile still leaves its usage record.
+            async with self.controller.renewing(ticket, lambda: nothing_yet):
+                result = await self.engine(self.cards[request.model]).embed(request)
             prompt_tokens = result.prompt_tokens
             status = "ok"
             return result
