@@ -11,8 +11,8 @@ number of gateways agree. Contract:
   it), and if the store is unreachable it goes to the outbox and is retried.
 - Every admitted request that runs under `renewing` leaves a checkpoint in
   the store (its settlement as it stands, status "interrupted"): written as
-  it starts (no tokens yet), replaced at every renewal and dropped when it
-  settles. If its gateway dies, the checkpoint falls due and any gateway's
+  it starts (with the counts it has by then, usually none), replaced at
+  every renewal and dropped when it settles. If its gateway dies, the checkpoint falls due and any gateway's
   sweep settles it: a usage event is recorded and the weekly bar debited for
   what was streamed up to the last renewal, so no admitted request goes
   unrecorded however short it was.
