@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -15,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,40 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
+
+
+@dataclass(frozen=True)
+class MedianInterval:
+    """The median of some per-round figures and a distribution-free interval around it."""
+
+    low: float
+    median: float
+    high: float
+    coverage: float  # the probability that [low, high] holds the true median
+
+
+def median_interval(values: Sequence[float], confidence: float = 0.9) -> MedianInterval | None:
+    """The median of `values` and the narrowest order-statistic interval with at least `confidence`.
+
+    Sign-test interval: for n independent values, [x(k), x(n-k+1)] misses the
+    true median with probability 2 * P(Binomial(n, 1/2) <= k - 1), whatever
+    the values' distribution (a machine whose speed drifts between rounds has
+    no known one). With too few values for `confidence`, the whole range and
+    its own (lower) coverage.
+    """
+    if not values:
+        return None
+    xs = sorted(values)
+    n = len(xs)
+    median = (xs[(n - 1) // 2] + xs[n // 2]) / 2
+
+    def coverage(k: int) -> float:
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / (1 << n)
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= confidence:
+        k += 1
+    return MedianInterval(xs[k - 1], median, xs[n - k], round(coverage(k), 3))
 
 
 def machine() -> str:

@@ -5,9 +5,10 @@ Rerun (from the repository root; the first run also builds LiteLLM's own venv):
     .venv/bin/python bench/gateway.py [--json]
     .venv/bin/python bench/gateway.py --concurrency 1,16,64 --requests-per-stream 15 --min-requests 40 \\
         --max-requests 640 --rounds 4 --ttft-ms 50 --tokens-per-s 100 --max-tokens 32 \\
-        [--skip-litellm] [--profile-gateway FILE] [--json]
+        [--skip-litellm] [--with-ray] [--profile-gateway FILE] [--json]
+    .venv/bin/python bench/gateway.py --skip-litellm --with-ray --concurrency 1,4,16 --json   # the Ray path
 
-Three targets, all up at once and measured in the same run, at each
+Three targets (four with --with-ray), all up at once and measured in the same run, at each
 concurrency level (1, 16 and 64 concurrent streams by default), with the same
 simulated model settings (time to first token, tokens per second, output
 length). Each level is split into --rounds parts and the targets take turns
@@ -32,6 +33,16 @@ shared machine hits all three alike:
              spend/error logs and request logging off) in front of the bare
              server (a). Its "added latency" = one extra loopback HTTP hop +
              LiteLLM's own request handling and chunk re-encoding.
+(d) packserve-ray  (`--with-ray`) `python -m serve_apps serve` with
+             serve_apps/configs/local-sim.yaml (this run's Redis, port and
+             simulated speed, the model alone on one replica): the whole
+             packserve path of a real deployment on Ray Serve, HAProxy → the
+             gateway replica (direct ingress; the same gateway work as (b))
+             → a DeploymentHandle call → the model replica running the same
+             simulated engine. Its "added latency" is everything packserve
+             puts between a client and an engine, with no engine compute:
+             what bench/serving.py's vLLM comparison adds on top is CPU
+             contention with the engine, and that machine's noise.
 
 "Added" p50/p99 TTFT is the target's percentile minus the bare server's
 percentile at the same concurrency (a difference of percentiles, not a
@@ -88,6 +99,8 @@ from bench.common import emit_json, free_port, log, machine, percentile, print_t
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "hf:packserve/sim-large"
+LOCAL_SIM_CONFIG = ROOT / "serve_apps" / "configs" / "local-sim.yaml"
+SERVE_READY = "Ctrl-C stops it"  # what `packserve serve` prints once everything answers
 LITELLM_MODEL = "sim-large"
 LITELLM_VENV = ROOT / "bench" / ".venv-litellm"
 PROJECT_PYTHON = sys.executable
@@ -477,6 +490,19 @@ def main_run(args: argparse.Namespace) -> dict[str, Any]:
         keys = asyncio.run(create_accounts(base, admin_token, max(levels)))
         targets.append(Target("packserve", f"{base}/v1/chat/completions", MODEL, keys))
 
+        if args.with_ray:
+            port = free_port()
+            cfg = tmp / "ray-sim.yaml"
+            cfg.write_text(json.dumps(ray_sim_config(redis_url, tmp / "ray-data", port, args)))
+            base = f"http://127.0.0.1:{port}"
+            log(f"starting `packserve serve` (Ray Serve, simulated engine) on {base} (~30 s) ...")
+            stack.enter_context(process(
+                "packserve-ray", [PROJECT_PYTHON, "-m", "serve_apps", "serve", "--config", str(cfg)],
+                env={"PACKSERVE_ADMIN_TOKEN": admin_token, "PACKSERVE_DATA_DIR": str(tmp / "ray-data")},
+                ready=SERVE_READY, ready_timeout_s=300))
+            keys = asyncio.run(create_accounts(base, admin_token, max(levels)))
+            targets.append(Target("packserve-ray", f"{base}/v1/chat/completions", MODEL, keys))
+
         if litellm_exe is not None:
             master_key = "sk-bench-" + secrets.token_hex(12)
             port = free_port()
@@ -510,6 +536,24 @@ def main_run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def ray_sim_config(redis_url: str, data_dir: Path, port: int, args: argparse.Namespace) -> dict[str, Any]:
+    """local-sim.yaml with this run's Redis, port and simulated speed, MODEL alone on exactly one replica.
+
+    One replica, so no autoscaling decision lands inside a measured level;
+    the gateway keeps local-sim.yaml's settings (one replica too).
+    """
+    from serve_apps.config import AppConfig, load_config
+
+    raw: dict[str, Any] = load_config(LOCAL_SIM_CONFIG).model_dump(mode="json")
+    raw["store"] = {"redis_url": redis_url, "data_dir": str(data_dir)}
+    raw["gateway"]["port"] = port
+    raw["demo_account"] = False
+    raw["sim"] = {"ttft_ms": args.ttft_ms, "tokens_per_s": args.tokens_per_s}
+    raw["models"] = [{**m, "autoscaling": {**m["autoscaling"], "min_replicas": 1, "max_replicas": 1}}
+                     for m in raw["models"] if m["id"] == MODEL]
+    return AppConfig.model_validate(raw).model_dump(mode="json")
+
+
 def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The issue's targets: packserve adds < 3 ms p50 TTFT at 16 streams, and < 1/3 of what LiteLLM adds."""
     at16 = {r["target"]: r for r in rows if r["streams"] == 16}
@@ -522,6 +566,10 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
             lt = at16["litellm"]["added_p50_ms"]
             out["litellm_added_p50_ms_at_16"] = lt
             out["under_a_third_of_litellm"] = lt > 0 and ps < lt / 3
+    ray = {r["streams"]: r["added_p50_ms"] for r in rows if r["target"] == "packserve-ray"}
+    if ray:
+        out["ray_added_p50_ms"] = {str(k): v for k, v in sorted(ray.items())}
+        out["ray_under_10ms"] = all(v < 10.0 for v in ray.values())
     return out
 
 
@@ -538,6 +586,9 @@ def main() -> None:
     parser.add_argument("--tokens-per-s", type=float, default=100.0, help="simulated decode speed per stream")
     parser.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
     parser.add_argument("--skip-litellm", action="store_true", help="measure only bare and packserve")
+    parser.add_argument("--with-ray", action="store_true",
+                        help="also measure packserve on Ray Serve (`packserve serve`, HAProxy, gateway and model "
+                             "replicas) with the same simulated engine")
     parser.add_argument("--profile-gateway", type=Path, default=None,
                         help="record a py-spy profile (raw collapsed stacks) of the gateway while it is measured")
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line at the end")
@@ -561,6 +612,9 @@ def main() -> None:
                 results["rows"], cols)
     print("\npackserve: simulated engine in-process (no upstream hop): added = auth + admission (Redis) + "
           "bookkeeping.\nlitellm: in front of the bare server: added = one loopback HTTP hop + LiteLLM.")
+    if args.with_ray:
+        print("packserve-ray: `packserve serve` on Ray Serve: added = HAProxy + the gateway replica + a handle call "
+              "+ the model replica (no engine compute).")
     print(CPU_NOTE)
     t = results["targets"]
     if "packserve_added_p50_ms_at_16" in t:
@@ -570,6 +624,10 @@ def main() -> None:
             line += (f"\ntarget: < 1/3 of LiteLLM's added p50 ({t['litellm_added_p50_ms_at_16']} ms) "
                      f"-> {'met' if t['under_a_third_of_litellm'] else 'NOT met'}")
         print(line)
+    if "ray_added_p50_ms" in t:
+        added = ", ".join(f"{v} ms at {k}" for k, v in t["ray_added_p50_ms"].items())
+        print(f"target: packserve on Ray Serve adds < 10 ms p50 TTFT (engine compute excluded): {added} "
+              f"-> {'met' if t['ray_under_10ms'] else 'NOT met'}")
     if "gateway_profile" in results:
         print(f"\ngateway profile (py-spy, share of busy samples; {results['gateway_profile']['idle_pct']}% "
               "of all samples idle in select): self time")

@@ -58,7 +58,7 @@ from bench.common import (
     session_members,
     signal_session,
 )
-from bench.gateway import Sample
+from bench.gateway import SERVE_READY, Sample
 from bench.serving import Levels, add_load_arguments, embedded_models, log, measure, summarize, uptime, vllm_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,7 +165,7 @@ def main() -> None:
                 "ray", [sys.executable, "-c", BARE_RAY], "ray is up", {})),
             "packserve": stack.enter_context(frozen_session(
                 "packserve", [sys.executable, "-m", "serve_apps", "serve", "--config", str(config)],
-                "Ctrl-C stops it", {"PACKSERVE_DATA_DIR": str(sim_dir)})),
+                SERVE_READY, {"PACKSERVE_DATA_DIR": str(sim_dir)})),
         }
         target = stack.enter_context(vllm_server(model_dir, SMOLLM_ID))
         plan = schedule(args.rounds)

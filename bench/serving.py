@@ -82,13 +82,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
 
-from bench.common import emit_json, free_port, machine, percentile, print_table, process, redis_server
+from bench.common import (
+    emit_json,
+    free_port,
+    machine,
+    median_interval,
+    percentile,
+    print_table,
+    process,
+    redis_server,
+)
 from bench.gateway import Sample, Target, one_stream, wait_http
 from serve_apps.cpu_split import CpuSplit, id_list
 from serve_apps.ray_env import OMP_BIND, engine_cpu_split
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_CONFIG = ROOT / "serve_apps" / "configs" / "local.yaml"
+RATIO_TARGET = 0.95  # packserve's throughput as a share of vLLM's own server
+TTFT_TARGET_MS = 10.0  # p50 time to first token packserve may add
 START_TIMEOUT_S = 900.0  # a first vLLM start on a loaded 2-core machine can take minutes
 PROMPTS = (
     "Write a long story about a lighthouse keeper who finds a message in a bottle.",
@@ -308,7 +319,8 @@ def vllm_server(model_dir: Path, model_id: str, cpus: Collection[int] | None = N
     with process("vllm", argv, env=env, cpus=cpus) as proc:
         wait_http(f"http://127.0.0.1:{port}/v1/models", proc, "vLLM's OpenAI server", START_TIMEOUT_S)
         log(f"vllm: ready in {time.monotonic() - started:.0f} s")
-        yield Target("vllm", f"http://127.0.0.1:{port}/v1/chat/completions", model_id, ["unused"])
+        yield Target("vllm", f"http://127.0.0.1:{port}/v1/chat/completions", model_id, ["unused"],
+                     {"session": proc.pid})
         log("vllm: stopping")
 
 
@@ -328,11 +340,37 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         # Round n of both targets ran back to back: each difference compares the machine with itself.
         added_per_round = [round(a - b, 1) for a, b in
                            zip(ours["round_ttft_p50_ms"], theirs["round_ttft_p50_ms"], strict=False)]
-        out.append({"streams": streams, "throughput_ratio": round(share, 3), "round_ratios": per_round,
-                    "added_ttft_p50_ms": round(ours["ttft_p50_ms"] - theirs["ttft_p50_ms"], 1),
-                    "round_added_p50_ms": added_per_round,
-                    "added_ttft_mean_ms": round(ours["ttft_mean_ms"] - theirs["ttft_mean_ms"], 1)})
+        row: dict[str, Any] = {
+            "streams": streams, "throughput_ratio": round(share, 3), "round_ratios": per_round,
+            "added_ttft_p50_ms": round(ours["ttft_p50_ms"] - theirs["ttft_p50_ms"], 1),
+            "round_added_p50_ms": added_per_round,
+            "added_ttft_mean_ms": round(ours["ttft_mean_ms"] - theirs["ttft_mean_ms"], 1)}
+        row.update(round_verdict(per_round, added_per_round))
+        out.append(row)
     return out
+
+
+def round_verdict(round_ratios: Sequence[float], round_added_ms: Sequence[float]) -> dict[str, Any]:
+    """What the rounds show about the targets, given how much they scatter.
+
+    The median round and a 90% sign-test interval for each figure
+    (bench.common.median_interval): "met" when the whole interval is inside
+    both targets, "missed" when either interval is wholly outside, else
+    "undecided" (the machine's scatter is wider than the margin).
+    """
+    ratio = median_interval(round_ratios)
+    added = median_interval(round_added_ms)
+    if ratio is None or added is None:
+        return {}
+    if added.high < TTFT_TARGET_MS and ratio.low >= RATIO_TARGET:
+        verdict = "met"
+    elif added.low >= TTFT_TARGET_MS or ratio.high < RATIO_TARGET:
+        verdict = "missed"
+    else:
+        verdict = "undecided"
+    return {"round_ratio_median": round(ratio.median, 3), "round_ratio_interval": [ratio.low, ratio.high],
+            "round_added_median_ms": round(added.median, 1), "round_added_interval_ms": [added.low, added.high],
+            "interval_coverage": min(ratio.coverage, added.coverage), "verdict": verdict}
 
 
 def run_rounds(args: argparse.Namespace, levels: list[int], data_dir: Path, model_dir: Path,
@@ -445,16 +483,20 @@ def main() -> None:
                 rows, ["target", "streams", "rounds", "requests", "errors", "ttft_p50_ms", "ttft_mean_ms",
                        "ttft_p99_ms", "output_tok_s", "round_tok_s", "tok_s_per_stream", "mean_output_tokens"])
     compared = ratios(rows)
-    print_table("packserve vs vLLM (targets: throughput ratio >= 0.95, added p50 TTFT < 10 ms)", compared,
+    print_table(f"packserve vs vLLM (targets: throughput ratio >= {RATIO_TARGET}, added p50 TTFT < "
+                f"{TTFT_TARGET_MS:g} ms)", compared,
                 ["streams", "throughput_ratio", "round_ratios", "added_ttft_p50_ms", "round_added_p50_ms",
                  "added_ttft_mean_ms"])
+    print_table("The same per round: median round, sign-test interval of the median (coverage), verdict", compared,
+                ["streams", "round_ratio_median", "round_ratio_interval", "round_added_median_ms",
+                 "round_added_interval_ms", "interval_coverage", "verdict"])
     print(f"\nuptime before: {load_before}\nuptime after:  {load_after}")
     if args.json:
         emit_json({"benchmark": "serving", "date": datetime.now(UTC).isoformat(timespec="seconds"),
                    "machine": machine(), "model": SMOLLM_ID, "max_tokens": args.max_tokens, "rounds": args.rounds,
                    "with_embeddings": args.with_embeddings, "placement": where.describe(), "rows": rows,
                    "ratios": compared, "uptime_before": load_before, "uptime_after": load_after,
-                   "targets": {"throughput_ratio_min": 0.95, "added_ttft_p50_ms_max": 10}})
+                   "targets": {"throughput_ratio_min": RATIO_TARGET, "added_ttft_p50_ms_max": TTFT_TARGET_MS}})
 
 
 if __name__ == "__main__":  # vLLM and Ray spawn processes that re-import this module

@@ -370,3 +370,31 @@ def test_vllm_computes_on_its_cpus_and_everything_else_keeps_off_them(vllm_app: 
     reply = vllm_app.openai(vllm_app.new_key()).chat.completions.create(
         model=SMOLLM_ID, max_tokens=8, messages=[{"role": "user", "content": "Say hi."}], temperature=0)
     assert reply.choices[0].message.content
+
+
+def _cpu_ticks(pid: int) -> int:
+    """User + system CPU time of a process so far, in clock ticks (Linux /proc)."""
+    _, fields = proc_stat(pid)
+    return int(fields[11]) + int(fields[12])
+
+
+def test_the_engine_core_sleeps_while_the_worker_computes(vllm_app: VllmApp) -> None:
+    """vLLM's engine-core process would spin on the serving CPU for as long as anything generates
+    (serve_apps/engines/vllm_executor.py): its CPU time would match its worker's. Sleeping, it uses a
+    small share of it."""
+    ray_side = _session_ray_processes()
+    cores = [p for p in ray_side if _name(p).startswith("VLLM::EngineCore")]
+    workers = [p for p in ray_side if _name(p).startswith("VLLM::Worker")]
+    assert len(cores) == 1 and len(workers) == 1, [_name(p) for p in ray_side]
+    core, worker = cores[0], workers[0]
+    client = vllm_app.openai(vllm_app.new_key())
+    before = _cpu_ticks(core), _cpu_ticks(worker)
+    stream = client.chat.completions.create(
+        model=SMOLLM_ID, max_tokens=96, stream=True, temperature=0,
+        messages=[{"role": "user", "content": "Write a long story about a lighthouse keeper."}])
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    core_ticks, worker_ticks = _cpu_ticks(core) - before[0], _cpu_ticks(worker) - before[1]
+    assert text
+    # The worker computed the whole time (~100 ticks a second); spinning, the engine core would too.
+    assert worker_ticks >= 50, (core_ticks, worker_ticks)
+    assert core_ticks < 0.5 * worker_ticks, (core_ticks, worker_ticks)

@@ -54,6 +54,12 @@ _VLLM_ENV_DEFAULTS = {
 }
 
 
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
 @dataclass(frozen=True)
 class VllmSettings:
     """The engine arguments packserve sets; the config layer maps its `VllmArgs` onto these.
@@ -169,6 +175,10 @@ class VllmEngine:
         if s.max_model_len is not None:
             # Unset, vLLM derives it from the model's config.
             optional["max_model_len"] = s.max_model_len
+        if _on_cpu():
+            from serve_apps.engines.vllm_executor import SleepingMultiprocExecutor
+
+            optional["distributed_executor_backend"] = SleepingMultiprocExecutor
         args = AsyncEngineArgs(
             model=s.model_dir,
             tokenizer=s.model_dir,
