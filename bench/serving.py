@@ -100,6 +100,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCAL_CONFIG = ROOT / "serve_apps" / "configs" / "local.yaml"
 RATIO_TARGET = 0.95  # packserve's throughput as a share of vLLM's own server
 TTFT_TARGET_MS = 10.0  # p50 time to first token packserve may add
+VERDICT_CONFIDENCE = 0.9
 START_TIMEOUT_S = 900.0  # a first vLLM start on a loaded 2-core machine can take minutes
 PROMPTS = (
     "Write a long story about a lighthouse keeper who finds a message in a bottle.",
@@ -356,13 +357,16 @@ def round_verdict(round_ratios: Sequence[float], round_added_ms: Sequence[float]
     The median round and a 90% sign-test interval for each figure
     (bench.common.median_interval): "met" when the whole interval is inside
     both targets, "missed" when either interval is wholly outside, else
-    "undecided" (the machine's scatter is wider than the margin).
+    "undecided" (the machine's scatter is wider than the margin); with fewer
+    than 5 rounds no interval reaches 90%: "too few rounds".
     """
-    ratio = median_interval(round_ratios)
-    added = median_interval(round_added_ms)
+    ratio = median_interval(round_ratios, VERDICT_CONFIDENCE)
+    added = median_interval(round_added_ms, VERDICT_CONFIDENCE)
     if ratio is None or added is None:
         return {}
-    if added.high < TTFT_TARGET_MS and ratio.low >= RATIO_TARGET:
+    if min(ratio.coverage, added.coverage) < VERDICT_CONFIDENCE:
+        verdict = "too few rounds"
+    elif added.high < TTFT_TARGET_MS and ratio.low >= RATIO_TARGET:
         verdict = "met"
     elif added.low >= TTFT_TARGET_MS or ratio.high < RATIO_TARGET:
         verdict = "missed"
@@ -371,6 +375,13 @@ def round_verdict(round_ratios: Sequence[float], round_added_ms: Sequence[float]
     return {"round_ratio_median": round(ratio.median, 3), "round_ratio_interval": [ratio.low, ratio.high],
             "round_added_median_ms": round(added.median, 1), "round_added_interval_ms": [added.low, added.high],
             "interval_coverage": min(ratio.coverage, added.coverage), "verdict": verdict}
+
+
+def print_verdicts(what: str, compared: list[dict[str, Any]]) -> None:
+    """The table of `round_verdict` figures, one row per level."""
+    print_table(f"{what}, sign-test interval of the median (coverage), verdict", compared,
+                ["streams", "round_ratio_median", "round_ratio_interval", "round_added_median_ms",
+                 "round_added_interval_ms", "interval_coverage", "verdict"])
 
 
 def run_rounds(args: argparse.Namespace, levels: list[int], data_dir: Path, model_dir: Path,
@@ -487,9 +498,7 @@ def main() -> None:
                 f"{TTFT_TARGET_MS:g} ms)", compared,
                 ["streams", "throughput_ratio", "round_ratios", "added_ttft_p50_ms", "round_added_p50_ms",
                  "added_ttft_mean_ms"])
-    print_table("The same per round: median round, sign-test interval of the median (coverage), verdict", compared,
-                ["streams", "round_ratio_median", "round_ratio_interval", "round_added_median_ms",
-                 "round_added_interval_ms", "interval_coverage", "verdict"])
+    print_verdicts("The same per round: median round", compared)
     print(f"\nuptime before: {load_before}\nuptime after:  {load_after}")
     if args.json:
         emit_json({"benchmark": "serving", "date": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -82,6 +82,7 @@ from bench.serving import (
     log,
     packserve_config,
     placement,
+    print_verdicts,
     ratios,
     run_level,
     summarize,
@@ -248,9 +249,7 @@ def main() -> None:
     print_table(f"packserve vs vLLM, pooled (targets: throughput ratio >= {RATIO_TARGET}, added p50 TTFT < "
                 f"{TTFT_TARGET_MS:g} ms)", compared,
                 ["streams", "throughput_ratio", "added_ttft_p50_ms", "added_ttft_mean_ms"])
-    print_table("Per pair: median pair, sign-test interval of the median (coverage), verdict", compared,
-                ["streams", "round_ratio_median", "round_ratio_interval", "round_added_median_ms",
-                 "round_added_interval_ms", "interval_coverage", "verdict"])
+    print_verdicts("Per pair: median pair", compared)
     print(f"\nuptime before: {load_before}\nuptime after:  {load_after}")
     if args.json:
         emit_json({"benchmark": "serving_paired", "date": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -72,3 +72,11 @@ def test_rounds_that_straddle_a_target_are_undecided() -> None:
     assert v["round_added_median_ms"] == 4.7
     assert v["round_added_interval_ms"] == [-2.8, 15.2]
     assert round_verdict([], []) == {}
+
+
+def test_fewer_than_five_rounds_give_no_verdict() -> None:
+    # Four rounds well inside both targets: the widest interval (the whole range) covers 87.5% only.
+    v = round_verdict([0.99, 1.0, 0.98, 1.01], [1.0, 2.0, -1.0, 0.5])
+    assert v["verdict"] == "too few rounds"
+    assert v["interval_coverage"] == 0.875
+    assert round_verdict([0.99, 1.0, 0.98, 1.01, 0.97], [1.0, 2.0, -1.0, 0.5, 0.0])["verdict"] == "met"
