@@ -493,7 +493,8 @@ def main_run(args: argparse.Namespace) -> dict[str, Any]:
         if args.with_ray:
             port = free_port()
             cfg = tmp / "ray-sim.yaml"
-            cfg.write_text(json.dumps(ray_sim_config(redis_url, tmp / "ray-data", port, args)))
+            cfg.write_text(json.dumps(ray_sim_config(redis_url, tmp / "ray-data", port, args.ttft_ms,
+                                                           args.tokens_per_s)))
             base = f"http://127.0.0.1:{port}"
             log(f"starting `packserve serve` (Ray Serve, simulated engine) on {base} (~30 s) ...")
             stack.enter_context(process(
@@ -536,7 +537,7 @@ def main_run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def ray_sim_config(redis_url: str, data_dir: Path, port: int, args: argparse.Namespace) -> dict[str, Any]:
+def ray_sim_config(redis_url: str, data_dir: Path, port: int, ttft_ms: float, tokens_per_s: float) -> dict[str, Any]:
     """local-sim.yaml with this run's Redis, port and simulated speed, MODEL alone on exactly one replica.
 
     One replica, so no autoscaling decision lands inside a measured level;
@@ -548,7 +549,7 @@ def ray_sim_config(redis_url: str, data_dir: Path, port: int, args: argparse.Nam
     raw["store"] = {"redis_url": redis_url, "data_dir": str(data_dir)}
     raw["gateway"]["port"] = port
     raw["demo_account"] = False
-    raw["sim"] = {"ttft_ms": args.ttft_ms, "tokens_per_s": args.tokens_per_s}
+    raw["sim"] = {"ttft_ms": ttft_ms, "tokens_per_s": tokens_per_s}
     raw["models"] = [{**m, "autoscaling": {**m["autoscaling"], "min_replicas": 1, "max_replicas": 1}}
                      for m in raw["models"] if m["id"] == MODEL]
     return AppConfig.model_validate(raw).model_dump(mode="json")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import sys
 import tempfile
@@ -58,7 +59,7 @@ from bench.common import (
     session_members,
     signal_session,
 )
-from bench.gateway import SERVE_READY, Sample
+from bench.gateway import SERVE_READY, Sample, ray_sim_config
 from bench.serving import Levels, add_load_arguments, embedded_models, log, measure, summarize, uptime, vllm_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,26 +72,6 @@ BARE_RAY = ("import time\n"
             "ray_env.init_local(include_dashboard=False, log_to_driver=False)\n"
             "print('ray is up', flush=True)\n"
             "time.sleep(365 * 86400)\n")
-
-
-def sim_config(redis_url: str, data_dir: Path, port: int) -> str:
-    """What bench/serving.py deploys (a gateway and one chat model on Redis), with the simulated engine."""
-    return f"""
-engine: sim
-demo_account: false
-store: {{redis_url: "{redis_url}", data_dir: "{data_dir}"}}
-gateway: {{host: 127.0.0.1, port: {port}}}
-sim: {{ttft_ms: 0, tokens_per_s: 0}}
-models:
-  - id: hf:packserve/sim-small
-    kind: chat
-    size_class: small
-    input_price: "0.30"
-    output_price: "2.00"
-    context_length: 32768
-    max_output_tokens: 4096
-    features: [tools, streaming]
-"""
 
 
 @contextmanager
@@ -159,7 +140,8 @@ def main() -> None:
         redis_url = stack.enter_context(redis_server())
         sim_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-floor-")))
         config = sim_dir / "sim.yaml"
-        config.write_text(sim_config(redis_url, sim_dir, free_port()))
+        # What bench/serving.py deploys (a gateway and one chat model on Redis), with the simulated engine.
+        config.write_text(json.dumps(ray_sim_config(redis_url, sim_dir, free_port(), ttft_ms=0, tokens_per_s=0)))
         sessions = {
             "ray": stack.enter_context(frozen_session(
                 "ray", [sys.executable, "-c", BARE_RAY], "ray is up", {})),
