@@ -10,7 +10,8 @@ for as long as anything is generating, and with packserve's CPU split
 HAProxy, the model replica that streams the tokens out, Redis and often the
 client need for every token. py-spy on a 2-core machine: the engine core
 spent its whole step in `SpinCondition.wait`, and a client on that CPU
-sometimes got a 30-token answer in one burst at the end.
+sometimes got its whole answer in one burst at the end (bench/RESULTS.md,
+"Serving", eighth session).
 
 Without the spin, the engine core sleeps in a zmq poll until the worker's
 notification arrives (vLLM sends one with every result). That wake-up alone
@@ -19,8 +20,9 @@ waited for ever for a result its worker had already written (py-spy: both
 idle in `Poller.poll`) after the session had been paused with SIGSTOP. With
 vLLM's spin a lost notification costs nothing, because the spin re-reads the
 queue; here each sleep lasts at most `POLL_MS`, so a lost notification costs
-at most that, and the queue is re-read after every wake-up. ~500 short
-wake-ups a second during a step cost ~1-2% of a CPU, against 100%.
+at most that, and the queue is re-read after every wake-up. Measured on
+that machine: the engine core's CPU time fell from 8-10 to 0-1 ticks per
+100 ms of generation.
 
 vLLM loads this class inside the engine-core process (the engine config
 names it, `distributed_executor_backend`), so the change lives there and
