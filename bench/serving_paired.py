@@ -36,6 +36,11 @@ assumption about how the machine's speed is distributed); "met" when both
 intervals are inside the targets (throughput >= 0.95 of vLLM's, added p50
 TTFT < 10 ms), "missed" when either is wholly outside, else "undecided".
 
+The interval is over the pairs of one run, which all share one deployment
+of each target: it says how steady the comparison was within the run, not
+how far the next run will land (two one-stream runs an hour apart differed
+by 5 ms in their medians, bench/RESULTS.md).
+
 Not measured here: start-up, and anything that only shows when one target
 runs for minutes (each batch lasts seconds). Both engines are loaded at once
 (~5 GB of RAM each).
