@@ -128,6 +128,12 @@ def uptime() -> str:
 # ----------------------------------------------------------------- load
 
 
+def request_body(n: int, max_tokens: int) -> dict[str, Any]:
+    """Request n of a level: a streamed, greedy chat completion of PROMPTS[n % len(PROMPTS)]."""
+    return {"messages": [{"role": "user", "content": PROMPTS[n % len(PROMPTS)]}], "stream": True,
+            "stream_options": {"include_usage": True}, "max_tokens": max_tokens, "temperature": 0}
+
+
 async def run_level(client: httpx.AsyncClient, target: Target, streams: int, requests: int,
                     max_tokens: int) -> tuple[list[Sample], float]:
     """`streams` closed-loop workers send `requests` requests (prompt i of the level: PROMPTS[i % n])."""
@@ -138,9 +144,7 @@ async def run_level(client: httpx.AsyncClient, target: Target, streams: int, req
         key = target.keys[i % len(target.keys)]
         while queue:
             n = queue.pop(0)
-            payload = {"messages": [{"role": "user", "content": PROMPTS[n % len(PROMPTS)]}], "stream": True,
-                       "stream_options": {"include_usage": True}, "max_tokens": max_tokens, "temperature": 0}
-            samples.append(await one_stream(client, target, key, payload))
+            samples.append(await one_stream(client, target, key, request_body(n, max_tokens)))
 
     started = time.perf_counter()
     await asyncio.gather(*(worker(i) for i in range(streams)))
@@ -189,9 +193,7 @@ async def measure(name: str, target: Target, levels: Sequence[int], args: argpar
     limits = httpx.Limits(max_connections=max(levels) * 2, max_keepalive_connections=max(levels) * 2)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         log(f"{name}: warm-up request")
-        warm = await one_stream(client, target, target.keys[0], {
-            "messages": [{"role": "user", "content": PROMPTS[0]}], "stream": True,
-            "stream_options": {"include_usage": True}, "max_tokens": args.max_tokens, "temperature": 0})
+        warm = await one_stream(client, target, target.keys[0], request_body(0, args.max_tokens))
         if not warm.ok:
             raise SystemExit(f"{name}: the warm-up request failed: {warm.error}")
         for streams in levels:

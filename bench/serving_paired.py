@@ -78,7 +78,6 @@ from bench.common import (
 )
 from bench.gateway import SERVE_READY, Sample, Target, one_stream
 from bench.serving import (
-    PROMPTS,
     RATIO_TARGET,
     START_TIMEOUT_S,
     TTFT_TARGET_MS,
@@ -89,6 +88,7 @@ from bench.serving import (
     placement,
     print_verdicts,
     ratios,
+    request_body,
     run_level,
     summarize,
     uptime,
@@ -168,10 +168,8 @@ async def warm_up(targets: Sequence[Target], freezer: Freezer, max_tokens: int) 
     async with httpx.AsyncClient(timeout=600) as client:
         for t in targets:
             freezer.run_only(t)
-            payload = {"messages": [{"role": "user", "content": PROMPTS[0]}], "stream": True,
-                       "stream_options": {"include_usage": True}, "max_tokens": max_tokens, "temperature": 0}
             for _ in range(2):
-                sample = await one_stream(client, t, t.keys[0], payload)
+                sample = await one_stream(client, t, t.keys[0], request_body(0, max_tokens))
                 if not sample.ok:
                     raise SystemExit(f"{t.name}: the warm-up request failed: {sample.error}")
             log(f"{t.name}: warm")
