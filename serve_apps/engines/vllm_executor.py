@@ -1,4 +1,4 @@
-"""vLLM's multiprocess executor for CPU engines, without its busy wait for the workers' results.
+"""vLLM's multiprocess executor for CPU engines, without most of its busy wait for the workers' results.
 
 On CPU, vLLM always runs the model in worker processes (OpenMP needs them)
 and its engine-core process waits for each step's result on a shared-memory
@@ -13,16 +13,23 @@ spent its whole step in `SpinCondition.wait`, and a client on that CPU
 sometimes got its whole answer in one burst at the end (bench/RESULTS.md,
 "Serving", eighth session).
 
-Without the spin, the engine core sleeps in a zmq poll until the worker's
-notification arrives (vLLM sends one with every result). That wake-up alone
-is not reliable: with the spin off, an engine core on a 2-core machine once
-waited for ever for a result its worker had already written (py-spy: both
-idle in `Poller.poll`) after the session had been paused with SIGSTOP. With
-vLLM's spin a lost notification costs nothing, because the spin re-reads the
-queue; here each sleep lasts at most `POLL_MS`, so a lost notification costs
-at most that, and the queue is re-read after every wake-up. Measured on
-that machine: the engine core's CPU time fell from 8-10 to 0-1 ticks per
-100 ms of generation.
+Instead, the engine core sleeps in a zmq poll until the worker's
+notification arrives (vLLM sends one with every result), and spins only from
+shortly before the result is due (serve_apps/engines/step_pacer.py). A
+sleep for the whole step wakes late: the notification crosses two zmq I/O
+threads and, in a VM, a halted vCPU. One greedy stream on that machine:
+56.0-58.8 ms per token with vLLM's spin, 60.8-61.6 with a whole-step sleep
+(the 5% by which packserve's throughput missed vLLM's own server), 56.8-57.4
+paced; engine-core CPU time 8-10 ticks per 100 ms of generation spinning,
+0-1 with the whole-step sleep, a spin of about 2.5 ms per step paced.
+
+The notification is not reliable on its own either: with the spin off, an
+engine core on a 2-core machine once waited for ever for a result its worker
+had already written (py-spy: both idle in `Poller.poll`) after the session
+had been paused with SIGSTOP. With vLLM's spin a lost notification costs
+nothing, because the spin re-reads the queue; here each sleep lasts at most
+`POLL_MS`, so a lost notification costs at most that, and the queue is
+re-read after every wake-up.
 
 vLLM loads this class inside the engine-core process (the engine config
 names it, `distributed_executor_backend`), so the change lives there and
@@ -31,33 +38,72 @@ nowhere else. GPU engines keep vLLM's own executor.
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 
-POLL_MS = 2
+from serve_apps.engines.step_pacer import StepPacer
 
 
-def sleep_between_reads(condition: Any, poll_ms: int = POLL_MS) -> None:
-    """Make a vLLM `SpinCondition` reader sleep (at most `poll_ms` at a time) instead of spinning.
+def pace_reads(condition: Any, pacer: StepPacer, clock: Callable[[], float] = time.monotonic) -> None:
+    """Make a vLLM `SpinCondition` reader sleep until `pacer` says the result is nearly due, then spin.
 
     vLLM 0.32: `wait()` spins on `sched_yield()` for `busy_loop_s` after each
     read, else polls its zmq notification socket for `timeout_ms` (None: for
-    ever); its caller re-reads the queue after every return.
+    ever); its caller re-reads the queue after every return and calls
+    `record_read()` after each read.
     """
     condition.busy_loop_s = 0.0
     wait = condition.wait
+    record_read = condition.record_read
 
-    def bounded_wait(timeout_ms: int | None = None) -> None:
-        wait(timeout_ms=poll_ms if timeout_ms is None else min(timeout_ms, poll_ms))
+    def paced_wait(timeout_ms: int | None = None) -> None:
+        sleep_ms = pacer.sleep_ms(clock())
+        if sleep_ms == 0:
+            os.sched_yield()
+            return
+        wait(timeout_ms=sleep_ms if timeout_ms is None else min(timeout_ms, sleep_ms))
 
-    condition.wait = bounded_wait
+    def paced_record_read() -> None:
+        record_read()
+        pacer.read(clock())
+
+    condition.wait = paced_wait
+    condition.record_read = paced_record_read
 
 
 class SleepingMultiprocExecutor(MultiprocExecutor):
-    """`MultiprocExecutor` whose engine core sleeps, not spins, while a step runs in the workers."""
+    """`MultiprocExecutor` whose engine core sleeps while a step runs in the workers and spins only near its end."""
+
+    def _init_executor(self) -> None:
+        # Set first: the workers are started and loaded through collective_rpc.
+        self._pacer = StepPacer()
+        super()._init_executor()
 
     def _post_init_executor(self) -> None:
         super()._post_init_executor()
         for queue in self.response_mqs:
-            sleep_between_reads(queue._spin_condition)
+            pace_reads(queue._spin_condition, self._pacer)
+
+    def collective_rpc(self, method: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        self._pacer.dispatched(step_kind(method, kwargs.get("args", ())), time.monotonic())
+        return super().collective_rpc(method, *args, **kwargs)
+
+
+def step_kind(method: str | Callable[..., Any], args: tuple[Any, ...]) -> str:
+    """What makes two worker calls last about as long: the method, and for a forward pass its token count.
+
+    execute_model (the forward pass) and sample_tokens differ by two orders of
+    magnitude; a forward pass costs about the same for the same number of
+    tokens (a prefill of a few hundred tokens is several decode steps long),
+    so its token count is bucketed by powers of two.
+    """
+    if not isinstance(method, str):
+        return ""
+    tokens = getattr(args[0], "total_num_scheduled_tokens", None) if args else None
+    if not isinstance(tokens, int) or tokens <= 0:
+        return method
+    return f"{method}/{1 << (tokens - 1).bit_length()}"
