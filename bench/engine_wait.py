@@ -39,7 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import cpu_seconds, emit_json, log, machine, print_table, session_members
-from bench.serving import embedded_models
+from bench.serving import add_model_output_arguments, embedded_models
 from serve_apps.cpu_split import id_list
 from serve_apps.ray_env import OMP_BIND, engine_cpu_split
 
@@ -110,9 +110,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=12, help="per run, the first two dropped")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--gap-s", type=float, default=1.5, help="idle time before each request")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="where the embedded models are built (default: PACKSERVE_DATA_DIR or ~/.local/share)")
-    parser.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
+    add_model_output_arguments(parser)
     parser.add_argument("--child", choices=WAITS, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()

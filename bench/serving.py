@@ -449,6 +449,11 @@ def add_load_arguments(parser: argparse.ArgumentParser, rounds_help: str) -> Non
     parser.add_argument("--rounds", type=int, default=2, help=rounds_help)
     parser.add_argument("--min-requests", type=int, default=8, help="at least this many requests per level")
     parser.add_argument("--max-tokens", type=int, default=64)
+    add_model_output_arguments(parser)
+
+
+def add_model_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--data-dir` (read by `embedded_models`) and `--json`, as every benchmark of the embedded model takes them."""
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="where the embedded models are built (default: PACKSERVE_DATA_DIR or ~/.local/share)")
     parser.add_argument("--json", action="store_true", help="also print one JSON object on the last line")

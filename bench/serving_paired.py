@@ -81,6 +81,7 @@ from bench.serving import (
     RATIO_TARGET,
     START_TIMEOUT_S,
     TTFT_TARGET_MS,
+    add_model_output_arguments,
     create_accounts_one_pack,
     embedded_models,
     log,
@@ -213,9 +214,7 @@ def main() -> None:
     parser.add_argument("--min-batch", type=int, default=3, help="at least this many requests per batch")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--settle-s", type=float, default=3.0, help="idle time after a thaw, before requests")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="where the embedded models are built (default: PACKSERVE_DATA_DIR or ~/.local/share)")
-    parser.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
+    add_model_output_arguments(parser)
     args = parser.parse_args()
     levels, pairs = parse_levels(args, parser)
 
