@@ -20,8 +20,8 @@ sleep for the whole step wakes late: the notification crosses two zmq I/O
 threads and, in a VM, a halted vCPU. One greedy stream on that machine:
 56.0-58.8 ms per token with vLLM's spin, 60.8-61.6 with a whole-step sleep
 (the 5% by which packserve's throughput missed vLLM's own server), 56.8-57.4
-paced; engine-core CPU time 8-10 ticks per 100 ms of generation spinning,
-0-1 with the whole-step sleep, a spin of about 2.5 ms per step paced.
+paced; the engine core used 98% of a CPU spinning, under 10% sleeping
+through the step, 8% paced (bench/engine_wait.py).
 
 The notification is not reliable on its own either: with the spin off, an
 engine core on a 2-core machine once waited for ever for a result its worker
@@ -89,6 +89,9 @@ class SleepingMultiprocExecutor(MultiprocExecutor):
             pace_reads(queue._spin_condition, self._pacer)
 
     def collective_rpc(self, method: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        # One call in flight at a time on CPU (vLLM turns async scheduling off there). With several
+        # (pipeline parallelism) only the latest is timed: predictions come out short, and the
+        # spin, bounded by StepPacer.spin_after_s, starts early; nothing waits longer than POLL_MS.
         self._pacer.dispatched(step_kind(method, kwargs.get("args", ())), time.monotonic())
         return super().collective_rpc(method, *args, **kwargs)
 
