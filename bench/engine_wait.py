@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import statistics
@@ -39,8 +40,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import cpu_seconds, emit_json, log, machine, print_table, session_members
-from bench.serving import add_model_output_arguments, embedded_models
+from bench.serving import add_model_output_arguments, embedded_models, vllm_args
 from serve_apps.cpu_split import id_list
+from serve_apps.engines.vllm_engine import VLLM_ENV_DEFAULTS
 from serve_apps.ray_env import OMP_BIND, engine_cpu_split
 
 WAITS = ("spin", "paced")
@@ -53,13 +55,18 @@ async def _child(wait: str, model_dir: str, requests: int, max_tokens: int, gap_
     """One run, inside the measured process: the engine, the stream, the figures."""
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    from serve_apps.catalog_build import SMOLLM_ID
     from serve_apps.engines.vllm_executor import SleepingMultiprocExecutor
 
-    executor: dict[str, Any] = {"distributed_executor_backend": SleepingMultiprocExecutor} if wait == "paced" else {}
-    args = AsyncEngineArgs(model=model_dir, dtype="float32", enforce_eager=True, enable_prefix_caching=True,
-                           max_num_seqs=16, kv_cache_memory_bytes=2 * 2**30, disable_log_stats=True, **executor)
+    # local.yaml's engine settings, as bench/serving.py gives them to vLLM's own server.
+    flags, _ = vllm_args(SMOLLM_ID)
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())  # type: ignore[no-untyped-call]  # vLLM leaves it untyped
+    args = AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", model_dir, "--disable-log-stats", *flags]))
+    if wait == "paced":
+        args = dataclasses.replace(args, distributed_executor_backend=SleepingMultiprocExecutor)
     llm = AsyncLLM.from_engine_args(args)
     core = [pid for pid, name in session_members(os.getsid(0)).items() if name.startswith("VLLM::EngineCor")]
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
@@ -131,8 +138,7 @@ def main_parent(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
     split = engine_cpu_split()
     if split is None:
         parser.error("needs at least two physical cores (the engine CPU and the serving CPUs)")
-    env = {OMP_BIND: id_list(split.engine), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "VLLM_USE_AOT_COMPILE": "0"}
+    env = {**VLLM_ENV_DEFAULTS, **vllm_args(SMOLLM_ID)[1], OMP_BIND: id_list(split.engine)}
     log(f"engine on CPU {id_list(split.engine)}, engine core and this stream on {id_list(split.serving)}")
     order = [w for r in range(args.rounds) for w in (waits if r % 2 == 0 else waits[::-1])]
     rows = []

@@ -94,6 +94,7 @@ from bench.common import (
 )
 from bench.gateway import Sample, Target, one_stream, wait_http
 from serve_apps.cpu_split import CpuSplit, id_list
+from serve_apps.engines.vllm_engine import VLLM_ENV_DEFAULTS
 from serve_apps.ray_env import OMP_BIND, engine_cpu_split
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -314,9 +315,7 @@ def vllm_server(model_dir: Path, model_id: str, cpus: Collection[int] | None = N
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             "--served-model-name", model_id, "--host", "127.0.0.1", "--port", str(port),
             "--enable-prompt-tokens-details", "--disable-log-stats", *flags]
-    # As VllmEngine sets them for its own processes (serve_apps/engines/vllm_engine.py).
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_USE_AOT_COMPILE": "0", **engine_env,
-           **(extra_env or {})}
+    env = {**VLLM_ENV_DEFAULTS, **engine_env, **(extra_env or {})}
     log(f"vllm: starting its OpenAI server on port {port} (~40 s): {' '.join(argv[3:])}")
     started = time.monotonic()
     with process("vllm", argv, env=env, cpus=cpus) as proc:
