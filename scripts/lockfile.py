@@ -78,3 +78,29 @@ def parse_lock(text: str) -> tuple[str | None, dict[str, str], dict[str, int]]:
         elif current is not None and line.strip().startswith("--hash="):
             hashes[current] += 1
     return recorded, pins, hashes
+
+
+def entry(text: str, name: str) -> str:
+    """One package's lines of the lock (its pin and hashes), as a requirements file of its own."""
+    lines = text.splitlines()
+    out: list[str] = []
+    for line in lines:
+        match = _PIN.match(line)
+        if match:
+            if out:
+                break
+            if canonical(match.group(1)) == canonical(name):
+                out.append(line)
+        elif out and line.startswith((" ", "\t")):
+            out.append(line)
+    if not out:
+        raise SystemExit(f"{name} is not in the lock")
+    return "\n".join(out).rstrip(" \\") + "\n"
+
+
+if __name__ == "__main__":
+    # `python scripts/lockfile.py LOCK NAME`: the Makefile installs the installer (uv) from the lock first.
+    import sys
+    from pathlib import Path
+
+    sys.stdout.write(entry(Path(sys.argv[1]).read_text(), sys.argv[2]))
