@@ -13,7 +13,7 @@ TORCH_INDEX ?=
 FIND_LINKS ?= $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^.*find-links='\(.*\)'$$/\1/p" | head -n 1)
 UV_INSTALL = $(BIN)/uv pip install --quiet --no-deps --python $(BIN)/python $(if $(FIND_LINKS),--find-links=$(FIND_LINKS)) $(TORCH_INDEX)
 
-.PHONY: test run lint typecheck imports unit venv serving redis-server catalog bench lock clean
+.PHONY: test run lint typecheck imports unit venv serving redis-server browser catalog bench lock clean
 
 # Every package of the .venv comes from requirements.lock, at its pinned version and hash, and nothing
 # else (--no-deps: the lock is the whole set). pip installs the installer (uv, from the lock, by hash),
@@ -37,6 +37,10 @@ serving: $(STAMP)
 redis-server:
 	@command -v redis-server >/dev/null 2>&1 || sh scripts/install-redis.sh
 
+# The console tests drive the system's Chromium (Debian's package) through Playwright.
+browser:
+	@command -v chromium >/dev/null 2>&1 || sh scripts/install-chromium.sh
+
 # Builds the embedded model catalog into $PACKSERVE_DATA_DIR (once; later runs are no-ops).
 catalog: $(STAMP)
 	@$(BIN)/python -m serve_apps.catalog_build
@@ -50,10 +54,10 @@ typecheck: $(STAMP)
 imports: $(STAMP)
 	$(BIN)/lint-imports
 
-unit: $(STAMP) redis-server
+unit: $(STAMP) redis-server browser
 	$(BIN)/pytest
 
-test: $(STAMP) redis-server lint typecheck imports unit
+test: $(STAMP) redis-server browser lint typecheck imports unit
 
 run: $(STAMP) redis-server catalog
 	$(BIN)/packserve serve --config serve_apps/configs/local.yaml
