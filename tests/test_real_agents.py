@@ -225,14 +225,18 @@ def test_claude_code_print_mode(gateway: GatewayProcess, tmp_path: Path, with_to
 
 # -- opencode ---------------------------------------------------------------------------------
 
-def opencode_config(base_url: str) -> dict[str, Any]:
+def opencode_config(base_url: str, api: str = "openai") -> dict[str, Any]:
+    """opencode's custom provider: the OpenAI-compatible AI-SDK package at `/v1`, or the Anthropic
+    one at `/anthropic` (it appends `/messages` itself)."""
     models = {SIM_LARGE: {"name": "sim-large", "tool_call": True}, SIM_SMALL: {"name": "sim-small", "tool_call": True}}
+    npm, url = ("@ai-sdk/openai-compatible", f"{base_url}/v1") if api == "openai" else \
+        ("@ai-sdk/anthropic", f"{base_url}/anthropic")
     return {
         "$schema": "https://opencode.ai/config.json",
         "autoupdate": False,
         "share": "disabled",
-        "provider": {"packserve": {"npm": "@ai-sdk/openai-compatible", "name": "packserve",
-                                   "options": {"baseURL": f"{base_url}/v1", "apiKey": "{env:PACKSERVE_API_KEY}"},
+        "provider": {"packserve": {"npm": npm, "name": "packserve",
+                                   "options": {"baseURL": url, "apiKey": "{env:PACKSERVE_API_KEY}"},
                                    "models": models}},
         "model": f"packserve/{SIM_LARGE}",
         "small_model": f"packserve/{SIM_SMALL}",
@@ -240,8 +244,9 @@ def opencode_config(base_url: str) -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize("with_tool", [False, True], ids=["plain", "tool"])
-def test_opencode_run(gateway: GatewayProcess, tmp_path: Path, with_tool: bool) -> None:
+@pytest.mark.parametrize(("api", "with_tool"), [("openai", False), ("openai", True), ("anthropic", True)],
+                         ids=["openai-plain", "openai-tool", "anthropic-tool"])
+def test_opencode_run(gateway: GatewayProcess, tmp_path: Path, api: str, with_tool: bool) -> None:
     clis = agent_clis()
     account_id, key = gateway.new_key()
     before = bar_levels(gateway.redis_url, account_id)
@@ -253,7 +258,7 @@ def test_opencode_run(gateway: GatewayProcess, tmp_path: Path, with_tool: bool) 
     else:
         prompt = "Say hello"
     with Recorder(gateway.base_url) as recorder:
-        (workdir / "opencode.json").write_text(json.dumps(opencode_config(recorder.base_url), indent=1))
+        (workdir / "opencode.json").write_text(json.dumps(opencode_config(recorder.base_url, api), indent=1))
         env = isolated_env(tmp_path / "home", PACKSERVE_API_KEY=key, OPENCODE_DISABLE_AUTOUPDATE="1",
                            OPENCODE_DISABLE_MODELS_FETCH="1", OPENCODE_DISABLE_SHARE="1")
         # On stdin: `opencode run` quotes a message argument that has spaces (JSON-style), which
@@ -264,12 +269,14 @@ def test_opencode_run(gateway: GatewayProcess, tmp_path: Path, with_tool: bool) 
     texts = [e["part"]["text"] for e in events if e.get("type") == "text"]
     assert texts and texts[-1], events
     assert not [e for e in events if e.get("type") == "error"], events
+    if api == "anthropic":
+        assert {e["path"] for e in recorder.exchanges} == {"/anthropic/messages"}
     if with_tool:
         tools = [e["part"] for e in events if e.get("type") == "tool_use"]
         assert [t["tool"] for t in tools] == ["bash"], events
         assert tools[0]["state"]["status"] == "completed" and MARKER in tools[0]["state"]["output"]
     assert_charged_exactly(gateway, account_id, before, recorder.exchanges)
-    save_fixture(recorder, f"opencode-{'tool' if with_tool else 'plain'}", f"opencode {clis.versions}")
+    save_fixture(recorder, f"opencode-{api}-{'tool' if with_tool else 'plain'}", f"opencode {clis.versions}")
 
 
 # -- replay of what the agents sent ---------------------------------------------------------------
