@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
 import anthropic.types as at
@@ -187,7 +188,7 @@ def test_tool_choice_mapping_and_errors() -> None:
          "messages.0.role: Input should be 'user', 'assistant' or 'system'"),
         (body(messages=[{"role": "user", "content": "x"},
                         {"role": "system", "content": [{"type": "tool_result", "tool_use_id": "t"}]}]),
-         "messages.1", "may contain only text blocks"),
+         "messages.1", "role 'system' with non-text content is not supported: content.0 has type 'tool_result'"),
         (body(messages=[]), "messages", "at least 1"),
         (body(temperature=1.5), "temperature", "less than or equal to 1"),
         (body(tool_choice={"type": "tool"}), "tool_choice", "needs 'name'"),
@@ -200,6 +201,15 @@ def test_validation_messages_name_the_field(data: dict[str, Any], param: str, ne
     assert got == param
     # Anthropic's own form, which clients match: the field path, a colon, then the reason.
     assert message.startswith(f"{param}: ") and needle in message and "Value error" not in message
+
+
+def test_refused_system_message_is_worded_for_claude_codes_fallback() -> None:
+    """Claude Code 2.1.197 resends a refused mid-conversation system message as user text only when the
+    400 says "not supported" about "role 'system'" (or names its beta, or says "Unexpected role")."""
+    message, _ = error_of(MessagesRequest, body(messages=[
+        {"role": "user", "content": "x"}, {"role": "system", "content": [{"type": "tool_use", "id": "t",
+                                                                         "name": "n", "input": {}}]}]))
+    assert "not supported" in message and re.search(r"role .{0,2}system", message, re.IGNORECASE)
 
 
 def user(text: str) -> dict[str, Any]:

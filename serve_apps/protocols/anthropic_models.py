@@ -125,8 +125,10 @@ class MessageIn(_Request):
         if self.role == "system":
             for i, block in enumerate(self.content):
                 if block.type != "text":
-                    raise ValueError(f"content.{i}: a system message may contain only text blocks, "
-                                     f"got '{block.type}'")
+                    # Worded so Claude Code's fallback (a 400 saying "not supported" about "role 'system'")
+                    # resends the message as user text instead of failing the session.
+                    raise ValueError(f"role 'system' with non-text content is not supported: content.{i} has "
+                                     f"type '{block.type}'")
         return self
 
 
