@@ -1,7 +1,9 @@
 """Anthropic Messages wire models: requests, responses, stream events, errors.
 
 Unknown fields are ignored (the SDK and Claude-Code-style agents send beta
-fields like `cache_control`, `metadata`, `thinking`, `context_management`).
+fields like `cache_control`, `metadata`, `thinking`, `context_management`;
+docs/agents.md says why each is ignored or honoured). Messages may have role
+`system` (Anthropic's mid-conversation system messages), text only.
 Content blocks are one permissive model checked per `type`, so an
 unsupported block (an image) yields one clear message naming its position
 instead of a discriminated-union error listing every block kind.
