@@ -1,7 +1,9 @@
 """Anthropic Messages wire models: requests, responses, stream events, errors.
 
 Unknown fields are ignored (the SDK and Claude-Code-style agents send beta
-fields like `cache_control`, `metadata`, `thinking`, `context_management`).
+fields like `cache_control`, `metadata`, `thinking`, `context_management`;
+docs/agents.md says why each is ignored or honoured). Messages may have role
+`system` (Anthropic's mid-conversation system messages), text only.
 Content blocks are one permissive model checked per `type`, so an
 unsupported block (an image) yields one clear message naming its position
 instead of a discriminated-union error listing every block kind.
@@ -14,7 +16,12 @@ from typing import Any, ClassVar, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serve_apps.protocols.common import ResponseModel, describe_validation_error
+from serve_apps.protocols.common import (
+    ResponseModel,
+    describe_validation_error,
+    format_loc,
+    strip_validator_prefix,
+)
 
 _UNSUPPORTED_BLOCKS = {"image", "document", "search_result", "container_upload"}
 # Accepted and dropped: the model cannot use earlier turns' hidden reasoning.
@@ -22,10 +29,19 @@ _IGNORED_BLOCKS = {"thinking", "redacted_thinking"}
 
 
 def validation_message(exc: pydantic.ValidationError) -> tuple[str, str | None]:
-    """(message, param) for an Anthropic 400; Anthropic bodies have no `param`,
-    so the message itself names the field, like `messages.0.content.1: ...`."""
-    message, param = describe_validation_error(exc, index_style="dots")
-    return message, param
+    """(message, param) for an Anthropic 400, worded as Anthropic words it:
+    `messages.1.role: Input should be 'user' or 'assistant'`, `max_tokens: Field
+    required`. Anthropic bodies have no `param`, so the message names the field
+    first; clients that fall back on a refusal (Claude Code) match that form."""
+    errors = exc.errors(include_url=False)
+    if not errors:
+        return "Invalid request body.", None
+    err = errors[0]
+    loc = tuple(err.get("loc", ()))
+    if not loc:
+        return describe_validation_error(exc, index_style="dots")
+    param = format_loc(loc, index_style="dots")
+    return f"{param}: {strip_validator_prefix(str(err.get('msg', 'invalid value')))}", param
 
 
 class _Request(BaseModel):
@@ -98,10 +114,24 @@ def _message_content(value: Any) -> Any:
 
 
 class MessageIn(_Request):
-    role: Literal["user", "assistant"]
+    """A turn. `system` is Anthropic's mid-conversation system message (text only);
+    the converter folds it into the neighbouring user turn."""
+
+    role: Literal["user", "assistant", "system"]
     content: list[ContentBlockIn]
 
     _content = field_validator("content", mode="before")(_message_content)
+
+    @model_validator(mode="after")
+    def _system_is_text(self) -> MessageIn:
+        if self.role == "system":
+            for i, block in enumerate(self.content):
+                if block.type != "text":
+                    # Worded so Claude Code's fallback (a 400 saying "not supported" about "role 'system'")
+                    # resends the message as user text instead of failing the session.
+                    raise ValueError(f"role 'system' with non-text content is not supported: content.{i} has "
+                                     f"type '{block.type}'")
+        return self
 
 
 class ToolIn(_Request):
