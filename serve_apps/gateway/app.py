@@ -35,6 +35,7 @@ from serve_apps.gateway.anthropic_routes import build_anthropic_router
 from serve_apps.gateway.errors import ApiError, error_response
 from serve_apps.gateway.metrics import Metrics
 from serve_apps.gateway.openai_routes import build_openai_router
+from serve_apps.gateway.responses_routes import build_responses_router
 from serve_apps.gateway.service import GatewayService
 
 log = logging.getLogger("packserve.gateway")
@@ -101,8 +102,10 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
 
     openai_router = build_openai_router(service, max_body, warm_flags)
     anthropic_router = build_anthropic_router(service, max_body)
+    responses_router = build_responses_router(service, max_body)
     for prefix in ("/openai/v1", "/v1"):
         app.include_router(openai_router, prefix=prefix)
+        app.include_router(responses_router, prefix=prefix)
     for prefix in ("/anthropic/v1", "/v1"):
         app.include_router(anthropic_router, prefix=prefix)
     app.include_router(build_admin_router(rt.admin, rt.admin_token, max_body, rt.stats, service.start_model))
