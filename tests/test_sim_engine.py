@@ -246,6 +246,82 @@ async def test_tool_choice_rules() -> None:
     assert not any(c.tool_calls for c in no_tools)
 
 
+def calls_of(chunks: list[GenerationChunk]) -> list[ToolCall]:
+    return [tc for c in chunks for tc in c.tool_calls]
+
+
+async def test_sim_call_directive_calls_the_named_tool_with_given_arguments() -> None:
+    prompt = 'Please look at this.\n@sim-call read_file {"path": "/tmp/x.txt"}\nThanks'
+    chunks = await run(SimulatedEngine(), chat(prompt, tools=(WEATHER_TOOL, OTHER_TOOL)))
+    calls = calls_of(chunks)
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("read_file", {"path": "/tmp/x.txt"})]
+    assert chunks[-1].finish_reason == "tool_calls" and text_of(chunks) == ""
+    # The call costs the tokens of its name and arguments, as any generated call.
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == len(tokenize("read_file " + calls[0].arguments))
+
+
+async def test_sim_call_directive_without_arguments_generates_them_from_the_schema() -> None:
+    chunks = await run(SimulatedEngine(), chat("@sim-call get_weather", tools=(OTHER_TOOL, WEATHER_TOOL)))
+    (call,) = calls_of(chunks)
+    assert call.name == "get_weather"
+    assert set(json.loads(call.arguments)) == {"city", "days", "celsius", "lat", "unit"}
+    assert chunks[-1].finish_reason == "tool_calls"
+
+
+async def test_sim_call_directive_that_does_not_apply_is_plain_text() -> None:
+    engine = SimulatedEngine()
+    not_offered = await run(engine, chat("@sim-call delete_everything {}", tools=(OTHER_TOOL,)))
+    assert not calls_of(not_offered) and text_of(not_offered)
+    not_an_object = await run(engine, chat("@sim-call read_file [1, 2]", tools=(OTHER_TOOL,)))
+    assert not calls_of(not_an_object)
+    bad_json = await run(engine, chat('@sim-call read_file {"path": }', tools=(OTHER_TOOL,)))
+    assert not calls_of(bad_json)
+    inline = await run(engine, chat("say @sim-call read_file in a sentence", tools=(OTHER_TOOL,)))
+    assert not calls_of(inline)
+    no_tools = await run(engine, chat("@sim-call read_file"))
+    assert not calls_of(no_tools)
+    refused = await run(engine, chat("@sim-call read_file", tools=(OTHER_TOOL,), tool_choice="none"))
+    assert not calls_of(refused)
+    # A later well-formed directive still counts after a malformed one.
+    second = await run(
+        engine, chat('@sim-call read_file {oops}\n@sim-call read_file {"path": "a"}', tools=(OTHER_TOOL,))
+    )
+    assert [json.loads(c.arguments) for c in calls_of(second)] == [{"path": "a"}]
+
+
+async def test_sim_call_directive_and_tool_choice() -> None:
+    engine = SimulatedEngine()
+    tools = (WEATHER_TOOL, OTHER_TOOL)
+    required = await run(engine, chat('@sim-call read_file {"path": "r"}', tools=tools, tool_choice="required"))
+    assert [(c.name, c.arguments) for c in calls_of(required)] == [("read_file", '{"path": "r"}')]
+    # A named tool_choice wins over a directive for another tool.
+    named = await run(
+        engine, chat('@sim-call read_file {"path": "r"}', tools=tools, tool_choice={"name": "get_weather"})
+    )
+    assert [c.name for c in calls_of(named)] == ["get_weather"]
+    same = await run(engine, chat('@sim-call read_file {"path": "r"}', tools=tools, tool_choice={"name": "read_file"}))
+    assert [c.arguments for c in calls_of(same)] == ['{"path": "r"}']
+
+
+async def test_sim_call_directive_answers_in_words_after_the_tool_result() -> None:
+    first = chat('@sim-call read_file {"path": "a"}', tools=(OTHER_TOOL,))
+    (call,) = calls_of(await run(SimulatedEngine(), first))
+    follow_up = GenerationRequest(
+        request_id="r2",
+        model=SIM_LARGE,
+        sampling=SamplingParams(max_tokens=200),
+        messages=(
+            *first.messages,
+            ChatMessage("assistant", "", tool_calls=(call,)),
+            ChatMessage("tool", "file contents", tool_call_id=call.id),
+        ),
+        tools=(OTHER_TOOL,),
+    )
+    chunks = await run(SimulatedEngine(), follow_up)
+    assert not calls_of(chunks) and text_of(chunks) and chunks[-1].finish_reason == "stop"
+
+
 async def test_reasoning_only_on_large_when_asked() -> None:
     large = await run(SimulatedEngine(), chat("please think about this"))
     reasoning = "".join(c.reasoning for c in large)

@@ -6,6 +6,23 @@ does simulate faithfully is what the rest of packserve depends on: token
 counts, a per-instance prefix cache (so `cached_tokens` behaves like vLLM's
 automatic prefix caching), streaming pacing, tool calls, reasoning deltas,
 aborts and failures before or after the first token.
+
+Tool calls come from three cues, checked in this order:
+
+- `tool_choice`: "none" never calls; "required" or a named tool always calls
+  (the named one, or the first offered).
+- A directive line in the latest user turn: `@sim-call NAME {json-args}` on a
+  line of its own makes the model answer with exactly that call of the
+  offered tool NAME (finish reason `tool_calls`). The JSON object is
+  optional; without it the arguments are generated from the tool's schema.
+  A directive naming a tool that is not offered, or whose arguments are not
+  a JSON object, is ordinary text. This is how tests make a real client
+  (Claude Code, opencode) run one of its own tools end to end.
+- The word "weather" in the latest user turn calls the weather-looking tool
+  (or the first offered).
+
+When the last message is a tool result the model answers in words instead
+(unless `tool_choice` forces a call), as a real model does after a tool ran.
 """
 
 from __future__ import annotations
@@ -397,9 +414,10 @@ def _plan_output(request: GenerationRequest, prompt_tokens: Sequence[str], last_
             plan.finish_reason = "length"
             return plan
 
-    tool = _chosen_tool(request, last_user)
-    if tool is not None:
-        arguments = json.dumps(_arguments_for(tool.parameters, rng))
+    chosen = _chosen_tool(request, last_user)
+    if chosen is not None:
+        tool, given = chosen
+        arguments = json.dumps(given if given is not None else _arguments_for(tool.parameters, rng))
         call_id = "call_" + _digest("call", request.request_id, tool.name, arguments).hex()[:24]
         call_tokens = tokenize(tool.name + " " + arguments)
         if len(call_tokens) > budget:
@@ -479,20 +497,52 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return longest
 
 
-def _chosen_tool(request: GenerationRequest, last_user: str) -> ToolSpec | None:
+# `@sim-call NAME` or `@sim-call NAME {...}` alone on a line (surrounding spaces allowed).
+_SIM_CALL_RE = re.compile(r"^[ \t]*@sim-call[ \t]+(\S+)(?:[ \t]+(\{.*\}))?[ \t]*$", re.MULTILINE)
+
+
+def sim_call_directive(text: str) -> tuple[str, dict[str, Any] | None] | None:
+    """The first well-formed `@sim-call` directive in `text`: (tool name, arguments or None)."""
+    for match in _SIM_CALL_RE.finditer(text):
+        raw = match.group(2)
+        if raw is None:
+            return match.group(1), None
+        try:
+            args = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(args, dict):
+            return match.group(1), args
+    return None
+
+
+def _chosen_tool(request: GenerationRequest, last_user: str) -> tuple[ToolSpec, dict[str, Any] | None] | None:
+    """The tool to call and the arguments asked for by a directive (None: generate them), or no call."""
     tools = request.tools
     choice = request.tool_choice
     if not tools or choice == "none":
         return None
+    directive = sim_call_directive(last_user)
+    directed = None
+    if directive is not None:
+        tool = next((t for t in tools if t.name == directive[0]), None)
+        if tool is not None:
+            directed = (tool, directive[1])
     if isinstance(choice, dict):
         wanted = choice.get("name")
-        return next((t for t in tools if t.name == wanted), tools[0])
+        if directed is not None and directed[0].name == wanted:
+            return directed
+        return next((t for t in tools if t.name == wanted), tools[0]), None
     if choice == "required":
-        return tools[0]
+        return directed if directed is not None else (tools[0], None)
     # A tool result is the model's cue to answer in words, not to call again.
     answering_tool = bool(request.messages) and request.messages[-1].role == "tool"
-    if not answering_tool and re.search(r"\bweather\b", last_user, re.IGNORECASE):
-        return next((t for t in tools if "weather" in t.name.lower()), tools[0])
+    if answering_tool:
+        return None
+    if directed is not None:
+        return directed
+    if re.search(r"\bweather\b", last_user, re.IGNORECASE):
+        return next((t for t in tools if "weather" in t.name.lower()), tools[0]), None
     return None
 
 
