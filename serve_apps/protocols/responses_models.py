@@ -388,8 +388,8 @@ class ResponseObject(_Response):
     """The Response object. Fields OpenAI always sends, null or not, are kept as null."""
 
     keep_null: ClassVar[frozenset[str]] = frozenset({
-        "error", "incomplete_details", "instructions", "max_output_tokens", "previous_response_id", "temperature",
-        "top_p", "usage", "user"})
+        "completed_at", "error", "incomplete_details", "instructions", "max_output_tokens", "previous_response_id",
+        "temperature", "top_p", "usage", "user"})
     id: str
     object: Literal["response"] = "response"
     created_at: int
