@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from openai.types.responses import ResponseFunctionToolCall
@@ -341,3 +342,6 @@ def test_usage_report_counts_requests_per_api(gw: LiveGateway, account: tuple[st
     report = gw.admin.get(f"/admin/v1/accounts/{account_id}/usage").json()
     [row] = report["rows"]
     assert row["requests"] == 2 and row["requests_by_api"] == {"openai": 1, "responses": 1}
+    # And the request counter of /metrics labels them by API too.
+    metrics = httpx.get(f"{gw.base_url}/metrics", timeout=10).text
+    assert f'packserve_requests_total{{model="{SMALL}",protocol="responses",status="ok"}}' in metrics
