@@ -97,6 +97,7 @@ def test_items_become_chat_turns() -> None:
          "encrypted_content": None},
         {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Let me look.",
                                                                "annotations": []}]},
+        {"type": "reasoning", "id": "rs_2", "summary": []},
         {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "get_weather",
          "arguments": '{"city":"Paris"}', "status": "completed"},
         {"type": "function_call", "call_id": "call_2", "name": "spawn_agent", "namespace": "multi_agent_v1",

@@ -110,7 +110,11 @@ def _tool_choice(req: ResponsesRequest, names: ToolNames) -> str | dict[str, Any
 
 
 def _messages(req: ResponsesRequest) -> tuple[ChatMessage, ...]:
-    """Items as chat turns: an assistant message and the function calls right after it are one turn."""
+    """Items as chat turns: an assistant message and the function calls right after it are one turn.
+
+    One item is one chat message otherwise (no merging of neighbours), so a
+    conversation costs the same tokens here as sent to chat completions.
+    """
     out: list[ChatMessage] = []
     if req.instructions:
         out.append(ChatMessage(role="system", content=req.instructions))
@@ -124,14 +128,13 @@ def _messages(req: ResponsesRequest) -> tuple[ChatMessage, ...]:
         turn_text, turn_calls = None, []
 
     for item in req.input:
+        if item.dropped:
+            continue
         if item.type == "function_call":
             turn_calls.append(ToolCall(item.call_id or "", engine_tool_name(item.namespace, item.name or ""),
                                        item.arguments or ""))
             if turn_text is None:
                 turn_text = ""
-            continue
-        if item.type == "message" and item.role == "assistant" and not turn_calls:
-            turn_text = item.text if turn_text is None else turn_text + item.text
             continue
         flush()
         if item.type == "message" and item.role == "assistant":
@@ -142,7 +145,6 @@ def _messages(req: ResponsesRequest) -> tuple[ChatMessage, ...]:
             out.append(ChatMessage(role=role, content=item.text))
         elif item.type == "function_call_output":
             out.append(ChatMessage(role="tool", content=item.output_text, tool_call_id=item.call_id))
-        # Anything else was accepted to be dropped (reasoning sent back).
     flush()
     if not any(m.role != "system" for m in out):
         raise InvalidRequest("'input' holds no message or function call output for the model to answer.", "input")

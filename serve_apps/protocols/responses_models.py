@@ -136,6 +136,11 @@ class InputItem(_Request):
         return self
 
     @property
+    def dropped(self) -> bool:
+        """Accepted, and left out of the prompt."""
+        return self.type in _DROPPED_ITEMS
+
+    @property
     def text(self) -> str:
         return "".join(p.value for p in self.content or ())
 
