@@ -167,13 +167,17 @@ def test_responses_api_round_trip(vllm_app: VllmApp) -> None:
     assert resp.status == "completed" and "Paris" in resp.output_text
     assert resp.usage is not None and resp.usage.input_tokens > 0 and resp.usage.output_tokens > 0
     assert resp.usage.input_tokens_details.cached_tokens is not None
-    with client.responses.stream(model=SMOLLM_ID, input="Write a story about a lighthouse keeper.",
-                                 max_output_tokens=16, temperature=0) as stream:
+    with client.responses.stream(model=SMOLLM_ID, input="What is the capital of France?", max_output_tokens=32,
+                                 temperature=0) as stream:
         deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
         final = stream.get_final_response()
-    assert len(deltas) > 3 and final.output_text == "".join(deltas)
-    assert final.status == "incomplete" and final.incomplete_details is not None
-    assert final.incomplete_details.reason == "max_output_tokens"
+    assert len(deltas) > 3 and final.output_text == "".join(deltas) and "Paris" in final.output_text
+    # Out of output budget: `incomplete`, and why (streamed, it ends with `response.incomplete`, as OpenAI's).
+    short = client.responses.create(model=SMOLLM_ID, input="Write a story about a lighthouse keeper.",
+                                    max_output_tokens=16, temperature=0)
+    assert short.status == "incomplete" and short.incomplete_details is not None
+    assert short.incomplete_details.reason == "max_output_tokens"
+    assert short.usage is not None and short.usage.output_tokens == 16
     params = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
               "additionalProperties": False}
     tools: Any = [{"type": "function", "name": "get_weather", "description": "Weather for a city",
