@@ -105,9 +105,10 @@ def test_item_input_and_a_reasoning_model(gw: LiveGateway, account: tuple[str, s
     assert short.incomplete_details.reason == "max_output_tokens"
     assert short.usage is not None and short.usage.output_tokens == 2
     # Streamed, it ends as OpenAI ends it: `response.incomplete` (the SDK's helper then has no final response).
-    events = list(client.responses.create(model=SMALL, input=f"{unique('b')} hello", max_output_tokens=2,
-                                          stream=True))
-    assert events[-1].type == "response.incomplete" and events[-1].response.status == "incomplete"
+    streamed = list(client.responses.create(model=SMALL, input=f"{unique('b')} hello", max_output_tokens=2,
+                                            stream=True))
+    last = streamed[-1]
+    assert last.type == "response.incomplete" and last.response.status == "incomplete"
     events = wait_events(gw, account_id, 3)
     assert [e["api"] for e in events] == ["responses"] * 3
 
