@@ -17,7 +17,7 @@ import openai
 import pytest
 from openai.types.responses import ResponseFunctionToolCall
 
-from serve_apps.engines.sim import tokenize
+from serve_apps.engines.sim import FAIL_BEFORE_FIRST_TOKEN, FAIL_MID_STREAM, FAIL_MID_STREAM_AFTER, tokenize
 from serve_apps.engines.types import ChatMessage
 from tests.conftest import RedisServer
 from tests.live_gateway import LiveGateway
@@ -302,6 +302,26 @@ def test_held_slot_gives_rate_limit_error(redis_server: RedisServer, tmp_path: P
         stream.close()
         [event] = wait_events(g, account_id, 1)
         assert event["status"] == "ok" and event["api"] == "responses"
+
+
+def test_a_model_failure_is_an_http_error_before_the_stream_and_response_failed_after(
+        gw: LiveGateway, account: tuple[str, str]) -> None:
+    account_id, key = account
+    client = client_for(gw, key)
+    with pytest.raises(openai.InternalServerError) as before:
+        client.responses.create(model=LARGE, input=f"{unique('f')} {FAIL_BEFORE_FIRST_TOKEN}", stream=True)
+    assert before.value.status_code == 502
+    events = list(client.responses.create(model=LARGE, input=f"{unique('f')} {FAIL_MID_STREAM}", stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    failed = events[-1]
+    assert failed.type == "response.failed" and failed.response.status == "failed"
+    assert failed.response.error is not None and failed.response.error.code == "server_error"
+    assert failed.response.usage is not None and failed.response.usage.output_tokens == FAIL_MID_STREAM_AFTER
+    refunded, partial = wait_events(gw, account_id, 2)
+    assert (refunded["status"], refunded["cost_pico"], refunded["api"]) == ("refunded", 0, "responses")
+    assert (partial["status"], partial["completion_tokens"], partial["api"]) == ("error", FAIL_MID_STREAM_AFTER,
+                                                                                 "responses")
+    assert partial["cost_pico"] == cost_pico(LARGE, partial["prompt_tokens"], 0, FAIL_MID_STREAM_AFTER)
 
 
 # -- metering ------------------------------------------------------------------------------------
