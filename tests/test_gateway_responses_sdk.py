@@ -246,6 +246,16 @@ def test_unknown_model_is_not_found(gw: LiveGateway, account: tuple[str, str]) -
     assert bars(gw, key) == (500, "$24.00")
 
 
+def test_no_response_can_be_fetched_by_id(gw: LiveGateway, account: tuple[str, str]) -> None:
+    """Nothing is stored (SPEC §3), so there is no GET /responses/{id}: a 404 in OpenAI's shape."""
+    _, key = account
+    client = client_for(gw, key)
+    created = client.responses.create(model=SMALL, input=f"{unique('g')} hi")
+    with pytest.raises(openai.NotFoundError) as err:
+        client.responses.retrieve(created.id)
+    assert err.value.status_code == 404 and err.value.message
+
+
 @pytest.mark.parametrize("case", ["previous_response_id", "image", "custom_tool", "item_reference", "logprobs",
                                   "json_schema_unsupported", "temperature"])
 def test_bad_requests_are_bad_request_errors_and_free(gw: LiveGateway, account: tuple[str, str], case: str) -> None:
