@@ -193,25 +193,28 @@ def test_codex_exec_plain_prompt(codex: Path, gateway: GatewayProcess, tmp_path:
 
 def test_codex_exec_runs_a_tool_the_model_calls(codex: Path, gateway: GatewayProcess, tmp_path: Path) -> None:
     marker = f"packserve-{uuid.uuid4().hex[:8]}"
-    prompt = f"Print the marker, please.\n@sim-call {TOOL} {json.dumps({'cmd': f'echo {marker}'})}"
+    # "think": the large simulated model reasons first, so Codex also gets (and sends back) a reasoning item.
+    prompt = f"Think, then print the marker.\n@sim-call {TOOL} {json.dumps({'cmd': f'echo {marker}'})}"
     before = len(gateway.usage_events())
     with RecordingProxy(gateway.base_url) as proxy:
         done = run_codex(codex, tmp_path, proxy.base_url, gateway.key, prompt)
     assert done.returncode == 0, done.stderr[-3000:]
     first, second = responses_exchanges(proxy)
     call_turn = check_stream(first.response)
-    [call] = call_turn.output
+    reasoning, call = call_turn.output
+    assert reasoning.type == "reasoning" and reasoning.summary and reasoning.summary[0].text
     assert call.type == "function_call" and call.name == TOOL
     assert json.loads(call.arguments) == {"cmd": f"echo {marker}"}
-    # Codex ran it and sent the call and its output back, both with ids, on the next turn.
+    # Codex ran it and sent the reasoning, the call and its output back, with ids, on the next turn.
     sent = second.body["input"]
+    assert [i["id"] for i in sent if i.get("type") == "reasoning"] == [reasoning.id]
     echoed = [i for i in sent if i.get("type") == "function_call"]
     outputs = [i for i in sent if i.get("type") == "function_call_output"]
     assert [(i["call_id"], i["name"]) for i in echoed] == [(call.call_id, TOOL)]
     assert [i["call_id"] for i in outputs] == [call.call_id] and all(i.get("id") for i in echoed + outputs)
     assert marker in outputs[0]["output"]
     answer = check_stream(second.response)
-    assert [o.type for o in answer.output] == ["message"] and answer.output_text in done.stdout
+    assert [o.type for o in answer.output] == ["reasoning", "message"] and answer.output_text in done.stdout
     # The second turn re-reads the first from the prefix cache, and both are metered as Responses requests.
     assert answer.usage is not None and answer.usage.input_tokens_details.cached_tokens > 0
     events = gateway.usage_events()[before:]
@@ -255,7 +258,8 @@ def test_recorded_codex_requests_replay(replay_gateway: tuple[LiveGateway, str])
 
     first, second = load_fixture("tool_call")
     call_turn = replay(gw, key, first)
-    [call] = call_turn.output
+    reasoning, call = call_turn.output
+    assert reasoning.type == "reasoning"
     directive = next(line for item in first["body"]["input"] if item.get("role") == "user"
                      for part in item["content"] for line in part["text"].splitlines()
                      if line.startswith("@sim-call"))
@@ -263,6 +267,6 @@ def test_recorded_codex_requests_replay(replay_gateway: tuple[LiveGateway, str])
     assert json.loads(call.arguments) == json.loads(directive.split(" ", 2)[2])
     # The recorded second turn carries Codex's function_call and function_call_output items; it gets words.
     kinds = [i.get("type") for i in second["body"]["input"]]
-    assert "function_call" in kinds and "function_call_output" in kinds
+    assert {"reasoning", "function_call", "function_call_output"} <= set(kinds)
     answer = replay(gw, key, second)
-    assert [o.type for o in answer.output] == ["message"] and answer.output_text
+    assert [o.type for o in answer.output] == ["reasoning", "message"] and answer.output_text
