@@ -7,11 +7,13 @@ costs are asserted exactly against the deterministic simulated engine.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import anthropic
+import httpx
 import openai
 import pytest
 
@@ -465,3 +467,78 @@ async def test_async_messages_stream_and_create(gw: LiveGateway, account: tuple[
     assert_billed(events[0], LARGE, final.usage)
     assert_billed(events[2], LARGE, again.usage)
     assert all(e["cost_pico"] > 0 for e in events)
+
+
+# -- what coding agents send ------------------------------------------------------------------
+
+def test_mid_conversation_system_message_is_accepted_and_counted_alike(gw: LiveGateway,
+                                                                      account: tuple[str, str]) -> None:
+    """Claude Code's first request ends in a `system` message; it is folded into the user turn."""
+    _, key = account
+    client = client_for(gw, key)
+    messages: Any = [{"role": "user", "content": [{"type": "text", "text": "Say hello"}]},
+                     {"role": "system", "content": "Available agent types for the Agent tool: general-purpose"}]
+    counted = client.messages.count_tokens(model=LARGE, messages=messages)
+    with client.messages.stream(model=LARGE, max_tokens=64, messages=messages,
+                                extra_headers={"anthropic-beta": "mid-conversation-system-2026-04-07"},
+                                extra_query={"beta": "true"}) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason in ("end_turn", "max_tokens") and text_of(final)
+    assert final.usage.input_tokens + reads(final.usage) == counted.input_tokens
+    folded = [ChatMessage("user", "Say hello\n<system-reminder>\nAvailable agent types for the Agent tool: "
+                                  "general-purpose\n</system-reminder>")]
+    assert counted.input_tokens == len(prompt_tokens(folded))
+
+
+def test_base_urls_answer_head_and_get(gw: LiveGateway) -> None:
+    for path in ("/anthropic", "/anthropic/v1", "/v1", "/openai/v1"):
+        assert httpx.head(f"{gw.base_url}{path}", timeout=10).status_code == 200, path
+        got = httpx.get(f"{gw.base_url}{path}", timeout=10)
+        assert got.status_code == 200 and got.json()["base_url"] == path
+
+
+def test_messages_directly_under_anthropic_for_ai_sdk_clients(gw: LiveGateway, account: tuple[str, str]) -> None:
+    """AI-SDK clients (opencode's Anthropic provider) append /messages to the base URL `.../anthropic`."""
+    account_id, key = account
+    client = client_for(gw, key, "")
+    msg: Any = client.post("/anthropic/messages", cast_to=object, body={
+        "model": SMALL, "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]})
+    assert msg["type"] == "message" and msg["usage"]["output_tokens"] > 0
+    counted: Any = client.post("/anthropic/messages/count_tokens", cast_to=object, body={
+        "model": SMALL, "messages": [{"role": "user", "content": "hi"}]})
+    assert counted["input_tokens"] == msg["usage"]["input_tokens"] + msg["usage"]["cache_read_input_tokens"]
+    assert len(wait_events(gw, account_id, 1)) == 1
+
+
+def test_rejected_requests_are_logged_and_counted_by_route_and_code(gw: LiveGateway,
+                                                                    account: tuple[str, str]) -> None:
+    account_id, key = account
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep(level=logging.WARNING)
+    logger = logging.getLogger("packserve.gateway")
+    logger.addHandler(handler)
+    try:
+        secret_prompt = unique("do-not-log")
+        turns = [{"role": "tool", "content": secret_prompt}]
+        bad = httpx.post(f"{gw.base_url}/anthropic/v1/messages", headers={"x-api-key": key}, timeout=10,
+                         json={"model": LARGE, "max_tokens": 5, "messages": turns})
+        assert bad.status_code == 400
+        assert bad.json()["error"] == {"type": "invalid_request_error",
+                                       "message": "messages.0.role: Input should be 'user', 'assistant' or 'system'"}
+        missing = httpx.get(f"{gw.base_url}/anthropic/nowhere", timeout=10)
+        assert missing.status_code == 404
+    finally:
+        logger.removeHandler(handler)
+    rejected = [r.__dict__ for r in records if r.getMessage() == "request rejected"]
+    assert [(r["route"], r["status"], r["code"], r["account"]) for r in rejected] == [
+        ("/anthropic/v1/messages", 400, "invalid_request", account_id), ("unmatched", 404, "not_found", None)]
+    assert all(secret_prompt not in str(r) for r in rejected)
+    metrics = httpx.get(f"{gw.base_url}/metrics", timeout=10).text
+    assert 'packserve_client_errors_total{code="invalid_request",route="/anthropic/v1/messages",status="400"}' \
+        in metrics
+    assert 'packserve_client_errors_total{code="not_found",route="unmatched",status="404"}' in metrics

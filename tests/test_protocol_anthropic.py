@@ -176,13 +176,18 @@ def test_tool_choice_mapping_and_errors() -> None:
 @pytest.mark.parametrize(
     ("data", "param", "needle"),
     [
-        ({"model": SIM_LARGE, "messages": [{"role": "user", "content": "x"}]}, "max_tokens", "Missing"),
+        ({"model": SIM_LARGE, "messages": [{"role": "user", "content": "x"}]}, "max_tokens",
+         "max_tokens: Field required"),
         (body(max_tokens=0), "max_tokens", "greater than or equal to 1"),
         (body(messages=[{"role": "user", "content": [{"type": "image", "source": {}}]}]),
          "messages.0.content.0", "not supported"),
         (body(messages=[{"role": "user", "content": [{"type": "tool_use", "id": "x"}]}]),
          "messages.0.content.0", "needs 'id', 'name' and 'input'"),
-        (body(messages=[{"role": "system", "content": "x"}]), "messages.0.role", "'user' or 'assistant'"),
+        (body(messages=[{"role": "developer", "content": "x"}]), "messages.0.role",
+         "messages.0.role: Input should be 'user', 'assistant' or 'system'"),
+        (body(messages=[{"role": "user", "content": "x"},
+                        {"role": "system", "content": [{"type": "tool_result", "tool_use_id": "t"}]}]),
+         "messages.1", "may contain only text blocks"),
         (body(messages=[]), "messages", "at least 1"),
         (body(temperature=1.5), "temperature", "less than or equal to 1"),
         (body(tool_choice={"type": "tool"}), "tool_choice", "needs 'name'"),
@@ -193,7 +198,57 @@ def test_tool_choice_mapping_and_errors() -> None:
 def test_validation_messages_name_the_field(data: dict[str, Any], param: str, needle: str) -> None:
     message, got = error_of(MessagesRequest, data)
     assert got == param
-    assert needle in message and "Value error" not in message
+    # Anthropic's own form, which clients match: the field path, a colon, then the reason.
+    assert message.startswith(f"{param}: ") and needle in message and "Value error" not in message
+
+
+def user(text: str) -> dict[str, Any]:
+    return {"role": "user", "content": text}
+
+
+def system(text: str) -> dict[str, Any]:
+    return {"role": "system", "content": [{"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}]}
+
+
+def reminder(text: str) -> str:
+    return f"<system-reminder>\n{text}\n</system-reminder>"
+
+
+def test_mid_conversation_system_messages_fold_into_the_neighbouring_user_turn() -> None:
+    assistant = {"role": "assistant", "content": "ok"}
+    tool_use = {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "Read", "input": {}}]}
+    tool_result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "data"}]}
+
+    def turns(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
+        got, _ = prompt_parts(MessagesRequest.model_validate(body(system="top", messages=messages)))
+        return [(m.role, m.content) for m in got]
+
+    # Claude Code's first request: the user's prompt, then the system message after it.
+    assert turns([user("Say hello"), system("Available agent types: ...")]) == [
+        ("system", "top"), ("user", "Say hello\n" + reminder("Available agent types: ..."))]
+    # Before a user turn (nothing before it, or an assistant turn): prepended to the next user turn.
+    assert turns([system("s1"), system("s2"), user("u")]) == [
+        ("system", "top"), ("user", reminder("s1") + "\n" + reminder("s2") + "\nu")]
+    assert turns([user("u"), assistant, system("s"), user("v")]) == [
+        ("system", "top"), ("user", "u"), ("assistant", "ok"), ("user", reminder("s") + "\nv")]
+    # Between assistant turns or last after one: a user turn of its own.
+    assert turns([user("u"), assistant, system("s")]) == [
+        ("system", "top"), ("user", "u"), ("assistant", "ok"), ("user", reminder("s"))]
+    # After a tool result: the result stays a tool message and the reminder follows it as user text.
+    got = turns([user("u"), tool_use, tool_result, system("s")])
+    assert got[-2:] == [("tool", "data"), ("user", reminder("s"))]
+
+
+async def test_count_tokens_counts_folded_system_messages() -> None:
+    engine = SimulatedEngine()
+    messages = [user("Say hello"), system("Available agent types for the Agent tool: general-purpose")]
+    counted = CountTokensRequest.model_validate({"model": SIM_LARGE, "messages": messages})
+    count = await engine.count_tokens(SIM_LARGE, *prompt_parts(counted)[:1], None, prompt_parts(counted)[1])
+    gen = messages_to_generation(MessagesRequest.model_validate(body(messages=messages)), "r", LARGE)
+    chunks = [c async for c in engine.generate(gen)]
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == count
+    folded = [(m.role, m.content) for m in gen.messages]
+    assert folded == [("user", "Say hello\n" + reminder("Available agent types for the Agent tool: general-purpose"))]
 
 
 async def test_count_tokens_matches_generation_prompt_tokens() -> None:

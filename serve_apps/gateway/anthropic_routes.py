@@ -23,8 +23,9 @@ def build_anthropic_router(service: GatewayService, max_body_bytes: int) -> APIR
 
     @router.post("/messages")
     async def messages(request: Request) -> Response:
-        body = await parse(request, MessagesRequest, max_body_bytes, validation_message)
+        # Authenticated first, as Anthropic does, so a refused body is logged under its account.
         principal = await service.authenticate(request)
+        body = await parse(request, MessagesRequest, max_body_bytes, validation_message)
         card = service.resolve(body.model, kind="chat")
         mid = new_request_id("msg", "_")
         try:
@@ -47,8 +48,8 @@ def build_anthropic_router(service: GatewayService, max_body_bytes: int) -> APIR
     @router.post("/messages/count_tokens")
     async def count_tokens(request: Request) -> Response:
         """Free: authenticated, but neither bar is charged and no slot is taken."""
-        body = await parse(request, CountTokensRequest, max_body_bytes, validation_message)
         await service.authenticate(request)
+        body = await parse(request, CountTokensRequest, max_body_bytes, validation_message)
         card = service.resolve(body.model, kind="chat")
         messages, tools = convert.prompt_parts(body)
         count = await service.engine(card).count_tokens(card.id, messages, None, tools)

@@ -106,9 +106,21 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
     for prefix in ("/openai/v1", "/v1"):
         app.include_router(openai_router, prefix=prefix)
         app.include_router(responses_router, prefix=prefix)
-    for prefix in ("/anthropic/v1", "/v1"):
+    # "/anthropic" too: AI-SDK clients (opencode) append "/messages" to the base URL they are given.
+    for prefix in ("/anthropic/v1", "/anthropic", "/v1"):
         app.include_router(anthropic_router, prefix=prefix)
     app.include_router(build_admin_router(rt.admin, rt.admin_token, max_body, rt.stats, service.start_model))
+
+    @app.api_route("/anthropic", methods=["GET", "HEAD"])
+    @app.api_route("/anthropic/v1", methods=["GET", "HEAD"])
+    @app.api_route("/openai/v1", methods=["GET", "HEAD"])
+    @app.api_route("/v1", methods=["GET", "HEAD"])
+    async def base_url(request: Request) -> Response:
+        """The base URLs answer, unauthenticated: Claude Code opens each run with `HEAD /anthropic`
+        (a reachability check) and a person pasting the base URL into a browser sees what it is."""
+        return JSONResponse({"service": "packserve", "base_url": request.url.path,
+                             "endpoints": ["GET /v1/models", "POST /v1/chat/completions", "POST /v1/responses",
+                                           "POST /v1/messages"]})
 
     @app.get("/v2/quotas")
     async def quotas(request: Request) -> Response:
@@ -142,37 +154,59 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
     async def dashboard() -> Response:
         return HTMLResponse((STATIC / "dashboard.html").read_text())
 
+    def rejected(request: Request, exc: ApiError) -> Response:
+        """Every error answer is counted by route and code and logged (never the body), so an
+        operator sees a client that cannot get in, not only the generations that finished."""
+        route = _route_label(request)
+        code = exc.code or _status_code_name(exc.status)
+        rt.metrics.errors.labels(route, str(exc.status), code).inc()
+        log.log(logging.ERROR if exc.status >= 500 else logging.WARNING, "request rejected", extra={
+            "method": request.method, "path": request.url.path, "route": route, "status": exc.status,
+            "code": code, "account": getattr(request.state, "account_id", None)})
+        return error_response(request, exc)
+
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:
-        rt.metrics.errors.labels(str(exc.status), exc.code or "").inc()
-        return error_response(request, exc)
+        return rejected(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body"))
-        return error_response(request, ApiError(400, f"Invalid value for '{where}': {first.get('msg', 'invalid')}",
-                                                "invalid_request", where or None))
+        return rejected(request, ApiError(400, f"Invalid value for '{where}': {first.get('msg', 'invalid')}",
+                                          "invalid_request", where or None))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        message = "Not found: see GET /v1/models, POST /v1/chat/completions, POST /v1/messages." \
+        message = "Not found: see GET /v1/models, POST /v1/chat/completions, POST /v1/responses, " \
+            "POST /v1/messages." \
             if exc.status_code == 404 else str(exc.detail)
-        return error_response(request, ApiError(exc.status_code, message, "not_found"
-                                                if exc.status_code == 404 else None))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return rejected(request, ApiError(exc.status_code, message, code))
 
     @app.exception_handler(StoreError)
     async def store_error(request: Request, exc: StoreError) -> Response:
         log.error("store unavailable", extra={"error": str(exc)})
-        return error_response(request, ApiError(503, "the quota store is unavailable, retry shortly",
-                                                "store_unavailable", headers={"retry-after": "5"}))
+        return rejected(request, ApiError(503, "the quota store is unavailable, retry shortly",
+                                          "store_unavailable", headers={"retry-after": "5"}))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error", extra={"path": request.url.path})
-        return error_response(request, ApiError(500, "internal error; it has been logged", "internal_error"))
+        return rejected(request, ApiError(500, "internal error; it has been logged", "internal_error"))
 
     return app
+
+
+def _route_label(request: Request) -> str:
+    route = request.scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
+def _status_code_name(status: int) -> str:
+    return {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+            405: "method_not_allowed", 413: "request_too_large", 429: "rate_limited"}.get(status, f"http_{status}")
 
 
 async def create_runtime(config: AppConfig, engines: Mapping[str, Engine], cards: Mapping[str, ModelCard], *,

@@ -20,8 +20,10 @@ class Metrics:
         self.requests = Counter("packserve_requests", "Finished requests", ["model", "protocol", "status"],
                                 registry=r)
         self.refusals = Counter("packserve_refusals", "Requests refused at admission", ["reason"], registry=r)
-        self.errors = Counter("packserve_client_errors", "Requests rejected before admission", ["status", "code"],
-                              registry=r)
+        # `route` is the matched route's template (or "unmatched"), never the raw path, so a client
+        # probing random paths cannot grow the label set.
+        self.errors = Counter("packserve_client_errors", "Requests rejected with an error status",
+                              ["route", "status", "code"], registry=r)
         self.tokens = Counter("packserve_tokens", "Tokens processed", ["model", "kind"], registry=r)
         self.ttft = Histogram("packserve_time_to_first_token_seconds", "Time to first token", ["model"],
                               buckets=LATENCY_BUCKETS, registry=r)

@@ -108,6 +108,8 @@ class GatewayService:
             log.error("store unavailable during auth", extra={"error": str(exc)})
             raise ApiError(503, "the quota store is unavailable, retry shortly", "store_unavailable",
                            headers={"retry-after": "5"}) from None
+        # Read by the gateway's rejection log: a request refused later still names its account.
+        request.state.account_id = principal.account.id
         return principal
 
     def resolve(self, model: str, *, kind: str) -> ModelCard:

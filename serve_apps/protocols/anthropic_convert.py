@@ -17,6 +17,7 @@ from serve_apps.engines.types import (
     ToolSpec,
 )
 from serve_apps.protocols.anthropic_models import (
+    ContentBlockIn,
     ContentBlockOut,
     CountTokensRequest,
     ErrorDetail,
@@ -106,12 +107,49 @@ def _turns(message: MessageIn) -> list[ChatMessage]:
     return out
 
 
+def system_reminder(text: str) -> str:
+    return f"<system-reminder>\n{text}\n</system-reminder>"
+
+
+def _fold_system_messages(messages: list[MessageIn]) -> list[MessageIn]:
+    """Mid-conversation `system` messages become `<system-reminder>` text in a user turn.
+
+    Most open models' chat templates accept a system message only first, so
+    each one is appended to the user turn before it, else prepended to the
+    user turn after it, else (between two assistant turns, or alone) becomes a
+    user turn of its own. That is also what Claude Code itself does when a
+    server refuses the role, so the model sees the same prompt either way.
+    """
+    out: list[MessageIn] = []
+    carried: list[ContentBlockIn] = []  # reminders waiting for the next user turn
+    for i, m in enumerate(messages):
+        if m.role != "system":
+            if carried and m.role == "user":
+                m = m.model_copy(update={"content": [*carried, *m.content]})
+                carried = []
+            elif carried:
+                out.append(MessageIn(role="user", content=carried))
+                carried = []
+            out.append(m)
+            continue
+        reminder = ContentBlockIn(type="text", text=system_reminder("\n".join(b.text or "" for b in m.content)))
+        if out and out[-1].role == "user":
+            out[-1] = out[-1].model_copy(update={"content": [*out[-1].content, reminder]})
+        elif i + 1 < len(messages) and messages[i + 1].role in ("user", "system"):
+            carried.append(reminder)
+        else:
+            out.append(MessageIn(role="user", content=[reminder]))
+    if carried:
+        out.append(MessageIn(role="user", content=carried))
+    return out
+
+
 def prompt_parts(req: MessagesRequest | CountTokensRequest) -> tuple[tuple[ChatMessage, ...], tuple[ToolSpec, ...]]:
     """The engine-neutral messages and tools of a request; also what count_tokens needs."""
     messages: list[ChatMessage] = []
     if req.system:
         messages.append(ChatMessage(role="system", content="\n".join(b.text for b in req.system)))
-    for m in req.messages:
+    for m in _fold_system_messages(req.messages):
         messages.extend(_turns(m))
     tools = tuple(ToolSpec(t.name, t.description or "", t.input_schema) for t in req.tools or ())
     return tuple(messages), tools

@@ -14,7 +14,12 @@ from typing import Any, ClassVar, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serve_apps.protocols.common import ResponseModel, describe_validation_error
+from serve_apps.protocols.common import (
+    ResponseModel,
+    describe_validation_error,
+    format_loc,
+    strip_validator_prefix,
+)
 
 _UNSUPPORTED_BLOCKS = {"image", "document", "search_result", "container_upload"}
 # Accepted and dropped: the model cannot use earlier turns' hidden reasoning.
@@ -22,10 +27,19 @@ _IGNORED_BLOCKS = {"thinking", "redacted_thinking"}
 
 
 def validation_message(exc: pydantic.ValidationError) -> tuple[str, str | None]:
-    """(message, param) for an Anthropic 400; Anthropic bodies have no `param`,
-    so the message itself names the field, like `messages.0.content.1: ...`."""
-    message, param = describe_validation_error(exc, index_style="dots")
-    return message, param
+    """(message, param) for an Anthropic 400, worded as Anthropic words it:
+    `messages.1.role: Input should be 'user' or 'assistant'`, `max_tokens: Field
+    required`. Anthropic bodies have no `param`, so the message names the field
+    first; clients that fall back on a refusal (Claude Code) match that form."""
+    errors = exc.errors(include_url=False)
+    if not errors:
+        return "Invalid request body.", None
+    err = errors[0]
+    loc = tuple(err.get("loc", ()))
+    if not loc:
+        return describe_validation_error(exc, index_style="dots")
+    param = format_loc(loc, index_style="dots")
+    return f"{param}: {strip_validator_prefix(str(err.get('msg', 'invalid value')))}", param
 
 
 class _Request(BaseModel):
@@ -98,10 +112,22 @@ def _message_content(value: Any) -> Any:
 
 
 class MessageIn(_Request):
-    role: Literal["user", "assistant"]
+    """A turn. `system` is Anthropic's mid-conversation system message (text only);
+    the converter folds it into the neighbouring user turn."""
+
+    role: Literal["user", "assistant", "system"]
     content: list[ContentBlockIn]
 
     _content = field_validator("content", mode="before")(_message_content)
+
+    @model_validator(mode="after")
+    def _system_is_text(self) -> MessageIn:
+        if self.role == "system":
+            for i, block in enumerate(self.content):
+                if block.type != "text":
+                    raise ValueError(f"content.{i}: a system message may contain only text blocks, "
+                                     f"got '{block.type}'")
+        return self
 
 
 class ToolIn(_Request):

@@ -44,7 +44,7 @@ class ResponseModel(pydantic.BaseModel):
         return {k: v for k, v in data.items() if v is not None or k in self.keep_null}
 
 
-def _strip_prefix(msg: str) -> str:
+def strip_validator_prefix(msg: str) -> str:
     # pydantic prefixes errors raised in our validators; clients should not see that.
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
@@ -71,7 +71,7 @@ def describe_validation_error(exc: pydantic.ValidationError, *, index_style: str
     err = errors[0]
     loc = tuple(err.get("loc", ()))
     param = format_loc(loc, index_style=index_style) if loc else None
-    msg = _strip_prefix(str(err.get("msg", "invalid value")))
+    msg = strip_validator_prefix(str(err.get("msg", "invalid value")))
     if not loc and err.get("type") == "model_type":
         # pydantic would name our class here; the client only needs to know the shape.
         return "The request body must be a JSON object.", None
