@@ -31,9 +31,9 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 
 from tests.agent_clis import agent_clis
+from tests.agent_recorder import REDACTED, Recorder
 from tests.conftest import free_port
 from tests.live_gateway import LiveGateway
-from tests.recording_proxy import RecordingProxy, sse_payloads
 
 CODEX_VERSION = "0.171.0"
 FIXTURES = Path(__file__).parent / "fixtures" / "codex"
@@ -143,8 +143,26 @@ def run_codex(codex: Path, tmp: Path, base_url: str, key: str, prompt: str) -> s
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=CODEX_TIMEOUT_S)
 
 
-def responses_exchanges(proxy: RecordingProxy) -> list[Any]:
-    return [x for x in proxy.exchanges if x.method == "POST" and x.path.endswith("/responses")]
+@dataclass
+class Exchange:
+    """One request Codex sent to /responses, and the event stream it got back."""
+
+    request: dict[str, Any]
+    reply: str
+
+    @property
+    def body(self) -> Any:
+        return self.request["body"]
+
+
+def responses_exchanges(recorder: Recorder) -> list[Exchange]:
+    return [Exchange(x, reply.decode()) for x, reply in zip(recorder.exchanges, recorder.replies, strict=True)
+            if x["method"] == "POST" and x["path"].endswith("/responses")]
+
+
+def sse_payloads(text: str) -> list[dict[str, Any]]:
+    """The JSON `data` of every event of an SSE body."""
+    return [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:")]
 
 
 def check_stream(text: str) -> Response:
@@ -158,21 +176,18 @@ def check_stream(text: str) -> Response:
     return final
 
 
-def save_fixture(name: str, exchanges: list[Any]) -> None:
-    FIXTURES.mkdir(parents=True, exist_ok=True)
-    payload = {"client": f"codex-cli {CODEX_VERSION}", "recorded_with": "tests/test_codex_cli.py",
-               "requests": [x.recorded() for x in exchanges]}
-    (FIXTURES / f"{name}.json").write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+def save_fixture(name: str, recorder: Recorder) -> None:
+    recorder.save(FIXTURES / f"{name}.json", f"codex-cli {CODEX_VERSION}")
 
 
 # -- the live client ------------------------------------------------------------------------------
 
 def test_codex_exec_plain_prompt(codex: Path, gateway: GatewayProcess, tmp_path: Path) -> None:
-    with RecordingProxy(gateway.base_url) as proxy:
-        done = run_codex(codex, tmp_path, proxy.base_url, gateway.key, "Say hello to packserve.")
+    with Recorder(gateway.base_url) as recorder:
+        done = run_codex(codex, tmp_path, recorder.base_url, gateway.key, "Say hello to packserve.")
     assert done.returncode == 0, done.stderr[-3000:]
-    [exchange] = responses_exchanges(proxy)
-    assert exchange.status == 200 and exchange.headers["authorization"] == "Bearer <redacted>"
+    [exchange] = responses_exchanges(recorder)
+    assert exchange.request["status"] == 200 and exchange.request["headers"]["authorization"] == REDACTED
     body = exchange.body
     # What the issue says current Codex sends (checked, so a Codex upgrade that changes it is noticed).
     assert body["model"] == MODEL and body["stream"] is True and body["store"] is False
@@ -181,14 +196,14 @@ def test_codex_exec_plain_prompt(codex: Path, gateway: GatewayProcess, tmp_path:
     assert body["include"] == ["reasoning.encrypted_content"] and body["reasoning"] == {"summary": "auto"}
     assert {t["type"] for t in body["tools"]} >= {"function", "namespace", "web_search"}
     assert TOOL in {t.get("name") for t in body["tools"]}
-    final = check_stream(exchange.response)
+    final = check_stream(exchange.reply)
     # Codex prints the model's last message as its result.
     assert final.output_text and final.output_text in done.stdout
     [event] = gateway.usage_events()[-1:]
     assert event["api"] == "responses" and event["status"] == "ok" and event["cost_pico"] > 0
     assert final.usage is not None and event["prompt_tokens"] == final.usage.input_tokens
     if RECORD:
-        save_fixture("plain", [exchange])
+        save_fixture("plain", recorder)
 
 
 def test_codex_exec_runs_a_tool_the_model_calls(codex: Path, gateway: GatewayProcess, tmp_path: Path) -> None:
@@ -196,11 +211,11 @@ def test_codex_exec_runs_a_tool_the_model_calls(codex: Path, gateway: GatewayPro
     # "think": the large simulated model reasons first, so Codex also gets (and sends back) a reasoning item.
     prompt = f"Think, then print the marker.\n@sim-call {TOOL} {json.dumps({'cmd': f'echo {marker}'})}"
     before = len(gateway.usage_events())
-    with RecordingProxy(gateway.base_url) as proxy:
-        done = run_codex(codex, tmp_path, proxy.base_url, gateway.key, prompt)
+    with Recorder(gateway.base_url) as recorder:
+        done = run_codex(codex, tmp_path, recorder.base_url, gateway.key, prompt)
     assert done.returncode == 0, done.stderr[-3000:]
-    first, second = responses_exchanges(proxy)
-    call_turn = check_stream(first.response)
+    first, second = responses_exchanges(recorder)
+    call_turn = check_stream(first.reply)
     reasoning, call = call_turn.output
     assert reasoning.type == "reasoning" and reasoning.summary and reasoning.summary[0].text
     assert call.type == "function_call" and call.name == TOOL
@@ -213,22 +228,23 @@ def test_codex_exec_runs_a_tool_the_model_calls(codex: Path, gateway: GatewayPro
     assert [(i["call_id"], i["name"]) for i in echoed] == [(call.call_id, TOOL)]
     assert [i["call_id"] for i in outputs] == [call.call_id] and all(i.get("id") for i in echoed + outputs)
     assert marker in outputs[0]["output"]
-    answer = check_stream(second.response)
+    answer = check_stream(second.reply)
     assert [o.type for o in answer.output] == ["reasoning", "message"] and answer.output_text in done.stdout
     # The second turn re-reads the first from the prefix cache, and both are metered as Responses requests.
     assert answer.usage is not None and answer.usage.input_tokens_details.cached_tokens > 0
     events = gateway.usage_events()[before:]
     assert [(e["api"], e["status"]) for e in events] == [("responses", "ok"), ("responses", "ok")]
     if RECORD:
-        save_fixture("tool_call", [first, second])
+        save_fixture("tool_call", recorder)
 
 
 # -- replay of what Codex sent (no npm needed) -----------------------------------------------------
 
 def load_fixture(name: str) -> list[dict[str, Any]]:
+    """The recorded requests Codex sent to /responses."""
     data = json.loads((FIXTURES / f"{name}.json").read_text())
     assert data["client"] == f"codex-cli {CODEX_VERSION}"
-    return list(data["requests"])
+    return [x for x in data["exchanges"] if x["method"] == "POST" and x["path"].endswith("/responses")]
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +268,7 @@ def replay(gw: LiveGateway, key: str, recorded: dict[str, Any]) -> Response:
 def test_recorded_codex_requests_replay(replay_gateway: tuple[LiveGateway, str]) -> None:
     gw, key = replay_gateway
     [plain] = load_fixture("plain")
-    assert plain["headers"]["authorization"] == "Bearer <redacted>"
+    assert plain["headers"]["authorization"] == REDACTED
     answer = replay(gw, key, plain)
     assert [o.type for o in answer.output] == ["message"] and answer.output_text
 
