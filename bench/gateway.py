@@ -8,12 +8,12 @@ Rerun (from the repository root; the first run also builds LiteLLM's own venv):
         [--skip-litellm] [--with-ray] [--profile-gateway FILE] [--json]
     .venv/bin/python bench/gateway.py --skip-litellm --with-ray --concurrency 1,4,16 --json   # the Ray path
 
-Three targets (four with --with-ray), all up at once and measured in the same run, at each
+Four targets (five with --with-ray), all up at once and measured in the same run, at each
 concurrency level (1, 16 and 64 concurrent streams by default), with the same
 simulated model settings (time to first token, tokens per second, output
 length). Each level is split into --rounds parts and the targets take turns
 (rotating order), pooling each target's samples, so background load on a
-shared machine hits all three alike:
+shared machine hits all of them alike:
 
 (a) bare     bench/bare_server.py: the simulated engine (`SimulatedEngine`)
              served over HTTP with the project's own OpenAI converters and
@@ -28,6 +28,11 @@ shared machine hits all three alike:
              "added latency" = gateway cost only (auth + admission round trips
              to Redis + its own bookkeeping), on top of the same HTTP serving
              and encoding the bare server does.
+(b') packserve-responses  the same gateway process as (b), the same
+             conversation and output budget sent to POST /v1/responses
+             (`input`, `max_output_tokens`); TTFT is the first
+             `response.output_text.delta`. Its accounts are its own. Its
+             added TTFT minus (b)'s is what the Responses encoding costs.
 (c) litellm  a LiteLLM proxy (`litellm[proxy]` from PyPI, in its own venv
              bench/.venv-litellm, no database, one master key, callbacks,
              spend/error logs and request logging off) in front of the bare
@@ -48,7 +53,8 @@ shared machine hits all three alike:
 percentile at the same concurrency (a difference of percentiles, not a
 percentile of per-request differences). TTFT is measured by the client from
 just before the request is sent to the arrival of the first SSE event whose
-delta has non-empty `content`. Per-stream tokens/s is the decode rate a client
+delta has non-empty `content` (for (b'), the first `response.output_text.delta`).
+Per-stream tokens/s is the decode rate a client
 sees, (completion_tokens - 1) / (last content delta - first content delta),
 as a time-weighted mean over requests, i.e. sum of tokens / sum of decode
 times (ideal = --tokens-per-s); requests/s is completed
@@ -193,15 +199,41 @@ class Sample:
 @dataclass
 class Target:
     name: str
-    url: str  # the chat completions URL
+    url: str  # the chat completions URL (the Responses URL when api == "responses")
     model: str
     keys: list[str]  # worker i uses keys[i % len(keys)]
     extra: dict[str, Any] = field(default_factory=dict)
+    api: str = "chat"  # "chat" or "responses"
+
+
+def request_body(target: Target, payload: dict[str, Any]) -> dict[str, Any]:
+    """The chat payload as `target` takes it: the same conversation and output budget over the Responses API."""
+    if target.api == "responses":
+        return {"model": target.model, "input": payload["messages"], "max_output_tokens": payload["max_tokens"],
+                "stream": payload["stream"]}
+    return {**payload, "model": target.model}
+
+
+def stream_content(event: dict[str, Any]) -> tuple[str | None, int | None, str | None]:
+    """(content delta, completion tokens, error) of one SSE event of either API."""
+    kind = event.get("type")
+    if kind == "response.output_text.delta":
+        return event.get("delta"), None, None
+    if kind in ("response.completed", "response.incomplete"):
+        return None, int(event["response"]["usage"]["output_tokens"]), None
+    if kind in ("response.failed", "error"):
+        return None, None, json.dumps(event)[:300]
+    if "error" in event:
+        return None, None, str(event["error"])
+    usage = event.get("usage")
+    tokens = int(usage["completion_tokens"]) if usage and usage.get("completion_tokens") is not None else None
+    content = next(((c.get("delta") or {}).get("content") for c in event.get("choices") or ()), None)
+    return content, tokens, None
 
 
 async def one_stream(client: httpx.AsyncClient, target: Target, key: str, payload: dict[str, Any],
                      keep_text: bool = False) -> Sample:
-    body = {**payload, "model": target.model}
+    body = request_body(target, payload)
     headers = {"authorization": f"Bearer {key}"}
     started = time.perf_counter()
     t_first = t_last = 0.0
@@ -224,21 +256,18 @@ async def one_stream(client: httpx.AsyncClient, target: Target, key: str, payloa
                     data = line[5:].strip()
                     if data == b"[DONE]":
                         continue
-                    event = json.loads(data)
-                    if "error" in event:
-                        return Sample(ok=False, error=f"stream error: {event['error']}")
-                    usage = event.get("usage")
-                    if usage and usage.get("completion_tokens") is not None:
-                        usage_tokens = int(usage["completion_tokens"])
-                    for choice in event.get("choices") or ():
-                        content = (choice.get("delta") or {}).get("content")
-                        if content:
-                            content_events += 1
-                            if not t_first:
-                                t_first = now
-                            t_last = now
-                            if keep_text:
-                                text.append(content)
+                    content, tokens, error = stream_content(json.loads(data))
+                    if error is not None:
+                        return Sample(ok=False, error=f"stream error: {error}")
+                    if tokens is not None:
+                        usage_tokens = tokens
+                    if content:
+                        content_events += 1
+                        if not t_first:
+                            t_first = now
+                        t_last = now
+                        if keep_text:
+                            text.append(content)
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         return Sample(ok=False, error=f"{type(exc).__name__}: {exc}")
     if not t_first:
@@ -489,6 +518,9 @@ def main_run(args: argparse.Namespace) -> dict[str, Any]:
         wait_http(f"{base}/health", gw, "packserve gateway", 60)
         keys = asyncio.run(create_accounts(base, admin_token, max(levels)))
         targets.append(Target("packserve", f"{base}/v1/chat/completions", MODEL, keys))
+        # The same gateway over the Responses API, with accounts of its own.
+        keys = asyncio.run(create_accounts(base, admin_token, max(levels)))
+        targets.append(Target("packserve-responses", f"{base}/v1/responses", MODEL, keys, api="responses"))
 
         if args.with_ray:
             port = free_port()
@@ -556,7 +588,8 @@ def ray_sim_config(redis_url: str, data_dir: Path, port: int, ttft_ms: float, to
 
 
 def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's targets: packserve adds < 3 ms p50 TTFT at 16 streams, and < 1/3 of what LiteLLM adds."""
+    """The issues' targets: packserve adds < 3 ms p50 TTFT at 16 streams, and < 1/3 of what LiteLLM adds;
+    over the Responses API it adds within 0.5 ms of what it adds over chat completions (1 and 16 streams)."""
     at16 = {r["target"]: r for r in rows if r["streams"] == 16}
     out: dict[str, Any] = {}
     if "packserve" in at16:
@@ -567,6 +600,13 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
             lt = at16["litellm"]["added_p50_ms"]
             out["litellm_added_p50_ms_at_16"] = lt
             out["under_a_third_of_litellm"] = lt > 0 and ps < lt / 3
+    chat = {r["streams"]: r for r in rows if r["target"] == "packserve"}
+    responses = {r["streams"]: r for r in rows if r["target"] == "packserve-responses"}
+    gaps = {streams: round(r["added_p50_ms"] - chat[streams]["added_p50_ms"], 2)
+            for streams, r in sorted(responses.items()) if streams in chat and streams in (1, 16)}
+    if gaps:
+        out["responses_minus_chat_added_p50_ms"] = {str(k): v for k, v in gaps.items()}
+        out["responses_within_half_ms_of_chat"] = all(abs(v) <= 0.5 for v in gaps.values())
     ray = {r["streams"]: r["added_p50_ms"] for r in rows if r["target"] == "packserve-ray"}
     if ray:
         out["ray_added_p50_ms"] = {str(k): v for k, v in sorted(ray.items())}
@@ -625,6 +665,10 @@ def main() -> None:
             line += (f"\ntarget: < 1/3 of LiteLLM's added p50 ({t['litellm_added_p50_ms_at_16']} ms) "
                      f"-> {'met' if t['under_a_third_of_litellm'] else 'NOT met'}")
         print(line)
+    if "responses_minus_chat_added_p50_ms" in t:
+        gaps = ", ".join(f"{v:+} ms at {k}" for k, v in t["responses_minus_chat_added_p50_ms"].items())
+        print(f"target: the Responses API adds p50 TTFT within 0.5 ms of chat completions' (1 and 16 streams): "
+              f"{gaps} -> {'met' if t['responses_within_half_ms_of_chat'] else 'NOT met'}")
     if "ray_added_p50_ms" in t:
         added = ", ".join(f"{v} ms at {k}" for k, v in t["ray_added_p50_ms"].items())
         print(f"target: packserve on Ray Serve adds < 10 ms p50 TTFT (engine compute excluded): {added} "

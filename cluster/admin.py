@@ -89,7 +89,7 @@ class AdminOps:
             {"ts_ms": e.ts_ms, "key_id": e.key_id, "model": e.model, "prompt_tokens": e.prompt_tokens,
              "cached_tokens": e.cached_tokens, "completion_tokens": e.completion_tokens,
              "weight": e.weight_units / self.unit, "cost_pico": e.cost_pico, "status": e.status,
-             "ttft_ms": e.ttft_ms, "duration_ms": e.duration_ms}
+             "ttft_ms": e.ttft_ms, "duration_ms": e.duration_ms, "api": e.api}
             for e in await self.store.usage(account_id, since_ms)
         ]
 

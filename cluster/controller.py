@@ -93,6 +93,8 @@ class Ticket:
     started_mono: float = field(default_factory=time.monotonic)
     settled: bool = False
     checkpointed: bool = False
+    # The API the request came through, for its usage record; set once the gateway knows it.
+    api: str = ""
 
 
 @dataclass(frozen=True)
@@ -241,7 +243,8 @@ class AdmissionController:
             prompt_tokens=progress.prompt_tokens, cached_tokens=progress.cached_tokens,
             completion_tokens=progress.completion_tokens, weight_units=ticket.lease.weight_units - refund,
             cost_pico=cost, status="refunded" if refund else status, ttft_ms=progress.ttft_ms,
-            duration_ms=int((time.monotonic() - ticket.started_mono) * 1000), lease_id=ticket.lease.lease_id)
+            duration_ms=int((time.monotonic() - ticket.started_mono) * 1000), lease_id=ticket.lease.lease_id,
+            api=ticket.api)
         return Settlement(ticket.lease, cost, refund, event, self.settings.retention_ms)
 
     def settle(self, ticket: Ticket, *, prompt_tokens: int, cached_tokens: int, completion_tokens: int,

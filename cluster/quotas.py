@@ -99,10 +99,12 @@ def usage_by_model_day(events: list[UsageEvent]) -> list[dict[str, Any]]:
     """Per (day, model): requests, tokens, dollars. Sorted by day then model."""
     rows: dict[tuple[str, str], dict[str, Any]] = defaultdict(lambda: {
         "requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "completion_tokens": 0,
-        "cost_pico": 0, "weight_units": 0, "errors": 0})
+        "cost_pico": 0, "weight_units": 0, "errors": 0, "requests_by_api": defaultdict(int)})
     for e in events:
         row = rows[(day_of(e.ts_ms), e.model)]
         row["requests"] += 1
+        # Events recorded before usage records named their API count as "unknown".
+        row["requests_by_api"][e.api or "unknown"] += 1
         row["prompt_tokens"] += e.prompt_tokens
         row["cached_tokens"] += e.cached_tokens
         row["completion_tokens"] += e.completion_tokens
@@ -112,6 +114,7 @@ def usage_by_model_day(events: list[UsageEvent]) -> list[dict[str, Any]]:
     out = []
     for (day, model), row in sorted(rows.items()):
         cost = row.pop("cost_pico")
+        row["requests_by_api"] = dict(sorted(row["requests_by_api"].items()))
         out.append({"day": day, "model": model, **row, "cost_usd": format_dollars_pico(cost),
                     "cost_pico": cost})
     return out

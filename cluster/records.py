@@ -91,12 +91,15 @@ class UsageEvent:
     ttft_ms: int | None
     duration_ms: int
     lease_id: str = field(default="")
+    # Which API the request came through ("openai", "responses", "anthropic"); "" in events
+    # recorded before the field existed (their encoding has one element less and decodes the same).
+    api: str = field(default="")
 
     def encode(self) -> bytes:
         packed: bytes = msgpack.packb([
             1, self.ts_ms, self.account_id, self.key_id, self.model, self.prompt_tokens,
             self.cached_tokens, self.completion_tokens, self.weight_units, self.cost_pico,
-            self.status, self.ttft_ms, self.duration_ms, self.lease_id,
+            self.status, self.ttft_ms, self.duration_ms, self.lease_id, self.api,
         ])
         return packed
 

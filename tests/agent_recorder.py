@@ -37,6 +37,8 @@ class Recorder:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.exchanges: list[dict[str, Any]] = []
+        # Each exchange's response body as the client received it (kept for assertions, never saved).
+        self.replies: list[bytearray] = []
         self._server: uvicorn.Server | None = None
         self._thread = threading.Thread(target=self._run, name=f"recorder-{self.port}", daemon=True)
 
@@ -53,6 +55,8 @@ class Recorder:
             "body": body,
         }
         self.exchanges.append(entry)
+        received = bytearray()
+        self.replies.append(received)
         client = httpx.AsyncClient(timeout=120)
         upstream = client.build_request(request.method, f"{self.upstream}{request.url.path}",
                                         params=request.url.query or None, headers=headers, content=raw)
@@ -63,6 +67,7 @@ class Recorder:
         async def relay() -> AsyncIterator[bytes]:
             try:
                 async for chunk in reply.aiter_raw():
+                    received.extend(chunk)
                     yield chunk
             finally:
                 await reply.aclose()

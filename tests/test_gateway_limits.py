@@ -162,6 +162,16 @@ BAD_BODIES: list[tuple[str, bytes, dict[str, str], int]] = [
                                 ).encode(), {"content-type": "application/json"}, 400),
     ("/v1/embeddings", json.dumps({"model": "hf:packserve/sim-embed", "input": [1, 2]}).encode(),
      {"content-type": "application/json"}, 400),
+    ("/v1/responses", b"{not json", {"content-type": "application/json"}, 400),
+    ("/v1/responses", json.dumps({"model": LARGE}).encode(), {"content-type": "application/json"}, 400),
+    ("/v1/responses", json.dumps({"model": LARGE, "input": 42}).encode(), {"content-type": "application/json"}, 400),
+    ("/v1/responses", json.dumps({"model": LARGE, "input": [{"type": "mystery"}]}).encode(),
+     {"content-type": "application/json"}, 400),
+    ("/openai/v1/responses", json.dumps({"model": LARGE, "input": "x", "max_output_tokens": 0}).encode(),
+     {"content-type": "application/json"}, 400),
+    ("/v1/responses", b"model=x", {"content-type": "application/x-www-form-urlencoded"}, 415),
+    ("/v1/responses", json.dumps({"model": "hf:no/such", "input": "x"}).encode(),
+     {"content-type": "application/json"}, 404),
     ("/v1/no/such/route", b"{}", {"content-type": "application/json"}, 404),
 ]
 

@@ -159,6 +159,42 @@ def test_anthropic_stream(vllm_app: VllmApp) -> None:
     assert final.usage.output_tokens > 0 and final.usage.input_tokens > 0
 
 
+def test_responses_api_round_trip(vllm_app: VllmApp) -> None:
+    """The Responses API on vLLM: an answer, a streamed one, and a function call answered with its output."""
+    client = vllm_app.openai(vllm_app.new_key())
+    resp = client.responses.create(model=SMOLLM_ID, input="What is the capital of France?",
+                                   instructions="Answer in one short sentence.", max_output_tokens=32, temperature=0)
+    assert resp.status == "completed" and "Paris" in resp.output_text
+    assert resp.usage is not None and resp.usage.input_tokens > 0 and resp.usage.output_tokens > 0
+    assert resp.usage.input_tokens_details.cached_tokens is not None
+    with client.responses.stream(model=SMOLLM_ID, input="What is the capital of France?", max_output_tokens=32,
+                                 temperature=0) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert len(deltas) > 3 and final.output_text == "".join(deltas) and "Paris" in final.output_text
+    # Out of output budget: `incomplete`, and why (streamed, it ends with `response.incomplete`, as OpenAI's).
+    short = client.responses.create(model=SMOLLM_ID, input="Write a story about a lighthouse keeper.",
+                                    max_output_tokens=16, temperature=0)
+    assert short.status == "incomplete" and short.incomplete_details is not None
+    assert short.incomplete_details.reason == "max_output_tokens"
+    assert short.usage is not None and short.usage.output_tokens == 16
+    params = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+              "additionalProperties": False}
+    tools: Any = [{"type": "function", "name": "get_weather", "description": "Weather for a city",
+                   "parameters": params, "strict": True}]
+    history: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = client.responses.create(model=SMOLLM_ID, input=history, tools=tools, max_output_tokens=48,
+                                    temperature=0, tool_choice={"type": "function", "name": "get_weather"})
+    calls = [o for o in first.output if o.type == "function_call"]
+    assert calls and all(c.name == "get_weather" and set(json.loads(c.arguments)) == {"city"} for c in calls)
+    history += [c.model_dump(exclude_none=True) for c in calls]
+    history += [{"type": "function_call_output", "call_id": c.call_id, "output": '{"sky": "sunny", "temp_c": 21}'}
+                for c in calls]
+    second = client.responses.create(model=SMOLLM_ID, input=history, tools=tools, tool_choice="none",
+                                     max_output_tokens=32, temperature=0)
+    assert [o.type for o in second.output] == ["message"] and second.output_text
+
+
 def test_prefix_cache_hits_are_reported(vllm_app: VllmApp) -> None:
     key = vllm_app.new_key()
     client = vllm_app.openai(key)

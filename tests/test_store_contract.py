@@ -11,12 +11,13 @@ import asyncio
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
+import msgpack
 import pytest
 
 from cluster.accounts import Accounts
 from cluster.controller import CHECKPOINT_GRACE_MS, AdmissionController, AdmissionRefused, Progress, Ticket
 from cluster.embedded_store import EmbeddedStore
-from cluster.records import Account
+from cluster.records import Account, UsageEvent
 from cluster.settings import AdmissionSettings
 from cluster.store import NotFound, Store, StoreError
 from policies.admission import Reason
@@ -318,6 +319,27 @@ async def test_checkpoint_of_a_dead_gateway_is_settled_once_when_due(h: Harness)
                        first_token=True, ttft_ms=40)
     assert len(await h.store.usage(acct.id)) == 1
     assert (await h.ctl.snapshot(acct.id)).weekly == snap.weekly
+
+
+async def test_usage_events_name_the_api_a_request_came_through(h: Harness) -> None:
+    acct = await h.account(["standard"])
+    ticket = await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)
+    ticket.api = "responses"
+    await h.ctl.settle(ticket, prompt_tokens=10, cached_tokens=0, completion_tokens=5, status="ok",
+                       first_token=True, ttft_ms=3)
+    # A response whose gateway died is recorded from its checkpoint, with its API too.
+    dead = await h.ctl.reserve(acct, "k", LARGE, queue_timeout_s=0)
+    dead.api = "anthropic"
+    await h.ctl.checkpoint(dead, Progress(7, 0, 2, True, 4))
+    h.clock.advance(DUE_MS)
+    assert await h.ctl.settle_due_checkpoints() == 1
+    events = await h.store.usage(acct.id)
+    assert sorted((e.api, e.status) for e in events) == [("anthropic", "interrupted"), ("responses", "ok")]
+
+
+def test_a_usage_event_recorded_before_events_named_their_api_still_decodes() -> None:
+    old = msgpack.packb([1, T0, "acct", "key", LARGE, 10, 0, 5, 1000, 42, "ok", 3, 9, "lease"])
+    assert UsageEvent.decode(old) == UsageEvent(T0, "acct", "key", LARGE, 10, 0, 5, 1000, 42, "ok", 3, 9, "lease", "")
 
 
 async def test_a_settled_response_leaves_no_checkpoint_behind(h: Harness) -> None:

@@ -35,6 +35,7 @@ from serve_apps.gateway.anthropic_routes import build_anthropic_router
 from serve_apps.gateway.errors import ApiError, error_response
 from serve_apps.gateway.metrics import Metrics
 from serve_apps.gateway.openai_routes import build_openai_router
+from serve_apps.gateway.responses_routes import build_responses_router
 from serve_apps.gateway.service import GatewayService
 
 log = logging.getLogger("packserve.gateway")
@@ -101,8 +102,10 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
 
     openai_router = build_openai_router(service, max_body, warm_flags)
     anthropic_router = build_anthropic_router(service, max_body)
+    responses_router = build_responses_router(service, max_body)
     for prefix in ("/openai/v1", "/v1"):
         app.include_router(openai_router, prefix=prefix)
+        app.include_router(responses_router, prefix=prefix)
     # "/anthropic" too: AI-SDK clients (opencode) append "/messages" to the base URL they are given.
     for prefix in ("/anthropic/v1", "/anthropic", "/v1"):
         app.include_router(anthropic_router, prefix=prefix)
@@ -116,7 +119,8 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
         """The base URLs answer, unauthenticated: Claude Code opens each run with `HEAD /anthropic`
         (a reachability check) and a person pasting the base URL into a browser sees what it is."""
         return JSONResponse({"service": "packserve", "base_url": request.url.path,
-                             "endpoints": ["GET /v1/models", "POST /v1/chat/completions", "POST /v1/messages"]})
+                             "endpoints": ["GET /v1/models", "POST /v1/chat/completions", "POST /v1/responses",
+                                           "POST /v1/messages"]})
 
     @app.get("/v2/quotas")
     async def quotas(request: Request) -> Response:
@@ -174,7 +178,8 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        message = "Not found: see GET /v1/models, POST /v1/chat/completions, POST /v1/messages." \
+        message = "Not found: see GET /v1/models, POST /v1/chat/completions, POST /v1/responses, " \
+            "POST /v1/messages." \
             if exc.status_code == 404 else str(exc.detail)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return rejected(request, ApiError(exc.status_code, message, code))

@@ -62,6 +62,10 @@ def prompt_too_long(exc: PromptTooLong, protocol: str, param: str) -> ApiError:
     if protocol == "anthropic":
         return ApiError(400, f"prompt is too long: {exc.prompt_tokens} tokens > {exc.limit} maximum",
                         "context_length_exceeded")
+    if protocol == "responses":
+        return ApiError(400, f"Your input exceeds the context window of this model ({exc.prompt_tokens} tokens > "
+                             f"{exc.limit}). Please adjust your input and try again.", "context_length_exceeded",
+                        "input")
     return ApiError(400, f"This model's maximum context length is {exc.limit} tokens. However, your "
                          f"{param} resulted in {exc.prompt_tokens} tokens. "
                          f"Please reduce the length of the {param}.", "context_length_exceeded", param)
@@ -248,6 +252,7 @@ class GatewayService:
         cancels this generator, and any await in its `finally` would be
         cancelled too.
         """
+        ticket.api = protocol
         engine = self.engine(self.cards[request.model])
         agen = engine.generate(request)
         usage = TokenUsage()
@@ -303,6 +308,7 @@ class GatewayService:
         status = "error"
         prompt_tokens = 0
         nothing_yet = Progress(0, 0, 0, False, None)
+        ticket.api = protocol
         try:
             # Renewed and checkpointed like a stream: a gateway that dies meanwhile still leaves its usage record.
             async with self.controller.renewing(ticket, lambda: nothing_yet):

@@ -100,16 +100,30 @@ class GenerationResult:
     finish_reason: FinishReason | None = None
     stop_sequence: str | None = None
     usage: TokenUsage = field(default_factory=TokenUsage)
+    reasoning_tokens: int = 0
 
     def add(self, chunk: GenerationChunk) -> None:
         self.text += chunk.text
         self.reasoning += chunk.reasoning
         self.tool_calls.extend(chunk.tool_calls)
         if chunk.usage is not None:
+            self.reasoning_tokens += reasoning_tokens_of(chunk, self.usage)
             self.usage = chunk.usage
         if chunk.finish_reason is not None:
             self.finish_reason = chunk.finish_reason
             self.stop_sequence = chunk.stop_sequence
+
+
+def reasoning_tokens_of(chunk: GenerationChunk, before: TokenUsage) -> int:
+    """Output tokens `chunk` spent reasoning, given the running usage before it.
+
+    Engines report running usage, not a reasoning count: a chunk that carries
+    only reasoning spent all its new tokens on it. A chunk that mixes reasoning
+    with text (the step where the model stops thinking) counts as output.
+    """
+    if chunk.usage is None or not chunk.reasoning or chunk.text or chunk.tool_calls:
+        return 0
+    return max(chunk.usage.completion_tokens - before.completion_tokens, 0)
 
 
 def supported_output_format(fmt: OutputFormat, card: ModelCard, param: str, name: str) -> OutputFormat:
