@@ -18,7 +18,7 @@ from decimal import Decimal, InvalidOperation
 
 from cluster.records import Account, ApiKey
 from cluster.store import NotFound, Store
-from policies.plans import PackKind, PlanError, PlanKind, parse_packs
+from policies.plans import DEFAULT_CATALOG, PlanCatalog, PlanError, PlanKind
 from policies.units import PICO_PER_DOLLAR
 
 KEY_PREFIX = "ps-"
@@ -51,7 +51,8 @@ class AuthError(Exception):
 
 
 def validate_plan(plan: str, packs: Sequence[str] | None, spend_cap_usd: float | str | None,
-                  concurrency: int | None) -> tuple[PlanKind, tuple[PackKind, ...], int | None, int]:
+                  concurrency: int | None,
+                  catalog: PlanCatalog = DEFAULT_CATALOG) -> tuple[PlanKind, tuple[str, ...], int | None, int]:
     """Turn user input (admin API, CLI) into a plan, or raise PlanError naming the problem."""
     try:
         kind = PlanKind(plan)
@@ -60,7 +61,7 @@ def validate_plan(plan: str, packs: Sequence[str] | None, spend_cap_usd: float |
     if kind is PlanKind.SUBSCRIPTION:
         if spend_cap_usd is not None:
             raise PlanError("a spend cap applies to payg accounts only")
-        return kind, parse_packs(packs if packs is not None else []), None, 4
+        return kind, catalog.parse_packs(packs if packs is not None else []), None, 4
     if packs:
         raise PlanError("payg accounts have no packs")
     cap: int | None = None
@@ -88,8 +89,9 @@ class Accounts:
                      spend_cap_usd: float | str | None = None, concurrency: int | None = None) -> Account:
         if not isinstance(name, str) or not name.strip() or len(name) > 200:
             raise PlanError("name must be a non-empty string of at most 200 characters")
-        kind, pack_kinds, cap, conc = validate_plan(plan, packs, spend_cap_usd, concurrency)
-        account = Account(new_id("acct"), name.strip(), kind, pack_kinds, cap, conc, False, self._clock())
+        kind, pack_kinds, cap, conc = validate_plan(plan, packs, spend_cap_usd, concurrency, self._store.plans)
+        account = Account(new_id("acct"), name.strip(), kind, pack_kinds, cap, conc, False, self._clock(),
+                          self._store.plans)
         return await self._store.create_account(account)
 
     async def get(self, account_id: str) -> Account:
@@ -100,7 +102,7 @@ class Accounts:
 
     async def set_plan(self, account_id: str, plan: str, packs: Sequence[str] | None = None,
                        spend_cap_usd: float | str | None = None, concurrency: int | None = None) -> Account:
-        kind, pack_kinds, cap, conc = validate_plan(plan, packs, spend_cap_usd, concurrency)
+        kind, pack_kinds, cap, conc = validate_plan(plan, packs, spend_cap_usd, concurrency, self._store.plans)
         account = await self._store.set_plan(account_id, kind, pack_kinds, cap, conc)
         self._cache.clear()
         return account

@@ -234,7 +234,8 @@ class AdmissionController:
         subscription = ticket.account.plan is PlanKind.SUBSCRIPTION
         # Validates the counts first: bad counts raise before anything is marked or sent.
         cost = token_cost_pico(ticket.price, progress.prompt_tokens, progress.cached_tokens,
-                               progress.completion_tokens, cache_discount=subscription)
+                               progress.completion_tokens, cache_discount=subscription,
+                               discount=self.policy.cache_read_discount)
         refund = ticket.lease.weight_units if status == "error" and not progress.first_token else 0
         event = UsageEvent(
             ts_ms=self._now_ms(), account_id=ticket.account.id, key_id=ticket.key_id, model=ticket.lease.model,

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,8 +47,8 @@ from policies.admission import (
     refund_request,
     settle_weekly,
 )
-from policies.bars import BarSpec, BarState, settle
-from policies.plans import PackKind, PlanKind, SizeClass
+from policies.bars import BarSpec, BarState, rescale, settle
+from policies.plans import DEFAULT_CATALOG, PlanCatalog, PlanKind, SizeClass
 from policies.units import DAY_MS
 
 T = TypeVar("T")
@@ -57,7 +58,7 @@ CREATE TABLE IF NOT EXISTS accounts (
   id TEXT PRIMARY KEY, name TEXT NOT NULL, plan TEXT NOT NULL, packs TEXT NOT NULL,
   spend_cap INTEGER, payg_conc INTEGER NOT NULL, suspended INTEGER NOT NULL, created INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS bars (
-  account_id TEXT PRIMARY KEY, rl INTEGER, ra INTEGER, wl INTEGER, wa INTEGER);
+  account_id TEXT PRIMARY KEY, rl INTEGER, ra INTEGER, wl INTEGER, wa INTEGER, rc INTEGER, wc INTEGER);
 CREATE TABLE IF NOT EXISTS keys (
   id TEXT PRIMARY KEY, account_id TEXT NOT NULL, key_hash TEXT NOT NULL UNIQUE, prefix TEXT NOT NULL,
   created INTEGER NOT NULL, revoked INTEGER NOT NULL);
@@ -80,6 +81,9 @@ CREATE INDEX IF NOT EXISTS checkpoints_due ON checkpoints(due);
 """
 
 SETTLED_MEMORY_MS = DAY_MS
+# Columns added after the first release: (table, column, type). rc/wc are the
+# capacities the bar levels were recorded against (NULL: the current one).
+MIGRATIONS = (("bars", "rc", "INTEGER"), ("bars", "wc", "INTEGER"))
 
 
 def wall_clock_ms() -> int:
@@ -113,8 +117,9 @@ class EmbeddedStore:
     """`path=None` keeps everything in memory (tests); otherwise a SQLite file."""
 
     def __init__(self, path: Path | None, *, request_unit: int,
-                 clock: Callable[[], int] = wall_clock_ms) -> None:
+                 clock: Callable[[], int] = wall_clock_ms, plans: PlanCatalog = DEFAULT_CATALOG) -> None:
         self._unit = request_unit
+        self._plans = plans
         self._clock = clock
         self._path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="packserve-sqlite")
@@ -141,7 +146,15 @@ class EmbeddedStore:
         return conn
 
     def _init_schema(self) -> None:
-        self._conn().executescript(SCHEMA)
+        conn = self._conn()
+        conn.executescript(SCHEMA)
+        for table, column, kind in MIGRATIONS:
+            if column not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+    @property
+    def plans(self) -> PlanCatalog:
+        return self._plans
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -183,12 +196,12 @@ class EmbeddedStore:
 
     # -- accounts ---------------------------------------------------------
 
-    @staticmethod
-    def _account(row: Sequence[Any]) -> Account:
+    def _account(self, row: Sequence[Any]) -> Account:
         return Account(
             id=row[0], name=row[1], plan=PlanKind(row[2]),
-            packs=tuple(PackKind(p) for p in row[3].split(",") if p),
-            spend_cap_pico=row[4], payg_concurrency=row[5], suspended=bool(row[6]), created_ms=row[7])
+            packs=tuple(p for p in row[3].split(",") if p),
+            spend_cap_pico=row[4], payg_concurrency=row[5], suspended=bool(row[6]), created_ms=row[7],
+            catalog=self._plans)
 
     def _get_account(self, conn: sqlite3.Connection, account_id: str) -> Account | None:
         row = conn.execute("SELECT id, name, plan, packs, spend_cap, payg_conc, suspended, created "
@@ -197,17 +210,17 @@ class EmbeddedStore:
 
     async def create_account(self, account: Account) -> Account:
         if account.plan is PlanKind.SUBSCRIPTION:
-            account.limits()  # refuses 0 or 6 packs before anything is written
+            replace(account, catalog=self._plans).limits()  # refuses 0 or 6 packs, unknown kinds
 
         def _create() -> Account:
             with self._tx() as conn:
                 if self._get_account(conn, account.id) is not None:
                     raise ValueError(f"account {account.id} already exists")
                 conn.execute("INSERT INTO accounts VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (
-                    account.id, account.name, account.plan.value, ",".join(p.value for p in account.packs),
+                    account.id, account.name, account.plan.value, ",".join(account.packs),
                     account.spend_cap_pico, account.payg_concurrency, int(account.suspended),
                     account.created_ms))
-            return account
+            return replace(account, catalog=self._plans)
 
         return await self._run(_create)
 
@@ -222,7 +235,7 @@ class EmbeddedStore:
 
         return await self._run(_list)
 
-    async def set_plan(self, account_id: str, plan: PlanKind, packs: Sequence[PackKind],
+    async def set_plan(self, account_id: str, plan: PlanKind, packs: Sequence[str],
                        spend_cap_pico: int | None, payg_concurrency: int,
                        now_ms: int | None = None) -> Account:
         now = self._time(now_ms)
@@ -233,26 +246,29 @@ class EmbeddedStore:
                 if old is None:
                     raise NotFound(f"no account {account_id}")
                 new = Account(old.id, old.name, plan, tuple(packs), spend_cap_pico, payg_concurrency,
-                              old.suspended, old.created_ms)
+                              old.suspended, old.created_ms, self._plans)
                 if plan is PlanKind.SUBSCRIPTION:
                     new.limits()
-                    # Levels carry over; a bar above its new capacity is clamped, and a
-                    # bar now below a larger capacity starts its tick clock now.
-                    snap = self._snapshot_tx(conn, old, now) if old.plan is PlanKind.SUBSCRIPTION else None
-                    if snap is not None and snap.request is not None and snap.weekly is not None:
+                    # The change happens now: each bar is settled under its old
+                    # capacity, then keeps its remaining fraction (policies.bars.rescale).
+                    if old.plan is PlanKind.SUBSCRIPTION:
+                        old_r_spec, old_r, old_w_spec, old_w = self._read_bars(conn, old, now)
                         req_spec = new.limits().request_bar(self._unit)
                         wk_spec = new.limits().weekly_bar()
-                        was_full_r = snap.request.anchor_ms is None
-                        was_full_w = snap.weekly.anchor_ms is None
-                        r = BarState.full(req_spec) if was_full_r else settle(req_spec, snap.request, now)
-                        w = BarState.full(wk_spec) if was_full_w else settle(wk_spec, snap.weekly, now)
-                        self._write_bars(conn, account_id, r, w)
+                        self._write_bars(conn, account_id, req_spec, rescale(old_r_spec, req_spec, old_r, now),
+                                         wk_spec, rescale(old_w_spec, wk_spec, old_w, now))
                 conn.execute("UPDATE accounts SET plan = ?, packs = ?, spend_cap = ?, payg_conc = ? WHERE id = ?",
-                             (plan.value, ",".join(p.value for p in packs), spend_cap_pico, payg_concurrency,
-                              account_id))
+                             (plan.value, ",".join(packs), spend_cap_pico, payg_concurrency, account_id))
                 return new
 
         return await self._run(_set)
+
+    async def sync_plans(self) -> int:
+        """Every account's limits are read from the plans as it is used: only check its packs exist."""
+        for account in await self.list_accounts():
+            if account.plan is PlanKind.SUBSCRIPTION:
+                account.limits()
+        return 0
 
     async def set_suspended(self, account_id: str, suspended: bool) -> Account:
         def _set() -> Account:
@@ -320,23 +336,42 @@ class EmbeddedStore:
 
     # -- bars -------------------------------------------------------------
 
-    def _read_bars(self, conn: sqlite3.Connection, account: Account) -> tuple[BarSpec, BarState, BarSpec, BarState]:
+    def _read_bars(self, conn: sqlite3.Connection, account: Account,
+                   now: int) -> tuple[BarSpec, BarState, BarSpec, BarState]:
+        """Both bars under the account's current capacities, settled to `now`.
+
+        A level recorded against another capacity (the plans were edited, or
+        the reference price changed) is carried over by `rescale` first.
+        """
         limits = account.limits()
         req_spec, wk_spec = limits.request_bar(self._unit), limits.weekly_bar()
-        row = conn.execute("SELECT rl, ra, wl, wa FROM bars WHERE account_id = ?", (account.id,)).fetchone()
+        row = conn.execute("SELECT rl, ra, wl, wa, rc, wc FROM bars WHERE account_id = ?",
+                           (account.id,)).fetchone()
         if row is None:
             return req_spec, BarState.full(req_spec), wk_spec, BarState.full(wk_spec)
-        req = BarState.full(req_spec) if row[0] is None else BarState(row[0], row[1])
-        wk = BarState.full(wk_spec) if row[2] is None else BarState(row[2], row[3])
+
+        def _bar(spec: BarSpec, level: int | None, anchor: int | None, recorded: int | None,
+                 schedule_spec: Callable[[int], BarSpec]) -> BarState:
+            if level is None:
+                return BarState.full(spec)
+            state = BarState(level, anchor)
+            if recorded is None or recorded == spec.capacity:
+                return settle(spec, state, now)
+            return rescale(schedule_spec(recorded), spec, state, now)
+
+        req = _bar(req_spec, row[0], row[1], row[4], limits.request_schedule.spec)
+        wk = _bar(wk_spec, row[2], row[3], row[5], limits.weekly_schedule.spec)
         return req_spec, req, wk_spec, wk
 
     @staticmethod
-    def _write_bars(conn: sqlite3.Connection, account_id: str, req: BarState, wk: BarState) -> None:
+    def _write_bars(conn: sqlite3.Connection, account_id: str, req_spec: BarSpec, req: BarState,
+                    wk_spec: BarSpec, wk: BarState) -> None:
         # NULL level = full: a full bar stays full whatever the capacity becomes.
-        conn.execute("INSERT OR REPLACE INTO bars VALUES (?, ?, ?, ?, ?)", (
+        conn.execute("INSERT OR REPLACE INTO bars VALUES (?, ?, ?, ?, ?, ?, ?)", (
             account_id,
             None if req.anchor_ms is None else req.level, req.anchor_ms,
-            None if wk.anchor_ms is None else wk.level, wk.anchor_ms))
+            None if wk.anchor_ms is None else wk.level, wk.anchor_ms,
+            req_spec.capacity, wk_spec.capacity))
 
     def _month_spend(self, conn: sqlite3.Connection, account_id: str, now_ms: int) -> int:
         row = conn.execute("SELECT pico FROM spend WHERE account_id = ? AND month = ?",
@@ -346,8 +381,8 @@ class EmbeddedStore:
     def _snapshot_tx(self, conn: sqlite3.Connection, account: Account, now: int) -> Snapshot:
         if account.plan is PlanKind.PAYG:
             return Snapshot(account, now, month_spend_pico=self._month_spend(conn, account.id, now))
-        req_spec, req, wk_spec, wk = self._read_bars(conn, account)
-        return Snapshot(account, now, req_spec, settle(req_spec, req, now), wk_spec, settle(wk_spec, wk, now))
+        req_spec, req, wk_spec, wk = self._read_bars(conn, account, now)
+        return Snapshot(account, now, req_spec, req, wk_spec, wk)
 
     async def snapshot(self, account_id: str, now_ms: int | None = None) -> Snapshot:
         now = self._time(now_ms)
@@ -418,8 +453,8 @@ class EmbeddedStore:
             conn.execute("INSERT INTO leases VALUES (?, ?, ?, ?)", (lease.lease_id, r.account_id, r.model,
                                                                     lease.expires_ms))
             if req_after is not None:
-                assert snap.weekly is not None
-                self._write_bars(conn, r.account_id, req_after, snap.weekly)
+                assert snap.request_spec is not None and snap.weekly_spec is not None and snap.weekly is not None
+                self._write_bars(conn, r.account_id, snap.request_spec, req_after, snap.weekly_spec, snap.weekly)
                 snap = Snapshot(account, now, snap.request_spec, req_after, snap.weekly_spec, snap.weekly)
             return Admitted(lease, snap)
 
@@ -493,11 +528,11 @@ class EmbeddedStore:
                                  "DO UPDATE SET pico = pico + excluded.pico",
                                  (account.id, month_id(now), s.cost_pico))
                 else:
-                    req_spec, req, wk_spec, wk = self._read_bars(conn, account)
+                    req_spec, req, wk_spec, wk = self._read_bars(conn, account, now)
                     wk = settle_weekly(wk_spec, wk, s.cost_pico, now)
                     req = refund_request(req_spec, req, s.refund_units, now) if s.refund_units \
                         else settle(req_spec, req, now)
-                    self._write_bars(conn, account.id, req, wk)
+                    self._write_bars(conn, account.id, req_spec, req, wk_spec, wk)
                 conn.execute("INSERT INTO usage (account_id, ts, event) VALUES (?, ?, ?)",
                              (account.id, s.event.ts_ms, s.event.encode()))
                 conn.execute("DELETE FROM usage WHERE account_id = ? AND ts < ?",

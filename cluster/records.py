@@ -13,7 +13,7 @@ from typing import Any
 
 import msgpack
 
-from policies.plans import PackKind, PlanError, PlanKind, SizeClass, SubscriptionLimits, subscription_limits
+from policies.plans import DEFAULT_CATALOG, PlanCatalog, PlanError, PlanKind, SizeClass, SubscriptionLimits
 from policies.units import PICO_PER_DOLLAR
 
 
@@ -22,16 +22,18 @@ class Account:
     id: str
     name: str
     plan: PlanKind
-    packs: tuple[PackKind, ...] = ()
+    packs: tuple[str, ...] = ()  # pack kind ids of the catalog
     spend_cap_pico: int | None = None  # payg only: monthly cap
     payg_concurrency: int = 4  # payg only: per model
     suspended: bool = False
     created_ms: int = 0
+    # The operator's plans the store read this account under (not stored with it).
+    catalog: PlanCatalog = field(default=DEFAULT_CATALOG, compare=False, repr=False)
 
     def limits(self) -> SubscriptionLimits:
         if self.plan is not PlanKind.SUBSCRIPTION:
             raise PlanError("payg accounts have no packs")
-        return subscription_limits(self.packs)
+        return self.catalog.limits(self.packs)
 
     def concurrency(self, size: SizeClass) -> int:
         if self.plan is PlanKind.PAYG:
@@ -43,7 +45,7 @@ class Account:
             "id": self.id,
             "name": self.name,
             "plan": self.plan.value,
-            "packs": [p.value for p in self.packs],
+            "packs": list(self.packs),
             "suspended": self.suspended,
             "created_ms": self.created_ms,
         }

@@ -19,7 +19,7 @@ import msgpack
 from cluster.records import Account, ApiKey, UsageEvent
 from policies.admission import Reason
 from policies.bars import BarSpec, BarState
-from policies.plans import PackKind, PlanKind, SizeClass
+from policies.plans import PlanCatalog, PlanKind, SizeClass
 
 
 class StoreError(Exception):
@@ -125,15 +125,25 @@ class SlotWaiter(Protocol):
 
 
 class Store(Protocol):
+    # The operator's plans: pack kinds and both bars' schedules. An account's
+    # bar capacities follow it; a level recorded against another capacity (a
+    # pack change, an edited plan, a new reference price) is carried over by
+    # policies.bars.rescale, which keeps the remaining fraction.
+    @property
+    def plans(self) -> PlanCatalog: ...
+
     async def now_ms(self) -> int: ...
 
     # accounts
     async def create_account(self, account: Account) -> Account: ...
     async def get_account(self, account_id: str) -> Account | None: ...
     async def list_accounts(self) -> list[Account]: ...
-    async def set_plan(self, account_id: str, plan: PlanKind, packs: Sequence[PackKind],
+    async def set_plan(self, account_id: str, plan: PlanKind, packs: Sequence[str],
                        spend_cap_pico: int | None, payg_concurrency: int, now_ms: int | None = None) -> Account: ...
     async def set_suspended(self, account_id: str, suspended: bool) -> Account: ...
+    # Called when a gateway opens the store: applies edited pack kinds to the
+    # accounts holding them; raises PlanError for a pack kind the plans lack.
+    async def sync_plans(self) -> int: ...
     async def delete_account(self, account_id: str) -> bool: ...
 
     # keys

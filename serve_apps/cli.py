@@ -23,12 +23,13 @@ from typing import Any
 from cluster.accounts import Accounts, AuthError
 from cluster.admin import AdminOps
 from cluster.open_store import open_store
-from cluster.settings import AdmissionSettings, admin_token_from_env
+from cluster.settings import admin_token_from_env
 from cluster.store import NotFound, StoreError
 from policies.plans import PlanError
 from policies.pricing import UsageError
 from serve_apps import cli_render as render
 from serve_apps.admin_client import AdminApiError, AdminClient
+from serve_apps.config import load_config
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, help="embedded store directory (default: $PACKSERVE_DATA_DIR)")
     parser.add_argument("--server", help="use a running gateway's admin API at this base URL instead of the store")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--config", type=Path,
+                        help="YAML config whose plans (pack kinds, schedules, weights) the store is read with")
     # The same options after the subcommand too (`packserve gateway --redis-url URL`, SPEC §5);
     # SUPPRESS keeps an absent one from overwriting the value given before the subcommand.
     common = argparse.ArgumentParser(add_help=False)
@@ -134,8 +137,10 @@ async def _run_admin(args: argparse.Namespace) -> int:
         ops: Any = AdminClient(args.server, admin_token_from_env())
         store = None
     else:
-        unit = AdmissionSettings().weight_policy.unit
-        store = await open_store(request_unit=unit, redis_url=args.redis_url, data_dir=args.data_dir)
+        config = load_config(getattr(args, "config", None))
+        unit = config.admission.weight_policy.unit
+        store = await open_store(request_unit=unit, redis_url=args.redis_url, data_dir=args.data_dir,
+                                 plans=config.plans.catalog())
         ops = AdminOps(store, Accounts(store), unit)
     try:
         return await _dispatch(args, ops)

@@ -46,6 +46,46 @@ local function bar_settle(spec, level, anchor, now)
   return level, anchor + ticks * spec.tms
 end
 
+-- floor(a * b / c) for integers a, b >= 0, c > 0 whose product may pass
+-- 2^53: long multiplication over b's bits, keeping a*b = q*c + r with r < c,
+-- so no intermediate exceeds the result or 2c. Returns q, r.
+local function mul_div(a, b, c)
+  local qa = idiv(a, c)
+  local ra = a - qa * c
+  local bits = {}
+  while b > 0 do
+    local half = idiv(b, 2)
+    bits[#bits + 1] = b - half * 2
+    b = half
+  end
+  local q, r = 0, 0
+  for i = #bits, 1, -1 do
+    q, r = q * 2, r * 2
+    if r >= c then q, r = q + 1, r - c end
+    if bits[i] == 1 then
+      q, r = q + qa, r + ra
+      if r >= c then q, r = q + 1, r - c end
+    end
+  end
+  return q, r
+end
+
+-- floor(a * b / c) for any integer a (Python's //), b >= 0, c > 0.
+local function mul_div_floor(a, b, c)
+  if a >= 0 then return (mul_div(a, b, c)) end
+  local q, r = mul_div(-a, b, c)
+  if r > 0 then q = q + 1 end
+  return -q
+end
+
+-- policies.bars.rescale: keep the remaining fraction across a capacity change.
+local function bar_rescale(old, new, level, anchor, now)
+  local l, a = bar_settle(old, level, anchor, now)
+  if a == nil or old.cap <= 0 then return new.cap, nil end
+  if old.cap == new.cap then return bar_settle(new, l, a, now) end
+  return bar_settle(new, mul_div_floor(l, new.cap, old.cap), a, now)
+end
+
 -- policies.bars.debit: settle, then take amount (negative = refund).
 local function bar_debit(spec, level, anchor, amount, now)
   local l, a = bar_settle(spec, level, anchor, now)

@@ -87,8 +87,8 @@ local expires = now + lease_ttl
 redis.call('ZADD', KEYS[2], fmt(expires), lease_id)
 redis.call('SADD', KEYS[5], model)
 if after then
-  write_bar(KEYS[1], 'rl', 'ra', after.rl, after.ra)
-  write_bar(KEYS[1], 'wl', 'wa', after.wl, after.wa)
+  write_bar(KEYS[1], 'rl', 'ra', after.rl, after.ra, st.rspec)
+  write_bar(KEYS[1], 'wl', 'wa', after.wl, after.wa, st.wspec)
   st.rl, st.ra, st.wl, st.wa = after.rl, after.ra, after.wl, after.wa
 end
 return reply('admitted', now, fmt(expires), '', st, flat)

@@ -34,12 +34,12 @@ if redis.call('ZADD', KEYS[3], 'NX', fmt(now), lease_id) == 1 then
     redis.call('HINCRBY', KEYS[5], fmt(month_start), fmt(cost))
   else
     local rspec, wspec = account_specs(acct, cfg)
-    local rl, ra = read_bar(acct, 'rl', 'ra', rspec)
-    local wl, wa = read_bar(acct, 'wl', 'wa', wspec)
+    local rl, ra = read_bar(acct, 'rl', 'ra', rspec, now)
+    local wl, wa = read_bar(acct, 'wl', 'wa', wspec, now)
     wl, wa = settle_weekly(wspec, wl, wa, cost, now)
     rl, ra = refund_request(rspec, rl, ra, refund, now)
-    write_bar(KEYS[1], 'rl', 'ra', rl, ra)
-    write_bar(KEYS[1], 'wl', 'wa', wl, wa)
+    write_bar(KEYS[1], 'rl', 'ra', rl, ra, rspec)
+    write_bar(KEYS[1], 'wl', 'wa', wl, wa, wspec)
   end
 
   -- Stream ids must grow; injected (test) times and late settlements may

@@ -111,6 +111,11 @@ for _, step in ipairs(input.steps) do
     if step.request_anchor_ms ~= nil then ra = from_json(step.request_anchor_ms) end
     if step.weekly_level ~= nil then wl = from_json(step.weekly_level) end
     if step.weekly_anchor_ms ~= nil then wa = from_json(step.weekly_anchor_ms) end
+  elseif step.op == 'replan' then
+    local new_r, new_w = spec_of(step.request), spec_of(step.weekly)
+    rl, ra = bar_rescale(rspec, new_r, rl, ra, now)
+    wl, wa = bar_rescale(wspec, new_w, wl, wa, now)
+    rspec, wspec = new_r, new_w
   elseif step.op == 'state' then
     obs = observe_state(now)
   else

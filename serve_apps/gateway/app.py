@@ -178,7 +178,8 @@ async def create_runtime(config: AppConfig, engines: Mapping[str, Engine], cards
     data_dir = config.store.data_dir or default_data_dir()
     if store is None:
         store = await open_store(request_unit=config.admission.weight_policy.unit,
-                                 redis_url=config.store.redis_url, data_dir=data_dir)
+                                 redis_url=config.store.redis_url, data_dir=data_dir,
+                                 plans=config.plans.catalog())
     spool = data_dir / "settlements.pending"
     data_dir.mkdir(parents=True, exist_ok=True)
     return GatewayRuntime(config, store, engines, cards, clock, admin_token, spool)
