@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from cluster.accounts import new_id
 from cluster.outbox import SettleOutbox
 from cluster.records import Account, UsageEvent
+from cluster.refusals import refusal_message
 from cluster.settings import AdmissionSettings
 from cluster.store import (
     Admitted,
@@ -70,14 +71,6 @@ class UnknownModel(KeyError):
     pass
 
 
-REFUSAL_TEXT: Mapping[Reason, str] = {
-    Reason.REQUEST_BAR_EMPTY: "5-hour request limit reached: the request bar recharges 5% every 3 minutes",
-    Reason.WEEKLY_TOKENS_EXHAUSTED: "weekly token limit reached: the weekly bar recharges 2% every 3 hours",
-    Reason.CONCURRENCY_LIMIT: "too many concurrent requests to this model for your plan; "
-                              "the request waited in the queue and no slot freed up",
-    Reason.SPEND_CAP_REACHED: "monthly spend cap reached",
-    Reason.ACCOUNT_SUSPENDED: "this account is suspended",
-}
 
 
 @dataclass
@@ -160,12 +153,14 @@ class AdmissionController:
                                   loop.time() - started)
                 if isinstance(outcome, Refused):
                     raise AdmissionRefused(outcome.reason, _retry_s(outcome.retry_after_ms), outcome.snapshot,
-                                           REFUSAL_TEXT[outcome.reason])
+                                           refusal_message(outcome.reason, outcome.snapshot,
+                                                           self.settings.dashboard_url))
                 if waiter is None or remaining <= 0:
                     retry = 1 if outcome.wake_at_ms is None else _retry_s(outcome.wake_at_ms - self._now_ms())
                     raise AdmissionRefused(Reason.CONCURRENCY_LIMIT,
                                            min(retry or 1, ceil_seconds(self.settings.lease_ttl_ms)), None,
-                                           REFUSAL_TEXT[Reason.CONCURRENCY_LIMIT])
+                                           refusal_message(Reason.CONCURRENCY_LIMIT, None,
+                                                           self.settings.dashboard_url))
                 if not queued:
                     queued = True
                     self.queue.depth += 1

@@ -29,6 +29,7 @@ class AdmissionSettings(StrictModel):
     reference_price: Decimal = Field(Decimal("3.40"), gt=0, description="$/M price of a weight-1.0 request")
     weight_basis: WeightBasis = WeightBasis.OUTPUT
     cache_read_discount_percent: int = Field(80, ge=0, le=100, description="subscriptions' cache-read discount")
+    dashboard_url: str | None = Field(None, pattern=r"^https?://", description="named in 429 messages")
 
     @field_validator("reference_price")
     @classmethod

@@ -131,6 +131,13 @@ async def test_2026_request_bar_gives_back_5_percent_after_15_minutes(synthetic:
     assert five_hour["nextTickAt"] == quotas_iso(T0 + 15 * MINUTE_MS)
     clock.now = T0 + 15 * MINUTE_MS - 1
     assert await _burst(ctl, account, 1) == (0, Reason.REQUEST_BAR_EMPTY)
+    # The 429 text names the limit and this plan's schedule, and points to the usage page when configured.
+    pointed = AdmissionController(store, ctl.settings.model_copy(update={"dashboard_url": "https://example.test/usage"}),
+                                  ctl.prices, clock=clock)
+    with pytest.raises(AdmissionRefused) as refused:
+        await pointed.reserve(account, "key_test", LARGE, queue_timeout_s=0)
+    assert str(refused.value) == ("5-hour request limit of 500 requests reached: the request bar gives back 5% "
+                                  "every 15 minutes. See your usage: https://example.test/usage")
     clock.now = T0 + 15 * MINUTE_MS
     assert await _burst(ctl, account, 26) == (25, Reason.REQUEST_BAR_EMPTY)
     # Weighted by input price: the small model's $0.30/M is a quarter of a request.
@@ -151,6 +158,9 @@ async def test_2026_weekly_credit_gives_back_2_percent_after_202_minutes(synthet
     assert weekly["nextRegenAt"] == quotas_iso(T0 + 202 * MINUTE_MS)
     clock.now = T0 + 202 * MINUTE_MS - 1
     assert await _burst(ctl, account, 1) == (0, Reason.WEEKLY_TOKENS_EXHAUSTED)
+    with pytest.raises(AdmissionRefused, match=r"weekly token limit of \$24.00 reached: the weekly credit gives "
+                                               r"back 2% \(\$0.48\) every 202 minutes$"):
+        await ctl.reserve(account, "key_test", LARGE, queue_timeout_s=0)
     clock.now = T0 + 202 * MINUTE_MS
     snap = await store.snapshot(account.id, now_ms=clock.now)
     assert snap.weekly is not None and snap.weekly.level == 48 * PICO_PER_DOLLAR // 100
