@@ -12,10 +12,12 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from typing import Any
 
+from cluster.key_limits import with_limits
 from cluster.records import Account, ApiKey
 from cluster.store import NotFound, Store
 from policies.plans import DEFAULT_CATALOG, PlanCatalog, PlanError, PlanKind
@@ -117,12 +119,26 @@ class Accounts:
             raise NotFound(f"no account {account_id!r}")
         self._cache.clear()
 
-    async def create_key(self, account_id: str) -> CreatedKey:
+    async def create_key(self, account_id: str, limits: Mapping[str, Any] | None = None) -> CreatedKey:
+        """`limits`: models, expires, max_requests, max_weekly_usd, disabled (cluster.key_limits)."""
         await self.get(account_id)
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         key = ApiKey(new_id("key"), account_id, hash_secret(secret), secret[:DISPLAY_PREFIX_LEN], self._clock())
+        key = with_limits(key, **dict(limits or {}))
         await self._store.create_key(key)
         return CreatedKey(key, secret)
+
+    async def update_key(self, account_id: str, key_id: str, limits: Mapping[str, Any]) -> ApiKey:
+        """Change a key's limits; `limits` may hold `clear`: names of limits to remove."""
+        await self.get(account_id)
+        found = [k for k in await self._store.list_keys(account_id) if k.id == key_id and not k.revoked]
+        if not found:
+            raise NotFound(f"no active key {key_id!r} on account {account_id!r}")
+        key = with_limits(found[0], **dict(limits))
+        if not await self._store.update_key(key):
+            raise NotFound(f"no active key {key_id!r} on account {account_id!r}")
+        self._cache.clear()
+        return key
 
     async def revoke_key(self, key_id: str) -> None:
         if not await self._store.revoke_key(key_id):

@@ -144,7 +144,7 @@ class AdmissionController:
                     account_id=account.id, model=model, size_class=price.size_class,
                     weight_units=self.policy.units(price), lease_id=new_id("lease"),
                     lease_ttl_ms=self.settings.lease_ttl_ms, waiter_id=waiter_id,
-                    waiter_ttl_ms=int((max(remaining, 0) + self.settings.lease_ttl_s) * 1000))
+                    waiter_ttl_ms=int((max(remaining, 0) + self.settings.lease_ttl_s) * 1000), key_id=key_id)
                 outcome = await self.store.reserve(request, self._clock())
                 if isinstance(outcome, Admitted):
                     admitted = True

@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cluster.key_limits import key_bar_specs
 from cluster.records import Account, ApiKey, UsageEvent
 from cluster.store import (
     Admitted,
@@ -41,6 +42,7 @@ from policies.admission import (
     Admit,
     Reason,
     check_bars,
+    check_key_bars,
     check_spend_cap,
     concurrency_allows,
     month_bounds_ms,
@@ -78,12 +80,21 @@ CREATE TABLE IF NOT EXISTS spend (
 CREATE TABLE IF NOT EXISTS settled (lease_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, ts INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS checkpoints (lease_id TEXT PRIMARY KEY, due INTEGER NOT NULL, settlement BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS checkpoints_due ON checkpoints(due);
+CREATE TABLE IF NOT EXISTS key_bars (
+  key_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, rl INTEGER, ra INTEGER, wl INTEGER, wa INTEGER,
+  rc INTEGER, wc INTEGER);
 """
 
 SETTLED_MEMORY_MS = DAY_MS
 # Columns added after the first release: (table, column, type). rc/wc are the
 # capacities the bar levels were recorded against (NULL: the current one).
-MIGRATIONS = (("bars", "rc", "INTEGER"), ("bars", "wc", "INTEGER"))
+MIGRATIONS = (("bars", "rc", "INTEGER"), ("bars", "wc", "INTEGER"),
+              # Per-key limits (cluster.key_limits): models is a comma-separated allow-list.
+              ("keys", "models", "TEXT NOT NULL DEFAULT ''"), ("keys", "expires", "INTEGER"),
+              ("keys", "disabled", "INTEGER NOT NULL DEFAULT 0"), ("keys", "max_req", "INTEGER"),
+              ("keys", "max_wk", "INTEGER"))
+KEY_COLUMNS = "id, account_id, key_hash, prefix, created, revoked, models, expires, disabled, max_req, max_wk"
+
 
 
 def wall_clock_ms() -> int:
@@ -286,7 +297,7 @@ class EmbeddedStore:
         def _delete() -> bool:
             with self._tx() as conn:
                 cur = conn.execute("DELETE FROM accounts WHERE id = ?", (account_id,))
-                for table in ("bars", "keys", "leases", "queue", "usage", "spend", "settled"):
+                for table in ("bars", "keys", "key_bars", "leases", "queue", "usage", "spend", "settled"):
                     conn.execute(f"DELETE FROM {table} WHERE account_id = ?", (account_id,))
                 return cur.rowcount > 0
 
@@ -297,22 +308,25 @@ class EmbeddedStore:
     @staticmethod
     def _key(row: Sequence[Any]) -> ApiKey:
         return ApiKey(id=row[0], account_id=row[1], key_hash=row[2], prefix=row[3], created_ms=row[4],
-                      revoked=bool(row[5]))
+                      revoked=bool(row[5]), models=tuple(m for m in (row[6] or "").split(",") if m),
+                      expires_ms=row[7], disabled=bool(row[8]), max_requests=row[9], max_weekly_pico=row[10])
 
     async def create_key(self, key: ApiKey) -> ApiKey:
         def _create() -> ApiKey:
             with self._tx() as conn:
                 if self._get_account(conn, key.account_id) is None:
                     raise NotFound(f"no account {key.account_id}")
-                conn.execute("INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?)",
-                             (key.id, key.account_id, key.key_hash, key.prefix, key.created_ms, int(key.revoked)))
+                conn.execute(f"INSERT INTO keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             (key.id, key.account_id, key.key_hash, key.prefix, key.created_ms, int(key.revoked),
+                              ",".join(key.models), key.expires_ms, int(key.disabled), key.max_requests,
+                              key.max_weekly_pico))
             return key
 
         return await self._run(_create)
 
     async def find_key(self, key_hash: str) -> ApiKey | None:
         def _find() -> ApiKey | None:
-            row = self._conn().execute("SELECT id, account_id, key_hash, prefix, created, revoked FROM keys "
+            row = self._conn().execute(f"SELECT {KEY_COLUMNS} FROM keys "
                                        "WHERE key_hash = ? AND revoked = 0", (key_hash,)).fetchone()
             return None if row is None else self._key(row)
 
@@ -320,7 +334,7 @@ class EmbeddedStore:
 
     async def list_keys(self, account_id: str) -> list[ApiKey]:
         def _list() -> list[ApiKey]:
-            rows = self._conn().execute("SELECT id, account_id, key_hash, prefix, created, revoked FROM keys "
+            rows = self._conn().execute(f"SELECT {KEY_COLUMNS} FROM keys "
                                         "WHERE account_id = ? ORDER BY created, id", (account_id,)).fetchall()
             return [self._key(r) for r in rows]
 
@@ -333,6 +347,48 @@ class EmbeddedStore:
                                     (key_id,)).rowcount > 0
 
         return await self._run(_revoke)
+
+    async def update_key(self, key: ApiKey) -> bool:
+        def _update() -> bool:
+            with self._tx() as conn:
+                return conn.execute(
+                    "UPDATE keys SET models = ?, expires = ?, disabled = ?, max_req = ?, max_wk = ? "
+                    "WHERE id = ? AND revoked = 0",
+                    (",".join(key.models), key.expires_ms, int(key.disabled), key.max_requests,
+                     key.max_weekly_pico, key.id)).rowcount > 0
+
+        return await self._run(_update)
+
+    def _key_bars(self, conn: sqlite3.Connection, account: Account, key_id: str,
+                  now: int) -> tuple[BarSpec | None, BarState | None, BarSpec | None, BarState | None]:
+        """A capped key's own bars, settled to `now` (carried over if its caps changed)."""
+        if not key_id:
+            return None, None, None, None
+        row = conn.execute(f"SELECT {KEY_COLUMNS} FROM keys WHERE id = ?", (key_id,)).fetchone()
+        if row is None:
+            return None, None, None, None
+        limits = account.limits()
+        req_spec, wk_spec = key_bar_specs(self._key(row), limits, self._unit)
+        if req_spec is None and wk_spec is None:
+            return None, None, None, None
+        bars = conn.execute("SELECT rl, ra, wl, wa, rc, wc FROM key_bars WHERE key_id = ?", (key_id,)).fetchone()
+        bars = bars or (None,) * 6
+        req = None if req_spec is None else self._carried(req_spec, bars[0], bars[1], bars[4],
+                                                          limits.request_schedule.spec, now)
+        wk = None if wk_spec is None else self._carried(wk_spec, bars[2], bars[3], bars[5],
+                                                        limits.weekly_schedule.spec, now)
+        return req_spec, req, wk_spec, wk
+
+    @staticmethod
+    def _write_key_bars(conn: sqlite3.Connection, account_id: str, key_id: str, req_spec: BarSpec | None,
+                        req: BarState | None, wk_spec: BarSpec | None, wk: BarState | None) -> None:
+        def level(state: BarState | None) -> int | None:
+            return None if state is None or state.anchor_ms is None else state.level
+
+        conn.execute("INSERT OR REPLACE INTO key_bars VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (
+            key_id, account_id, level(req), None if req is None else req.anchor_ms,
+            level(wk), None if wk is None else wk.anchor_ms,
+            None if req_spec is None else req_spec.capacity, None if wk_spec is None else wk_spec.capacity))
 
     # -- bars -------------------------------------------------------------
 
@@ -350,18 +406,20 @@ class EmbeddedStore:
         if row is None:
             return req_spec, BarState.full(req_spec), wk_spec, BarState.full(wk_spec)
 
-        def _bar(spec: BarSpec, level: int | None, anchor: int | None, recorded: int | None,
-                 schedule_spec: Callable[[int], BarSpec]) -> BarState:
-            if level is None:
-                return BarState.full(spec)
-            state = BarState(level, anchor)
-            if recorded is None or recorded == spec.capacity:
-                return settle(spec, state, now)
-            return rescale(schedule_spec(recorded), spec, state, now)
-
-        req = _bar(req_spec, row[0], row[1], row[4], limits.request_schedule.spec)
-        wk = _bar(wk_spec, row[2], row[3], row[5], limits.weekly_schedule.spec)
+        req = self._carried(req_spec, row[0], row[1], row[4], limits.request_schedule.spec, now)
+        wk = self._carried(wk_spec, row[2], row[3], row[5], limits.weekly_schedule.spec, now)
         return req_spec, req, wk_spec, wk
+
+    @staticmethod
+    def _carried(spec: BarSpec, level: int | None, anchor: int | None, recorded: int | None,
+                 schedule_spec: Callable[[int], BarSpec], now: int) -> BarState:
+        """A stored bar under `spec`, settled to `now`; a level recorded against another capacity is rescaled."""
+        if level is None:
+            return BarState.full(spec)
+        state = BarState(level, anchor)
+        if recorded is None or recorded == spec.capacity:
+            return settle(spec, state, now)
+        return rescale(schedule_spec(recorded), spec, state, now)
 
     @staticmethod
     def _write_bars(conn: sqlite3.Connection, account_id: str, req_spec: BarSpec, req: BarState,
@@ -415,6 +473,7 @@ class EmbeddedStore:
             if account.suspended:
                 return Refused(Reason.ACCOUNT_SUSPENDED, None, snap)
             req_after: BarState | None = None
+            key_after: tuple[BarSpec | None, BarState | None, BarSpec | None, BarState | None] | None = None
             if account.plan is PlanKind.PAYG:
                 refusal = check_spend_cap(snap.month_spend_pico, account.spend_cap_pico, now)
                 if refusal is not None:
@@ -426,6 +485,12 @@ class EmbeddedStore:
                 if not isinstance(decision, Admit):
                     return Refused(decision.reason, decision.retry_after_ms, snap)
                 req_after = decision.request
+                key_req_spec, key_req, key_wk_spec, key_wk = self._key_bars(conn, account, r.key_id, now)
+                if key_req_spec is not None or key_wk_spec is not None:
+                    key_decision = check_key_bars(key_req_spec, key_req, key_wk_spec, key_wk, r.weight_units, now)
+                    if not isinstance(key_decision, Admit):
+                        return Refused(key_decision.reason, key_decision.retry_after_ms, snap)
+                    key_after = (key_req_spec, key_decision.request if key_req_spec else None, key_wk_spec, key_wk)
 
             limit = account.concurrency(r.size_class)
             active, earliest = conn.execute(
@@ -455,6 +520,8 @@ class EmbeddedStore:
             if req_after is not None:
                 assert snap.request_spec is not None and snap.weekly_spec is not None and snap.weekly is not None
                 self._write_bars(conn, r.account_id, snap.request_spec, req_after, snap.weekly_spec, snap.weekly)
+            if key_after is not None:
+                self._write_key_bars(conn, r.account_id, r.key_id, *key_after)
                 snap = Snapshot(account, now, snap.request_spec, req_after, snap.weekly_spec, snap.weekly)
             return Admitted(lease, snap)
 
@@ -533,6 +600,14 @@ class EmbeddedStore:
                     req = refund_request(req_spec, req, s.refund_units, now) if s.refund_units \
                         else settle(req_spec, req, now)
                     self._write_bars(conn, account.id, req_spec, req, wk_spec, wk)
+                    key_id = s.event.key_id
+                    k_req_spec, k_req, k_wk_spec, k_wk = self._key_bars(conn, account, key_id, now)
+                    if k_wk_spec is not None and k_wk is not None:
+                        k_wk = settle_weekly(k_wk_spec, k_wk, s.cost_pico, now)
+                    if k_req_spec is not None and k_req is not None and s.refund_units:
+                        k_req = refund_request(k_req_spec, k_req, s.refund_units, now)
+                    if k_req_spec is not None or k_wk_spec is not None:
+                        self._write_key_bars(conn, account.id, key_id, k_req_spec, k_req, k_wk_spec, k_wk)
                 conn.execute("INSERT INTO usage (account_id, ts, event) VALUES (?, ?, ?)",
                              (account.id, s.event.ts_ms, s.event.encode()))
                 conn.execute("DELETE FROM usage WHERE account_id = ? AND ts < ?",

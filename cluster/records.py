@@ -72,10 +72,19 @@ class ApiKey:
     prefix: str  # first characters of the secret, for display
     created_ms: int
     revoked: bool = False
+    # Per-key limits (cluster.key_limits): empty `models` allows every model;
+    # the caps are this key's own share of the account's bars, None = no cap.
+    models: tuple[str, ...] = ()
+    expires_ms: int | None = None
+    disabled: bool = False
+    max_requests: int | None = None  # per 5-hour bar, whole requests
+    max_weekly_pico: int | None = None  # weekly credit, picodollars
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "account_id": self.account_id, "prefix": self.prefix,
-                "created_ms": self.created_ms, "revoked": self.revoked}
+                "created_ms": self.created_ms, "revoked": self.revoked, "models": list(self.models),
+                "expires_ms": self.expires_ms, "disabled": self.disabled, "max_requests": self.max_requests,
+                "max_weekly_usd": None if self.max_weekly_pico is None else self.max_weekly_pico / PICO_PER_DOLLAR}
 
 
 @dataclass(frozen=True)

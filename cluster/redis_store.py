@@ -19,7 +19,9 @@ strings; times in ms, request bar in request units, money in picodollars.
   packserve:{A}:queue:<model>  zset    waiter_id -> FIFO sequence
   packserve:{A}:qexp:<model>   zset    waiter_id -> expiry ms (a dead waiter stops blocking)
   packserve:{A}:models         set     models that had leases or waiters (found at deletion)
-  packserve:{A}:keys           hash    key id -> JSON {id, account_id, hash, prefix, created}
+  packserve:{A}:keys           hash    key id -> JSON {id, account_id, hash, prefix, created, models,
+                                       expires, disabled, max_req, max_wk} (limits: cluster/key_limits.py)
+  packserve:{A}:keybars        hash    <key id>:rl|ra|rc|wl|wa|wc: the capped keys' own bars
   packserve:{A}:revoked        set     revoked key ids
   packserve:{A}:settled        zset    lease_id -> settle ms, kept 1 day (idempotent settle)
   packserve:{A}:usage          stream  field e = msgpack UsageEvent; id ms >= the event's ts
@@ -99,6 +101,7 @@ SCRIPTS: Final = (
     "revoke_key",
     "checkpoint",
     "sync_plan",
+    "update_key",
 )
 SETTLED_MEMORY_MS: Final = DAY_MS
 USAGE_PAGE: Final = 1000
@@ -175,6 +178,7 @@ class _Keys:
         self.settled = self.base + "settled"
         self.usage = self.base + "usage"
         self.spend = self.base + "spend"
+        self.keybars = self.base + "keybars"
 
     def lease(self, model: str) -> str:
         return f"{self.base}lease:{model}"
@@ -271,6 +275,11 @@ def _key_record(key: ApiKey) -> str:
             "hash": key.key_hash,
             "prefix": key.prefix,
             "created": key.created_ms,
+            "models": list(key.models),
+            "expires": key.expires_ms,
+            "disabled": key.disabled,
+            "max_req": key.max_requests,
+            "max_wk": key.max_weekly_pico,
         },
         separators=(",", ":"),
     )
@@ -285,6 +294,11 @@ def _key_from_record(record: bytes | str, revoked: bool) -> ApiKey:
         prefix=r["prefix"],
         created_ms=int(r["created"]),
         revoked=revoked,
+        models=tuple(r.get("models") or ()),
+        expires_ms=r.get("expires"),
+        disabled=bool(r.get("disabled", False)),
+        max_requests=r.get("max_req"),
+        max_weekly_pico=r.get("max_wk"),
     )
 
 
@@ -691,6 +705,11 @@ class RedisStore:
         k = self._keys(_text(account_id))
         return bool(await self._run("revoke_key", [k.keys, k.revoked, self._keyhash_index], [key_id]))
 
+    async def update_key(self, key: ApiKey) -> bool:
+        k = self._keys(key.account_id)
+        return bool(await self._run("update_key", [k.keys, k.revoked, self._keyhash_index],
+                                    [key.id, _key_record(key)]))
+
     # -- admission --------------------------------------------------------
 
     async def reserve(self, request: ReserveRequest, now_ms: int | None = None) -> ReserveOutcome:
@@ -701,7 +720,7 @@ class RedisStore:
         m = request.model
         reply = await self._run(
             "reserve",
-            [k.account, k.lease(m), k.queue(m), k.queue_expiry(m), k.models, k.spend],
+            [k.account, k.lease(m), k.queue(m), k.queue_expiry(m), k.models, k.spend, k.keybars, k.keys],
             [
                 *self._config,
                 self._now_arg(now_ms),
@@ -712,6 +731,7 @@ class RedisStore:
                 request.lease_ttl_ms,
                 request.waiter_id or "",
                 request.waiter_ttl_ms,
+                request.key_id,
             ],
         )
         status = _text(reply[0])
@@ -743,7 +763,7 @@ class RedisStore:
         k = self._keys(lease.account_id)
         reply = await self._run(
             "settle",
-            [k.account, k.lease(lease.model), k.settled, k.usage, k.spend],
+            [k.account, k.lease(lease.model), k.settled, k.usage, k.spend, k.keybars, k.keys],
             [
                 *self._config,
                 self._now_arg(now_ms),
@@ -755,6 +775,7 @@ class RedisStore:
                 settlement.retention_ms,
                 k.wake(lease.model),
                 SETTLED_MEMORY_MS,
+                event.key_id,
             ],
         )
         if _text(reply[0]) == "missing":

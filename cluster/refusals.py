@@ -8,6 +8,7 @@ as the commercial service's messages do.
 
 from __future__ import annotations
 
+from cluster.records import ApiKey
 from cluster.store import Snapshot
 from policies.admission import Reason
 from policies.plans import BarSchedule, PlanKind
@@ -20,6 +21,8 @@ GENERIC = {
                                "the request waited in the queue and no slot freed up"),
     Reason.SPEND_CAP_REACHED: "monthly spend cap reached",
     Reason.ACCOUNT_SUSPENDED: "this account is suspended",
+    Reason.KEY_REQUEST_CAP_REACHED: "this API key's request limit reached",
+    Reason.KEY_WEEKLY_CAP_REACHED: "this API key's weekly credit limit reached",
 }
 
 
@@ -36,6 +39,25 @@ def every(ms: int) -> str:
 
 def _every(schedule: BarSchedule) -> str:
     return every(schedule.tick_ms)
+
+
+def key_cap_message(reason: Reason, key: ApiKey, snapshot: Snapshot | None, dashboard_url: str | None = None) -> str:
+    """The 429 text when a key's own cap stopped the request (the account itself still had room)."""
+    account = snapshot.account if snapshot is not None else None
+    schedule = None
+    if account is not None and account.plan is PlanKind.SUBSCRIPTION:
+        limits = account.limits()
+        schedule = limits.request_schedule if reason is Reason.KEY_REQUEST_CAP_REACHED else limits.weekly_schedule
+    if reason is Reason.KEY_REQUEST_CAP_REACHED:
+        text = f"this API key's limit of {key.max_requests} requests of the 5-hour request bar reached"
+    else:
+        cap = format_dollars_pico(key.max_weekly_pico or 0)
+        text = f"this API key's limit of {cap} of the weekly token credit reached"
+    if schedule is not None:
+        text += f": it gives back {schedule.tick_percent}% of the key's limit {_every(schedule)}"
+    if dashboard_url:
+        text += f". See your usage: {dashboard_url}"
+    return text
 
 
 def refusal_message(reason: Reason, snapshot: Snapshot | None, dashboard_url: str | None = None) -> str:

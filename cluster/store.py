@@ -56,6 +56,7 @@ class ReserveRequest:
     lease_ttl_ms: int
     waiter_id: str | None = None  # join the FIFO queue when no slot is free
     waiter_ttl_ms: int = 0  # a dead waiter stops blocking others after this
+    key_id: str = ""  # the API key's own caps (cluster.key_limits) are checked too
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,8 @@ class Store(Protocol):
     async def find_key(self, key_hash: str) -> ApiKey | None: ...
     async def list_keys(self, account_id: str) -> list[ApiKey]: ...
     async def revoke_key(self, key_id: str) -> bool: ...
+    # Replace a key's limits (same id and hash); False if unknown or revoked.
+    async def update_key(self, key: ApiKey) -> bool: ...
 
     # admission
     async def reserve(self, request: ReserveRequest, now_ms: int | None = None) -> ReserveOutcome: ...

@@ -151,6 +151,26 @@ local function check_bars(rspec, rl, ra, wspec, wl, wa, weight, now)
   return {ok = true, rl = rl, ra = ra, wl = wl, wa = wa}
 end
 
+local KEY_REQUEST_CAP_REACHED = 'key_request_cap_reached'
+local KEY_WEEKLY_CAP_REACHED = 'key_weekly_cap_reached'
+
+-- policies.admission.check_key_bars: a key's own caps (nil spec = no cap).
+-- Returns {ok=true, rl=, ra=, wl=, wa=} (request bar debited) or {ok=false, reason=, retry_ms=}.
+local function check_key_bars(rspec, rl, ra, wspec, wl, wa, weight, now)
+  if rspec then rl, ra = bar_settle(rspec, rl, ra, now) end
+  if wspec then wl, wa = bar_settle(wspec, wl, wa, now) end
+  if rspec and rl < weight then
+    return {ok = false, reason = KEY_REQUEST_CAP_REACHED,
+            retry_ms = bar_ms_until_level(rspec, rl, ra, weight, now)}
+  end
+  if wspec and wl <= 0 then
+    return {ok = false, reason = KEY_WEEKLY_CAP_REACHED,
+            retry_ms = bar_ms_until_positive(wspec, wl, wa, now)}
+  end
+  if rspec and weight ~= 0 then rl, ra = bar_debit(rspec, rl, ra, weight, now) end
+  return {ok = true, rl = rl, ra = ra, wl = wl, wa = wa}
+end
+
 -- policies.admission.settle_weekly
 local function settle_weekly(wspec, level, anchor, cost, now)
   if cost < 0 then

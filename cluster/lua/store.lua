@@ -100,6 +100,49 @@ local function optional_int(value)
   return tonumber(value)
 end
 
+-- A key's own caps (cluster/key_limits.py): its JSON record's max_req
+-- (whole requests) and max_wk (picodollars) become bars on the plan's
+-- schedules; nil where the key has no cap, or for no key at all.
+local function key_specs(keys_hash, key_id, cfg)
+  if key_id == nil or key_id == '' then return nil, nil end
+  local record = redis.call('HGET', keys_hash, key_id)
+  if not record then return nil, nil end
+  local r = cjson.decode(record)
+  local rspec, wspec = nil, nil
+  if type(r.max_req) == 'number' then
+    local cap = r.max_req * cfg.unit
+    rspec = {cap = cap, amt = idiv(cap * cfg.rpct, 100), tms = cfg.rms, pct = cfg.rpct}
+  end
+  if type(r.max_wk) == 'number' then
+    local cap = r.max_wk
+    wspec = {cap = cap, amt = idiv(cap * cfg.wpct, 100), tms = cfg.wms, pct = cfg.wpct}
+  end
+  return rspec, wspec
+end
+
+-- A key's bars live in the account's keybars hash as <key id>:rl, :ra, :rc, :wl, :wa, :wc.
+local function read_key_bars(keybars, key_id, rspec, wspec, now)
+  local flat = redis.call('HMGET', keybars, key_id .. ':rl', key_id .. ':ra', key_id .. ':rc',
+                          key_id .. ':wl', key_id .. ':wa', key_id .. ':wc')
+  local view = {rl = flat[1] or nil, ra = flat[2] or nil, rc = flat[3] or nil,
+                wl = flat[4] or nil, wa = flat[5] or nil, wc = flat[6] or nil}
+  local rl, ra, wl, wa
+  if rspec then rl, ra = read_bar(view, 'rl', 'ra', rspec, now) end
+  if wspec then wl, wa = read_bar(view, 'wl', 'wa', wspec, now) end
+  return rl, ra, wl, wa
+end
+
+local function write_key_bar(keybars, key_id, prefix, level, anchor, spec)
+  if spec == nil then return end
+  if anchor == nil then
+    redis.call('HDEL', keybars, key_id .. ':' .. prefix .. 'l', key_id .. ':' .. prefix .. 'a',
+               key_id .. ':' .. prefix .. 'c')
+  else
+    redis.call('HSET', keybars, key_id .. ':' .. prefix .. 'l', fmt(level), key_id .. ':' .. prefix .. 'a',
+               fmt(anchor), key_id .. ':' .. prefix .. 'c', fmt(spec.cap))
+  end
+end
+
 -- Both bars settled to now (not written) and the payg month spend.
 local function current_state(acct, cfg, spend_key, now)
   local st = {spend = 0}
