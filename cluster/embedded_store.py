@@ -520,9 +520,9 @@ class EmbeddedStore:
             if req_after is not None:
                 assert snap.request_spec is not None and snap.weekly_spec is not None and snap.weekly is not None
                 self._write_bars(conn, r.account_id, snap.request_spec, req_after, snap.weekly_spec, snap.weekly)
+                snap = Snapshot(account, now, snap.request_spec, req_after, snap.weekly_spec, snap.weekly)
             if key_after is not None:
                 self._write_key_bars(conn, r.account_id, r.key_id, *key_after)
-                snap = Snapshot(account, now, snap.request_spec, req_after, snap.weekly_spec, snap.weekly)
             return Admitted(lease, snap)
 
     async def leave_queue(self, account_id: str, model: str, waiter_id: str) -> None:
