@@ -115,6 +115,8 @@ class AdmissionController:
         self._clock = clock
         self.outbox = outbox if outbox is not None else SettleOutbox(store)
         self._settling: set[asyncio.Task[Snapshot | None]] = set()
+        # Sees every decision's snapshot (usage alerts, cluster.alerts); must not block.
+        self.observer: Callable[[Snapshot | None, str, Reason | None], None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.queue = QueueStats()
         self.active = 0
@@ -147,11 +149,15 @@ class AdmissionController:
                     waiter_ttl_ms=int((max(remaining, 0) + self.settings.lease_ttl_s) * 1000), key_id=key_id)
                 outcome = await self.store.reserve(request, self._clock())
                 if isinstance(outcome, Admitted):
+                    if self.observer is not None:
+                        self.observer(outcome.snapshot, key_id, None)
                     admitted = True
                     self.active += 1
                     return Ticket(outcome.lease, outcome.snapshot.account, key_id, price, outcome.snapshot,
                                   loop.time() - started)
                 if isinstance(outcome, Refused):
+                    if self.observer is not None:
+                        self.observer(outcome.snapshot, key_id, outcome.reason)
                     raise AdmissionRefused(outcome.reason, _retry_s(outcome.retry_after_ms), outcome.snapshot,
                                            refusal_message(outcome.reason, outcome.snapshot,
                                                            self.settings.dashboard_url))
@@ -266,6 +272,8 @@ class AdmissionController:
                         extra={"lease": settlement.lease.lease_id})
             self.outbox.add(settlement)
             return None
+        if self.observer is not None:
+            self.observer(snapshot, settlement.event.key_id, None)
         if checkpointed:
             # Best effort: a checkpoint left behind is settled later as a no-op (settle is idempotent).
             with contextlib.suppress(StoreError):

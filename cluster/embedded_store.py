@@ -80,6 +80,12 @@ CREATE TABLE IF NOT EXISTS spend (
 CREATE TABLE IF NOT EXISTS settled (lease_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, ts INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS checkpoints (lease_id TEXT PRIMARY KEY, due INTEGER NOT NULL, settlement BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS checkpoints_due ON checkpoints(due);
+CREATE TABLE IF NOT EXISTS alert_state (
+  account_id TEXT NOT NULL, name TEXT NOT NULL, fired INTEGER NOT NULL, at INTEGER NOT NULL,
+  PRIMARY KEY(account_id, name));
+CREATE TABLE IF NOT EXISTS alert_outbox (
+  id TEXT PRIMARY KEY, due INTEGER NOT NULL, payload TEXT NOT NULL, attempts INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS alert_outbox_due ON alert_outbox(due);
 CREATE TABLE IF NOT EXISTS key_bars (
   key_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, rl INTEGER, ra INTEGER, wl INTEGER, wa INTEGER,
   rc INTEGER, wc INTEGER);
@@ -297,7 +303,8 @@ class EmbeddedStore:
         def _delete() -> bool:
             with self._tx() as conn:
                 cur = conn.execute("DELETE FROM accounts WHERE id = ?", (account_id,))
-                for table in ("bars", "keys", "key_bars", "leases", "queue", "usage", "spend", "settled"):
+                for table in ("bars", "keys", "key_bars", "leases", "queue", "usage", "spend", "settled",
+                              "alert_state"):
                     conn.execute(f"DELETE FROM {table} WHERE account_id = ?", (account_id,))
                 return cur.rowcount > 0
 
@@ -347,6 +354,50 @@ class EmbeddedStore:
                                     (key_id,)).rowcount > 0
 
         return await self._run(_revoke)
+
+    # -- usage alerts -------------------------------------------------------
+
+    async def claim_alert(self, account_id: str, name: str, above: bool, now_ms: int, alert_id: str,
+                          payload: str) -> bool:
+        """As alert_claim.lua: once per crossing; an observation older than the last transition changes nothing."""
+        def _claim() -> bool:
+            with self._tx() as conn:
+                row = conn.execute("SELECT fired, at FROM alert_state WHERE account_id = ? AND name = ?",
+                                   (account_id, name)).fetchone()
+                fired, at = (bool(row[0]), int(row[1])) if row else (False, 0)
+                if now_ms < at or fired == above:
+                    return False
+                conn.execute("INSERT OR REPLACE INTO alert_state VALUES (?, ?, ?, ?)",
+                             (account_id, name, int(above), now_ms))
+                if above:
+                    conn.execute("INSERT INTO alert_outbox VALUES (?, ?, ?, 0)", (alert_id, now_ms, payload))
+                return above
+
+        return await self._run(_claim)
+
+    async def take_alerts(self, now_ms: int, limit: int, backoff_base_ms: int,
+                          backoff_cap_ms: int) -> list[tuple[str, str, int]]:
+        def _take() -> list[tuple[str, str, int]]:
+            with self._tx() as conn:
+                rows = conn.execute("SELECT id, payload, attempts FROM alert_outbox WHERE due <= ? ORDER BY due "
+                                    "LIMIT ?", (now_ms, limit)).fetchall()
+                out = []
+                for alert_id, payload, attempts in rows:
+                    tries = int(attempts) + 1
+                    delay = min(backoff_base_ms * 2 ** (tries - 1), backoff_cap_ms)
+                    conn.execute("UPDATE alert_outbox SET attempts = ?, due = ? WHERE id = ?",
+                                 (tries, now_ms + delay, alert_id))
+                    out.append((str(alert_id), str(payload), tries))
+                return out
+
+        return await self._run(_take)
+
+    async def alert_done(self, alert_id: str) -> None:
+        def _done() -> None:
+            with self._tx() as conn:
+                conn.execute("DELETE FROM alert_outbox WHERE id = ?", (alert_id,))
+
+        await self._run(_done)
 
     async def update_key(self, key: ApiKey) -> bool:
         def _update() -> bool:

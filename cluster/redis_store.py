@@ -22,6 +22,10 @@ strings; times in ms, request bar in request units, money in picodollars.
   packserve:{A}:keys           hash    key id -> JSON {id, account_id, hash, prefix, created, models,
                                        expires, disabled, max_req, max_wk} (limits: cluster/key_limits.py)
   packserve:{A}:keybars        hash    <key id>:rl|ra|rc|wl|wa|wc: the capped keys' own bars
+  packserve:{A}:alerts         hash    <bar>:<threshold> -> f:<ms> fired | a:<ms> re-armed (cluster/alerts.py)
+  packserve:alerts:due         zset    alert id -> next delivery try ms
+  packserve:alerts:event       hash    alert id -> JSON payload
+  packserve:alerts:tries       hash    alert id -> delivery attempts
   packserve:{A}:revoked        set     revoked key ids
   packserve:{A}:settled        zset    lease_id -> settle ms, kept 1 day (idempotent settle)
   packserve:{A}:usage          stream  field e = msgpack UsageEvent; id ms >= the event's ts
@@ -102,6 +106,8 @@ SCRIPTS: Final = (
     "checkpoint",
     "sync_plan",
     "update_key",
+    "alert_claim",
+    "alert_take",
 )
 SETTLED_MEMORY_MS: Final = DAY_MS
 USAGE_PAGE: Final = 1000
@@ -179,6 +185,7 @@ class _Keys:
         self.usage = self.base + "usage"
         self.spend = self.base + "spend"
         self.keybars = self.base + "keybars"
+        self.alerts = self.base + "alerts"
 
     def lease(self, model: str) -> str:
         return f"{self.base}lease:{model}"
@@ -704,6 +711,32 @@ class RedisStore:
             return False
         k = self._keys(_text(account_id))
         return bool(await self._run("revoke_key", [k.keys, k.revoked, self._keyhash_index], [key_id]))
+
+    # -- usage alerts -------------------------------------------------------
+
+    @property
+    def _alert_keys(self) -> list[str]:
+        return [f"{self._prefix}alerts:due", f"{self._prefix}alerts:event", f"{self._prefix}alerts:tries"]
+
+    async def claim_alert(self, account_id: str, name: str, above: bool, now_ms: int, alert_id: str,
+                          payload: str) -> bool:
+        due, events, _ = self._alert_keys
+        return bool(await self._run("alert_claim", [self._keys(account_id).alerts, due, events],
+                                    [name, "1" if above else "0", now_ms, alert_id, payload]))
+
+    async def take_alerts(self, now_ms: int, limit: int, backoff_base_ms: int,
+                          backoff_cap_ms: int) -> list[tuple[str, str, int]]:
+        flat = await self._run("alert_take", self._alert_keys, [now_ms, limit, backoff_base_ms, backoff_cap_ms])
+        return [(_text(flat[i]), _text(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
+
+    async def alert_done(self, alert_id: str) -> None:
+        due, events, tries = self._alert_keys
+        with self._errors():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.zrem(due, alert_id)
+                pipe.hdel(events, alert_id)
+                pipe.hdel(tries, alert_id)
+                await pipe.execute()
 
     async def update_key(self, key: ApiKey) -> bool:
         k = self._keys(key.account_id)

@@ -14,6 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from cluster.alerts import AlertSettings
 from cluster.plan_settings import PlansSettings
 from cluster.settings import AdmissionSettings, PriceSettings, StrictModel
 from policies.plans import SizeClass
@@ -175,6 +176,7 @@ class AppConfig(StrictModel):
     models: tuple[ModelConfig, ...] = ()
     demo_account: bool = Field(False, description="create a demo account with one standard pack at start")
     plans: PlansSettings = PlansSettings()
+    alerts: AlertSettings = AlertSettings()
 
     @model_validator(mode="after")
     def _unique(self) -> AppConfig:
