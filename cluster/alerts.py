@@ -47,6 +47,9 @@ log = logging.getLogger("packserve.alerts")
 SIGNATURE_HEADER = "Packserve-Signature"
 EVENT_ID_HEADER = "Packserve-Event-Id"
 QUEUE_MAX = 10_000
+# How long a gateway trusts the last alert state it saw for a bar before asking
+# the store again: another gateway may have re-armed it meanwhile.
+KNOWN_TTL_S = 30.0
 
 
 class AlertSettings(StrictModel):
@@ -113,7 +116,7 @@ class AlertMonitor:
         self.settings = settings
         self._queue: asyncio.Queue[Observation] = asyncio.Queue(QUEUE_MAX)
         # (account or key, name) -> last state this gateway wrote or saw: skips store calls that change nothing.
-        self._known: dict[tuple[str, str], bool] = {}
+        self._known: dict[tuple[str, str], tuple[bool, float]] = {}
         self.claimed = 0
 
     def observe(self, snapshot: Snapshot | None, key_id: str, refused: Reason | None = None) -> None:
@@ -126,14 +129,15 @@ class AlertMonitor:
 
     async def _mark(self, account_id: str, scope: str, name: str, above: bool, now_ms: int,
                     payload: dict[str, object]) -> None:
-        if self._known.get((scope, name)) is above:
+        known = self._known.get((scope, name))
+        if known is not None and known[0] is above and known[1] > time.monotonic():
             return
         alert_id = "alrt_" + secrets.token_hex(12)
         body = json.dumps({"id": alert_id, **payload}, separators=(",", ":"))
         if await self.store.claim_alert(account_id, name, above, now_ms, alert_id, body):
             self.claimed += 1
             log.info("usage alert claimed", extra={"alert_id": alert_id, "account": account_id, "alert": name})
-        self._known[(scope, name)] = above
+        self._known[(scope, name)] = (above, time.monotonic() + KNOWN_TTL_S)
         if len(self._known) > 100_000:
             self._known.clear()
 
