@@ -211,3 +211,31 @@ def test_webhook_without_secret_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="secret"):
         LiveGateway(redis_url=None, data_dir=tmp_path, extra={"alerts": {"webhook_url": "http://127.0.0.1:9/x"}}
                     ).start().stop()
+
+
+async def test_payg_spend_cap_and_key_cap_crossings_are_claimed(store: Store) -> None:
+    from cluster.accounts import Accounts
+    from cluster.alerts import AlertMonitor, AlertSettings
+    from cluster.store import Snapshot
+    from policies.admission import Reason
+    from policies.units import PICO_PER_DOLLAR
+
+    monitor = AlertMonitor(store, AlertSettings(webhook_url="http://127.0.0.1:9/x", secret=SECRET))
+    payg = await Accounts(store).create("p", "payg", spend_cap_usd=10)
+    sub = await Accounts(store).create("s", "subscription", ["standard"])
+    await monitor.process(monitor_obs(Snapshot(payg, T0, month_spend_pico=7 * PICO_PER_DOLLAR), ""))
+    await monitor.process(monitor_obs(Snapshot(payg, T0 + 1, month_spend_pico=8 * PICO_PER_DOLLAR), ""))
+    await monitor.process(monitor_obs(Snapshot(payg, T0 + 2, month_spend_pico=10 * PICO_PER_DOLLAR), ""))
+    snap = await store.snapshot(sub.id, now_ms=T0)
+    await monitor.process(monitor_obs(snap, "key_1", Reason.KEY_REQUEST_CAP_REACHED))
+    await monitor.process(monitor_obs(snap, "key_1", Reason.KEY_REQUEST_CAP_REACHED))
+    queued = [json.loads(p) for _, p, _ in await store.take_alerts(T0 + 10, 10, 1_000, 60_000)]
+    assert sorted((q["bar"], q["threshold"], q.get("key_id")) for q in queued) == [
+        ("key_requests", 100, "key_1"), ("payg_spend", 80, None), ("payg_spend", 100, None)]
+    assert monitor.claimed == 3
+
+
+def monitor_obs(snapshot: Any, key_id: str, refused: Any = None) -> Any:
+    from cluster.alerts import Observation
+
+    return Observation(snapshot, key_id, refused)

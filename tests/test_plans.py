@@ -5,6 +5,7 @@ Time is injected (a fake clock in ms): a 202-minute tick is tested without waiti
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -238,3 +239,20 @@ def test_the_gateway_starts_with_the_synthetic_2026_config(tmp_path: Path) -> No
     finally:
         kill_session(proc.pid)
         proc.wait(timeout=30)
+
+
+def test_the_local_cli_reads_the_plans_of_its_config(tmp_path: Path) -> None:
+    env = {**os.environ, "PACKSERVE_DATA_DIR": str(tmp_path)}
+    env.pop("PACKSERVE_REDIS_URL", None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "serve_apps", "--json", "--config", str(SYNTHETIC), *args],
+                              capture_output=True, text=True, env=env, timeout=60, check=False)
+
+    refused = cli("accounts", "create", "x", "--packs", "founder")
+    assert refused.returncode != 0 and "unknown pack kind 'founder'" in refused.stderr
+    created = cli("accounts", "create", "x", "--packs", "standard")
+    assert created.returncode == 0, created.stderr
+    quota = cli("quota", json.loads(created.stdout)["id"])
+    assert quota.returncode == 0, quota.stderr
+    assert json.loads(quota.stdout)["rollingFiveHourLimit"]["tickPercent"] == 5
