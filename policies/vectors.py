@@ -18,6 +18,9 @@ Step ops (times in ms, money in picodollars, request bar in request units):
 - replan   {at_ms, packs, request_bar?, weekly_bar?, reference_price?}: the plan changes now;
            both bars keep their remaining fraction (policies.bars.rescale); later
            `requests_remaining` observations still count in the vector's first unit
+- key_caps {max_requests?, max_weekly_usd?}: from here on, reserves and settles also go
+           through one API key's own capped bars (policies.admission.check_key_bars),
+           starting full; `state` then also observes key_request_level, key_weekly_level
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dataclasses import replace
 from fractions import Fraction
 from typing import Any
 
-from policies.admission import Admit, check_bars, refund_request, settle_weekly
+from policies.admission import Admit, check_bars, check_key_bars, refund_request, settle_weekly
 from policies.bars import BarSpec, BarState, next_tick_ms, rescale, settle
 from policies.plans import DEFAULT_CATALOG, BarSchedule, PlanCatalog, PlanKind, SizeClass
 from policies.pricing import ModelPrice, WeightBasis, WeightPolicy, token_cost_pico
@@ -92,6 +95,13 @@ def compile_vector(vector: Mapping[str, Any]) -> tuple[BarSpec, BarSpec, int, li
             new_limits = new_catalog.limits(new_catalog.parse_packs(raw["packs"]))
             step["request"] = _spec_json(new_limits.request_bar(new_policy.unit))
             step["weekly"] = _spec_json(new_limits.weekly_bar())
+        elif raw["op"] == "key_caps":
+            req_cap = raw.get("max_requests")
+            wk_cap = raw.get("max_weekly_usd")
+            step["request"] = None if req_cap is None else _spec_json(
+                catalog.request_schedule.spec(int(req_cap) * policy.unit))
+            step["weekly"] = None if wk_cap is None else _spec_json(
+                catalog.weekly_schedule.spec(dollars_to_micro(wk_cap) * PICO_PER_DOLLAR // 1_000_000))
         elif raw["op"] == "set":
             for key in ("request_level", "request_anchor_ms", "weekly_level", "weekly_anchor_ms"):
                 if key in raw:
@@ -120,6 +130,10 @@ def run_python(req_spec: BarSpec, wk_spec: BarSpec, unit: int, steps: Sequence[J
     """Apply compiled steps with the Python policies; one observation per step."""
     req = BarState.full(req_spec)
     wk = BarState.full(wk_spec)
+    key_req_spec: BarSpec | None = None
+    key_wk_spec: BarSpec | None = None
+    key_req: BarState | None = None
+    key_wk: BarState | None = None
     out: list[Json] = []
     for step in steps:
         now = step["at_ms"]
@@ -128,6 +142,14 @@ def run_python(req_spec: BarSpec, wk_spec: BarSpec, unit: int, steps: Sequence[J
             admitted = 0
             for _ in range(step["repeat"]):
                 decision = check_bars(req_spec, req, wk_spec, wk, step["weight_units"], now)
+                if isinstance(decision, Admit) and (key_req_spec or key_wk_spec):
+                    key_decision = check_key_bars(key_req_spec, key_req, key_wk_spec, key_wk, step["weight_units"],
+                                                  now)
+                    if isinstance(key_decision, Admit):
+                        key_req = key_decision.request if key_req_spec else None
+                        key_wk = key_decision.weekly if key_wk_spec else None
+                    else:
+                        decision = key_decision
                 if isinstance(decision, Admit):
                     req, wk = decision.request, decision.weekly
                     admitted += 1
@@ -139,6 +161,15 @@ def run_python(req_spec: BarSpec, wk_spec: BarSpec, unit: int, steps: Sequence[J
             wk = settle_weekly(wk_spec, wk, step["cost_pico"], now)
             if step["refund_units"]:
                 req = refund_request(req_spec, req, step["refund_units"], now)
+            if key_wk_spec is not None and key_wk is not None:
+                key_wk = settle_weekly(key_wk_spec, key_wk, step["cost_pico"], now)
+            if key_req_spec is not None and key_req is not None and step["refund_units"]:
+                key_req = refund_request(key_req_spec, key_req, step["refund_units"], now)
+        elif step["op"] == "key_caps":
+            key_req_spec = None if step["request"] is None else _spec_of(step["request"])
+            key_wk_spec = None if step["weekly"] is None else _spec_of(step["weekly"])
+            key_req = None if key_req_spec is None else BarState.full(key_req_spec)
+            key_wk = None if key_wk_spec is None else BarState.full(key_wk_spec)
         elif step["op"] == "replan":
             new_req, new_wk = _spec_of(step["request"]), _spec_of(step["weekly"])
             req, wk = rescale(req_spec, new_req, req, now), rescale(wk_spec, new_wk, wk, now)
@@ -148,6 +179,10 @@ def run_python(req_spec: BarSpec, wk_spec: BarSpec, unit: int, steps: Sequence[J
             wk = BarState(step.get("weekly_level", wk.level), step.get("weekly_anchor_ms", wk.anchor_ms))
         elif step["op"] == "state":
             obs = observe_state(req_spec, req, wk_spec, wk, unit, now)
+            if key_req_spec is not None and key_req is not None:
+                obs["key_request_level"] = settle(key_req_spec, key_req, now).level
+            if key_wk_spec is not None and key_wk is not None:
+                obs["key_weekly_level"] = settle(key_wk_spec, key_wk, now).level
         else:
             raise ValueError(f"unknown vector op {step['op']!r}")
         out.append(obs)
