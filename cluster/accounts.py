@@ -81,6 +81,14 @@ def validate_plan(plan: str, packs: Sequence[str] | None, spend_cap_usd: float |
     return kind, (), cap, conc
 
 
+def _caps_fit(account: Account, key: ApiKey) -> ApiKey:
+    """Key caps are shares of a subscription's bars; a payg account has none to share."""
+    if account.plan is PlanKind.PAYG and (key.max_requests is not None or key.max_weekly_pico is not None):
+        raise PlanError("max_requests and max_weekly_usd cap a key's share of a subscription's bars; "
+                        "this account is payg (use its spend cap)")
+    return key
+
+
 class Accounts:
     def __init__(self, store: Store, clock_ms: Callable[[], int] | None = None) -> None:
         self._store = store
@@ -121,20 +129,20 @@ class Accounts:
 
     async def create_key(self, account_id: str, limits: Mapping[str, Any] | None = None) -> CreatedKey:
         """`limits`: models, expires, max_requests, max_weekly_usd, disabled (cluster.key_limits)."""
-        await self.get(account_id)
+        account = await self.get(account_id)
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         key = ApiKey(new_id("key"), account_id, hash_secret(secret), secret[:DISPLAY_PREFIX_LEN], self._clock())
-        key = with_limits(key, **dict(limits or {}))
+        key = _caps_fit(account, with_limits(key, **dict(limits or {})))
         await self._store.create_key(key)
         return CreatedKey(key, secret)
 
     async def update_key(self, account_id: str, key_id: str, limits: Mapping[str, Any]) -> ApiKey:
         """Change a key's limits; `limits` may hold `clear`: names of limits to remove."""
-        await self.get(account_id)
+        account = await self.get(account_id)
         found = [k for k in await self._store.list_keys(account_id) if k.id == key_id and not k.revoked]
         if not found:
             raise NotFound(f"no active key {key_id!r} on account {account_id!r}")
-        key = with_limits(found[0], **dict(limits))
+        key = _caps_fit(account, with_limits(found[0], **dict(limits)))
         if not await self._store.update_key(key):
             raise NotFound(f"no active key {key_id!r} on account {account_id!r}")
         self._cache.clear()

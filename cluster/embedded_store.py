@@ -280,7 +280,7 @@ class EmbeddedStore:
 
         return await self._run(_set)
 
-    async def sync_plans(self) -> int:
+    async def sync_plans(self, apply: bool = True) -> int:
         """Every account's limits are read from the plans as it is used: only check its packs exist."""
         for account in await self.list_accounts():
             if account.plan is PlanKind.SUBSCRIPTION:

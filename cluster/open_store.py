@@ -13,11 +13,13 @@ EMBEDDED_DB = "packserve.db"
 
 
 async def open_store(*, request_unit: int, redis_url: str | None = None, data_dir: Path | None = None,
-                     plans: PlanCatalog = DEFAULT_CATALOG) -> Store:
+                     plans: PlanCatalog = DEFAULT_CATALOG, apply_plans: bool = True) -> Store:
     """`redis_url=None` falls back to PACKSERVE_REDIS_URL, then to the embedded store.
 
-    The accounts are brought up to `plans` (store.sync_plans); a pack kind an
-    account holds but the plans lack is a StoreError naming it.
+    The accounts are brought up to `plans` (store.sync_plans) unless
+    `apply_plans` is False (the local CLI, which must not undo the gateways'
+    plans when run without their config); a pack kind an account holds but the
+    plans lack is a StoreError naming it.
     """
     url = redis_url or redis_url_from_env()
     store: Store
@@ -29,7 +31,7 @@ async def open_store(*, request_unit: int, redis_url: str | None = None, data_di
         directory = data_dir or default_data_dir()
         store = EmbeddedStore(directory / EMBEDDED_DB, request_unit=request_unit, plans=plans)
     try:
-        await store.sync_plans()
+        await store.sync_plans(apply_plans)
     except PlanError as exc:
         await store.close()
         raise StoreError(f"the store holds accounts the configured plans cannot serve: {exc}; "

@@ -491,11 +491,12 @@ class RedisStore:
     def plans(self) -> PlanCatalog:
         return self._plans
 
-    async def sync_plans(self) -> int:
-        """Refresh every subscription's stored pack sums from the plans; returns how many changed.
+    async def sync_plans(self, apply: bool = True) -> int:
+        """Refresh every subscription's stored pack sums from the plans; returns how many differ.
 
         An edited pack kind (more requests, a new weekly credit) then applies
-        to every account holding it; the bars follow on their next use.
+        to every account holding it; the bars follow on their next use. With
+        `apply=False` (the local CLI) nothing is written: only unknown kinds raise.
         """
         changed = 0
         with self._errors():
@@ -510,8 +511,8 @@ class RedisStore:
                 continue
             sums = _pack_sums(PlanKind.SUBSCRIPTION, [p for p in packs.split(",") if p], self._plans)
             if list(sums.values()) != stored:
-                changed += int(await self._run("sync_plan", [self._keys(account_id).account],
-                                               [packs, *_flatten(sums)]))
+                changed += 1 if not apply else int(await self._run(
+                    "sync_plan", [self._keys(account_id).account], [packs, *_flatten(sums)]))
         return changed
 
     async def load_scripts(self) -> None:

@@ -165,7 +165,7 @@ async def _run_admin(args: argparse.Namespace) -> int:
         config = load_config(getattr(args, "config", None))
         unit = config.admission.weight_policy.unit
         store = await open_store(request_unit=unit, redis_url=args.redis_url, data_dir=args.data_dir,
-                                 plans=config.plans.catalog())
+                                 plans=config.plans.catalog(), apply_plans=False)
         ops = AdminOps(store, Accounts(store), unit)
     try:
         return await _dispatch(args, ops)

@@ -126,6 +126,16 @@ async def test_key_limits_are_stored_and_updated_on_both_stores(harness: Harness
     assert updated.disabled and updated.models == () and updated.max_requests == 100
 
 
+async def test_key_caps_are_refused_on_payg_accounts(harness: Harness) -> None:
+    _, accounts, _, _ = harness
+    account = await accounts.create("p", "payg")
+    with pytest.raises(PlanError, match="payg"):
+        await accounts.create_key(account.id, {"max_requests": 10})
+    key = (await accounts.create_key(account.id, {"models": [LARGE]})).key
+    with pytest.raises(PlanError, match="payg"):
+        await accounts.update_key(account.id, key.id, {"max_weekly_usd": 1})
+
+
 def test_access_rules_name_the_limit() -> None:
     key = ApiKey("key_1", "acct", "h", "ps-abcdefg", 0)
     assert check_key_access(key, LARGE, T0) is None

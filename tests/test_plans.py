@@ -203,6 +203,31 @@ async def test_editing_a_pack_kind_keeps_each_live_accounts_remaining_fraction(o
         await opener(PlanCatalog({"team": PackSpec(100, 10, 1, 1, 100)}), unit)
 
 
+async def test_a_store_opened_without_applying_plans_writes_nothing(redis_url: str) -> None:
+    """The local CLI opens the store this way: run without the gateways' config, it must not undo their plans."""
+    from redis.asyncio import Redis
+
+    unit = AppConfig().admission.weight_policy.unit
+    edited = PlanCatalog({"standard": PackSpec(1000, 48, 1, 2, 6000)})
+    store = await open_store(request_unit=unit, redis_url=redis_url, plans=edited)
+    account = await Accounts(store).create("ada", "subscription", ["standard"])
+    await store.close()
+    store = await open_store(request_unit=unit, redis_url=redis_url, apply_plans=False)  # SPEC §1 defaults
+    await store.close()
+    raw = Redis.from_url(redis_url)
+    try:
+        assert await raw.hget(f"packserve:{{{account.id}}}:account", "r_req") == b"1000"
+    finally:
+        await raw.aclose()
+    store = await open_store(request_unit=unit, redis_url=redis_url)  # a gateway with the defaults does apply them
+    await store.close()
+    raw = Redis.from_url(redis_url)
+    try:
+        assert await raw.hget(f"packserve:{{{account.id}}}:account", "r_req") == b"500"
+    finally:
+        await raw.aclose()
+
+
 def test_the_gateway_starts_with_the_synthetic_2026_config(tmp_path: Path) -> None:
     """`packserve gateway --engine sim --config cluster/configs/plans-synthetic-2026.yaml`, as a process."""
     port = free_port()
