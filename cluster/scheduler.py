@@ -30,7 +30,15 @@ from dataclasses import dataclass, field
 from cluster.accounts import new_id
 from cluster.records import Account
 from cluster.settings import AdmissionSettings, SchedulerSettings
-from cluster.store import CapacityGranted, CapacityStats, CapacityTerms, Store, StoreError
+from cluster.store import (
+    CapacityGranted,
+    CapacityOutcome,
+    CapacityStats,
+    CapacityTerms,
+    CapacityWaiting,
+    Store,
+    StoreError,
+)
 from policies.fairness import account_weight, counter_units
 from policies.plans import PlanKind
 
@@ -72,6 +80,92 @@ class ModelLoad:
     overloaded: int = 0
 
 
+class CapacityAttempt:
+    """One request's way to a sequence: `try_now()` (one store step), then `wait()` if it was queued.
+
+    Split so the common case (a free sequence) costs one store call and
+    nothing else; `wait()` keeps the place `try_now()` took in the queue, and
+    always leaves the queue when it ends without a grant (shielded, so a
+    cancelled wait leaves it at once). An attempt that is never waited on
+    must be `close()`d.
+    """
+
+    def __init__(self, scheduler: Scheduler, account: Account, terms: CapacityTerms, timeout_s: float) -> None:
+        self._s = scheduler
+        self._account = account
+        self.terms = terms
+        self._timeout_s = timeout_s
+        self.entry = new_id("cap")
+        self._started = time.monotonic()
+        # Registered before the first store step, so a dispatch right after it is not missed.
+        self._waiter = scheduler.store.capacity_waiter(terms.model, self.entry)
+        self._queued = False
+        self._done = False
+
+    def waited_s(self) -> float:
+        return time.monotonic() - self._started
+
+    def _granted(self) -> CapacityHold:
+        self._done = True
+        self._waiter.close()
+        return CapacityHold(self.terms, self.entry, self._account.id, self._s.weight(self._account),
+                            time.monotonic() - self._started)
+
+    async def _ask(self) -> CapacityOutcome:
+        remaining = self._timeout_s - (time.monotonic() - self._started)
+        # A waiter that stops asking (its gateway died) is dropped a lease TTL after its deadline.
+        wait_ttl_ms = int(max(remaining, 0) * 1000) + self._s.lease_ttl_ms
+        return await self._s.store.capacity_acquire(self.terms, self._account.id, self.entry, wait_ttl_ms,
+                                                    self._s.clock())
+
+    async def try_now(self) -> CapacityHold | None:
+        """Dispatched at once (a hold), or None: queued, `wait()` next."""
+        try:
+            outcome = await self._ask()
+        except BaseException:
+            await self.close()
+            raise
+        if isinstance(outcome, CapacityGranted):
+            return self._granted()
+        self._queued = True
+        self._last = outcome
+        return None
+
+    async def wait(self) -> CapacityHold:
+        """Wait for the grant; raises Overloaded past the bound."""
+        s = self._s
+        model = self.terms.model
+        s.load.waiting[model] = s.load.waiting.get(model, 0) + 1
+        try:
+            outcome: CapacityOutcome = self._last
+            while True:
+                remaining = self._timeout_s - (time.monotonic() - self._started)
+                if remaining <= 0:
+                    s.load.overloaded += 1
+                    raise Overloaded(model, time.monotonic() - self._started, s.settings.overload_retry_after_s)
+                wait_s = min(remaining, s.settings.poll_interval_s)
+                if isinstance(outcome, CapacityWaiting) and outcome.wake_at_ms is not None:
+                    # A dead holder never releases: re-check when its lease can expire.
+                    wait_s = min(wait_s, max(0.005, (outcome.wake_at_ms - s.now_ms()) / 1000 + 0.005))
+                await self._waiter.wait(wait_s)
+                outcome = await self._ask()
+                if isinstance(outcome, CapacityGranted):
+                    return self._granted()
+        finally:
+            s.load.waiting[model] -= 1
+            await self.close()
+
+    async def close(self) -> None:
+        """Leave the queue if still in it (idempotent)."""
+        if self._done:
+            return
+        self._done = True
+        self._waiter.close()
+        # Shielded: a client that hung up leaves the queue now, not when its waiter expires.
+        with contextlib.suppress(StoreError):
+            await asyncio.shield(self._s.store.capacity_release(self.terms, self.entry, 0, self._s.clock()))
+
+
 class Scheduler:
     def __init__(self, store: Store, settings: SchedulerSettings, admission: AdmissionSettings, capacity: Capacity,
                  clock: Clock) -> None:
@@ -80,7 +174,7 @@ class Scheduler:
         self.capacity = capacity
         self.timeout_s = settings.timeout_s(admission)
         self.lease_ttl_ms = settings.lease_ttl_ms(admission)
-        self._clock = clock
+        self.clock = clock
         self.load = ModelLoad()
         self._releasing: set[asyncio.Task[None]] = set()
 
@@ -94,50 +188,22 @@ class Scheduler:
         packs = len(account.packs) if account.plan is PlanKind.SUBSCRIPTION else None
         return account_weight(packs, self.settings.payg_weight)
 
-    async def acquire(self, account: Account, model: str, timeout_s: float | None = None) -> CapacityHold | None:
-        """Wait for a free sequence of `model`; None when the model is not scheduled. Raises Overloaded."""
+    def attempt(self, account: Account, model: str, timeout_s: float | None = None) -> CapacityAttempt | None:
+        """A request for one of `model`'s sequences; None when the model is not scheduled."""
         terms = self.terms(model)
         if terms is None:
             return None
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        deadline = started + timeout
-        entry = new_id("cap")
-        waiter = self.store.capacity_waiter(model, entry)
-        granted = False
-        counted = False
-        try:
-            while True:
-                remaining = deadline - loop.time()
-                # A waiter that stops asking (its gateway died) is dropped a lease TTL after its deadline.
-                wait_ttl_ms = int(max(remaining, 0) * 1000) + self.lease_ttl_ms
-                outcome = await self.store.capacity_acquire(terms, account.id, entry, wait_ttl_ms, self._clock())
-                if isinstance(outcome, CapacityGranted):
-                    granted = True
-                    return CapacityHold(terms, entry, account.id, self.weight(account), loop.time() - started)
-                if remaining <= 0:
-                    self.load.overloaded += 1
-                    raise Overloaded(model, loop.time() - started, self.settings.overload_retry_after_s)
-                if not counted:
-                    counted = True
-                    self.load.waiting[model] = self.load.waiting.get(model, 0) + 1
-                wait_s = min(remaining, self.settings.poll_interval_s)
-                if outcome.wake_at_ms is not None:
-                    # A dead holder never releases: re-check when its lease can expire.
-                    wait_s = min(wait_s, max(0.005, (outcome.wake_at_ms - self._now_ms()) / 1000 + 0.005))
-                await waiter.wait(wait_s)
-        finally:
-            if counted:
-                self.load.waiting[model] -= 1
-            waiter.close()
-            if not granted:
-                # Shielded: a client that hung up leaves the queue now, not when its waiter expires.
-                with contextlib.suppress(StoreError):
-                    await asyncio.shield(self.store.capacity_release(terms, entry, 0, self._clock()))
+        return CapacityAttempt(self, account, terms, self.timeout_s if timeout_s is None else timeout_s)
 
-    def _now_ms(self) -> int:
-        now = self._clock()
+    async def acquire(self, account: Account, model: str, timeout_s: float | None = None) -> CapacityHold | None:
+        """Wait for a free sequence of `model`; None when the model is not scheduled. Raises Overloaded."""
+        attempt = self.attempt(account, model, timeout_s)
+        if attempt is None:
+            return None
+        return await attempt.try_now() or await attempt.wait()
+
+    def now_ms(self) -> int:
+        now = self.clock()
         return time.time_ns() // 1_000_000 if now is None else now
 
     def _units(self, hold: CapacityHold, service: int) -> int:
@@ -156,7 +222,7 @@ class Scheduler:
                 await asyncio.sleep(period)
                 units = self._units(hold, service())
                 try:
-                    await self.store.capacity_renew(hold.terms, hold.entry_id, units, self._clock())
+                    await self.store.capacity_renew(hold.terms, hold.entry_id, units, self.clock())
                     hold.charged = units
                 except StoreError:
                     log.warning("capacity renewal failed", extra={"entry": hold.entry_id, "model": hold.terms.model})
@@ -179,7 +245,7 @@ class Scheduler:
 
     async def _release(self, hold: CapacityHold, units: int) -> None:
         try:
-            await self.store.capacity_release(hold.terms, hold.entry_id, units, self._clock())
+            await self.store.capacity_release(hold.terms, hold.entry_id, units, self.clock())
         except StoreError:
             # Its lease expires within the TTL and frees the sequence; only this response's counting is lost.
             log.warning("capacity release failed; the lease will expire", extra={
@@ -190,7 +256,7 @@ class Scheduler:
         for model in models:
             terms = self.terms(model)
             if terms is not None:
-                out.append(await self.store.capacity_stats(terms, self._clock()))
+                out.append(await self.store.capacity_stats(terms, self.clock()))
         return out
 
     async def drain(self) -> None:

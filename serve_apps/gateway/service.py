@@ -22,7 +22,7 @@ from starlette.requests import Request
 from cluster.accounts import Accounts, AuthError, Principal
 from cluster.controller import AdmissionController, AdmissionRefused, Progress, Ticket
 from cluster.quotas import quota_headers
-from cluster.scheduler import Overloaded, Scheduler
+from cluster.scheduler import CapacityAttempt, CapacityHold, Overloaded, Scheduler
 from cluster.store import NotFound, StoreError
 from policies.admission import Reason
 from policies.fairness import service_units
@@ -214,26 +214,17 @@ class GatewayService:
         if self.scheduler is None:
             return
         model = card.base_model or card.id  # a LoRA adapter runs on its base model's sequences
+        attempt = self.scheduler.attempt(ticket.account, model)
+        if attempt is None:
+            return
         started = time.monotonic()
-        waiting = asyncio.ensure_future(self.scheduler.acquire(ticket.account, model))
-        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            async with self.controller.renewing(ticket):
-                done, _ = await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        waited_s = time.monotonic() - started
-        if waiting not in done:
-            waiting.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Overloaded, StoreError):
-                # Dispatched in the same instant the client left: give the sequence straight back.
-                self.scheduler.release(await waiting, 0)
-            self._unserved(ticket, "client_closed")
-            self.metrics.capacity_wait.labels(model, "client_closed").observe(waited_s)
-            raise ApiError(499, "client closed the request while it waited for the model", "client_closed")
-        try:
-            hold = waiting.result()
+            # The common case, a free sequence, is this one store step.
+            hold = await attempt.try_now()
+            if hold is None:
+                hold = await self._wait_queued(request, ticket, attempt, model)
         except Overloaded as exc:
+            waited_s = time.monotonic() - started
             self._unserved(ticket, "overloaded")
             self.metrics.capacity_wait.labels(model, "overloaded").observe(waited_s)
             self.metrics.overloaded.labels(model).inc()
@@ -251,10 +242,30 @@ class GatewayService:
             log.error("store unavailable while waiting for capacity", extra={"error": str(exc)})
             raise ApiError(503, "the quota store is unavailable, retry shortly", "store_unavailable",
                            headers={"retry-after": "5"}) from None
-        if hold is not None:
-            ticket.capacity = hold
-            ticket.capacity_wait_s = hold.waited_s
-            self.metrics.capacity_wait.labels(model, "dispatched").observe(hold.waited_s)
+        ticket.capacity = hold
+        ticket.capacity_wait_s = hold.waited_s
+        self.metrics.capacity_wait.labels(model, "dispatched").observe(hold.waited_s)
+
+    async def _wait_queued(self, request: Request, ticket: Ticket, attempt: CapacityAttempt,
+                           model: str) -> CapacityHold:
+        """The queued case: wait, renewing the slot lease, unless the client hangs up first."""
+        assert self.scheduler is not None
+        waiting = asyncio.ensure_future(attempt.wait())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            async with self.controller.renewing(ticket):
+                done, _ = await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if waiting in done:
+            return waiting.result()
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Overloaded, StoreError):
+            # Dispatched in the same instant the client left: give the sequence straight back.
+            self.scheduler.release(await waiting, 0)
+        self._unserved(ticket, "client_closed")
+        self.metrics.capacity_wait.labels(model, "client_closed").observe(attempt.waited_s())
+        raise ApiError(499, "client closed the request while it waited for the model", "client_closed")
 
     def _unserved(self, ticket: Ticket, status: str) -> None:
         self.controller.settle(ticket, prompt_tokens=0, cached_tokens=0, completion_tokens=0, status=status,

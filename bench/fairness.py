@@ -1,0 +1,381 @@
+"""Fair dispatch on a saturated model: `fifo` vs `fair` in one run, on the simulated engine.
+
+Rerun (from the repository root; a few minutes with the defaults):
+
+    .venv/bin/python bench/fairness.py [--json]
+    .venv/bin/python bench/fairness.py --window-s 30 --warmup-s 5 --max-seqs 4 --tokens-per-s 50 \\
+        --ttft-ms 20 --heavy-tokens 256 --light-tokens 32 --interactive-tokens 16 --pause-s 0.5 \\
+        --overhead-requests 100 --overhead-tokens 2 --overhead-rounds 3 --json
+
+Three `packserve gateway --engine sim` processes on one redis-server (each on
+its own Redis database, so their queues never mix), all up for the whole run:
+`--scheduler fifo --sim-max-seqs N`, `--scheduler fair --sim-max-seqs N`, and
+one without --sim-max-seqs (the model is not capacity-scheduled at all).
+
+Accounts on each gateway: one heavy account with 5 standard packs (weight 5,
+5 concurrency slots) and four light accounts with 1 pack each (weight 1, one
+slot each), so the weight shares are 5/9 and 1/9 each. Every answer has an
+exact length (`ignore_eos`), so the output counts are what was asked.
+
+(a) backlogged: every account keeps all its slots busy (closed loops, no
+    pause): the heavy one with --heavy-tokens answers, the lights with
+    --light-tokens answers. Over --window-s (after --warmup-s): each account's
+    share of the output tokens against its weight share; Jain's index over
+    weight-normalised service (output tokens / weight; 1.0 = exactly
+    proportional); the largest gap in weight-normalised service
+    (OUTPUT_WEIGHT x output tokens + INPUT_WEIGHT x prompt tokens, per weight)
+    between two backlogged accounts at any time in the window, beside the VTC
+    bound 2U of the paper (Theorem 4.4, U = w_p x L_input + w_q x M with M the
+    output tokens the model holds in flight: --max-seqs x --heavy-tokens);
+    total output tokens/s.
+(b) interactive: the heavy account floods as in (a); each light account sends
+    one --interactive-tokens request, waits for it, pauses --pause-s, and
+    again. The lights' p50/p95 time to first token (client-side, send to the
+    first content delta), beside the same lights with the heavy account idle
+    (measured on the fair gateway; the model is then unsaturated); total
+    output tokens/s under the flood.
+(c) overhead: one light account, one request at a time (--overhead-tokens,
+    no pause, --overhead-rounds rounds taking turns) on the fair gateway (the model unsaturated: every request goes
+    through the store's capacity scripts) and on the unscheduled gateway:
+    the p50 TTFT the scheduler adds.
+
+Caveat: the load generator (this process: asyncio + httpx) shares the
+machine's cores with the gateways and redis-server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx
+
+from bench.common import emit_json, free_port, log, machine, percentile, print_table, process, redis_server
+from policies.fairness import INPUT_WEIGHT, OUTPUT_WEIGHT
+
+MODEL = "hf:packserve/sim-large"
+ADMIN_TOKEN = "bench-fairness-admin"
+HEAVY_PACKS = 5
+LIGHTS = 4
+
+
+@dataclass
+class Account:
+    name: str
+    key: str
+    weight: int
+    output: int = 0  # output tokens received in the measuring window
+    prompt: int = 0
+    samples: list[tuple[float, float]] = field(default_factory=list)  # (t, weight-normalised service)
+    ttfts: list[float] = field(default_factory=list)
+    errors: int = 0
+
+    def service(self) -> float:
+        return (OUTPUT_WEIGHT * self.output + INPUT_WEIGHT * self.prompt) / self.weight
+
+
+@dataclass
+class Target:
+    name: str
+    base: str
+    heavy: Account
+    lights: list[Account]
+
+    def all(self) -> list[Account]:
+        return [self.heavy, *self.lights]
+
+    def reset(self) -> None:
+        for a in self.all():
+            a.output = a.prompt = a.errors = 0
+            a.samples.clear()
+            a.ttfts.clear()
+
+
+def gateway_argv(port: int, redis_url: str, args: argparse.Namespace, mode: str | None) -> list[str]:
+    argv = [sys.executable, "-m", "serve_apps", "gateway", "--engine", "sim", "--port", str(port),
+            "--redis-url", redis_url, "--sim-tokens-per-s", str(args.tokens_per_s), "--sim-ttft-ms", str(args.ttft_ms)]
+    if mode is not None:
+        argv += ["--scheduler", mode, "--sim-max-seqs", str(args.max_seqs)]
+    return argv
+
+
+def wait_up(base: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"gateway at {base} did not answer /health")
+
+
+def make_accounts(name: str, base: str) -> Target:
+    admin = httpx.Client(base_url=base, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10)
+
+    def key(packs: int) -> str:
+        created = admin.post("/admin/v1/accounts", json={"name": "bench", "packs": ["standard"] * packs})
+        created.raise_for_status()
+        made = admin.post(f"/admin/v1/accounts/{created.json()['id']}/keys")
+        made.raise_for_status()
+        return str(made.json()["key"])
+
+    heavy = Account("heavy", key(HEAVY_PACKS), HEAVY_PACKS)
+    lights = [Account(f"light{i + 1}", key(1), 1) for i in range(LIGHTS)]
+    admin.close()
+    return Target(name, base, heavy, lights)
+
+
+class Window:
+    """Counts only what arrives between `open()` and `close()`."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+        self.ended: float | None = None
+
+    def counting(self) -> bool:
+        return self.started is not None and self.ended is None
+
+
+async def one_request(client: httpx.AsyncClient, account: Account, tokens: int, window: Window,
+                      on_ttft: Callable[[float], None] | None = None) -> None:
+    body = {"model": MODEL, "stream": True, "max_tokens": tokens, "ignore_eos": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": f"{account.name} asks {time.monotonic_ns()}"}]}
+    sent = time.perf_counter()
+    first = True
+    async with client.stream("POST", "/v1/chat/completions", json=body,
+                             headers={"authorization": f"Bearer {account.key}"}) as r:
+        if r.status_code != 200:
+            await r.aread()
+            account.errors += 1
+            return
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            choices = event.get("choices") or []
+            if choices and choices[0].get("delta", {}).get("content"):
+                if first:
+                    first = False
+                    if on_ttft is not None:
+                        on_ttft(time.perf_counter() - sent)
+                if window.counting():
+                    account.output += 1
+            usage = event.get("usage")
+            if usage and window.counting():
+                account.prompt += int(usage["prompt_tokens"])
+
+
+async def backlogged(client: httpx.AsyncClient, account: Account, tokens: int, window: Window) -> None:
+    while True:
+        await one_request(client, account, tokens, window)
+
+
+async def interactive(client: httpx.AsyncClient, account: Account, tokens: int, pause_s: float,
+                      window: Window) -> None:
+    def record(ttft: float) -> None:
+        if window.counting():
+            account.ttfts.append(ttft)
+
+    while True:
+        await one_request(client, account, tokens, window, record)
+        await asyncio.sleep(pause_s)
+
+
+Worker = Callable[[httpx.AsyncClient, Window], Awaitable[None]]
+
+
+def flooding(account: Account, tokens: int) -> Worker:
+    return lambda client, window: backlogged(client, account, tokens, window)
+
+
+def pausing(account: Account, tokens: int, pause_s: float) -> Worker:
+    return lambda client, window: interactive(client, account, tokens, pause_s, window)
+
+
+async def run_phase(target: Target, workers: list[Worker],
+                    args: argparse.Namespace, sample: bool) -> float:
+    """Start the workers, count for --window-s after --warmup-s, stop them; returns the window's length."""
+    target.reset()
+    window = Window()
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=target.base, timeout=600, limits=limits) as client:
+        tasks = [asyncio.ensure_future(w(client, window)) for w in workers]
+        await asyncio.sleep(args.warmup_s)
+        window.started = time.monotonic()
+        while time.monotonic() - window.started < args.window_s:
+            await asyncio.sleep(0.2)
+            if sample:
+                now = time.monotonic() - window.started
+                for a in target.all():
+                    a.samples.append((now, a.service()))
+        window.ended = time.monotonic()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return window.ended - window.started
+
+
+def jain(values: list[float]) -> float:
+    total = sum(values)
+    squares = sum(v * v for v in values)
+    return total * total / (len(values) * squares) if squares else float("nan")
+
+
+def largest_gap(accounts: list[Account]) -> float:
+    """The largest difference in weight-normalised service between two accounts at any sample."""
+    gap = 0.0
+    for i in range(min(len(a.samples) for a in accounts)):
+        values = [a.samples[i][1] for a in accounts]
+        gap = max(gap, max(values) - min(values))
+    return gap
+
+
+async def backlogged_phase(target: Target, args: argparse.Namespace) -> dict[str, Any]:
+    workers = [flooding(target.heavy, args.heavy_tokens) for _ in range(HEAVY_PACKS)]
+    workers += [flooding(a, args.light_tokens) for a in target.lights]
+    seconds = await run_phase(target, workers, args, sample=True)
+    total = sum(a.output for a in target.all())
+    weights = sum(a.weight for a in target.all())
+    shares = {a.name: (a.output / total if total else 0.0) for a in target.all()}
+    ratios = {a.name: shares[a.name] / (a.weight / weights) for a in target.all()}
+    return {
+        "scheduler": target.name, "heavy_share": shares["heavy"], "heavy_weight_share": HEAVY_PACKS / weights,
+        "light_share_min": min(shares[a.name] for a in target.lights),
+        "light_share_max": max(shares[a.name] for a in target.lights),
+        "light_weight_share": 1 / weights,
+        "worst_share_ratio": max(ratios.values(), key=lambda r: abs(r - 1)),
+        "jain": jain([a.output / a.weight for a in target.all()]),
+        "max_gap": largest_gap(target.all()),
+        "tokens_per_s": total / seconds,
+        "errors": sum(a.errors for a in target.all()),
+    }
+
+
+async def interactive_phase(target: Target, args: argparse.Namespace, flood: bool) -> dict[str, Any]:
+    workers: list[Worker] = []
+    if flood:
+        workers += [flooding(target.heavy, args.heavy_tokens) for _ in range(HEAVY_PACKS)]
+    workers += [pausing(a, args.interactive_tokens, args.pause_s) for a in target.lights]
+    seconds = await run_phase(target, workers, args, sample=False)
+    ttfts = [t for a in target.lights for t in a.ttfts]
+    return {
+        "scheduler": target.name if flood else f"{target.name}, heavy idle",
+        "light_requests": len(ttfts), "light_ttft_p50_ms": percentile(ttfts, 50) * 1000,
+        "light_ttft_p95_ms": percentile(ttfts, 95) * 1000,
+        "tokens_per_s": sum(a.output for a in target.all()) / seconds,
+        "errors": sum(a.errors for a in target.all()),
+    }
+
+
+async def overhead_phase(target: Target, args: argparse.Namespace) -> dict[str, Any]:
+    light = target.lights[0]
+    ttfts: list[float] = []
+    window = Window()
+    window.started = time.monotonic()
+    async with httpx.AsyncClient(base_url=target.base, timeout=60) as client:
+        for _ in range(args.overhead_requests):
+            await one_request(client, light, args.overhead_tokens, window, ttfts.append)
+    return {"gateway": target.name, "requests": len(ttfts), "ttft_p50_ms": percentile(ttfts, 50) * 1000,
+            "ttft_p95_ms": percentile(ttfts, 95) * 1000}
+
+
+async def measure(targets: dict[str, Target], args: argparse.Namespace) -> dict[str, Any]:
+    fifo, fair, plain = targets["fifo"], targets["fair"], targets["unscheduled"]
+    log("(a) everyone backlogged ...")
+    backlog = [await backlogged_phase(t, args) for t in (fifo, fair)]
+    log("(b) interactive lights under a heavy flood ...")
+    inter = [await interactive_phase(t, args, flood=True) for t in (fifo, fair)]
+    inter.append(await interactive_phase(fair, args, flood=False))
+    log("(c) scheduler overhead, model unsaturated ...")
+    # Alternating rounds, so background load hits both alike.
+    rounds: dict[str, list[dict[str, Any]]] = {"fair": [], "unscheduled": []}
+    for _ in range(args.overhead_rounds):
+        for t in (fair, plain):
+            rounds["fair" if t is fair else "unscheduled"].append(await overhead_phase(t, args))
+    overhead = [{"gateway": name, "requests": sum(r["requests"] for r in rs),
+                 "ttft_p50_ms": sorted(r["ttft_p50_ms"] for r in rs)[len(rs) // 2],
+                 "ttft_p95_ms": sorted(r["ttft_p95_ms"] for r in rs)[len(rs) // 2]} for name, rs in rounds.items()]
+    bound = 2 * (INPUT_WEIGHT * args.prompt_bound + OUTPUT_WEIGHT * args.max_seqs * args.heavy_tokens)
+    fifo_p95, fair_p95 = inter[0]["light_ttft_p95_ms"], inter[1]["light_ttft_p95_ms"]
+    return {"backlogged": backlog, "interactive": inter, "overhead": overhead, "vtc_bound": bound,
+            "fair_vs_fifo_light_p95": fair_p95 / fifo_p95 if fifo_p95 else float("nan"),
+            "fair_vs_fifo_tokens_per_s": inter[1]["tokens_per_s"] / inter[0]["tokens_per_s"],
+            "scheduler_added_p50_ms": overhead[0]["ttft_p50_ms"] - overhead[1]["ttft_p50_ms"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-seqs", type=int, default=4, help="sequences the simulated model runs at once")
+    parser.add_argument("--tokens-per-s", type=float, default=50.0, help="simulated decode speed per sequence")
+    parser.add_argument("--ttft-ms", type=float, default=20.0, help="simulated time to first token")
+    parser.add_argument("--heavy-tokens", type=int, default=256, help="the heavy account's answer length")
+    parser.add_argument("--light-tokens", type=int, default=32, help="the lights' answer length in (a)")
+    parser.add_argument("--interactive-tokens", type=int, default=16, help="the lights' answer length in (b), (c)")
+    parser.add_argument("--pause-s", type=float, default=0.5, help="a light's pause between requests in (b)")
+    parser.add_argument("--window-s", type=float, default=30.0, help="measuring window of each phase")
+    parser.add_argument("--warmup-s", type=float, default=5.0, help="load before each window, not counted")
+    parser.add_argument("--overhead-requests", type=int, default=100, help="requests per round in (c)")
+    parser.add_argument("--overhead-tokens", type=int, default=2, help="answer length in (c)")
+    parser.add_argument("--overhead-rounds", type=int, default=3)
+    parser.add_argument("--prompt-bound", type=int, default=32, help="the longest prompt, in tokens (for the bound)")
+    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line at the end")
+    args = parser.parse_args()
+
+    env = {"PACKSERVE_ADMIN_TOKEN": ADMIN_TOKEN}
+    with ExitStack() as stack:
+        url = stack.enter_context(redis_server())
+        targets: dict[str, Target] = {}
+        for db, (name, mode) in enumerate((("fifo", "fifo"), ("fair", "fair"), ("unscheduled", None))):
+            port = free_port()
+            data_dir = stack.enter_context(_tempdir())
+            stack.enter_context(process(f"gateway-{name}", gateway_argv(port, f"{url[:-1]}{db}", args, mode),
+                                        env={**env, "PACKSERVE_DATA_DIR": data_dir}))
+            base = f"http://127.0.0.1:{port}"
+            wait_up(base)
+            targets[name] = make_accounts(name, base)
+        figures = asyncio.run(measure(targets, args))
+
+    print(f"packserve fairness benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()}")
+    print(f"simulated model: --sim-max-seqs {args.max_seqs}, {args.tokens_per_s:g} tokens/s per sequence, "
+          f"TTFT {args.ttft_ms:g} ms; heavy: {HEAVY_PACKS} packs x {args.heavy_tokens}-token answers; "
+          f"{LIGHTS} lights: 1 pack each")
+    print_table(f"(a) everyone backlogged ({args.window_s:g} s window; lights answer {args.light_tokens} tokens; "
+                f"VTC bound 2U = {figures['vtc_bound']} weighted tokens)", figures["backlogged"],
+                ["scheduler", "heavy_share", "heavy_weight_share", "light_share_min", "light_share_max",
+                 "light_weight_share", "worst_share_ratio", "jain", "max_gap", "tokens_per_s", "errors"])
+    print_table(f"(b) interactive lights ({args.interactive_tokens}-token answers, {args.pause_s:g} s pauses) "
+                "under the heavy flood", figures["interactive"],
+                ["scheduler", "light_requests", "light_ttft_p50_ms", "light_ttft_p95_ms", "tokens_per_s", "errors"])
+    print_table("(c) one light stream, model unsaturated (median of rounds)", figures["overhead"],
+                ["gateway", "requests", "ttft_p50_ms", "ttft_p95_ms"])
+    print(f"\nfair/fifo lights' p95 TTFT under the flood: {figures['fair_vs_fifo_light_p95']:.3f}; "
+          f"fair/fifo total tokens/s: {figures['fair_vs_fifo_tokens_per_s']:.3f}; "
+          f"p50 TTFT the scheduler adds unsaturated: {figures['scheduler_added_p50_ms']:+.2f} ms")
+    if args.json:
+        emit_json({"benchmark": "fairness", "machine": machine(), "cpus": os.cpu_count(), **vars(args), **figures})
+
+
+@contextlib.contextmanager
+def _tempdir() -> Any:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-fairness-") as d:
+        yield d
+
+
+if __name__ == "__main__":
+    main()
