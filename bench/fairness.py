@@ -12,13 +12,17 @@ its own Redis database, so their queues never mix), all up for the whole run:
 `--scheduler fifo --sim-max-seqs N`, `--scheduler fair --sim-max-seqs N`, and
 one without --sim-max-seqs (the model is not capacity-scheduled at all).
 
-Accounts on each gateway: one heavy account with 5 standard packs (weight 5,
-5 concurrency slots) and four light accounts with 1 pack each (weight 1, one
-slot each), so the weight shares are 5/9 and 1/9 each. Every answer has an
-exact length (`ignore_eos`), so the output counts are what was asked.
+The model is the simulated small one, on which a pack holds 2 concurrency
+slots. Accounts on each gateway: one heavy account with 5 standard packs
+(weight 5, 10 slots: more requests out than the model runs at once, as with
+oversold packs) and four light accounts with 1 pack each (weight 1, 2 slots),
+so the weight shares are 5/9 and 1/9 each. Every answer has an exact length
+(`ignore_eos`), so the output counts are what was asked; the heavy account's
+lengths vary from half to one and a half times --heavy-tokens (seeded), so its
+long answers end at different times, as real ones do.
 
 (a) backlogged: every account keeps all its slots busy (closed loops, no
-    pause): the heavy one with --heavy-tokens answers, the lights with
+    pause): the heavy one with its long answers, the lights with
     --light-tokens answers. Over --window-s (after --warmup-s): each account's
     share of the output tokens against its weight share; Jain's index over
     weight-normalised service (output tokens / weight; 1.0 = exactly
@@ -26,7 +30,7 @@ exact length (`ignore_eos`), so the output counts are what was asked.
     (OUTPUT_WEIGHT x output tokens + INPUT_WEIGHT x prompt tokens, per weight)
     between two backlogged accounts at any time in the window, beside the VTC
     bound 2U of the paper (Theorem 4.4, U = w_p x L_input + w_q x M with M the
-    output tokens the model holds in flight: --max-seqs x --heavy-tokens);
+    output tokens the model holds in flight: --max-seqs x the longest answer);
     total output tokens/s.
 (b) interactive: the heavy account floods as in (a); each light account sends
     one --interactive-tokens request, waits for it, pauses --pause-s, and
@@ -50,6 +54,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -66,7 +71,10 @@ import httpx
 from bench.common import emit_json, free_port, log, machine, percentile, print_table, process, redis_server
 from policies.fairness import INPUT_WEIGHT, OUTPUT_WEIGHT
 
-MODEL = "hf:packserve/sim-large"
+# A small model: one pack holds 2 of its slots, so the heavy account has 10 requests out against the
+# model's --max-seqs (its own slots are more than the model runs at once, as oversold packs are).
+MODEL = "hf:packserve/sim-small"
+SLOTS_PER_PACK = 2
 ADMIN_TOKEN = "bench-fairness-admin"
 HEAVY_PACKS = 5
 LIGHTS = 4
@@ -179,9 +187,13 @@ async def one_request(client: httpx.AsyncClient, account: Account, tokens: int, 
                 account.prompt += int(usage["prompt_tokens"])
 
 
-async def backlogged(client: httpx.AsyncClient, account: Account, tokens: int, window: Window) -> None:
+async def backlogged(client: httpx.AsyncClient, account: Account, tokens: int, window: Window,
+                     rng: random.Random | None = None) -> None:
     while True:
-        await one_request(client, account, tokens, window)
+        # With `rng`, lengths vary from half to one and a half times `tokens`, so long answers end at
+        # different times (identical ones started together would free the model's sequences in bursts).
+        length = tokens if rng is None else rng.randint(max(1, tokens // 2), tokens * 3 // 2)
+        await one_request(client, account, length, window)
 
 
 async def interactive(client: httpx.AsyncClient, account: Account, tokens: int, pause_s: float,
@@ -198,8 +210,9 @@ async def interactive(client: httpx.AsyncClient, account: Account, tokens: int, 
 Worker = Callable[[httpx.AsyncClient, Window], Awaitable[None]]
 
 
-def flooding(account: Account, tokens: int) -> Worker:
-    return lambda client, window: backlogged(client, account, tokens, window)
+def flooding(account: Account, tokens: int, seed: int | None = None) -> Worker:
+    rng = None if seed is None else random.Random(seed)
+    return lambda client, window: backlogged(client, account, tokens, window, rng)
 
 
 def pausing(account: Account, tokens: int, pause_s: float) -> Worker:
@@ -245,8 +258,8 @@ def largest_gap(accounts: list[Account]) -> float:
 
 
 async def backlogged_phase(target: Target, args: argparse.Namespace) -> dict[str, Any]:
-    workers = [flooding(target.heavy, args.heavy_tokens) for _ in range(HEAVY_PACKS)]
-    workers += [flooding(a, args.light_tokens) for a in target.lights]
+    workers = [flooding(target.heavy, args.heavy_tokens, i) for i in range(HEAVY_PACKS * SLOTS_PER_PACK)]
+    workers += [flooding(a, args.light_tokens) for a in target.lights for _ in range(SLOTS_PER_PACK)]
     seconds = await run_phase(target, workers, args, sample=True)
     total = sum(a.output for a in target.all())
     weights = sum(a.weight for a in target.all())
@@ -268,7 +281,7 @@ async def backlogged_phase(target: Target, args: argparse.Namespace) -> dict[str
 async def interactive_phase(target: Target, args: argparse.Namespace, flood: bool) -> dict[str, Any]:
     workers: list[Worker] = []
     if flood:
-        workers += [flooding(target.heavy, args.heavy_tokens) for _ in range(HEAVY_PACKS)]
+        workers += [flooding(target.heavy, args.heavy_tokens, i) for i in range(HEAVY_PACKS * SLOTS_PER_PACK)]
     workers += [pausing(a, args.interactive_tokens, args.pause_s) for a in target.lights]
     seconds = await run_phase(target, workers, args, sample=False)
     ttfts = [t for a in target.lights for t in a.ttfts]
@@ -295,26 +308,37 @@ async def overhead_phase(target: Target, args: argparse.Namespace) -> dict[str, 
 
 async def measure(targets: dict[str, Target], args: argparse.Namespace) -> dict[str, Any]:
     fifo, fair, plain = targets["fifo"], targets["fair"], targets["unscheduled"]
-    log("(a) everyone backlogged ...")
-    backlog = [await backlogged_phase(t, args) for t in (fifo, fair)]
-    log("(b) interactive lights under a heavy flood ...")
-    inter = [await interactive_phase(t, args, flood=True) for t in (fifo, fair)]
-    inter.append(await interactive_phase(fair, args, flood=False))
-    log("(c) scheduler overhead, model unsaturated ...")
+    figures: dict[str, Any] = {}
+    if "a" in args.phases:
+        log("(a) everyone backlogged ...")
+        figures["backlogged"] = [await backlogged_phase(t, args) for t in (fifo, fair)]
+    if "b" in args.phases:
+        log("(b) interactive lights under a heavy flood ...")
+        inter = [await interactive_phase(t, args, flood=True) for t in (fifo, fair)]
+        inter.append(await interactive_phase(fair, args, flood=False))
+        figures["interactive"] = inter
+        fifo_p95, fair_p95 = inter[0]["light_ttft_p95_ms"], inter[1]["light_ttft_p95_ms"]
+        figures["fair_vs_fifo_light_p95"] = fair_p95 / fifo_p95 if fifo_p95 else float("nan")
+        figures["fair_vs_fifo_tokens_per_s"] = inter[1]["tokens_per_s"] / inter[0]["tokens_per_s"]
+    if "c" in args.phases:
+        log("(c) scheduler overhead, model unsaturated ...")
+        figures["overhead"] = await overhead(fair, plain, args)
+        figures["scheduler_added_p50_ms"] = figures["overhead"][0]["ttft_p50_ms"] - figures["overhead"][1][
+            "ttft_p50_ms"]
+    figures["vtc_bound"] = 2 * (INPUT_WEIGHT * args.prompt_bound
+                                + OUTPUT_WEIGHT * args.max_seqs * (args.heavy_tokens * 3 // 2))
+    return figures
+
+
+async def overhead(fair: Target, plain: Target, args: argparse.Namespace) -> list[dict[str, Any]]:
     # Alternating rounds, so background load hits both alike.
     rounds: dict[str, list[dict[str, Any]]] = {"fair": [], "unscheduled": []}
     for _ in range(args.overhead_rounds):
         for t in (fair, plain):
             rounds["fair" if t is fair else "unscheduled"].append(await overhead_phase(t, args))
-    overhead = [{"gateway": name, "requests": sum(r["requests"] for r in rs),
-                 "ttft_p50_ms": sorted(r["ttft_p50_ms"] for r in rs)[len(rs) // 2],
-                 "ttft_p95_ms": sorted(r["ttft_p95_ms"] for r in rs)[len(rs) // 2]} for name, rs in rounds.items()]
-    bound = 2 * (INPUT_WEIGHT * args.prompt_bound + OUTPUT_WEIGHT * args.max_seqs * args.heavy_tokens)
-    fifo_p95, fair_p95 = inter[0]["light_ttft_p95_ms"], inter[1]["light_ttft_p95_ms"]
-    return {"backlogged": backlog, "interactive": inter, "overhead": overhead, "vtc_bound": bound,
-            "fair_vs_fifo_light_p95": fair_p95 / fifo_p95 if fifo_p95 else float("nan"),
-            "fair_vs_fifo_tokens_per_s": inter[1]["tokens_per_s"] / inter[0]["tokens_per_s"],
-            "scheduler_added_p50_ms": overhead[0]["ttft_p50_ms"] - overhead[1]["ttft_p50_ms"]}
+    return [{"gateway": name, "requests": sum(r["requests"] for r in rs),
+             "ttft_p50_ms": sorted(r["ttft_p50_ms"] for r in rs)[len(rs) // 2],
+             "ttft_p95_ms": sorted(r["ttft_p95_ms"] for r in rs)[len(rs) // 2]} for name, rs in rounds.items()]
 
 
 def main() -> None:
@@ -332,6 +356,7 @@ def main() -> None:
     parser.add_argument("--overhead-tokens", type=int, default=2, help="answer length in (c)")
     parser.add_argument("--overhead-rounds", type=int, default=3)
     parser.add_argument("--prompt-bound", type=int, default=32, help="the longest prompt, in tokens (for the bound)")
+    parser.add_argument("--phases", default="abc", help="which of the phases (a), (b), (c) to run")
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line at the end")
     args = parser.parse_args()
 
@@ -351,20 +376,25 @@ def main() -> None:
 
     print(f"packserve fairness benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()}")
     print(f"simulated model: --sim-max-seqs {args.max_seqs}, {args.tokens_per_s:g} tokens/s per sequence, "
-          f"TTFT {args.ttft_ms:g} ms; heavy: {HEAVY_PACKS} packs x {args.heavy_tokens}-token answers; "
-          f"{LIGHTS} lights: 1 pack each")
-    print_table(f"(a) everyone backlogged ({args.window_s:g} s window; lights answer {args.light_tokens} tokens; "
+          f"TTFT {args.ttft_ms:g} ms; {MODEL}; heavy: {HEAVY_PACKS} packs, {HEAVY_PACKS * SLOTS_PER_PACK} streams of "
+          f"{args.heavy_tokens // 2}-{args.heavy_tokens * 3 // 2}-token answers; {LIGHTS} lights: 1 pack each")
+    if "backlogged" in figures:
+        print_table(f"(a) everyone backlogged ({args.window_s:g} s window; lights answer {args.light_tokens} tokens; "
                 f"VTC bound 2U = {figures['vtc_bound']} weighted tokens)", figures["backlogged"],
                 ["scheduler", "heavy_share", "heavy_weight_share", "light_share_min", "light_share_max",
                  "light_weight_share", "worst_share_ratio", "jain", "max_gap", "tokens_per_s", "errors"])
-    print_table(f"(b) interactive lights ({args.interactive_tokens}-token answers, {args.pause_s:g} s pauses) "
+    if "interactive" in figures:
+        print_table(f"(b) interactive lights ({args.interactive_tokens}-token answers, {args.pause_s:g} s pauses) "
                 "under the heavy flood", figures["interactive"],
                 ["scheduler", "light_requests", "light_ttft_p50_ms", "light_ttft_p95_ms", "tokens_per_s", "errors"])
-    print_table("(c) one light stream, model unsaturated (median of rounds)", figures["overhead"],
+    if "overhead" in figures:
+        print_table("(c) one light stream, model unsaturated (median of rounds)", figures["overhead"],
                 ["gateway", "requests", "ttft_p50_ms", "ttft_p95_ms"])
-    print(f"\nfair/fifo lights' p95 TTFT under the flood: {figures['fair_vs_fifo_light_p95']:.3f}; "
-          f"fair/fifo total tokens/s: {figures['fair_vs_fifo_tokens_per_s']:.3f}; "
-          f"p50 TTFT the scheduler adds unsaturated: {figures['scheduler_added_p50_ms']:+.2f} ms")
+    if "interactive" in figures:
+        print(f"\nfair/fifo lights' p95 TTFT under the flood: {figures['fair_vs_fifo_light_p95']:.3f}; "
+              f"fair/fifo total tokens/s: {figures['fair_vs_fifo_tokens_per_s']:.3f}")
+    if "overhead" in figures:
+        print(f"p50 TTFT the scheduler adds, model unsaturated: {figures['scheduler_added_p50_ms']:+.2f} ms")
     if args.json:
         emit_json({"benchmark": "fairness", "machine": machine(), "cpus": os.cpu_count(), **vars(args), **figures})
 

@@ -59,7 +59,7 @@ class CapacityBook:
             m.seq += 1
             m.wait[entry_id] = m.seq
         m.wexp[entry_id] = now + wait_ttl_ms
-        self._fill(m, terms, now)
+        self._fill(m, terms, now, caller=entry_id)
         if entry_id in m.run:
             return CapacityGranted(m.run[entry_id])
         return CapacityWaiting(len(m.wait), min(m.run.values()) if m.run else None)
@@ -135,7 +135,7 @@ class CapacityBook:
             del m.wexp[entry]
             self._forget(m, entry)
 
-    def _fill(self, m: _Model, terms: CapacityTerms, now: int) -> None:
+    def _fill(self, m: _Model, terms: CapacityTerms, now: int, caller: str | None = None) -> None:
         m.capacity = terms.capacity
         while dispatch_allows(len(m.run), terms.capacity) and m.wait:
             chosen = pick((Waiting(seq, m.owner[e]) for e, seq in m.wait.items()), m.vtc, terms.mode)
@@ -144,7 +144,8 @@ class CapacityBook:
             del m.wait[entry]
             m.wexp.pop(entry, None)
             m.run[entry] = now + terms.lease_ttl_ms
-            self._granted(terms.model, entry)
+            if entry != caller:  # the caller learns of its own grant from the reply
+                self._granted(terms.model, entry)
 
 
 def _by_counter(loads: list[AccountLoad]) -> tuple[AccountLoad, ...]:

@@ -19,7 +19,7 @@ if not redis.call('ZSCORE', KEYS[3], entry) then
   redis.call('ZADD', KEYS[3], redis.call('HINCRBY', KEYS[7], 'seq', 1), entry)
 end
 redis.call('ZADD', KEYS[4], fmt(a.now + wait_ttl), entry)
-fill(a)
+fill(a, entry)
 held = redis.call('ZSCORE', KEYS[1], entry)
 if held then return {'granted', held} end
 return {'waiting', fmt(redis.call('ZCARD', KEYS[3])), earliest_expiry()}

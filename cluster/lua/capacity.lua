@@ -77,7 +77,9 @@ local function expire(now)
 end
 
 -- Work-conserving: dispatch waiting entries while the model has a free sequence.
-local function fill(a)
+-- `caller` (or nil) is the calling request's own entry: it learns of its grant from the reply, so
+-- nobody is woken for it.
+local function fill(a, caller)
   redis.call('HSET', KEYS[7], 'cap', fmt(a.capacity))
   while redis.call('ZCARD', KEYS[1]) < a.capacity do
     local flat = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
@@ -92,7 +94,7 @@ local function fill(a)
     redis.call('ZREM', KEYS[3], w.entry)
     redis.call('ZREM', KEYS[4], w.entry)
     redis.call('ZADD', KEYS[1], fmt(a.now + a.ttl), w.entry)
-    redis.call('PUBLISH', a.wake .. w.entry, '1')
+    if w.entry ~= caller then redis.call('PUBLISH', a.wake .. w.entry, '1') end
   end
 end
 
