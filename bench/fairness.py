@@ -43,8 +43,22 @@ long answers end at different times, as real ones do.
     through the store's capacity scripts) and on the unscheduled gateway:
     the p50 TTFT the scheduler adds.
 
+`--vllm`: instead, the Ray Serve + vLLM stack with the embedded model
+(`build_app` of serve_apps/configs/local.yaml with its chat model alone, as
+bench/serving.py deploys it: SmolLM2-135M on CPU, max_num_seqs 16, so the
+scheduler's capacity is 16), started twice, once per scheduler (fifo, then
+fair), never two engines at once. On each: a light account (1 pack) sends
+short streamed requests one after another (--vllm-light-tokens), first alone
+(--vllm-window-s), then while a payg account runs --vllm-heavy-streams
+streams (more than max_num_seqs) of --vllm-heavy-tokens answers: the light
+account's p50/p95 TTFT alone and under the flood, and the total output
+tokens/s under the flood. Minutes per scheduler (two vLLM starts):
+
+    .venv/bin/python bench/fairness.py --vllm [--vllm-window-s 45] [--json]
+
 Caveat: the load generator (this process: asyncio + httpx) shares the
-machine's cores with the gateways and redis-server.
+machine's cores with the gateways and redis-server (and with --vllm, the
+engine).
 """
 
 from __future__ import annotations
@@ -85,6 +99,7 @@ class Account:
     name: str
     key: str
     weight: int
+    model: str = MODEL
     output: int = 0  # output tokens received in the measuring window
     prompt: int = 0
     samples: list[tuple[float, float]] = field(default_factory=list)  # (t, weight-normalised service)
@@ -159,7 +174,7 @@ class Window:
 
 async def one_request(client: httpx.AsyncClient, account: Account, tokens: int, window: Window,
                       on_ttft: Callable[[float], None] | None = None) -> None:
-    body = {"model": MODEL, "stream": True, "max_tokens": tokens, "ignore_eos": True,
+    body = {"model": account.model, "stream": True, "max_tokens": tokens, "ignore_eos": True,
             "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": f"{account.name} asks {time.monotonic_ns()}"}]}
     sent = time.perf_counter()
@@ -341,6 +356,101 @@ async def overhead(fair: Target, plain: Target, args: argparse.Namespace) -> lis
              "ttft_p95_ms": sorted(r["ttft_p95_ms"] for r in rs)[len(rs) // 2]} for name, rs in rounds.items()]
 
 
+# ----------------------------------------------------------------- Ray Serve + vLLM (--vllm)
+
+
+@contextlib.contextmanager
+def vllm_stack(data_dir: Path, redis_url: str, mode: str) -> Any:
+    """local.yaml's chat model on Ray Serve + vLLM (bench/serving.py's deployment) with scheduler `mode`.
+
+    Yields (gateway base URL, admin token, model id).
+    """
+    import secrets
+
+    from ray import serve
+
+    from bench.serving import START_TIMEOUT_S, packserve_config
+    from serve_apps import ray_env
+    from serve_apps.catalog_build import SMOLLM_ID
+    from serve_apps.ray_app import APP_NAME, build_app
+    from serve_apps.serving_plan import deployment_name
+
+    port = free_port()
+    admin_token = secrets.token_urlsafe(16)
+    config = packserve_config(data_dir, redis_url, port)
+    config = config.model_copy(update={"scheduler": config.scheduler.model_copy(update={"mode": mode})})
+    log(f"vllm ({mode}): starting Ray and Serve on port {port}")
+    node = ray_env.init_local(ray_env.engine_cpu_split(), include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
+        serve.run(build_app(config, admin_token=admin_token), name=APP_NAME, route_prefix="/", blocking=False)
+        handle = serve.get_deployment_handle(deployment_name(SMOLLM_ID), app_name=APP_NAME)
+        handle.ready.remote().result(timeout_s=START_TIMEOUT_S)
+        handle.shutdown()  # type: ignore[no-untyped-call]
+        base = f"http://127.0.0.1:{port}"
+        wait_up(base)
+        yield base, admin_token, SMOLLM_ID
+    finally:
+        log(f"vllm ({mode}): stopping Ray")
+        try:
+            serve.shutdown()  # type: ignore[no-untyped-call]
+        finally:
+            ray_env.shutdown_local(node)
+
+
+def vllm_accounts(base: str, admin_token: str, model: str, mode: str, args: argparse.Namespace) -> Target:
+    """A payg account with a stream per --vllm-heavy-streams, and a light one with 1 pack."""
+    admin = httpx.Client(base_url=base, headers={"authorization": f"Bearer {admin_token}"}, timeout=30)
+
+    def key(account: dict[str, Any]) -> str:
+        created = admin.post("/admin/v1/accounts", json={"name": "bench-fairness", **account})
+        created.raise_for_status()
+        made = admin.post(f"/admin/v1/accounts/{created.json()['id']}/keys")
+        made.raise_for_status()
+        return str(made.json()["key"])
+
+    heavy = Account("payg", key({"plan": "payg", "concurrency": args.vllm_heavy_streams}), 1, model)
+    light = Account("light", key({"plan": "subscription", "packs": ["standard"]}), 1, model)
+    admin.close()
+    return Target(mode, base, heavy, [light])
+
+
+async def vllm_scenario(target: Target, mode: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    heavy, light = target.heavy, target.lights[0]
+    rows = []
+    for flood in (False, True):
+        workers: list[Worker] = [pausing(light, args.vllm_light_tokens, 0.0)]
+        if flood:
+            workers += [flooding(heavy, args.vllm_heavy_tokens) for _ in range(args.vllm_heavy_streams)]
+        window = argparse.Namespace(warmup_s=args.warmup_s, window_s=args.vllm_window_s)
+        seconds = await run_phase(target, workers, window, sample=False)
+        rows.append({"scheduler": mode if flood else f"{mode}, light alone", "light_requests": len(light.ttfts),
+                     "light_ttft_p50_ms": percentile(light.ttfts, 50) * 1000,
+                     "light_ttft_p95_ms": percentile(light.ttfts, 95) * 1000,
+                     "tokens_per_s": (heavy.output + light.output) / seconds,
+                     "errors": heavy.errors + light.errors})
+        log(f"vllm ({rows[-1]['scheduler']}): light p50/p95 TTFT {rows[-1]['light_ttft_p50_ms']:.0f} / "
+            f"{rows[-1]['light_ttft_p95_ms']:.0f} ms")
+    return rows
+
+
+def run_vllm(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.serving import embedded_models
+    from serve_apps.catalog_build import SMOLLM_ID
+
+    data_dir, _ = embedded_models(args, (SMOLLM_ID,))
+    rows: list[dict[str, Any]] = []
+    with redis_server() as url:
+        for db, mode in enumerate(("fifo", "fair")):
+            with vllm_stack(data_dir, f"{url[:-1]}{db}", mode) as (base, token, model):
+                target = vllm_accounts(base, token, model, mode, args)
+                rows += asyncio.run(vllm_scenario(target, mode, args))
+    fifo = next(r for r in rows if r["scheduler"] == "fifo")
+    fair = next(r for r in rows if r["scheduler"] == "fair")
+    return {"vllm": rows, "fair_vs_fifo_light_p95": fair["light_ttft_p95_ms"] / fifo["light_ttft_p95_ms"],
+            "fair_vs_fifo_tokens_per_s": fair["tokens_per_s"] / fifo["tokens_per_s"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-seqs", type=int, default=4, help="sequences the simulated model runs at once")
@@ -357,8 +467,31 @@ def main() -> None:
     parser.add_argument("--overhead-rounds", type=int, default=3)
     parser.add_argument("--prompt-bound", type=int, default=32, help="the longest prompt, in tokens (for the bound)")
     parser.add_argument("--phases", default="abc", help="which of the phases (a), (b), (c) to run")
+    parser.add_argument("--vllm", action="store_true", help="the Ray Serve + vLLM scenario instead (see above)")
+    parser.add_argument("--vllm-heavy-streams", type=int, default=24, help="the payg account's streams")
+    parser.add_argument("--vllm-heavy-tokens", type=int, default=256)
+    parser.add_argument("--vllm-light-tokens", type=int, default=16)
+    parser.add_argument("--vllm-window-s", type=float, default=45.0)
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="--vllm: where the embedded model is built (default: PACKSERVE_DATA_DIR or "
+                             "~/.local/share)")
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line at the end")
     args = parser.parse_args()
+    if args.vllm:
+        vllm_figures = run_vllm(args)
+        print(f"packserve fairness benchmark on Ray Serve + vLLM, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
+              f"{machine()}")
+        print_table(f"light account ({args.vllm_light_tokens}-token answers, one after another), alone and "
+                    f"beside a payg account's {args.vllm_heavy_streams} streams of {args.vllm_heavy_tokens} tokens "
+                    "(max_num_seqs 16)", vllm_figures["vllm"],
+                    ["scheduler", "light_requests", "light_ttft_p50_ms", "light_ttft_p95_ms", "tokens_per_s",
+                     "errors"])
+        print(f"\nfair/fifo light p95 TTFT under the flood: {vllm_figures['fair_vs_fifo_light_p95']:.3f}; "
+              f"fair/fifo total tokens/s: {vllm_figures['fair_vs_fifo_tokens_per_s']:.3f}")
+        if args.json:
+            emit_json({"benchmark": "fairness-vllm", "machine": machine(), **vars(args),
+                       "data_dir": str(args.data_dir), **vllm_figures})
+        return
 
     env = {"PACKSERVE_ADMIN_TOKEN": ADMIN_TOKEN}
     with ExitStack() as stack:
@@ -407,5 +540,5 @@ def _tempdir() -> Any:
         yield d
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # vLLM and Ray spawn processes that re-import this module
     main()
