@@ -212,7 +212,9 @@ class AppConfig(StrictModel):
         if m is not None and m.max_inflight is not None:
             return m.max_inflight
         if self.engine == "vllm" and m is not None and m.vllm is not None:
-            return m.vllm.max_num_seqs
+            # Ray Serve sends a replica at most max_ongoing_requests and queues the rest in arrival order
+            # in its router: more than that is not the engine's to run.
+            return min(m.vllm.max_num_seqs, m.max_ongoing_requests)
         if self.engine == "sim" and (m is None or m.kind != "embeddings"):
             return self.sim.max_seqs
         return None

@@ -16,6 +16,7 @@ VLLM_MODELS = [
     {"id": "hf:org/chat", "kind": "chat", "vllm": {"model": "/m", "max_num_seqs": 16}},
     {"id": "hf:org/capped", "kind": "chat", "max_inflight": 3, "vllm": {"model": "/m", "max_num_seqs": 16}},
     {"id": "hf:org/adapter", "kind": "lora", "base_model": "hf:org/chat"},
+    {"id": "hf:org/wide", "kind": "chat", "max_ongoing_requests": 64, "vllm": {"model": "/m"}},
     {"id": "hf:org/embed", "kind": "embeddings", "size_class": "unmetered"},
 ]
 
@@ -60,6 +61,8 @@ def test_vllm_capacity_follows_live_replicas_and_max_inflight() -> None:
     assert capacity("hf:org/chat") == 48  # max_num_seqs x running replicas
     assert capacity("hf:org/capped") == 6  # max_inflight overrides the engine's limit
     assert capacity("hf:org/embed") is None
+    # vLLM's default 256 sequences, but Ray Serve sends a replica at most its max_ongoing_requests.
+    assert capacity("hf:org/wide") == 64
     assert config.queue_model("hf:org/adapter") == "hf:org/chat"  # adapters share their base's sequences
     replicas["hf:org/chat"] = 0  # scaled to zero: requests wait for its cold start before admission
     assert capacity("hf:org/chat") == 16
