@@ -494,6 +494,7 @@ def main() -> None:
         return
 
     env = {"PACKSERVE_ADMIN_TOKEN": ADMIN_TOKEN}
+    load_before = os.getloadavg()
     with ExitStack() as stack:
         url = stack.enter_context(redis_server())
         targets: dict[str, Target] = {}
@@ -506,11 +507,15 @@ def main() -> None:
             wait_up(base)
             targets[name] = make_accounts(name, base)
         figures = asyncio.run(measure(targets, args))
+    # A shared machine: how busy it was says how far to trust the figures.
+    figures["load_average_before"], figures["load_average_after"] = load_before, os.getloadavg()
 
     print(f"packserve fairness benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()}")
     print(f"simulated model: --sim-max-seqs {args.max_seqs}, {args.tokens_per_s:g} tokens/s per sequence, "
           f"TTFT {args.ttft_ms:g} ms; {MODEL}; heavy: {HEAVY_PACKS} packs, {HEAVY_PACKS * SLOTS_PER_PACK} streams of "
           f"{args.heavy_tokens // 2}-{args.heavy_tokens * 3 // 2}-token answers; {LIGHTS} lights: 1 pack each")
+    print(f"load average (1, 5, 15 min) before: {figures['load_average_before']}, "
+          f"after: {figures['load_average_after']}")
     if "backlogged" in figures:
         print_table(f"(a) everyone backlogged ({args.window_s:g} s window; lights answer {args.light_tokens} tokens; "
                 f"VTC bound 2U = {figures['vtc_bound']} weighted tokens)", figures["backlogged"],
