@@ -99,7 +99,7 @@ class CapacityAttempt:
         self._started = time.monotonic()
         # Registered before the first store step, so a dispatch right after it is not missed.
         self._waiter = scheduler.store.capacity_waiter(terms.model, self.entry)
-        self._queued = False
+        self._last: CapacityOutcome | None = None
         self._done = False
 
     def waited_s(self) -> float:
@@ -127,17 +127,18 @@ class CapacityAttempt:
             raise
         if isinstance(outcome, CapacityGranted):
             return self._granted()
-        self._queued = True
         self._last = outcome
         return None
 
     async def wait(self) -> CapacityHold:
         """Wait for the grant; raises Overloaded past the bound."""
+        if self._last is None:
+            raise RuntimeError("wait() follows a try_now() that queued the request")
         s = self._s
         model = self.terms.model
         s.load.waiting[model] = s.load.waiting.get(model, 0) + 1
         try:
-            outcome: CapacityOutcome = self._last
+            outcome = self._last
             while True:
                 remaining = self._timeout_s - (time.monotonic() - self._started)
                 if remaining <= 0:
@@ -206,6 +207,10 @@ class Scheduler:
         now = self.clock()
         return time.time_ns() // 1_000_000 if now is None else now
 
+    def _current(self, hold: CapacityHold) -> CapacityTerms:
+        """The hold's terms with the model's capacity as it is now (replicas come and go)."""
+        return self.terms(hold.terms.model) or hold.terms
+
     def _units(self, hold: CapacityHold, service: int) -> int:
         return max(hold.charged, counter_units(service, hold.weight))
 
@@ -222,10 +227,17 @@ class Scheduler:
                 await asyncio.sleep(period)
                 units = self._units(hold, service())
                 try:
-                    await self.store.capacity_renew(hold.terms, hold.entry_id, units, self.clock())
-                    hold.charged = units
+                    renewed = await self.store.capacity_renew(self._current(hold), hold.entry_id, units, self.clock())
                 except StoreError:
                     log.warning("capacity renewal failed", extra={"entry": hold.entry_id, "model": hold.terms.model})
+                    continue
+                hold.charged = units
+                if not renewed:
+                    # Its lease expired (the store was away longer than the TTL): the sequence may be
+                    # someone else's now, so this response runs over capacity until it ends.
+                    log.warning("capacity lease lost while streaming", extra={
+                        "entry": hold.entry_id, "model": hold.terms.model})
+                    return
 
         task = asyncio.get_running_loop().create_task(_loop())
         try:
@@ -245,7 +257,7 @@ class Scheduler:
 
     async def _release(self, hold: CapacityHold, units: int) -> None:
         try:
-            await self.store.capacity_release(hold.terms, hold.entry_id, units, self.clock())
+            await self.store.capacity_release(self._current(hold), hold.entry_id, units, self.clock())
         except StoreError:
             # Its lease expires within the TTL and frees the sequence; only this response's counting is lost.
             log.warning("capacity release failed; the lease will expire", extra={

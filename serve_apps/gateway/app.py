@@ -113,6 +113,7 @@ class GatewayRuntime:
         out = self.stats()
         out["scheduler"] = self.config.scheduler.mode.value
         out["capacity_waiting_here"] = sum(self.scheduler.load.waiting.values())
+        out["overloaded_here"] = self.scheduler.load.overloaded
         out["capacity"] = [{
             "model": s.model, "capacity": s.capacity, "in_flight": s.in_flight, "waiting": s.waiting,
             # Counters in policies.fairness units; weighted_tokens_per_weight is the same divided back.
