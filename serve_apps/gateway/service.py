@@ -1,9 +1,9 @@
 """The protocol-neutral core of every metered request.
 
 auth → model → admission (queueing) → wait for model capacity → dispatch →
-settlement, shared by the
-OpenAI and Anthropic routes, streaming or not, so there is exactly one
-settlement path for every kind of response (no "$0 for streams" bugs).
+settlement, shared by the OpenAI and Anthropic routes, streaming or not, so
+there is exactly one settlement path for every kind of response (no "$0 for
+streams" bugs).
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ class GatewayService:
                            f"{self.scheduler.timeout_s:g} s; this request was not charged. Retry after "
                            f"{exc.retry_after_s} s.", "overloaded", headers=headers) from None
         except StoreError as exc:
-            self._unserved(ticket, "overloaded")
+            self._unserved(ticket, "error")  # never dispatched: refunded like a failure before the first token
             log.error("store unavailable while waiting for capacity", extra={"error": str(exc)})
             raise ApiError(503, "the quota store is unavailable, retry shortly", "store_unavailable",
                            headers={"retry-after": "5"}) from None
