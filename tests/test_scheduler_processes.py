@@ -4,8 +4,9 @@ Each process runs its own simulated engine with `--sim-max-seqs 2`, so the
 engines alone would run 4 sequences; the shared scheduler must keep the model
 at 2 across both, dispatch by the virtual token counters, and give a
 SIGKILLed gateway's sequences back when their leases expire (a short lease TTL
-from the config file; the waiting request's wait bound is a few TTLs, so it is
-served only if the capacity came back).
+from the config file; the waiting request's wait bound is a few TTLs while the
+dead gateway's streams would run for a minute, so it is served only if the
+capacity came back by expiry).
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from typing import Any
 
 import httpx
 import pytest
+from redis import Redis
 
 from tests.live_gateway import ADMIN_TOKEN, free_port
 
 LARGE = "hf:packserve/sim-large"
 LEASE_TTL_S = 1.0
-WAIT_BOUND_S = 3 * LEASE_TTL_S
-TOKENS_PER_S = 20
+WAIT_BOUND_S = 6 * LEASE_TTL_S
+TOKENS_PER_S = 40
 CONFIG = f"""
 scheduler:
   mode: fair
@@ -129,14 +131,15 @@ def until(check: Any, what: str, attempts: int = 1000) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def load(gw: Gateway) -> int:
-    c = gw.capacity()
-    return int(c["in_flight"]) + int(c["waiting"])
+def arrivals(redis: Redis) -> int:
+    """Requests that have asked for the model so far (the store's arrival sequence: it only grows)."""
+    return int(redis.hget(f"packserve:cap:{{{LARGE}}}:meta", "seq") or 0)
 
 
-def test_two_gateways_share_capacity_and_dispatch_by_counter(gateways: list[Gateway]) -> None:
+def test_two_gateways_share_capacity_and_dispatch_by_counter(gateways: list[Gateway], redis_url: str) -> None:
     heavy = gateways[0].key(plan="payg", concurrency=8)
     lights = [gateways[0].key(plan="subscription", packs=["standard"]) for _ in range(2)]
+    redis = Redis.from_url(redis_url)
     peak = {"in_flight": 0}
     sampling = threading.Event()
 
@@ -149,21 +152,25 @@ def test_two_gateways_share_capacity_and_dispatch_by_counter(gateways: list[Gate
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     streams: list[Stream] = []
-    # A known arrival order: each request is dispatched or waiting before the next one is sent.
-    for i in range(4):
-        streams.append(Stream(gateways[i % 2], heavy, 10, f"H{i + 1}"))
-        until(lambda n=i + 1: load(gateways[0]) >= n, f"H{i + 1} to arrive")
+    # A known arrival order: each request has asked for the model before the next one is sent. The first
+    # two are long, so both still run (and the heavy account's counter has grown at their renewals) when
+    # the light ones arrive, however slowly a loaded machine sends them.
+    for i, tokens in enumerate((80, 80, 10, 10)):
+        streams.append(Stream(gateways[i % 2], heavy, tokens, f"H{i + 1}"))
+        until(lambda n=i + 1: arrivals(redis) >= n, f"H{i + 1} to arrive")
     for j, key in enumerate(lights):
         streams.append(Stream(gateways[(j + 1) % 2], key, 10, f"L{j + 1}"))
-        until(lambda n=j + 3: gateways[0].capacity()["waiting"] >= n, f"L{j + 1} to arrive")
+        until(lambda n=j + 5: arrivals(redis) >= n, f"L{j + 1} to arrive")
     for s in streams:
         s.join()
     sampling.set()
     sampler.join(10)
+    redis.close()
     assert [s.status for s in streams] == [200] * 6
     order = [s.name for s in sorted(streams, key=lambda s: s.first or float("inf"))]
-    # The heavy account had been served (H1, H2) when the lights arrived idle: each light request goes
-    # before the heavy account's waiting ones (fifo would serve H3, H4 first).
+    # The heavy account had been served (H1, H2, counted at their renewals) when the lights arrived idle
+    # and were lifted to its counter: each light request goes before the heavy account's waiting ones
+    # (fifo would serve H3, H4 first).
     assert order[:2] == ["H1", "H2"] or order[:2] == ["H2", "H1"], order
     assert order[2:4] == ["L1", "L2"], order
     assert sorted(order[4:]) == ["H3", "H4"], order
@@ -184,7 +191,8 @@ def test_a_sigkilled_gateways_capacity_comes_back_within_the_lease_ttl(gateways:
     until(lambda: survivor.capacity()["waiting"] == 1, "the survivor's request to wait")
     doomed.proc.send_signal(signal.SIGKILL)
     doomed.proc.wait(10)
-    # The waiter's bound is a few lease TTLs: it is served only if the dead gateway's leases expired.
+    # The waiter's bound is a few lease TTLs, the dead streams' length a minute: it is served only if the
+    # dead gateway's leases expired.
     waiter.join()
     for h in holders:
         h.join()
