@@ -39,9 +39,11 @@ long answers end at different times, as real ones do.
     (measured on the fair gateway; the model is then unsaturated); total
     output tokens/s under the flood.
 (c) overhead: one light account, one request at a time (--overhead-tokens,
-    no pause, --overhead-rounds rounds taking turns) on the fair gateway (the model unsaturated: every request goes
-    through the store's capacity scripts) and on the unscheduled gateway:
-    the p50 TTFT the scheduler adds.
+    no pause, --overhead-rounds rounds taking turns) on the fair gateway (the
+    model unsaturated: every request goes through the store's capacity
+    scripts) and on the unscheduled gateway: the p50 TTFT the scheduler adds;
+    and the scheduler's store step alone, timed in this process: one
+    `capacity_acquire` (the Lua script) on a free sequence, on the same Redis.
 
 `--vllm`: instead, the Ray Serve + vLLM stack with the embedded model
 (`build_app` of serve_apps/configs/local.yaml with its chat model alone, as
@@ -340,9 +342,31 @@ async def measure(targets: dict[str, Target], args: argparse.Namespace) -> dict[
         figures["overhead"] = await overhead(fair, plain, args)
         figures["scheduler_added_p50_ms"] = figures["overhead"][0]["ttft_p50_ms"] - figures["overhead"][1][
             "ttft_p50_ms"]
+        figures["store_step"] = await store_step(args.redis_url, args)
     figures["vtc_bound"] = 2 * (INPUT_WEIGHT * args.prompt_bound
                                 + OUTPUT_WEIGHT * args.max_seqs * (args.heavy_tokens * 3 // 2))
     return figures
+
+
+async def store_step(redis_url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The scheduler's own step on a free sequence, alone: one `capacity_acquire` on the Redis store."""
+    from cluster.redis_store import RedisStore
+    from cluster.store import CapacityTerms
+    from policies.fairness import SchedulerMode
+
+    store = await RedisStore.connect(redis_url, request_unit=1)
+    terms = CapacityTerms("hf:bench/step", args.max_seqs, SchedulerMode.FAIR, 30_000)
+    acquire: list[float] = []
+    try:
+        for i in range(args.overhead_requests * args.overhead_rounds):
+            started = time.perf_counter()
+            await store.capacity_acquire(terms, "acct", f"e{i}", 60_000)
+            acquire.append(time.perf_counter() - started)
+            await store.capacity_release(terms, f"e{i}", 0)
+    finally:
+        await store.close()
+    return {"steps": len(acquire), "acquire_p50_ms": percentile(acquire, 50) * 1000,
+            "acquire_p95_ms": percentile(acquire, 95) * 1000}
 
 
 async def overhead(fair: Target, plain: Target, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -506,6 +530,7 @@ def main() -> None:
             base = f"http://127.0.0.1:{port}"
             wait_up(base)
             targets[name] = make_accounts(name, base)
+        args.redis_url = f"{url[:-1]}3"
         figures = asyncio.run(measure(targets, args))
     # A shared machine: how busy it was says how far to trust the figures.
     figures["load_average_before"], figures["load_average_after"] = load_before, os.getloadavg()
@@ -532,7 +557,10 @@ def main() -> None:
         print(f"\nfair/fifo lights' p95 TTFT under the flood: {figures['fair_vs_fifo_light_p95']:.3f}; "
               f"fair/fifo total tokens/s: {figures['fair_vs_fifo_tokens_per_s']:.3f}")
     if "overhead" in figures:
-        print(f"p50 TTFT the scheduler adds, model unsaturated: {figures['scheduler_added_p50_ms']:+.2f} ms")
+        step = figures["store_step"]
+        print(f"p50 TTFT the scheduler adds, model unsaturated: {figures['scheduler_added_p50_ms']:+.2f} ms; "
+              f"its store step alone (capacity_acquire on Redis, {step['steps']} calls): p50 "
+              f"{step['acquire_p50_ms']:.3f} ms, p95 {step['acquire_p95_ms']:.3f} ms")
     if args.json:
         emit_json({"benchmark": "fairness", "machine": machine(), "cpus": os.cpu_count(), **vars(args), **figures})
 
