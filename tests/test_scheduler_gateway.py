@@ -46,7 +46,7 @@ class Holder:
     """A long stream that holds the model's only sequence until closed."""
 
     def __init__(self, gw: LiveGateway) -> None:
-        _, key = gw.new_key(["standard"])
+        self.account_id, key = gw.new_key(["standard"])
         self._client = httpx.Client(base_url=gw.base_url, timeout=30, headers={"authorization": f"Bearer {key}"})
         body = {"model": LARGE, "stream": True, "max_tokens": 2000, "ignore_eos": True,
                 "messages": [{"role": "user", "content": "hold the model"}]}
@@ -140,7 +140,7 @@ def test_a_client_that_hangs_up_while_waiting_leaves_the_queue_uncharged(redis_s
 
 def test_queue_time_header_stats_and_metrics(redis_server: RedisServer, tmp_path: Path) -> None:
     with LiveGateway(redis_url=redis_server.url, data_dir=tmp_path, tokens_per_s=100, sim_max_seqs=1,
-                     scheduler={"queue_timeout_s": 30, "poll_interval_s": 0.05}) as g:
+                     scheduler={"queue_timeout_s": 30, "poll_interval_s": 0.05, "charge_interval_s": 0.05}) as g:
         account_id, key = g.new_key(["standard", "standard"])
         client = openai.OpenAI(base_url=f"{g.base_url}/v1", api_key=key, max_retries=0, timeout=30)
         raw = client.chat.completions.with_raw_response.create(
@@ -169,6 +169,13 @@ def test_queue_time_header_stats_and_metrics(redis_server: RedisServer, tmp_path
             assert (stats["capacity"], stats["in_flight"], stats["waiting"]) == (1, 1, 1)
             top = {a["account_id"]: a for a in stats["top_accounts"]}
             assert top[account_id]["waiting"] == 1
+            # The holder's counter grows at its renewals while it streams, not only when it ends.
+            def holder_counter() -> int:
+                return int(next(a["counter"] for a in capacity(g)["top_accounts"]
+                                if a["account_id"] == holder.account_id))
+
+            at_start = holder_counter()
+            wait_for(lambda: holder_counter() > at_start, "the streaming account's counter to grow")
             metrics = httpx.get(f"{g.base_url}/metrics").text
             assert f'packserve_model_capacity{{model="{LARGE}"}} 1.0' in metrics
             assert f'packserve_model_waiting{{model="{LARGE}"}} 1.0' in metrics
