@@ -37,13 +37,15 @@ def free_port() -> int:
 class LiveGateway:
     def __init__(self, *, redis_url: str | None, data_dir: Path, clock: Callable[[], int | None] | None = None,
                  queue_timeout_s: float = 60, ttft_s: float = 0.0, tokens_per_s: float = 0.0,
-                 lease_ttl_s: float = 30, max_body_bytes: int | None = None) -> None:
+                 lease_ttl_s: float = 30, max_body_bytes: int | None = None,
+                 scheduler: dict[str, Any] | None = None, sim_max_seqs: int | None = None) -> None:
         admission = {"queue_timeout_s": queue_timeout_s, "lease_ttl_s": lease_ttl_s}
         gateway: dict[str, Any] = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
         self.config = AppConfig.model_validate({
             "store": {"redis_url": redis_url, "data_dir": str(data_dir)},
-            "admission": admission, "gateway": gateway})
-        self.engine = SimulatedEngine(ttft_s=ttft_s, tokens_per_s=tokens_per_s)
+            "admission": admission, "gateway": gateway, "scheduler": scheduler or {},
+            "sim": {"max_seqs": sim_max_seqs}})
+        self.engine = SimulatedEngine(ttft_s=ttft_s, tokens_per_s=tokens_per_s, max_seqs=sim_max_seqs)
         self.clock = clock
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"

@@ -7,6 +7,7 @@ With no token configured the whole API answers 404 "admin API disabled"
 from __future__ import annotations
 
 import hmac
+import inspect
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -47,7 +48,7 @@ def _cap(body: dict[str, Any]) -> str | None:
 
 
 def build_admin_router(ops: AdminOps, token: str | None, max_body_bytes: int,
-                       stats: Callable[[], dict[str, Any]],
+                       stats: Callable[[], dict[str, Any] | Awaitable[dict[str, Any]]],
                        start_model: Callable[[str], Awaitable[bool | None]] | None = None) -> APIRouter:
     router = APIRouter(prefix="/admin/v1")
 
@@ -162,9 +163,10 @@ def build_admin_router(ops: AdminOps, token: str | None, max_body_bytes: int,
 
     @router.get("/stats")
     async def gateway_stats(request: Request) -> Response:
-        """This gateway's load: in-flight requests, queue depth, settlements pending."""
+        """This gateway's load (in-flight requests, queue depth, settlements pending) and each model's capacity."""
         guard(request)
-        return JSONResponse(stats())
+        result = stats()
+        return JSONResponse(await result if inspect.isawaitable(result) else result)
 
     if start_model is not None:
         starter = start_model

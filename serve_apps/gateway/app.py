@@ -24,8 +24,10 @@ from cluster.controller import AdmissionController, Clock, store_clock
 from cluster.open_store import open_store
 from cluster.outbox import SettleOutbox
 from cluster.quotas import quotas_body
+from cluster.scheduler import Scheduler
 from cluster.settings import default_data_dir
-from cluster.store import NotFound, Store, StoreError
+from cluster.store import CapacityStats, NotFound, Store, StoreError
+from policies.fairness import WEIGHT_SCALE
 from policies.plans import SizeClass
 from policies.pricing import ModelPrice
 from serve_apps.config import AppConfig
@@ -40,13 +42,38 @@ from serve_apps.gateway.service import GatewayService
 log = logging.getLogger("packserve.gateway")
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
+# How many accounts /admin/v1/stats lists per model, lowest counter first.
+TOP_ACCOUNTS = 10
+
+Replicas = Callable[[str], int | None]
+
+
+def model_capacity(config: AppConfig, replicas: Replicas | None = None) -> Callable[[str], int | None]:
+    """Sequences a model runs at once across its live replicas; None: not capacity-scheduled.
+
+    Per replica: the model's `max_inflight`, else its engine's limit (vLLM's
+    max_num_seqs, the simulated engine's max_seqs). Replicas: `replicas(model)`
+    (Ray Serve's running count; under `packserve gateway`, one). A model seen at
+    zero replicas, or not seen yet, counts one: requests wait for its cold start
+    before admission, and one replica is what it starts with.
+    """
+
+    def capacity(model: str) -> int | None:
+        per_replica = config.seqs_per_replica(model)
+        if per_replica is None:
+            return None
+        running = replicas(model) if replicas is not None else None
+        return per_replica * max(1, running or 0)
+
+    return capacity
 
 
 class GatewayRuntime:
     """Everything one gateway process holds. Created with `await GatewayRuntime.create(...)`."""
 
     def __init__(self, config: AppConfig, store: Store, engines: Mapping[str, Engine], cards: Mapping[str, ModelCard],
-                 clock: Clock, admin_token: str | None, outbox_spool: Path | None = None) -> None:
+                 clock: Clock, admin_token: str | None, outbox_spool: Path | None = None,
+                 replicas: Replicas | None = None) -> None:
         self.config = config
         self.store = store
         self.admin_token = admin_token
@@ -55,8 +82,9 @@ class GatewayRuntime:
                                               outbox=SettleOutbox(store, outbox_spool))
         self.accounts = Accounts(store)
         self.metrics = Metrics()
+        self.scheduler = Scheduler(store, config.scheduler, config.admission, model_capacity(config, replicas), clock)
         self.service = GatewayService(self.controller, self.accounts, engines, cards, self.metrics,
-                                      cold_start_timeout=config.cold_start_timeout)
+                                      cold_start_timeout=config.cold_start_timeout, scheduler=self.scheduler)
         self.metrics.bind(lambda: self.controller.queue.depth, lambda: self.controller.active,
                           lambda: len(self.controller.outbox), lambda: self.service.cold_starts_waiting)
         self.admin = AdminOps(store, self.accounts, self.controller.policy.unit)
@@ -67,7 +95,36 @@ class GatewayRuntime:
                 "settlements_pending": len(self.controller.outbox), "models": sorted(self.service.cards),
                 "cold_starts_waiting": self.service.cold_starts_waiting}
 
+    def scheduled_models(self) -> list[str]:
+        """The models with a capacity queue (LoRA adapters share their base model's)."""
+        queues = {self.config.queue_model(cid) for cid, card in self.service.cards.items() if card.kind != "embeddings"}
+        return sorted(m for m in queues if self.scheduler.terms(m) is not None)
+
+    async def capacity_stats(self) -> list[CapacityStats]:
+        stats = await self.scheduler.stats(self.scheduled_models())
+        for s in stats:
+            self.metrics.model_capacity.labels(s.model).set(s.capacity)
+            self.metrics.model_in_flight.labels(s.model).set(s.in_flight)
+            self.metrics.model_waiting.labels(s.model).set(s.waiting)
+        return stats
+
+    async def full_stats(self) -> dict[str, Any]:
+        """`stats()` plus each scheduled model's capacity, in flight, waiting and top accounts by counter."""
+        out = self.stats()
+        out["scheduler"] = self.config.scheduler.mode.value
+        out["capacity_waiting_here"] = sum(self.scheduler.load.waiting.values())
+        out["overloaded_here"] = self.scheduler.load.overloaded
+        out["capacity"] = [{
+            "model": s.model, "capacity": s.capacity, "in_flight": s.in_flight, "waiting": s.waiting,
+            # Counters in policies.fairness units; weighted_tokens_per_weight is the same divided back.
+            "top_accounts": [{"account_id": a.account_id, "counter": a.counter,
+                              "weighted_tokens_per_weight": a.counter // WEIGHT_SCALE, "running": a.running,
+                              "waiting": a.waiting} for a in s.accounts[:TOP_ACCOUNTS]],
+        } for s in await self.capacity_stats()]
+        return out
+
     async def close(self) -> None:
+        await self.scheduler.drain()
         await self.controller.drain()
         await self.store.close()
 
@@ -105,7 +162,7 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
         app.include_router(openai_router, prefix=prefix)
     for prefix in ("/anthropic/v1", "/v1"):
         app.include_router(anthropic_router, prefix=prefix)
-    app.include_router(build_admin_router(rt.admin, rt.admin_token, max_body, rt.stats, service.start_model))
+    app.include_router(build_admin_router(rt.admin, rt.admin_token, max_body, rt.full_stats, service.start_model))
 
     @app.get("/v2/quotas")
     async def quotas(request: Request) -> Response:
@@ -133,6 +190,11 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        try:
+            await rt.capacity_stats()
+        except StoreError as exc:
+            # The rest of the metrics still answer; the capacity gauges keep their last values.
+            log.warning("capacity stats unavailable for /metrics", extra={"error": str(exc)})
         return Response(rt.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/dashboard")
@@ -174,11 +236,11 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
 
 async def create_runtime(config: AppConfig, engines: Mapping[str, Engine], cards: Mapping[str, ModelCard], *,
                          clock: Clock = store_clock, admin_token: str | None = None,
-                         store: Store | None = None) -> GatewayRuntime:
+                         store: Store | None = None, replicas: Replicas | None = None) -> GatewayRuntime:
     data_dir = config.store.data_dir or default_data_dir()
     if store is None:
         store = await open_store(request_unit=config.admission.weight_policy.unit,
                                  redis_url=config.store.redis_url, data_dir=data_dir)
     spool = data_dir / "settlements.pending"
     data_dir.mkdir(parents=True, exist_ok=True)
-    return GatewayRuntime(config, store, engines, cards, clock, admin_token, spool)
+    return GatewayRuntime(config, store, engines, cards, clock, admin_token, spool, replicas)
