@@ -12,13 +12,15 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from typing import Any
 
+from cluster.key_limits import with_limits
 from cluster.records import Account, ApiKey
 from cluster.store import NotFound, Store
-from policies.plans import PackKind, PlanError, PlanKind, parse_packs
+from policies.plans import DEFAULT_CATALOG, PlanCatalog, PlanError, PlanKind
 from policies.units import PICO_PER_DOLLAR
 
 KEY_PREFIX = "ps-"
@@ -51,7 +53,8 @@ class AuthError(Exception):
 
 
 def validate_plan(plan: str, packs: Sequence[str] | None, spend_cap_usd: float | str | None,
-                  concurrency: int | None) -> tuple[PlanKind, tuple[PackKind, ...], int | None, int]:
+                  concurrency: int | None,
+                  catalog: PlanCatalog = DEFAULT_CATALOG) -> tuple[PlanKind, tuple[str, ...], int | None, int]:
     """Turn user input (admin API, CLI) into a plan, or raise PlanError naming the problem."""
     try:
         kind = PlanKind(plan)
@@ -60,7 +63,7 @@ def validate_plan(plan: str, packs: Sequence[str] | None, spend_cap_usd: float |
     if kind is PlanKind.SUBSCRIPTION:
         if spend_cap_usd is not None:
             raise PlanError("a spend cap applies to payg accounts only")
-        return kind, parse_packs(packs if packs is not None else []), None, 4
+        return kind, catalog.parse_packs(packs if packs is not None else []), None, 4
     if packs:
         raise PlanError("payg accounts have no packs")
     cap: int | None = None
@@ -78,6 +81,14 @@ def validate_plan(plan: str, packs: Sequence[str] | None, spend_cap_usd: float |
     return kind, (), cap, conc
 
 
+def _caps_fit(account: Account, key: ApiKey) -> ApiKey:
+    """Key caps are shares of a subscription's bars; a payg account has none to share."""
+    if account.plan is PlanKind.PAYG and (key.max_requests is not None or key.max_weekly_pico is not None):
+        raise PlanError("max_requests and max_weekly_usd cap a key's share of a subscription's bars; "
+                        "this account is payg (use its spend cap)")
+    return key
+
+
 class Accounts:
     def __init__(self, store: Store, clock_ms: Callable[[], int] | None = None) -> None:
         self._store = store
@@ -88,8 +99,9 @@ class Accounts:
                      spend_cap_usd: float | str | None = None, concurrency: int | None = None) -> Account:
         if not isinstance(name, str) or not name.strip() or len(name) > 200:
             raise PlanError("name must be a non-empty string of at most 200 characters")
-        kind, pack_kinds, cap, conc = validate_plan(plan, packs, spend_cap_usd, concurrency)
-        account = Account(new_id("acct"), name.strip(), kind, pack_kinds, cap, conc, False, self._clock())
+        kind, pack_kinds, cap, conc = validate_plan(plan, packs, spend_cap_usd, concurrency, self._store.plans)
+        account = Account(new_id("acct"), name.strip(), kind, pack_kinds, cap, conc, False, self._clock(),
+                          self._store.plans)
         return await self._store.create_account(account)
 
     async def get(self, account_id: str) -> Account:
@@ -100,7 +112,7 @@ class Accounts:
 
     async def set_plan(self, account_id: str, plan: str, packs: Sequence[str] | None = None,
                        spend_cap_usd: float | str | None = None, concurrency: int | None = None) -> Account:
-        kind, pack_kinds, cap, conc = validate_plan(plan, packs, spend_cap_usd, concurrency)
+        kind, pack_kinds, cap, conc = validate_plan(plan, packs, spend_cap_usd, concurrency, self._store.plans)
         account = await self._store.set_plan(account_id, kind, pack_kinds, cap, conc)
         self._cache.clear()
         return account
@@ -115,12 +127,26 @@ class Accounts:
             raise NotFound(f"no account {account_id!r}")
         self._cache.clear()
 
-    async def create_key(self, account_id: str) -> CreatedKey:
-        await self.get(account_id)
+    async def create_key(self, account_id: str, limits: Mapping[str, Any] | None = None) -> CreatedKey:
+        """`limits`: models, expires, max_requests, max_weekly_usd, disabled (cluster.key_limits)."""
+        account = await self.get(account_id)
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         key = ApiKey(new_id("key"), account_id, hash_secret(secret), secret[:DISPLAY_PREFIX_LEN], self._clock())
+        key = _caps_fit(account, with_limits(key, **dict(limits or {})))
         await self._store.create_key(key)
         return CreatedKey(key, secret)
+
+    async def update_key(self, account_id: str, key_id: str, limits: Mapping[str, Any]) -> ApiKey:
+        """Change a key's limits; `limits` may hold `clear`: names of limits to remove."""
+        account = await self.get(account_id)
+        found = [k for k in await self._store.list_keys(account_id) if k.id == key_id and not k.revoked]
+        if not found:
+            raise NotFound(f"no active key {key_id!r} on account {account_id!r}")
+        key = _caps_fit(account, with_limits(found[0], **dict(limits)))
+        if not await self._store.update_key(key):
+            raise NotFound(f"no active key {key_id!r} on account {account_id!r}")
+        self._cache.clear()
+        return key
 
     async def revoke_key(self, key_id: str) -> None:
         if not await self._store.revoke_key(key_id):

@@ -49,9 +49,12 @@ class AdminOps:
     async def delete_account(self, account_id: str) -> None:
         await self.accounts.delete(account_id)
 
-    async def create_key(self, account_id: str) -> Json:
-        created = await self.accounts.create_key(account_id)
+    async def create_key(self, account_id: str, limits: Json | None = None) -> Json:
+        created = await self.accounts.create_key(account_id, limits)
         return {**created.key.to_json(), "key": created.secret}
+
+    async def update_key(self, account_id: str, key_id: str, limits: Json) -> Json:
+        return (await self.accounts.update_key(account_id, key_id, limits)).to_json()
 
     async def list_keys(self, account_id: str, prefix: str | None = None) -> list[Json]:
         await self.accounts.get(account_id)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from cluster.accounts import new_id
 from cluster.outbox import SettleOutbox
 from cluster.records import Account, UsageEvent
+from cluster.refusals import refusal_message
 from cluster.settings import AdmissionSettings
 from cluster.store import (
     Admitted,
@@ -78,14 +79,6 @@ class UnknownModel(KeyError):
     pass
 
 
-REFUSAL_TEXT: Mapping[Reason, str] = {
-    Reason.REQUEST_BAR_EMPTY: "5-hour request limit reached: the request bar recharges 5% every 3 minutes",
-    Reason.WEEKLY_TOKENS_EXHAUSTED: "weekly token limit reached: the weekly bar recharges 2% every 3 hours",
-    Reason.CONCURRENCY_LIMIT: "too many concurrent requests to this model for your plan; "
-                              "the request waited in the queue and no slot freed up",
-    Reason.SPEND_CAP_REACHED: "monthly spend cap reached",
-    Reason.ACCOUNT_SUSPENDED: "this account is suspended",
-}
 
 
 @dataclass
@@ -134,6 +127,8 @@ class AdmissionController:
         self._clock = clock
         self.outbox = outbox if outbox is not None else SettleOutbox(store)
         self._settling: set[asyncio.Task[Snapshot | None]] = set()
+        # Sees every decision's snapshot (usage alerts, cluster.alerts); must not block.
+        self.observer: Callable[[Snapshot | None, str, Reason | None], None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.queue = QueueStats()
         self.active = 0
@@ -163,21 +158,27 @@ class AdmissionController:
                     account_id=account.id, model=model, size_class=price.size_class,
                     weight_units=self.policy.units(price), lease_id=new_id("lease"),
                     lease_ttl_ms=self.settings.lease_ttl_ms, waiter_id=waiter_id,
-                    waiter_ttl_ms=int((max(remaining, 0) + self.settings.lease_ttl_s) * 1000))
+                    waiter_ttl_ms=int((max(remaining, 0) + self.settings.lease_ttl_s) * 1000), key_id=key_id)
                 outcome = await self.store.reserve(request, self._clock())
                 if isinstance(outcome, Admitted):
+                    if self.observer is not None:
+                        self.observer(outcome.snapshot, key_id, None)
                     admitted = True
                     self.active += 1
                     return Ticket(outcome.lease, outcome.snapshot.account, key_id, price, outcome.snapshot,
                                   loop.time() - started)
                 if isinstance(outcome, Refused):
+                    if self.observer is not None:
+                        self.observer(outcome.snapshot, key_id, outcome.reason)
                     raise AdmissionRefused(outcome.reason, _retry_s(outcome.retry_after_ms), outcome.snapshot,
-                                           REFUSAL_TEXT[outcome.reason])
+                                           refusal_message(outcome.reason, outcome.snapshot,
+                                                           self.settings.dashboard_url))
                 if waiter is None or remaining <= 0:
                     retry = 1 if outcome.wake_at_ms is None else _retry_s(outcome.wake_at_ms - self._now_ms())
                     raise AdmissionRefused(Reason.CONCURRENCY_LIMIT,
                                            min(retry or 1, ceil_seconds(self.settings.lease_ttl_ms)), None,
-                                           REFUSAL_TEXT[Reason.CONCURRENCY_LIMIT])
+                                           refusal_message(Reason.CONCURRENCY_LIMIT, None,
+                                                           self.settings.dashboard_url))
                 if not queued:
                     queued = True
                     self.queue.depth += 1
@@ -246,7 +247,8 @@ class AdmissionController:
         subscription = ticket.account.plan is PlanKind.SUBSCRIPTION
         # Validates the counts first: bad counts raise before anything is marked or sent.
         cost = token_cost_pico(ticket.price, progress.prompt_tokens, progress.cached_tokens,
-                               progress.completion_tokens, cache_discount=subscription)
+                               progress.completion_tokens, cache_discount=subscription,
+                               discount=self.policy.cache_read_discount)
         unserved = (status == "error" and not progress.first_token) or status in UNSERVED_STATUSES
         refund = ticket.lease.weight_units if unserved else 0
         event = UsageEvent(
@@ -283,6 +285,8 @@ class AdmissionController:
                         extra={"lease": settlement.lease.lease_id})
             self.outbox.add(settlement)
             return None
+        if self.observer is not None:
+            self.observer(snapshot, settlement.event.key_id, None)
         if checkpointed:
             # Best effort: a checkpoint left behind is settled later as a no-op (settle is idempotent).
             with contextlib.suppress(StoreError):

@@ -20,10 +20,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from cluster.capacity_book import CapacityBook
+from cluster.key_limits import key_bar_specs
 from cluster.records import Account, ApiKey, UsageEvent
 from cluster.store import (
     Admitted,
@@ -44,14 +46,15 @@ from policies.admission import (
     Admit,
     Reason,
     check_bars,
+    check_key_bars,
     check_spend_cap,
     concurrency_allows,
     month_bounds_ms,
     refund_request,
     settle_weekly,
 )
-from policies.bars import BarSpec, BarState, settle
-from policies.plans import PackKind, PlanKind, SizeClass
+from policies.bars import BarSpec, BarState, rescale, settle
+from policies.plans import DEFAULT_CATALOG, PlanCatalog, PlanKind, SizeClass
 from policies.units import DAY_MS
 
 T = TypeVar("T")
@@ -61,7 +64,7 @@ CREATE TABLE IF NOT EXISTS accounts (
   id TEXT PRIMARY KEY, name TEXT NOT NULL, plan TEXT NOT NULL, packs TEXT NOT NULL,
   spend_cap INTEGER, payg_conc INTEGER NOT NULL, suspended INTEGER NOT NULL, created INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS bars (
-  account_id TEXT PRIMARY KEY, rl INTEGER, ra INTEGER, wl INTEGER, wa INTEGER);
+  account_id TEXT PRIMARY KEY, rl INTEGER, ra INTEGER, wl INTEGER, wa INTEGER, rc INTEGER, wc INTEGER);
 CREATE TABLE IF NOT EXISTS keys (
   id TEXT PRIMARY KEY, account_id TEXT NOT NULL, key_hash TEXT NOT NULL UNIQUE, prefix TEXT NOT NULL,
   created INTEGER NOT NULL, revoked INTEGER NOT NULL);
@@ -81,9 +84,27 @@ CREATE TABLE IF NOT EXISTS spend (
 CREATE TABLE IF NOT EXISTS settled (lease_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, ts INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS checkpoints (lease_id TEXT PRIMARY KEY, due INTEGER NOT NULL, settlement BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS checkpoints_due ON checkpoints(due);
+CREATE TABLE IF NOT EXISTS alert_state (
+  account_id TEXT NOT NULL, name TEXT NOT NULL, fired INTEGER NOT NULL, at INTEGER NOT NULL,
+  PRIMARY KEY(account_id, name));
+CREATE TABLE IF NOT EXISTS alert_outbox (
+  id TEXT PRIMARY KEY, due INTEGER NOT NULL, payload TEXT NOT NULL, attempts INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS alert_outbox_due ON alert_outbox(due);
+CREATE TABLE IF NOT EXISTS key_bars (
+  key_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, rl INTEGER, ra INTEGER, wl INTEGER, wa INTEGER,
+  rc INTEGER, wc INTEGER);
 """
 
 SETTLED_MEMORY_MS = DAY_MS
+# Columns added after the first release: (table, column, type). rc/wc are the
+# capacities the bar levels were recorded against (NULL: the current one).
+MIGRATIONS = (("bars", "rc", "INTEGER"), ("bars", "wc", "INTEGER"),
+              # Per-key limits (cluster.key_limits): models is a comma-separated allow-list.
+              ("keys", "models", "TEXT NOT NULL DEFAULT ''"), ("keys", "expires", "INTEGER"),
+              ("keys", "disabled", "INTEGER NOT NULL DEFAULT 0"), ("keys", "max_req", "INTEGER"),
+              ("keys", "max_wk", "INTEGER"))
+KEY_COLUMNS = "id, account_id, key_hash, prefix, created, revoked, models, expires, disabled, max_req, max_wk"
+
 
 
 def wall_clock_ms() -> int:
@@ -117,8 +138,9 @@ class EmbeddedStore:
     """`path=None` keeps everything in memory (tests); otherwise a SQLite file."""
 
     def __init__(self, path: Path | None, *, request_unit: int,
-                 clock: Callable[[], int] = wall_clock_ms) -> None:
+                 clock: Callable[[], int] = wall_clock_ms, plans: PlanCatalog = DEFAULT_CATALOG) -> None:
         self._unit = request_unit
+        self._plans = plans
         self._clock = clock
         self._path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="packserve-sqlite")
@@ -148,7 +170,15 @@ class EmbeddedStore:
         return conn
 
     def _init_schema(self) -> None:
-        self._conn().executescript(SCHEMA)
+        conn = self._conn()
+        conn.executescript(SCHEMA)
+        for table, column, kind in MIGRATIONS:
+            if column not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+    @property
+    def plans(self) -> PlanCatalog:
+        return self._plans
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -194,12 +224,12 @@ class EmbeddedStore:
 
     # -- accounts ---------------------------------------------------------
 
-    @staticmethod
-    def _account(row: Sequence[Any]) -> Account:
+    def _account(self, row: Sequence[Any]) -> Account:
         return Account(
             id=row[0], name=row[1], plan=PlanKind(row[2]),
-            packs=tuple(PackKind(p) for p in row[3].split(",") if p),
-            spend_cap_pico=row[4], payg_concurrency=row[5], suspended=bool(row[6]), created_ms=row[7])
+            packs=tuple(p for p in row[3].split(",") if p),
+            spend_cap_pico=row[4], payg_concurrency=row[5], suspended=bool(row[6]), created_ms=row[7],
+            catalog=self._plans)
 
     def _get_account(self, conn: sqlite3.Connection, account_id: str) -> Account | None:
         row = conn.execute("SELECT id, name, plan, packs, spend_cap, payg_conc, suspended, created "
@@ -208,17 +238,17 @@ class EmbeddedStore:
 
     async def create_account(self, account: Account) -> Account:
         if account.plan is PlanKind.SUBSCRIPTION:
-            account.limits()  # refuses 0 or 6 packs before anything is written
+            replace(account, catalog=self._plans).limits()  # refuses 0 or 6 packs, unknown kinds
 
         def _create() -> Account:
             with self._tx() as conn:
                 if self._get_account(conn, account.id) is not None:
                     raise ValueError(f"account {account.id} already exists")
                 conn.execute("INSERT INTO accounts VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (
-                    account.id, account.name, account.plan.value, ",".join(p.value for p in account.packs),
+                    account.id, account.name, account.plan.value, ",".join(account.packs),
                     account.spend_cap_pico, account.payg_concurrency, int(account.suspended),
                     account.created_ms))
-            return account
+            return replace(account, catalog=self._plans)
 
         return await self._run(_create)
 
@@ -233,7 +263,7 @@ class EmbeddedStore:
 
         return await self._run(_list)
 
-    async def set_plan(self, account_id: str, plan: PlanKind, packs: Sequence[PackKind],
+    async def set_plan(self, account_id: str, plan: PlanKind, packs: Sequence[str],
                        spend_cap_pico: int | None, payg_concurrency: int,
                        now_ms: int | None = None) -> Account:
         now = self._time(now_ms)
@@ -244,26 +274,29 @@ class EmbeddedStore:
                 if old is None:
                     raise NotFound(f"no account {account_id}")
                 new = Account(old.id, old.name, plan, tuple(packs), spend_cap_pico, payg_concurrency,
-                              old.suspended, old.created_ms)
+                              old.suspended, old.created_ms, self._plans)
                 if plan is PlanKind.SUBSCRIPTION:
                     new.limits()
-                    # Levels carry over; a bar above its new capacity is clamped, and a
-                    # bar now below a larger capacity starts its tick clock now.
-                    snap = self._snapshot_tx(conn, old, now) if old.plan is PlanKind.SUBSCRIPTION else None
-                    if snap is not None and snap.request is not None and snap.weekly is not None:
+                    # The change happens now: each bar is settled under its old
+                    # capacity, then keeps its remaining fraction (policies.bars.rescale).
+                    if old.plan is PlanKind.SUBSCRIPTION:
+                        old_r_spec, old_r, old_w_spec, old_w = self._read_bars(conn, old, now)
                         req_spec = new.limits().request_bar(self._unit)
                         wk_spec = new.limits().weekly_bar()
-                        was_full_r = snap.request.anchor_ms is None
-                        was_full_w = snap.weekly.anchor_ms is None
-                        r = BarState.full(req_spec) if was_full_r else settle(req_spec, snap.request, now)
-                        w = BarState.full(wk_spec) if was_full_w else settle(wk_spec, snap.weekly, now)
-                        self._write_bars(conn, account_id, r, w)
+                        self._write_bars(conn, account_id, req_spec, rescale(old_r_spec, req_spec, old_r, now),
+                                         wk_spec, rescale(old_w_spec, wk_spec, old_w, now))
                 conn.execute("UPDATE accounts SET plan = ?, packs = ?, spend_cap = ?, payg_conc = ? WHERE id = ?",
-                             (plan.value, ",".join(p.value for p in packs), spend_cap_pico, payg_concurrency,
-                              account_id))
+                             (plan.value, ",".join(packs), spend_cap_pico, payg_concurrency, account_id))
                 return new
 
         return await self._run(_set)
+
+    async def sync_plans(self, apply: bool = True) -> int:
+        """Every account's limits are read from the plans as it is used: only check its packs exist."""
+        for account in await self.list_accounts():
+            if account.plan is PlanKind.SUBSCRIPTION:
+                account.limits()
+        return 0
 
     async def set_suspended(self, account_id: str, suspended: bool) -> Account:
         def _set() -> Account:
@@ -281,7 +314,8 @@ class EmbeddedStore:
         def _delete() -> bool:
             with self._tx() as conn:
                 cur = conn.execute("DELETE FROM accounts WHERE id = ?", (account_id,))
-                for table in ("bars", "keys", "leases", "queue", "usage", "spend", "settled"):
+                for table in ("bars", "keys", "key_bars", "leases", "queue", "usage", "spend", "settled",
+                              "alert_state"):
                     conn.execute(f"DELETE FROM {table} WHERE account_id = ?", (account_id,))
                 return cur.rowcount > 0
 
@@ -292,22 +326,25 @@ class EmbeddedStore:
     @staticmethod
     def _key(row: Sequence[Any]) -> ApiKey:
         return ApiKey(id=row[0], account_id=row[1], key_hash=row[2], prefix=row[3], created_ms=row[4],
-                      revoked=bool(row[5]))
+                      revoked=bool(row[5]), models=tuple(m for m in (row[6] or "").split(",") if m),
+                      expires_ms=row[7], disabled=bool(row[8]), max_requests=row[9], max_weekly_pico=row[10])
 
     async def create_key(self, key: ApiKey) -> ApiKey:
         def _create() -> ApiKey:
             with self._tx() as conn:
                 if self._get_account(conn, key.account_id) is None:
                     raise NotFound(f"no account {key.account_id}")
-                conn.execute("INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?)",
-                             (key.id, key.account_id, key.key_hash, key.prefix, key.created_ms, int(key.revoked)))
+                conn.execute(f"INSERT INTO keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             (key.id, key.account_id, key.key_hash, key.prefix, key.created_ms, int(key.revoked),
+                              ",".join(key.models), key.expires_ms, int(key.disabled), key.max_requests,
+                              key.max_weekly_pico))
             return key
 
         return await self._run(_create)
 
     async def find_key(self, key_hash: str) -> ApiKey | None:
         def _find() -> ApiKey | None:
-            row = self._conn().execute("SELECT id, account_id, key_hash, prefix, created, revoked FROM keys "
+            row = self._conn().execute(f"SELECT {KEY_COLUMNS} FROM keys "
                                        "WHERE key_hash = ? AND revoked = 0", (key_hash,)).fetchone()
             return None if row is None else self._key(row)
 
@@ -315,7 +352,7 @@ class EmbeddedStore:
 
     async def list_keys(self, account_id: str) -> list[ApiKey]:
         def _list() -> list[ApiKey]:
-            rows = self._conn().execute("SELECT id, account_id, key_hash, prefix, created, revoked FROM keys "
+            rows = self._conn().execute(f"SELECT {KEY_COLUMNS} FROM keys "
                                         "WHERE account_id = ? ORDER BY created, id", (account_id,)).fetchall()
             return [self._key(r) for r in rows]
 
@@ -329,25 +366,132 @@ class EmbeddedStore:
 
         return await self._run(_revoke)
 
-    # -- bars -------------------------------------------------------------
+    # -- usage alerts -------------------------------------------------------
 
-    def _read_bars(self, conn: sqlite3.Connection, account: Account) -> tuple[BarSpec, BarState, BarSpec, BarState]:
-        limits = account.limits()
-        req_spec, wk_spec = limits.request_bar(self._unit), limits.weekly_bar()
-        row = conn.execute("SELECT rl, ra, wl, wa FROM bars WHERE account_id = ?", (account.id,)).fetchone()
+    async def claim_alert(self, account_id: str, name: str, above: bool, now_ms: int, alert_id: str,
+                          payload: str) -> bool:
+        """As alert_claim.lua: once per crossing; an observation older than the last transition changes nothing."""
+        def _claim() -> bool:
+            with self._tx() as conn:
+                row = conn.execute("SELECT fired, at FROM alert_state WHERE account_id = ? AND name = ?",
+                                   (account_id, name)).fetchone()
+                fired, at = (bool(row[0]), int(row[1])) if row else (False, 0)
+                if now_ms < at or fired == above:
+                    return False
+                conn.execute("INSERT OR REPLACE INTO alert_state VALUES (?, ?, ?, ?)",
+                             (account_id, name, int(above), now_ms))
+                if above:
+                    conn.execute("INSERT INTO alert_outbox VALUES (?, ?, ?, 0)", (alert_id, now_ms, payload))
+                return above
+
+        return await self._run(_claim)
+
+    async def take_alerts(self, now_ms: int, limit: int, backoff_base_ms: int,
+                          backoff_cap_ms: int) -> list[tuple[str, str, int]]:
+        def _take() -> list[tuple[str, str, int]]:
+            with self._tx() as conn:
+                rows = conn.execute("SELECT id, payload, attempts FROM alert_outbox WHERE due <= ? ORDER BY due "
+                                    "LIMIT ?", (now_ms, limit)).fetchall()
+                out = []
+                for alert_id, payload, attempts in rows:
+                    tries = int(attempts) + 1
+                    delay = min(backoff_base_ms * 2 ** (tries - 1), backoff_cap_ms)
+                    conn.execute("UPDATE alert_outbox SET attempts = ?, due = ? WHERE id = ?",
+                                 (tries, now_ms + delay, alert_id))
+                    out.append((str(alert_id), str(payload), tries))
+                return out
+
+        return await self._run(_take)
+
+    async def alert_done(self, alert_id: str) -> None:
+        def _done() -> None:
+            with self._tx() as conn:
+                conn.execute("DELETE FROM alert_outbox WHERE id = ?", (alert_id,))
+
+        await self._run(_done)
+
+    async def update_key(self, key: ApiKey) -> bool:
+        def _update() -> bool:
+            with self._tx() as conn:
+                return conn.execute(
+                    "UPDATE keys SET models = ?, expires = ?, disabled = ?, max_req = ?, max_wk = ? "
+                    "WHERE id = ? AND revoked = 0",
+                    (",".join(key.models), key.expires_ms, int(key.disabled), key.max_requests,
+                     key.max_weekly_pico, key.id)).rowcount > 0
+
+        return await self._run(_update)
+
+    def _key_bars(self, conn: sqlite3.Connection, account: Account, key_id: str,
+                  now: int) -> tuple[BarSpec | None, BarState | None, BarSpec | None, BarState | None]:
+        """A capped key's own bars, settled to `now` (carried over if its caps changed)."""
+        if not key_id:
+            return None, None, None, None
+        row = conn.execute(f"SELECT {KEY_COLUMNS} FROM keys WHERE id = ?", (key_id,)).fetchone()
         if row is None:
-            return req_spec, BarState.full(req_spec), wk_spec, BarState.full(wk_spec)
-        req = BarState.full(req_spec) if row[0] is None else BarState(row[0], row[1])
-        wk = BarState.full(wk_spec) if row[2] is None else BarState(row[2], row[3])
+            return None, None, None, None
+        limits = account.limits()
+        req_spec, wk_spec = key_bar_specs(self._key(row), limits, self._unit)
+        if req_spec is None and wk_spec is None:
+            return None, None, None, None
+        bars = conn.execute("SELECT rl, ra, wl, wa, rc, wc FROM key_bars WHERE key_id = ?", (key_id,)).fetchone()
+        bars = bars or (None,) * 6
+        req = None if req_spec is None else self._carried(req_spec, bars[0], bars[1], bars[4],
+                                                          limits.request_schedule.spec, now)
+        wk = None if wk_spec is None else self._carried(wk_spec, bars[2], bars[3], bars[5],
+                                                        limits.weekly_schedule.spec, now)
         return req_spec, req, wk_spec, wk
 
     @staticmethod
-    def _write_bars(conn: sqlite3.Connection, account_id: str, req: BarState, wk: BarState) -> None:
+    def _write_key_bars(conn: sqlite3.Connection, account_id: str, key_id: str, req_spec: BarSpec | None,
+                        req: BarState | None, wk_spec: BarSpec | None, wk: BarState | None) -> None:
+        def level(state: BarState | None) -> int | None:
+            return None if state is None or state.anchor_ms is None else state.level
+
+        conn.execute("INSERT OR REPLACE INTO key_bars VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (
+            key_id, account_id, level(req), None if req is None else req.anchor_ms,
+            level(wk), None if wk is None else wk.anchor_ms,
+            None if req_spec is None else req_spec.capacity, None if wk_spec is None else wk_spec.capacity))
+
+    # -- bars -------------------------------------------------------------
+
+    def _read_bars(self, conn: sqlite3.Connection, account: Account,
+                   now: int) -> tuple[BarSpec, BarState, BarSpec, BarState]:
+        """Both bars under the account's current capacities, settled to `now`.
+
+        A level recorded against another capacity (the plans were edited, or
+        the reference price changed) is carried over by `rescale` first.
+        """
+        limits = account.limits()
+        req_spec, wk_spec = limits.request_bar(self._unit), limits.weekly_bar()
+        row = conn.execute("SELECT rl, ra, wl, wa, rc, wc FROM bars WHERE account_id = ?",
+                           (account.id,)).fetchone()
+        if row is None:
+            return req_spec, BarState.full(req_spec), wk_spec, BarState.full(wk_spec)
+
+        req = self._carried(req_spec, row[0], row[1], row[4], limits.request_schedule.spec, now)
+        wk = self._carried(wk_spec, row[2], row[3], row[5], limits.weekly_schedule.spec, now)
+        return req_spec, req, wk_spec, wk
+
+    @staticmethod
+    def _carried(spec: BarSpec, level: int | None, anchor: int | None, recorded: int | None,
+                 schedule_spec: Callable[[int], BarSpec], now: int) -> BarState:
+        """A stored bar under `spec`, settled to `now`; a level recorded against another capacity is rescaled."""
+        if level is None:
+            return BarState.full(spec)
+        state = BarState(level, anchor)
+        if recorded is None or recorded == spec.capacity:
+            return settle(spec, state, now)
+        return rescale(schedule_spec(recorded), spec, state, now)
+
+    @staticmethod
+    def _write_bars(conn: sqlite3.Connection, account_id: str, req_spec: BarSpec, req: BarState,
+                    wk_spec: BarSpec, wk: BarState) -> None:
         # NULL level = full: a full bar stays full whatever the capacity becomes.
-        conn.execute("INSERT OR REPLACE INTO bars VALUES (?, ?, ?, ?, ?)", (
+        conn.execute("INSERT OR REPLACE INTO bars VALUES (?, ?, ?, ?, ?, ?, ?)", (
             account_id,
             None if req.anchor_ms is None else req.level, req.anchor_ms,
-            None if wk.anchor_ms is None else wk.level, wk.anchor_ms))
+            None if wk.anchor_ms is None else wk.level, wk.anchor_ms,
+            req_spec.capacity, wk_spec.capacity))
 
     def _month_spend(self, conn: sqlite3.Connection, account_id: str, now_ms: int) -> int:
         row = conn.execute("SELECT pico FROM spend WHERE account_id = ? AND month = ?",
@@ -357,8 +501,8 @@ class EmbeddedStore:
     def _snapshot_tx(self, conn: sqlite3.Connection, account: Account, now: int) -> Snapshot:
         if account.plan is PlanKind.PAYG:
             return Snapshot(account, now, month_spend_pico=self._month_spend(conn, account.id, now))
-        req_spec, req, wk_spec, wk = self._read_bars(conn, account)
-        return Snapshot(account, now, req_spec, settle(req_spec, req, now), wk_spec, settle(wk_spec, wk, now))
+        req_spec, req, wk_spec, wk = self._read_bars(conn, account, now)
+        return Snapshot(account, now, req_spec, req, wk_spec, wk)
 
     async def snapshot(self, account_id: str, now_ms: int | None = None) -> Snapshot:
         now = self._time(now_ms)
@@ -391,6 +535,7 @@ class EmbeddedStore:
             if account.suspended:
                 return Refused(Reason.ACCOUNT_SUSPENDED, None, snap)
             req_after: BarState | None = None
+            key_after: tuple[BarSpec | None, BarState | None, BarSpec | None, BarState | None] | None = None
             if account.plan is PlanKind.PAYG:
                 refusal = check_spend_cap(snap.month_spend_pico, account.spend_cap_pico, now)
                 if refusal is not None:
@@ -402,6 +547,12 @@ class EmbeddedStore:
                 if not isinstance(decision, Admit):
                     return Refused(decision.reason, decision.retry_after_ms, snap)
                 req_after = decision.request
+                key_req_spec, key_req, key_wk_spec, key_wk = self._key_bars(conn, account, r.key_id, now)
+                if key_req_spec is not None or key_wk_spec is not None:
+                    key_decision = check_key_bars(key_req_spec, key_req, key_wk_spec, key_wk, r.weight_units, now)
+                    if not isinstance(key_decision, Admit):
+                        return Refused(key_decision.reason, key_decision.retry_after_ms, snap)
+                    key_after = (key_req_spec, key_decision.request if key_req_spec else None, key_wk_spec, key_wk)
 
             limit = account.concurrency(r.size_class)
             active, earliest = conn.execute(
@@ -429,9 +580,11 @@ class EmbeddedStore:
             conn.execute("INSERT INTO leases VALUES (?, ?, ?, ?)", (lease.lease_id, r.account_id, r.model,
                                                                     lease.expires_ms))
             if req_after is not None:
-                assert snap.weekly is not None
-                self._write_bars(conn, r.account_id, req_after, snap.weekly)
+                assert snap.request_spec is not None and snap.weekly_spec is not None and snap.weekly is not None
+                self._write_bars(conn, r.account_id, snap.request_spec, req_after, snap.weekly_spec, snap.weekly)
                 snap = Snapshot(account, now, snap.request_spec, req_after, snap.weekly_spec, snap.weekly)
+            if key_after is not None:
+                self._write_key_bars(conn, r.account_id, r.key_id, *key_after)
             return Admitted(lease, snap)
 
     async def leave_queue(self, account_id: str, model: str, waiter_id: str) -> None:
@@ -504,11 +657,19 @@ class EmbeddedStore:
                                  "DO UPDATE SET pico = pico + excluded.pico",
                                  (account.id, month_id(now), s.cost_pico))
                 else:
-                    req_spec, req, wk_spec, wk = self._read_bars(conn, account)
+                    req_spec, req, wk_spec, wk = self._read_bars(conn, account, now)
                     wk = settle_weekly(wk_spec, wk, s.cost_pico, now)
                     req = refund_request(req_spec, req, s.refund_units, now) if s.refund_units \
                         else settle(req_spec, req, now)
-                    self._write_bars(conn, account.id, req, wk)
+                    self._write_bars(conn, account.id, req_spec, req, wk_spec, wk)
+                    key_id = s.event.key_id
+                    k_req_spec, k_req, k_wk_spec, k_wk = self._key_bars(conn, account, key_id, now)
+                    if k_wk_spec is not None and k_wk is not None:
+                        k_wk = settle_weekly(k_wk_spec, k_wk, s.cost_pico, now)
+                    if k_req_spec is not None and k_req is not None and s.refund_units:
+                        k_req = refund_request(k_req_spec, k_req, s.refund_units, now)
+                    if k_req_spec is not None or k_wk_spec is not None:
+                        self._write_key_bars(conn, account.id, key_id, k_req_spec, k_req, k_wk_spec, k_wk)
                 conn.execute("INSERT INTO usage (account_id, ts, event) VALUES (?, ?, ?)",
                              (account.id, s.event.ts_ms, s.event.encode()))
                 conn.execute("DELETE FROM usage WHERE account_id = ? AND ts < ?",

@@ -15,7 +15,7 @@ from cluster.records import UsageEvent, day_of
 from cluster.store import Snapshot
 from policies.admission import month_bounds_ms
 from policies.bars import next_tick_ms
-from policies.plans import REQUEST_TICK_PERCENT, PlanKind
+from policies.plans import PlanKind
 from policies.units import PICO_PER_DOLLAR, format_dollars_pico
 
 
@@ -62,7 +62,7 @@ def quotas_body(snap: Snapshot, request_unit: int) -> dict[str, Any]:
             "max": limits.requests,
             "limited": remaining < 1,
             "nextTickAt": iso(r_next) if r_next is not None else None,
-            "tickPercent": REQUEST_TICK_PERCENT,
+            "tickPercent": limits.request_schedule.tick_percent,
         },
         "weeklyTokenLimit": {
             "percentRemaining": _num(Fraction(max(weekly_level, 0) * 100, snap.weekly_spec.capacity)),

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgpack
 
-from policies.plans import PackKind, PlanError, PlanKind, SizeClass, SubscriptionLimits, subscription_limits
+from policies.plans import DEFAULT_CATALOG, PlanCatalog, PlanError, PlanKind, SizeClass, SubscriptionLimits
 from policies.units import PICO_PER_DOLLAR
 
 
@@ -22,16 +22,18 @@ class Account:
     id: str
     name: str
     plan: PlanKind
-    packs: tuple[PackKind, ...] = ()
+    packs: tuple[str, ...] = ()  # pack kind ids of the catalog
     spend_cap_pico: int | None = None  # payg only: monthly cap
     payg_concurrency: int = 4  # payg only: per model
     suspended: bool = False
     created_ms: int = 0
+    # The operator's plans the store read this account under (not stored with it).
+    catalog: PlanCatalog = field(default=DEFAULT_CATALOG, compare=False, repr=False)
 
     def limits(self) -> SubscriptionLimits:
         if self.plan is not PlanKind.SUBSCRIPTION:
             raise PlanError("payg accounts have no packs")
-        return subscription_limits(self.packs)
+        return self.catalog.limits(self.packs)
 
     def concurrency(self, size: SizeClass) -> int:
         if self.plan is PlanKind.PAYG:
@@ -43,7 +45,7 @@ class Account:
             "id": self.id,
             "name": self.name,
             "plan": self.plan.value,
-            "packs": [p.value for p in self.packs],
+            "packs": list(self.packs),
             "suspended": self.suspended,
             "created_ms": self.created_ms,
         }
@@ -70,10 +72,19 @@ class ApiKey:
     prefix: str  # first characters of the secret, for display
     created_ms: int
     revoked: bool = False
+    # Per-key limits (cluster.key_limits): empty `models` allows every model;
+    # the caps are this key's own share of the account's bars, None = no cap.
+    models: tuple[str, ...] = ()
+    expires_ms: int | None = None
+    disabled: bool = False
+    max_requests: int | None = None  # per 5-hour bar, whole requests
+    max_weekly_pico: int | None = None  # weekly credit, picodollars
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "account_id": self.account_id, "prefix": self.prefix,
-                "created_ms": self.created_ms, "revoked": self.revoked}
+                "created_ms": self.created_ms, "revoked": self.revoked, "models": list(self.models),
+                "expires_ms": self.expires_ms, "disabled": self.disabled, "max_requests": self.max_requests,
+                "max_weekly_usd": None if self.max_weekly_pico is None else self.max_weekly_pico / PICO_PER_DOLLAR}
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,19 @@ strings; times in ms, request bar in request units, money in picodollars.
                                        r_req w_usd c_std c_small: the pack sums, so a
                                        script derives both bar specs without Python;
                                        rl ra wl wa: bar levels/anchors (no level = full);
+                                       rc wc: the capacity each level was recorded against;
                                        qseq: FIFO sequence counter
   packserve:{A}:lease:<model>  zset    lease_id -> expiry ms
   packserve:{A}:queue:<model>  zset    waiter_id -> FIFO sequence
   packserve:{A}:qexp:<model>   zset    waiter_id -> expiry ms (a dead waiter stops blocking)
   packserve:{A}:models         set     models that had leases or waiters (found at deletion)
-  packserve:{A}:keys           hash    key id -> JSON {id, account_id, hash, prefix, created}
+  packserve:{A}:keys           hash    key id -> JSON {id, account_id, hash, prefix, created, models,
+                                       expires, disabled, max_req, max_wk} (limits: cluster/key_limits.py)
+  packserve:{A}:keybars        hash    <key id>:rl|ra|rc|wl|wa|wc: the capped keys' own bars
+  packserve:{A}:alerts         hash    <bar>:<threshold> -> f:<ms> fired | a:<ms> re-armed (cluster/alerts.py)
+  packserve:alerts:due         zset    alert id -> next delivery try ms
+  packserve:alerts:event       hash    alert id -> JSON payload
+  packserve:alerts:tries       hash    alert id -> delivery attempts
   packserve:{A}:revoked        set     revoked key ids
   packserve:{A}:settled        zset    lease_id -> settle ms, kept 1 day (idempotent settle)
   packserve:{A}:usage          stream  field e = msgpack UsageEvent; id ms >= the event's ts
@@ -48,6 +55,7 @@ import hmac
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 from typing import Any, Final, cast
@@ -82,14 +90,7 @@ from cluster.store import (
 )
 from policies.admission import Reason
 from policies.bars import BarState
-from policies.plans import (
-    REQUEST_TICK_MS,
-    REQUEST_TICK_PERCENT,
-    WEEKLY_TICK_MS,
-    WEEKLY_TICK_PERCENT,
-    PackKind,
-    PlanKind,
-)
+from policies.plans import DEFAULT_CATALOG, PlanCatalog, PlanKind
 from policies.units import DAY_MS, PICO_PER_DOLLAR
 
 log = logging.getLogger("packserve.redis")
@@ -112,6 +113,10 @@ SCRIPTS: Final = (
     "create_key",
     "revoke_key",
     "checkpoint",
+    "sync_plan",
+    "update_key",
+    "alert_claim",
+    "alert_take",
 )
 CAPACITY_LIBRARIES: Final = ("bars", "store", "fairness", "capacity")
 CAPACITY_SCRIPTS: Final = ("cap_acquire", "cap_renew", "cap_release", "cap_stats")
@@ -172,9 +177,10 @@ def lua_source(name: str, libraries: Sequence[str] = STORE_LIBRARIES) -> str:
     return "\n".join(parts)
 
 
-def bar_config(request_unit: int) -> list[int]:
-    """ARGV[1..6] of every bar script (see store.lua): the plan constants live in Python only."""
-    return [request_unit, REQUEST_TICK_PERCENT, REQUEST_TICK_MS, WEEKLY_TICK_PERCENT, WEEKLY_TICK_MS, PICO_PER_DOLLAR]
+def bar_config(request_unit: int, plans: PlanCatalog = DEFAULT_CATALOG) -> list[int]:
+    """ARGV[1..6] of every bar script (see store.lua): the schedules come from the operator's plans."""
+    r, w = plans.request_schedule, plans.weekly_schedule
+    return [request_unit, r.tick_percent, r.tick_ms, w.tick_percent, w.tick_ms, PICO_PER_DOLLAR]
 
 
 class _Keys:
@@ -190,6 +196,8 @@ class _Keys:
         self.settled = self.base + "settled"
         self.usage = self.base + "usage"
         self.spend = self.base + "spend"
+        self.keybars = self.base + "keybars"
+        self.alerts = self.base + "alerts"
 
     def lease(self, model: str) -> str:
         return f"{self.base}lease:{model}"
@@ -236,37 +244,41 @@ def _texts(values: Iterable[Any]) -> list[str]:
     return [_text(v) for v in values]
 
 
-def _account_from_hash(fields: dict[str, str]) -> Account:
+def _account_from_hash(fields: dict[str, str], plans: PlanCatalog = DEFAULT_CATALOG) -> Account:
     return Account(
         id=fields["id"],
         name=fields["name"],
         plan=PlanKind(fields["plan"]),
-        packs=tuple(PackKind(p) for p in fields["packs"].split(",") if p),
+        packs=tuple(p for p in fields["packs"].split(",") if p),
         spend_cap_pico=None if fields.get("cap", "") == "" else int(fields["cap"]),
         payg_concurrency=int(fields["pconc"]),
         suspended=fields["susp"] == "1",
         created_ms=int(fields["created"]),
+        catalog=plans,
     )
 
 
-def _plan_fields(
-    plan: PlanKind, packs: Sequence[PackKind], spend_cap_pico: int | None, payg_concurrency: int
-) -> dict[str, str]:
-    """The plan part of the account hash, with the pack sums the scripts need."""
+def _pack_sums(plan: PlanKind, packs: Sequence[str], plans: PlanCatalog) -> dict[str, str]:
+    """The pack sums the scripts derive both bars and the slot limits from."""
     r_req = w_usd = c_std = c_small = 0
     if plan is PlanKind.SUBSCRIPTION:
-        limits = Account("", "", plan, tuple(packs)).limits()  # refuses 0 or 6 packs
+        limits = plans.limits(packs)  # refuses 0 or 6 packs, unknown kinds
         r_req, w_usd = limits.requests, limits.weekly_dollars
         c_std, c_small = limits.concurrency_standard, limits.concurrency_small
+    return {"r_req": str(r_req), "w_usd": str(w_usd), "c_std": str(c_std), "c_small": str(c_small)}
+
+
+def _plan_fields(
+    plan: PlanKind, packs: Sequence[str], spend_cap_pico: int | None, payg_concurrency: int,
+    plans: PlanCatalog = DEFAULT_CATALOG,
+) -> dict[str, str]:
+    """The plan part of the account hash, with the pack sums the scripts need."""
     return {
         "plan": plan.value,
-        "packs": ",".join(p.value for p in packs),
+        "packs": ",".join(packs),
         "cap": "" if spend_cap_pico is None else str(spend_cap_pico),
         "pconc": str(payg_concurrency),
-        "r_req": str(r_req),
-        "w_usd": str(w_usd),
-        "c_std": str(c_std),
-        "c_small": str(c_small),
+        **_pack_sums(plan, packs, plans),
     }
 
 
@@ -282,6 +294,11 @@ def _key_record(key: ApiKey) -> str:
             "hash": key.key_hash,
             "prefix": key.prefix,
             "created": key.created_ms,
+            "models": list(key.models),
+            "expires": key.expires_ms,
+            "disabled": key.disabled,
+            "max_req": key.max_requests,
+            "max_wk": key.max_weekly_pico,
         },
         separators=(",", ":"),
     )
@@ -296,6 +313,11 @@ def _key_from_record(record: bytes | str, revoked: bool) -> ApiKey:
         prefix=r["prefix"],
         created_ms=int(r["created"]),
         revoked=revoked,
+        models=tuple(r.get("models") or ()),
+        expires_ms=r.get("expires"),
+        disabled=bool(r.get("disabled", False)),
+        max_requests=r.get("max_req"),
+        max_weekly_pico=r.get("max_wk"),
     )
 
 
@@ -434,6 +456,7 @@ class RedisStore:
         key_prefix: str = "packserve:",
         socket_timeout_s: float = 5.0,
         clock: Clock | None = None,
+        plans: PlanCatalog = DEFAULT_CATALOG,
     ) -> None:
         self._where = describe_redis_url(url)
         # Tests inject a fake clock, like EmbeddedStore's; None (the default) means Redis TIME.
@@ -441,7 +464,8 @@ class RedisStore:
         self._url = url.strip()
         self._unit = request_unit
         self._prefix = key_prefix
-        self._config = bar_config(request_unit)
+        self._plans = plans
+        self._config = bar_config(request_unit, plans)
         try:
             # Retrying is safe: reserve is idempotent per lease id, settle per lease id.
             self._client = Redis.from_url(
@@ -462,19 +486,48 @@ class RedisStore:
 
     @classmethod
     async def connect(
-        cls, url: str, *, request_unit: int, key_prefix: str = "packserve:", clock: Clock | None = None
+        cls, url: str, *, request_unit: int, key_prefix: str = "packserve:", clock: Clock | None = None,
+        plans: PlanCatalog = DEFAULT_CATALOG,
     ) -> RedisStore:
         """Validate the URL, check Redis answers and load the scripts.
 
         Raises ValueError for a malformed URL and StoreError when Redis cannot be reached.
         """
-        store = cls(url, request_unit=request_unit, key_prefix=key_prefix, clock=clock)
+        store = cls(url, request_unit=request_unit, key_prefix=key_prefix, clock=clock, plans=plans)
         try:
             await store.load_scripts()
         except StoreError:
             await store.close()
             raise
         return store
+
+    @property
+    def plans(self) -> PlanCatalog:
+        return self._plans
+
+    async def sync_plans(self, apply: bool = True) -> int:
+        """Refresh every subscription's stored pack sums from the plans; returns how many differ.
+
+        An edited pack kind (more requests, a new weekly credit) then applies
+        to every account holding it; the bars follow on their next use. With
+        `apply=False` (the local CLI) nothing is written: only unknown kinds raise.
+        """
+        changed = 0
+        with self._errors():
+            ids = _texts(await self._client.zrange(self._accounts_index, 0, -1))
+            pipe = self._client.pipeline(transaction=False)
+            for account_id in ids:
+                pipe.hmget(self._keys(account_id).account, ["plan", "packs", "r_req", "w_usd", "c_std", "c_small"])
+            rows = await pipe.execute()
+        for account_id, row in zip(ids, rows, strict=True):
+            plan, packs, *stored = [None if v is None else _text(v) for v in row]
+            if plan != PlanKind.SUBSCRIPTION.value or packs is None:
+                continue
+            sums = _pack_sums(PlanKind.SUBSCRIPTION, [p for p in packs.split(",") if p], self._plans)
+            if list(sums.values()) != stored:
+                changed += 1 if not apply else int(await self._run(
+                    "sync_plan", [self._keys(account_id).account], [packs, *_flatten(sums)]))
+        return changed
 
     async def load_scripts(self) -> None:
         with self._errors():
@@ -520,7 +573,7 @@ class RedisStore:
 
     def _parse_snapshot(self, reply: Sequence[bytes]) -> Snapshot:
         """Decode the reply() layout of store.lua."""
-        account = _account_from_hash(_fields(reply[9:]))
+        account = _account_from_hash(_fields(reply[9:]), self._plans)
         now = _int(reply[1])
         if account.plan is PlanKind.PAYG:
             return Snapshot(account, now, month_spend_pico=_int(reply[8]))
@@ -559,19 +612,20 @@ class RedisStore:
             "susp": "1" if account.suspended else "0",
             "created": str(account.created_ms),
         }
-        fields |= _plan_fields(account.plan, account.packs, account.spend_cap_pico, account.payg_concurrency)
+        fields |= _plan_fields(account.plan, account.packs, account.spend_cap_pico, account.payg_concurrency,
+                               self._plans)
         keys = self._keys(account.id)
         created = await self._run(
             "create_account", [keys.account, self._accounts_index], [account.id, account.created_ms, *_flatten(fields)]
         )
         if not created:
             raise ValueError(f"account {account.id} already exists")
-        return account
+        return replace(account, catalog=self._plans)
 
     async def get_account(self, account_id: str) -> Account | None:
         with self._errors():
             fields = await self._client.hgetall(self._keys(account_id).account)
-        return _account_from_hash(_hash_fields(fields)) if fields else None
+        return _account_from_hash(_hash_fields(fields), self._plans) if fields else None
 
     async def list_accounts(self) -> list[Account]:
         with self._errors():
@@ -581,30 +635,30 @@ class RedisStore:
                 pipe.hgetall(self._keys(account_id).account)
             rows = await pipe.execute()
         # An account deleted between the two reads is simply not listed.
-        return [_account_from_hash(_hash_fields(row)) for row in rows if row]
+        return [_account_from_hash(_hash_fields(row), self._plans) for row in rows if row]
 
     async def set_plan(
         self,
         account_id: str,
         plan: PlanKind,
-        packs: Sequence[PackKind],
+        packs: Sequence[str],
         spend_cap_pico: int | None,
         payg_concurrency: int,
         now_ms: int | None = None,
     ) -> Account:
-        fields = _plan_fields(plan, packs, spend_cap_pico, payg_concurrency)
+        fields = _plan_fields(plan, packs, spend_cap_pico, payg_concurrency, self._plans)
         flat = await self._run(
             "set_plan", [self._keys(account_id).account], [*self._config, self._now_arg(now_ms), *_flatten(fields)]
         )
         if not flat:
             raise NotFound(f"no account {account_id}")
-        return _account_from_hash(_fields(flat))
+        return _account_from_hash(_fields(flat), self._plans)
 
     async def set_suspended(self, account_id: str, suspended: bool) -> Account:
         flat = await self._run("set_suspended", [self._keys(account_id).account], ["1" if suspended else "0"])
         if not flat:
             raise NotFound(f"no account {account_id}")
-        return _account_from_hash(_fields(flat))
+        return _account_from_hash(_fields(flat), self._plans)
 
     async def delete_account(self, account_id: str) -> bool:
         k = self._keys(account_id)
@@ -673,6 +727,37 @@ class RedisStore:
         k = self._keys(_text(account_id))
         return bool(await self._run("revoke_key", [k.keys, k.revoked, self._keyhash_index], [key_id]))
 
+    # -- usage alerts -------------------------------------------------------
+
+    @property
+    def _alert_keys(self) -> list[str]:
+        return [f"{self._prefix}alerts:due", f"{self._prefix}alerts:event", f"{self._prefix}alerts:tries"]
+
+    async def claim_alert(self, account_id: str, name: str, above: bool, now_ms: int, alert_id: str,
+                          payload: str) -> bool:
+        due, events, _ = self._alert_keys
+        return bool(await self._run("alert_claim", [self._keys(account_id).alerts, due, events],
+                                    [name, "1" if above else "0", now_ms, alert_id, payload]))
+
+    async def take_alerts(self, now_ms: int, limit: int, backoff_base_ms: int,
+                          backoff_cap_ms: int) -> list[tuple[str, str, int]]:
+        flat = await self._run("alert_take", self._alert_keys, [now_ms, limit, backoff_base_ms, backoff_cap_ms])
+        return [(_text(flat[i]), _text(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
+
+    async def alert_done(self, alert_id: str) -> None:
+        due, events, tries = self._alert_keys
+        with self._errors():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.zrem(due, alert_id)
+                pipe.hdel(events, alert_id)
+                pipe.hdel(tries, alert_id)
+                await pipe.execute()
+
+    async def update_key(self, key: ApiKey) -> bool:
+        k = self._keys(key.account_id)
+        return bool(await self._run("update_key", [k.keys, k.revoked, self._keyhash_index],
+                                    [key.id, _key_record(key)]))
+
     # -- admission --------------------------------------------------------
 
     async def reserve(self, request: ReserveRequest, now_ms: int | None = None) -> ReserveOutcome:
@@ -683,7 +768,7 @@ class RedisStore:
         m = request.model
         reply = await self._run(
             "reserve",
-            [k.account, k.lease(m), k.queue(m), k.queue_expiry(m), k.models, k.spend],
+            [k.account, k.lease(m), k.queue(m), k.queue_expiry(m), k.models, k.spend, k.keybars, k.keys],
             [
                 *self._config,
                 self._now_arg(now_ms),
@@ -694,6 +779,7 @@ class RedisStore:
                 request.lease_ttl_ms,
                 request.waiter_id or "",
                 request.waiter_ttl_ms,
+                request.key_id,
             ],
         )
         status = _text(reply[0])
@@ -725,7 +811,7 @@ class RedisStore:
         k = self._keys(lease.account_id)
         reply = await self._run(
             "settle",
-            [k.account, k.lease(lease.model), k.settled, k.usage, k.spend],
+            [k.account, k.lease(lease.model), k.settled, k.usage, k.spend, k.keybars, k.keys],
             [
                 *self._config,
                 self._now_arg(now_ms),
@@ -737,6 +823,7 @@ class RedisStore:
                 settlement.retention_ms,
                 k.wake(lease.model),
                 SETTLED_MEMORY_MS,
+                event.key_id,
             ],
         )
         if _text(reply[0]) == "missing":

@@ -29,6 +29,8 @@ class AdmissionSettings(StrictModel):
     usage_retention_days: int = Field(14, ge=1, le=3650)
     reference_price: Decimal = Field(Decimal("3.40"), gt=0, description="$/M price of a weight-1.0 request")
     weight_basis: WeightBasis = WeightBasis.OUTPUT
+    cache_read_discount_percent: int = Field(80, ge=0, le=100, description="subscriptions' cache-read discount")
+    dashboard_url: str | None = Field(None, pattern=r"^https?://", description="named in 429 messages")
 
     @field_validator("reference_price")
     @classmethod
@@ -38,7 +40,8 @@ class AdmissionSettings(StrictModel):
 
     @property
     def weight_policy(self) -> WeightPolicy:
-        return WeightPolicy(dollars_to_micro(self.reference_price), self.weight_basis)
+        return WeightPolicy(dollars_to_micro(self.reference_price), self.weight_basis,
+                            Fraction(self.cache_read_discount_percent, 100))
 
     @property
     def retention_ms(self) -> int:

@@ -20,7 +20,7 @@ from cluster.records import Account, ApiKey, UsageEvent
 from policies.admission import Reason
 from policies.bars import BarSpec, BarState
 from policies.fairness import SchedulerMode
-from policies.plans import PackKind, PlanKind, SizeClass
+from policies.plans import PlanCatalog, PlanKind, SizeClass
 
 
 class StoreError(Exception):
@@ -57,6 +57,7 @@ class ReserveRequest:
     lease_ttl_ms: int
     waiter_id: str | None = None  # join the FIFO queue when no slot is free
     waiter_ttl_ms: int = 0  # a dead waiter stops blocking others after this
+    key_id: str = ""  # the API key's own caps (cluster.key_limits) are checked too
 
 
 @dataclass(frozen=True)
@@ -169,15 +170,26 @@ class SlotWaiter(Protocol):
 
 
 class Store(Protocol):
+    # The operator's plans: pack kinds and both bars' schedules. An account's
+    # bar capacities follow it; a level recorded against another capacity (a
+    # pack change, an edited plan, a new reference price) is carried over by
+    # policies.bars.rescale, which keeps the remaining fraction.
+    @property
+    def plans(self) -> PlanCatalog: ...
+
     async def now_ms(self) -> int: ...
 
     # accounts
     async def create_account(self, account: Account) -> Account: ...
     async def get_account(self, account_id: str) -> Account | None: ...
     async def list_accounts(self) -> list[Account]: ...
-    async def set_plan(self, account_id: str, plan: PlanKind, packs: Sequence[PackKind],
+    async def set_plan(self, account_id: str, plan: PlanKind, packs: Sequence[str],
                        spend_cap_pico: int | None, payg_concurrency: int, now_ms: int | None = None) -> Account: ...
     async def set_suspended(self, account_id: str, suspended: bool) -> Account: ...
+    # Called when a gateway opens the store: applies edited pack kinds to the
+    # accounts holding them (not with apply=False); raises PlanError for a pack
+    # kind the plans lack.
+    async def sync_plans(self, apply: bool = True) -> int: ...
     async def delete_account(self, account_id: str) -> bool: ...
 
     # keys
@@ -185,6 +197,8 @@ class Store(Protocol):
     async def find_key(self, key_hash: str) -> ApiKey | None: ...
     async def list_keys(self, account_id: str) -> list[ApiKey]: ...
     async def revoke_key(self, key_id: str) -> bool: ...
+    # Replace a key's limits (same id and hash); False if unknown or revoked.
+    async def update_key(self, key: ApiKey) -> bool: ...
 
     # admission
     async def reserve(self, request: ReserveRequest, now_ms: int | None = None) -> ReserveOutcome: ...
@@ -222,6 +236,15 @@ class Store(Protocol):
     def capacity_waiter(self, model: str, entry_id: str) -> SlotWaiter:
         """Woken when the entry is dispatched. Register before the first `capacity_acquire`."""
         ...
+
+    # usage alerts (cluster.alerts): `claim_alert` fires a crossing once (queueing
+    # its payload) or re-arms it; `take_alerts` hands out due alerts and pushes
+    # each one's next try back by the backoff; `alert_done` forgets a delivered one.
+    async def claim_alert(self, account_id: str, name: str, above: bool, now_ms: int, alert_id: str,
+                          payload: str) -> bool: ...
+    async def take_alerts(self, now_ms: int, limit: int, backoff_base_ms: int,
+                          backoff_cap_ms: int) -> list[tuple[str, str, int]]: ...
+    async def alert_done(self, alert_id: str) -> None: ...
 
     # usage
     async def usage(self, account_id: str, since_ms: int = 0, until_ms: int | None = None) -> list[UsageEvent]: ...

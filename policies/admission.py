@@ -31,6 +31,8 @@ class Reason(StrEnum):
     CONCURRENCY_LIMIT = "concurrency_limit"
     SPEND_CAP_REACHED = "spend_cap_reached"
     ACCOUNT_SUSPENDED = "account_suspended"
+    KEY_REQUEST_CAP_REACHED = "key_request_cap_reached"
+    KEY_WEEKLY_CAP_REACHED = "key_weekly_cap_reached"
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,25 @@ def check_bars(request_spec: BarSpec, request: BarState, weekly_spec: BarSpec, w
     if weight_units == 0:
         return Admit(req, wk)
     return Admit(debit(request_spec, req, weight_units, now_ms), wk)
+
+
+def check_key_bars(request_spec: BarSpec | None, request: BarState | None, weekly_spec: BarSpec | None,
+                   weekly: BarState | None, weight_units: int, now_ms: int) -> Admit | Refuse:
+    """A key's own caps, after the account's bars admitted the request.
+
+    A key cap is a bar of its own with the plan's schedule: `None` specs mean
+    no cap. Same order and arithmetic as check_bars; on Admit the key's
+    request bar is already debited.
+    """
+    req = None if request_spec is None or request is None else settle(request_spec, request, now_ms)
+    wk = None if weekly_spec is None or weekly is None else settle(weekly_spec, weekly, now_ms)
+    if request_spec is not None and req is not None and req.level < weight_units:
+        return Refuse(Reason.KEY_REQUEST_CAP_REACHED, ms_until_level(request_spec, req, weight_units, now_ms))
+    if weekly_spec is not None and wk is not None and wk.level <= 0:
+        return Refuse(Reason.KEY_WEEKLY_CAP_REACHED, ms_until_positive(weekly_spec, wk, now_ms))
+    if request_spec is not None and req is not None and weight_units:
+        req = debit(request_spec, req, weight_units, now_ms)
+    return Admit(req if req is not None else BarState(0), wk if wk is not None else BarState(0))
 
 
 def settle_weekly(weekly_spec: BarSpec, weekly: BarState, cost_pico: int, now_ms: int) -> BarState:

@@ -58,6 +58,23 @@ def settle(spec: BarSpec, state: BarState, now_ms: int) -> BarState:
     return BarState(level, anchor + ticks * spec.tick_ms)
 
 
+def rescale(old: BarSpec, new: BarSpec, state: BarState, now_ms: int) -> BarState:
+    """Carry a bar across a capacity change (pack change, plan edit, new reference price).
+
+    Rule: the remaining fraction is kept. The bar is settled under the capacity
+    it was recorded against, then its level becomes level × new / old, rounded
+    down (never up: a change must not refill by even one unit). A full bar
+    stays full, an empty one stays empty, a negative weekly level stays
+    proportionally negative, and the running tick interval keeps its anchor.
+    """
+    s = settle(old, state, now_ms)
+    if s.anchor_ms is None or old.capacity <= 0:
+        return BarState(new.capacity, None)
+    if old.capacity == new.capacity:
+        return settle(new, s, now_ms)
+    return settle(new, BarState(s.level * new.capacity // old.capacity, s.anchor_ms), now_ms)
+
+
 def debit(spec: BarSpec, state: BarState, amount: int, now_ms: int) -> BarState:
     """Settle, then take `amount` (which may be negative: a refund)."""
     s = settle(spec, state, now_ms)

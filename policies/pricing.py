@@ -18,6 +18,7 @@ from fractions import Fraction
 from policies.plans import SizeClass, request_unit
 from policies.units import REQUEST_SCALE
 
+# SPEC §1's default; an operator sets their own (plans.cache_read_discount_percent).
 CACHE_READ_DISCOUNT = Fraction(80, 100)
 
 
@@ -46,6 +47,7 @@ class ModelPrice:
 class WeightPolicy:
     reference_price_micro: int = 3_400_000
     basis: WeightBasis = WeightBasis.OUTPUT
+    cache_read_discount: Fraction = CACHE_READ_DISCOUNT
 
     @property
     def unit(self) -> int:
@@ -78,7 +80,7 @@ def validate_usage(prompt_tokens: int, cached_tokens: int, completion_tokens: in
 
 
 def token_cost_pico(price: ModelPrice, prompt_tokens: int, cached_tokens: int, completion_tokens: int,
-                    *, cache_discount: bool) -> int:
+                    *, cache_discount: bool, discount: Fraction = CACHE_READ_DISCOUNT) -> int:
     """Cost in picodollars. `prompt_tokens` includes the cached ones.
 
     The discounted cache-read part is rounded up to the next picodollar (only
@@ -89,7 +91,9 @@ def token_cost_pico(price: ModelPrice, prompt_tokens: int, cached_tokens: int, c
     if price.unmetered:
         return 0
     uncached = prompt_tokens - cached_tokens
-    cached_factor = (1 - CACHE_READ_DISCOUNT) if cache_discount else Fraction(1)
+    if not 0 <= discount <= 1:
+        raise ValueError(f"a cache-read discount is a fraction from 0 to 1, got {discount}")
+    cached_factor = (1 - discount) if cache_discount else Fraction(1)
     cached_cost = cached_tokens * price.input_micro * cached_factor
     cached_pico = -(-cached_cost.numerator // cached_cost.denominator)
     return uncached * price.input_micro + cached_pico + completion_tokens * price.output_micro

@@ -84,8 +84,11 @@ class AdminClient:
     async def delete_account(self, account_id: str) -> None:
         await self._call("DELETE", f"/admin/v1/accounts/{account_id}")
 
-    async def create_key(self, account_id: str) -> Json:
-        return dict(await self._call("POST", f"/admin/v1/accounts/{account_id}/keys"))
+    async def create_key(self, account_id: str, limits: Json | None = None) -> Json:
+        return dict(await self._call("POST", f"/admin/v1/accounts/{account_id}/keys", limits or None))
+
+    async def update_key(self, account_id: str, key_id: str, limits: Json) -> Json:
+        return dict(await self._call("PATCH", f"/admin/v1/accounts/{account_id}/keys/{key_id}", limits))
 
     async def list_keys(self, account_id: str, prefix: str | None = None) -> list[Json]:
         params = {"prefix": prefix} if prefix else None

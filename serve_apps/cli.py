@@ -23,12 +23,13 @@ from typing import Any
 from cluster.accounts import Accounts, AuthError
 from cluster.admin import AdminOps
 from cluster.open_store import open_store
-from cluster.settings import AdmissionSettings, admin_token_from_env
+from cluster.settings import admin_token_from_env
 from cluster.store import NotFound, StoreError
 from policies.plans import PlanError
 from policies.pricing import UsageError
 from serve_apps import cli_render as render
 from serve_apps.admin_client import AdminApiError, AdminClient
+from serve_apps.config import load_config
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -43,12 +44,27 @@ def _packs(values: Sequence[str]) -> list[str]:
     return [p.strip() for v in values for p in v.split(",") if p.strip()]
 
 
+def _key_limits(args: argparse.Namespace) -> dict[str, Any]:
+    """The key-limit options given on the command line, as the admin API's body."""
+    limits: dict[str, Any] = {}
+    if args.models:
+        limits["models"] = _packs(args.models)
+    for option in ("expires", "max_requests", "max_weekly_usd"):
+        if getattr(args, option) is not None:
+            limits[option] = getattr(args, option)
+    if args.disabled:
+        limits["disabled"] = True
+    return limits
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="packserve", description="Flat-rate LLM serving with recharging packs.")
     parser.add_argument("--redis-url", help="Redis store URL (default: $PACKSERVE_REDIS_URL, else embedded store)")
     parser.add_argument("--data-dir", type=Path, help="embedded store directory (default: $PACKSERVE_DATA_DIR)")
     parser.add_argument("--server", help="use a running gateway's admin API at this base URL instead of the store")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--config", type=Path,
+                        help="YAML config whose plans (pack kinds, schedules, weights) the store is read with")
     # The same options after the subcommand too (`packserve gateway --redis-url URL`, SPEC §5);
     # SUPPRESS keeps an absent one from overwriting the value given before the subcommand.
     common = argparse.ArgumentParser(add_help=False)
@@ -98,6 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     keys = _Sub(sub.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True))
     kc = keys.add_parser("create", help="create a key (the secret is shown once)")
     kc.add_argument("account_id")
+    ku = keys.add_parser("update", help="change a key's limits, or disable / enable it")
+    ku.add_argument("account_id")
+    ku.add_argument("key_id")
+    for parser_ in (kc, ku):
+        parser_.add_argument("--models", nargs="+", help="allow only these models (ids, space or comma separated)")
+        parser_.add_argument("--expires", help="expiry: ISO 8601 time (2027-01-01T00:00:00Z) or epoch ms")
+        parser_.add_argument("--max-requests", type=int, help="cap on this key's requests per 5-hour bar")
+        parser_.add_argument("--max-weekly-usd", help="cap on this key's share of the weekly credit, dollars")
+        parser_.add_argument("--disabled", action="store_true", help="refuse every request with this key")
+    ku.add_argument("--enable", action="store_true", help="undo --disabled")
+    ku.add_argument("--clear", nargs="+", choices=["models", "expires", "max_requests", "max_weekly_usd"],
+                    help="remove these limits")
     kl = keys.add_parser("list", help="list an account's keys")
     kl.add_argument("account_id")
     kl.add_argument("--prefix", help="only keys whose display prefix starts with this")
@@ -139,8 +167,10 @@ async def _run_admin(args: argparse.Namespace) -> int:
         ops: Any = AdminClient(args.server, admin_token_from_env())
         store = None
     else:
-        unit = AdmissionSettings().weight_policy.unit
-        store = await open_store(request_unit=unit, redis_url=args.redis_url, data_dir=args.data_dir)
+        config = load_config(getattr(args, "config", None))
+        unit = config.admission.weight_policy.unit
+        store = await open_store(request_unit=unit, redis_url=args.redis_url, data_dir=args.data_dir,
+                                 plans=config.plans.catalog(), apply_plans=False)
         ops = AdminOps(store, Accounts(store), unit)
     try:
         return await _dispatch(args, ops)
@@ -180,8 +210,16 @@ async def _dispatch(args: argparse.Namespace, ops: Any) -> int:
         await ops.delete_account(args.account_id)
         _print(args, {"deleted": args.account_id}, f"deleted {args.account_id}")
     elif cmd == "keys" and action == "create":
-        body = await ops.create_key(args.account_id)
+        body = await ops.create_key(args.account_id, _key_limits(args) or None)
         _print(args, body, f"{body['key']}\n(key id {body['id']}; this secret is shown once, store it now)")
+    elif cmd == "keys" and action == "update":
+        limits = _key_limits(args)
+        if args.enable:
+            limits["disabled"] = False
+        if args.clear:
+            limits["clear"] = list(args.clear)
+        body = await ops.update_key(args.account_id, args.key_id, limits)
+        _print(args, body, json.dumps(body, indent=2))
     elif cmd == "keys" and action == "list":
         rows = await ops.list_keys(args.account_id, args.prefix)
         _print(args, rows, render.table(

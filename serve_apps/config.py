@@ -14,9 +14,11 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from cluster.alerts import AlertSettings
+from cluster.plan_settings import PlansSettings
 from cluster.settings import AdmissionSettings, PriceSettings, SchedulerSettings, StrictModel
 from policies.plans import SizeClass
-from policies.pricing import ModelPrice
+from policies.pricing import ModelPrice, WeightBasis
 from serve_apps.engines.types import ModelCard
 
 MIB = 1024 * 1024
@@ -180,6 +182,8 @@ class AppConfig(StrictModel):
     scheduler: SchedulerSettings = SchedulerSettings()
     models: tuple[ModelConfig, ...] = ()
     demo_account: bool = Field(False, description="create a demo account with one standard pack at start")
+    plans: PlansSettings = PlansSettings()
+    alerts: AlertSettings = AlertSettings()
 
     @field_validator("scheduler", mode="before")
     @classmethod
@@ -197,7 +201,7 @@ class AppConfig(StrictModel):
         for m in self.models:
             if m.base_model and m.base_model not in known:
                 raise ValueError(f"{m.id}: base_model {m.base_model!r} is not in the catalog")
-        return self
+        return apply_plan_weights(self)
 
     def queue_model(self, model_id: str) -> str:
         """The model whose replicas run `model_id`: its base for a LoRA adapter (they share one capacity)."""
@@ -228,6 +232,48 @@ class AppConfig(StrictModel):
                 return m.cold_start_timeout_s
             m = by_id.get(m.base_model) if m.base_model else None
         return self.gateway.cold_start_timeout_s
+
+
+def apply_plan_weights(config: AppConfig) -> AppConfig:
+    """Fold `plans.weights` and the cache discount into `admission` and the catalog entries.
+
+    The controller keeps reading one weight policy and each model's price card;
+    the `plans` block is where an operator writes them.
+    """
+    plans = config.plans
+    admission = config.admission
+    update: dict[str, object] = {}
+    if plans.cache_read_discount_percent is not None:
+        update["cache_read_discount_percent"] = plans.cache_read_discount_percent
+    weights = plans.weights
+    models = config.models
+    if weights is not None:
+        defaults = AdmissionSettings()
+        if (admission.reference_price, admission.weight_basis) != (defaults.reference_price, defaults.weight_basis):
+            raise ValueError("set the weight rule in plans.weights or in admission "
+                             "(reference_price, weight_basis), not both")
+        by_id = {m.id: m for m in models}
+        for model_id in (*weights.overrides, *weights.unmetered,
+                         *((weights.reference_model,) if weights.reference_model else ())):
+            if model_id not in by_id:
+                raise ValueError(f"plans.weights names {model_id!r}, which is not in models")
+        if weights.reference_model is not None:
+            ref = by_id[weights.reference_model]
+            reference = ref.input_price if weights.basis is WeightBasis.INPUT else ref.output_price
+            if reference <= 0:
+                raise ValueError(f"the reference model {ref.id} has no {weights.basis.value} price")
+        else:
+            assert weights.reference_price is not None
+            reference = weights.reference_price
+        update |= {"reference_price": reference, "weight_basis": weights.basis}
+        models = tuple(
+            m.model_copy(update={"weight": weights.overrides[m.id]}) if m.id in weights.overrides
+            else m.model_copy(update={"size_class": SizeClass.UNMETERED}) if m.id in weights.unmetered
+            else m
+            for m in models)
+    if not update:
+        return config
+    return config.model_copy(update={"admission": admission.model_copy(update=update), "models": models})
 
 
 def load_config(path: Path | None) -> AppConfig:

@@ -256,7 +256,8 @@ async def stop_handles(handles: Iterable[DeploymentHandle[Any]]) -> None:
 
 async def _create_demo_account(config: AppConfig) -> tuple[str, str]:
     store = await open_store(request_unit=config.admission.weight_policy.unit, redis_url=config.store.redis_url,
-                             data_dir=config.store.data_dir)
+                             data_dir=config.store.data_dir,
+                             plans=config.plans.catalog())
     try:
         ops = AdminOps(store, Accounts(store), config.admission.weight_policy.unit)
         account = await ops.create_account("demo", "subscription", ["standard"], None, None)

@@ -573,19 +573,20 @@ async def test_payg_spend_cap_resets_at_the_utc_month_boundary(stores: StoreFact
     assert april.snapshot.month_spend_pico == 0
 
 
-async def test_fewer_packs_clamp_a_partial_bar_and_a_full_bar_stays_full(stores: StoreFactory) -> None:
+async def test_a_pack_change_keeps_each_bars_remaining_fraction(stores: StoreFactory) -> None:
     store = await stores()
     await store.create_account(standard_account(packs=(PackKind.FOUNDER, PackKind.FOUNDER)))
     lease = admitted(await store.reserve(request(weight=100 * UNIT), now_ms=T0)).lease  # 1500 -> 1400
     await store.settle(settlement(lease), now_ms=T0)
     await store.set_plan("acct-1", PlanKind.SUBSCRIPTION, [PackKind.STANDARD], None, 4, now_ms=T0 + 1)
     snap = await store.snapshot("acct-1", now_ms=T0 + 1)
-    assert snap.request == BarState(500 * UNIT, None)  # clamped to the new capacity: full
+    shrunk = 1400 * UNIT * 500 // 1500  # 14/15 of the new capacity, rounded down: never a refill
+    assert snap.request == BarState(shrunk, T0)
     assert snap.weekly == BarState(24 * PICO_PER_DOLLAR, None)  # was full, stays full
     admitted(await store.reserve(request(weight=100 * UNIT), now_ms=T0 + 2))
     await store.set_plan("acct-1", PlanKind.SUBSCRIPTION, [PackKind.FOUNDER], None, 4, now_ms=T0 + 3)
     grown = await store.snapshot("acct-1", now_ms=T0 + 3)
-    assert grown.request is not None and grown.request.level == 400 * UNIT and grown.request.anchor_ms == T0 + 2
+    assert grown.request == BarState((shrunk - 100 * UNIT) * 750 // 500, T0)  # the running interval is kept
 
 
 # -- queue hygiene -----------------------------------------------------------------

@@ -444,16 +444,16 @@ async def test_suspended_account_is_refused(h: Harness) -> None:
     assert exc.value.reason is Reason.ACCOUNT_SUSPENDED
 
 
-async def test_set_packs_keeps_level_and_grows_capacity(h: Harness) -> None:
+async def test_set_packs_keeps_the_remaining_fraction_and_grows_capacity(h: Harness) -> None:
     acct = await h.account(["standard"])
-    await h.burst(acct, 100)
+    await h.burst(acct, 100)  # 400 of 500 left: 80%
     acct = await h.accounts.set_plan(acct.id, "subscription", ["standard", "founder"])
     snap = await h.ctl.snapshot(acct.id)
     assert snap.request_spec is not None and snap.request is not None
     assert snap.request_spec.capacity == 1250 * h.ctl.policy.unit
-    assert snap.request.level == 400 * h.ctl.policy.unit
+    assert snap.request.level == 1000 * h.ctl.policy.unit  # still 80%
     h.clock.advance(3 * MINUTE_MS)
-    assert await h.requests_left(acct) == 400 + 62.5
+    assert await h.requests_left(acct) == 1000 + 62.5
 
 
 async def test_keys_create_find_revoke(h: Harness) -> None:

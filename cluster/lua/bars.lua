@@ -46,6 +46,46 @@ local function bar_settle(spec, level, anchor, now)
   return level, anchor + ticks * spec.tms
 end
 
+-- floor(a * b / c) for integers a, b >= 0, c > 0 whose product may pass
+-- 2^53: long multiplication over b's bits, keeping a*b = q*c + r with r < c,
+-- so no intermediate exceeds the result or 2c. Returns q, r.
+local function mul_div(a, b, c)
+  local qa = idiv(a, c)
+  local ra = a - qa * c
+  local bits = {}
+  while b > 0 do
+    local half = idiv(b, 2)
+    bits[#bits + 1] = b - half * 2
+    b = half
+  end
+  local q, r = 0, 0
+  for i = #bits, 1, -1 do
+    q, r = q * 2, r * 2
+    if r >= c then q, r = q + 1, r - c end
+    if bits[i] == 1 then
+      q, r = q + qa, r + ra
+      if r >= c then q, r = q + 1, r - c end
+    end
+  end
+  return q, r
+end
+
+-- floor(a * b / c) for any integer a (Python's //), b >= 0, c > 0.
+local function mul_div_floor(a, b, c)
+  if a >= 0 then return (mul_div(a, b, c)) end
+  local q, r = mul_div(-a, b, c)
+  if r > 0 then q = q + 1 end
+  return -q
+end
+
+-- policies.bars.rescale: keep the remaining fraction across a capacity change.
+local function bar_rescale(old, new, level, anchor, now)
+  local l, a = bar_settle(old, level, anchor, now)
+  if a == nil or old.cap <= 0 then return new.cap, nil end
+  if old.cap == new.cap then return bar_settle(new, l, a, now) end
+  return bar_settle(new, mul_div_floor(l, new.cap, old.cap), a, now)
+end
+
 -- policies.bars.debit: settle, then take amount (negative = refund).
 local function bar_debit(spec, level, anchor, amount, now)
   local l, a = bar_settle(spec, level, anchor, now)
@@ -108,6 +148,26 @@ local function check_bars(rspec, rl, ra, wspec, wl, wa, weight, now)
     return {ok = true, rl = rl, ra = ra, wl = wl, wa = wa}
   end
   rl, ra = bar_debit(rspec, rl, ra, weight, now)
+  return {ok = true, rl = rl, ra = ra, wl = wl, wa = wa}
+end
+
+local KEY_REQUEST_CAP_REACHED = 'key_request_cap_reached'
+local KEY_WEEKLY_CAP_REACHED = 'key_weekly_cap_reached'
+
+-- policies.admission.check_key_bars: a key's own caps (nil spec = no cap).
+-- Returns {ok=true, rl=, ra=, wl=, wa=} (request bar debited) or {ok=false, reason=, retry_ms=}.
+local function check_key_bars(rspec, rl, ra, wspec, wl, wa, weight, now)
+  if rspec then rl, ra = bar_settle(rspec, rl, ra, now) end
+  if wspec then wl, wa = bar_settle(wspec, wl, wa, now) end
+  if rspec and rl < weight then
+    return {ok = false, reason = KEY_REQUEST_CAP_REACHED,
+            retry_ms = bar_ms_until_level(rspec, rl, ra, weight, now)}
+  end
+  if wspec and wl <= 0 then
+    return {ok = false, reason = KEY_WEEKLY_CAP_REACHED,
+            retry_ms = bar_ms_until_positive(wspec, wl, wa, now)}
+  end
+  if rspec and weight ~= 0 then rl, ra = bar_debit(rspec, rl, ra, weight, now) end
   return {ok = true, rl = rl, ra = ra, wl = wl, wa = wa}
 end
 

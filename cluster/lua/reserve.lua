@@ -8,10 +8,12 @@
 -- KEYS[4] queue expiry (model)   packserve:{A}:qexp:<model>    waiter_id -> expiry ms
 -- KEYS[5] models set             packserve:{A}:models
 -- KEYS[6] spend hash             packserve:{A}:spend           month start ms -> picodollars
+-- KEYS[7] key bars hash          packserve:{A}:keybars         <key id>:rl|ra|rc|wl|wa|wc
+-- KEYS[8] keys hash              packserve:{A}:keys            key id -> JSON key record (its caps)
 -- ARGV[1..6] bar config (store.lua); ARGV[7] now ms or '' (Redis TIME);
 -- ARGV[8] model; ARGV[9] size class; ARGV[10] weight (request units);
 -- ARGV[11] lease_id; ARGV[12] lease ttl ms; ARGV[13] waiter_id or '';
--- ARGV[14] waiter ttl ms.
+-- ARGV[14] waiter ttl ms; ARGV[15] key id or '' (its caps are checked after the account's bars).
 -- Returns {'missing'} or the reply() layout with status
 --   'admitted' (a = lease expiry ms), 'refused' (a = reason, b = retry ms or ''),
 --   'busy' (a = earliest lease expiry or '', b = queue position or -1).
@@ -41,6 +43,9 @@ if held then return reply('admitted', now, held, '', st, flat) end
 if acct.susp == '1' then return reply('refused', now, ACCOUNT_SUSPENDED, '', st, flat) end
 
 local after = nil
+local key_after = nil
+local key_id = ARGV[15] or ''
+local krspec, kwspec = nil, nil
 if acct.plan == 'payg' then
   local refusal = check_spend_cap(st.spend, optional_int(acct.cap), now)
   if refusal then return reply('refused', now, refusal.reason, fmt(refusal.retry_ms), st, flat) end
@@ -50,6 +55,13 @@ elseif size ~= 'unmetered' then
     return reply('refused', now, decision.reason, fmt(decision.retry_ms), st, flat)
   end
   after = decision
+  krspec, kwspec = key_specs(KEYS[8], key_id, cfg)
+  if krspec or kwspec then
+    local krl, kra, kwl, kwa = read_key_bars(KEYS[7], key_id, krspec, kwspec, now)
+    local kd = check_key_bars(krspec, krl, kra, kwspec, kwl, kwa, weight, now)
+    if not kd.ok then return reply('refused', now, kd.reason, fmt(kd.retry_ms), st, flat) end
+    key_after = kd
+  end
 end
 
 local limit
@@ -87,8 +99,9 @@ local expires = now + lease_ttl
 redis.call('ZADD', KEYS[2], fmt(expires), lease_id)
 redis.call('SADD', KEYS[5], model)
 if after then
-  write_bar(KEYS[1], 'rl', 'ra', after.rl, after.ra)
-  write_bar(KEYS[1], 'wl', 'wa', after.wl, after.wa)
+  write_bar(KEYS[1], 'rl', 'ra', after.rl, after.ra, st.rspec)
+  write_bar(KEYS[1], 'wl', 'wa', after.wl, after.wa, st.wspec)
   st.rl, st.ra, st.wl, st.wa = after.rl, after.ra, after.wl, after.wa
 end
+if key_after then write_key_bar(KEYS[7], key_id, 'r', key_after.rl, key_after.ra, krspec) end
 return reply('admitted', now, fmt(expires), '', st, flat)

@@ -7,10 +7,13 @@
 -- KEYS[3] settled zset     packserve:{A}:settled   lease_id -> settle time ms
 -- KEYS[4] usage stream     packserve:{A}:usage     field e = msgpack UsageEvent
 -- KEYS[5] spend hash       packserve:{A}:spend     month start ms -> picodollars
+-- KEYS[6] key bars hash    packserve:{A}:keybars   <key id>:rl|ra|rc|wl|wa|wc
+-- KEYS[7] keys hash        packserve:{A}:keys      key id -> JSON key record (its caps)
 -- ARGV[1..6] bar config (store.lua); ARGV[7] now ms or '' (Redis TIME);
 -- ARGV[8] lease_id; ARGV[9] cost picodollars; ARGV[10] refund (request units);
 -- ARGV[11] encoded event; ARGV[12] event ts ms; ARGV[13] retention ms;
--- ARGV[14] wake-up channel; ARGV[15] how long settled lease ids are remembered (ms).
+-- ARGV[14] wake-up channel; ARGV[15] how long settled lease ids are remembered (ms);
+-- ARGV[16] key id or '': its capped bars are charged and refunded like the account's.
 -- Returns {'missing'} (account deleted: nothing recorded) or the reply()
 -- layout with status 'ok' and both bars after settlement.
 -- Idempotent per lease_id: a retried settle charges and records nothing twice.
@@ -34,12 +37,21 @@ if redis.call('ZADD', KEYS[3], 'NX', fmt(now), lease_id) == 1 then
     redis.call('HINCRBY', KEYS[5], fmt(month_start), fmt(cost))
   else
     local rspec, wspec = account_specs(acct, cfg)
-    local rl, ra = read_bar(acct, 'rl', 'ra', rspec)
-    local wl, wa = read_bar(acct, 'wl', 'wa', wspec)
+    local rl, ra = read_bar(acct, 'rl', 'ra', rspec, now)
+    local wl, wa = read_bar(acct, 'wl', 'wa', wspec, now)
     wl, wa = settle_weekly(wspec, wl, wa, cost, now)
     rl, ra = refund_request(rspec, rl, ra, refund, now)
-    write_bar(KEYS[1], 'rl', 'ra', rl, ra)
-    write_bar(KEYS[1], 'wl', 'wa', wl, wa)
+    write_bar(KEYS[1], 'rl', 'ra', rl, ra, rspec)
+    write_bar(KEYS[1], 'wl', 'wa', wl, wa, wspec)
+    local key_id = ARGV[16] or ''
+    local krspec, kwspec = key_specs(KEYS[7], key_id, cfg)
+    if krspec or kwspec then
+      local krl, kra, kwl, kwa = read_key_bars(KEYS[6], key_id, krspec, kwspec, now)
+      if kwspec then kwl, kwa = settle_weekly(kwspec, kwl, kwa, cost, now) end
+      if krspec then krl, kra = refund_request(krspec, krl, kra, refund, now) end
+      write_key_bar(KEYS[6], key_id, 'r', krl, kra, krspec)
+      write_key_bar(KEYS[6], key_id, 'w', kwl, kwa, kwspec)
+    end
   end
 
   -- Stream ids must grow; injected (test) times and late settlements may

@@ -10,9 +10,15 @@
 -- An empty "now" argument means "use Redis TIME" so gateways with skewed
 -- clocks agree; tests pass an explicit time.
 --
+-- The schedule is data: the operator's plans (policies.plans.PlanCatalog,
+-- from the config) reach every script through these arguments; the pack sums
+-- are in the account hash, refreshed from the plans when a gateway opens the
+-- store (redis_store.sync_plans).
+--
 -- Account hash fields (see redis_store.py): id name plan packs cap pconc susp
 -- created r_req w_usd c_std c_small, bars rl ra wl wa (absent level = full
--- bar), qseq (FIFO sequence).
+-- bar), rc wc (the capacity each level was recorded against; absent = the
+-- current one), qseq (FIFO sequence).
 
 local CONFIG_ARGS = 6
 
@@ -21,6 +27,11 @@ local function load_config()
     unit = tonumber(ARGV[1]), rpct = tonumber(ARGV[2]), rms = tonumber(ARGV[3]),
     wpct = tonumber(ARGV[4]), wms = tonumber(ARGV[5]), pico = tonumber(ARGV[6]),
   }
+end
+
+local function optional_anchor(value)
+  if value == nil or value == '' then return nil end
+  return tonumber(value)
 end
 
 local function clock(arg)
@@ -43,25 +54,39 @@ end
 local function account_specs(acct, cfg)
   local rcap = tonumber(acct.r_req) * cfg.unit
   local wcap = tonumber(acct.w_usd) * cfg.pico
-  return {cap = rcap, amt = idiv(rcap * cfg.rpct, 100), tms = cfg.rms},
-         {cap = wcap, amt = idiv(wcap * cfg.wpct, 100), tms = cfg.wms}
+  return {cap = rcap, amt = idiv(rcap * cfg.rpct, 100), tms = cfg.rms, pct = cfg.rpct},
+         {cap = wcap, amt = idiv(wcap * cfg.wpct, 100), tms = cfg.wms, pct = cfg.wpct}
 end
+
+-- The field holding the capacity a level was recorded against.
+local CAP_FIELD = {rl = 'rc', wl = 'wc'}
 
 -- An absent level is a full bar, so a full bar stays full whatever its
--- capacity becomes (more packs, or a new reference price).
-local function read_bar(acct, level_field, anchor_field, spec)
+-- capacity becomes. A level recorded against another capacity (an edited
+-- plan, a new reference price) keeps its remaining fraction (bar_rescale),
+-- settled to now. Without `now` the level is returned unsettled.
+local function read_bar(acct, level_field, anchor_field, spec, now)
   local level = acct[level_field]
   if level == nil or level == '' then return spec.cap, nil end
-  local anchor = acct[anchor_field]
-  if anchor == nil or anchor == '' then return tonumber(level), nil end
-  return tonumber(level), tonumber(anchor)
+  level = tonumber(level)
+  local anchor = optional_anchor(acct[anchor_field])
+  local recorded = acct[CAP_FIELD[level_field]]
+  if recorded == nil or recorded == '' or tonumber(recorded) == spec.cap then return level, anchor end
+  recorded = tonumber(recorded)
+  local old = {cap = recorded, amt = idiv(recorded * spec.pct, 100), tms = spec.tms}
+  return bar_rescale(old, spec, level, anchor, now or clock(''))
 end
 
-local function write_bar(key, level_field, anchor_field, level, anchor)
+-- `spec` is the bar's current spec, whose capacity is recorded with the level.
+local function write_bar(key, level_field, anchor_field, level, anchor, spec)
+  local cap_field = CAP_FIELD[level_field]
   if anchor == nil then
-    redis.call('HDEL', key, level_field, anchor_field)
-  else
+    redis.call('HDEL', key, level_field, anchor_field, cap_field)
+  elseif spec == nil then
     redis.call('HSET', key, level_field, fmt(level), anchor_field, fmt(anchor))
+    redis.call('HDEL', key, cap_field)
+  else
+    redis.call('HSET', key, level_field, fmt(level), anchor_field, fmt(anchor), cap_field, fmt(spec.cap))
   end
 end
 
@@ -75,13 +100,56 @@ local function optional_int(value)
   return tonumber(value)
 end
 
+-- A key's own caps (cluster/key_limits.py): its JSON record's max_req
+-- (whole requests) and max_wk (picodollars) become bars on the plan's
+-- schedules; nil where the key has no cap, or for no key at all.
+local function key_specs(keys_hash, key_id, cfg)
+  if key_id == nil or key_id == '' then return nil, nil end
+  local record = redis.call('HGET', keys_hash, key_id)
+  if not record then return nil, nil end
+  local r = cjson.decode(record)
+  local rspec, wspec = nil, nil
+  if type(r.max_req) == 'number' then
+    local cap = r.max_req * cfg.unit
+    rspec = {cap = cap, amt = idiv(cap * cfg.rpct, 100), tms = cfg.rms, pct = cfg.rpct}
+  end
+  if type(r.max_wk) == 'number' then
+    local cap = r.max_wk
+    wspec = {cap = cap, amt = idiv(cap * cfg.wpct, 100), tms = cfg.wms, pct = cfg.wpct}
+  end
+  return rspec, wspec
+end
+
+-- A key's bars live in the account's keybars hash as <key id>:rl, :ra, :rc, :wl, :wa, :wc.
+local function read_key_bars(keybars, key_id, rspec, wspec, now)
+  local flat = redis.call('HMGET', keybars, key_id .. ':rl', key_id .. ':ra', key_id .. ':rc',
+                          key_id .. ':wl', key_id .. ':wa', key_id .. ':wc')
+  local view = {rl = flat[1] or nil, ra = flat[2] or nil, rc = flat[3] or nil,
+                wl = flat[4] or nil, wa = flat[5] or nil, wc = flat[6] or nil}
+  local rl, ra, wl, wa
+  if rspec then rl, ra = read_bar(view, 'rl', 'ra', rspec, now) end
+  if wspec then wl, wa = read_bar(view, 'wl', 'wa', wspec, now) end
+  return rl, ra, wl, wa
+end
+
+local function write_key_bar(keybars, key_id, prefix, level, anchor, spec)
+  if spec == nil then return end
+  if anchor == nil then
+    redis.call('HDEL', keybars, key_id .. ':' .. prefix .. 'l', key_id .. ':' .. prefix .. 'a',
+               key_id .. ':' .. prefix .. 'c')
+  else
+    redis.call('HSET', keybars, key_id .. ':' .. prefix .. 'l', fmt(level), key_id .. ':' .. prefix .. 'a',
+               fmt(anchor), key_id .. ':' .. prefix .. 'c', fmt(spec.cap))
+  end
+end
+
 -- Both bars settled to now (not written) and the payg month spend.
 local function current_state(acct, cfg, spend_key, now)
   local st = {spend = 0}
   if acct.plan == 'subscription' then
     st.rspec, st.wspec = account_specs(acct, cfg)
-    local rl, ra = read_bar(acct, 'rl', 'ra', st.rspec)
-    local wl, wa = read_bar(acct, 'wl', 'wa', st.wspec)
+    local rl, ra = read_bar(acct, 'rl', 'ra', st.rspec, now)
+    local wl, wa = read_bar(acct, 'wl', 'wa', st.wspec, now)
     st.rl, st.ra = bar_settle(st.rspec, rl, ra, now)
     st.wl, st.wa = bar_settle(st.wspec, wl, wa, now)
   else

@@ -64,11 +64,14 @@ local rspec, wspec = spec_of(input.request), spec_of(input.weekly)
 local unit, pico = input.unit, input.pico_per_dollar
 local rl, ra = rspec.cap, nil
 local wl, wa = wspec.cap, nil
+-- An API key's own capped bars (op key_caps); nil spec = no cap.
+local krspec, kwspec = nil, nil
+local krl, kra, kwl, kwa = nil, nil, nil, nil
 
 local function observe_state(now)
   local r_l, r_a = bar_settle(rspec, rl, ra, now)
   local w_l, w_a = bar_settle(wspec, wl, wa, now)
-  return {
+  local obs = {
     {'request_level', r_l}, {'request_anchor_ms', to_json(r_a)},
     {'weekly_level', w_l}, {'weekly_anchor_ms', to_json(w_a)},
     {'request_next_tick_ms', to_json(bar_next_tick(rspec, r_l, r_a, now))},
@@ -76,12 +79,23 @@ local function observe_state(now)
     {'requests_remaining', fraction(r_l, unit)},
     {'weekly_dollars', fraction(w_l, pico)},
   }
+  if krspec then obs[#obs + 1] = {'key_request_level', (bar_settle(krspec, krl, kra, now))} end
+  if kwspec then obs[#obs + 1] = {'key_weekly_level', (bar_settle(kwspec, kwl, kwa, now))} end
+  return obs
 end
 
 local function run_reserve(step)
   local admitted, refusal = 0, nil
   for _ = 1, step['repeat'] do
     local d = check_bars(rspec, rl, ra, wspec, wl, wa, step.weight_units, step.at_ms)
+    if d.ok and (krspec or kwspec) then
+      local kd = check_key_bars(krspec, krl, kra, kwspec, kwl, kwa, step.weight_units, step.at_ms)
+      if kd.ok then
+        krl, kra, kwl, kwa = kd.rl, kd.ra, kd.wl, kd.wa
+      else
+        d = kd
+      end
+    end
     if d.ok then
       rl, ra, wl, wa = d.rl, d.ra, d.wl, d.wa
       admitted = admitted + 1
@@ -106,11 +120,23 @@ for _, step in ipairs(input.steps) do
   elseif step.op == 'settle' then
     wl, wa = settle_weekly(wspec, wl, wa, step.cost_pico, now)
     if step.refund_units ~= 0 then rl, ra = refund_request(rspec, rl, ra, step.refund_units, now) end
+    if kwspec then kwl, kwa = settle_weekly(kwspec, kwl, kwa, step.cost_pico, now) end
+    if krspec and step.refund_units ~= 0 then krl, kra = refund_request(krspec, krl, kra, step.refund_units, now) end
+  elseif step.op == 'key_caps' then
+    krspec, kwspec = nil, nil
+    krl, kra, kwl, kwa = nil, nil, nil, nil
+    if step.request ~= NULL then krspec = spec_of(step.request); krl = krspec.cap end
+    if step.weekly ~= NULL then kwspec = spec_of(step.weekly); kwl = kwspec.cap end
   elseif step.op == 'set' then
     if step.request_level ~= nil then rl = from_json(step.request_level) end
     if step.request_anchor_ms ~= nil then ra = from_json(step.request_anchor_ms) end
     if step.weekly_level ~= nil then wl = from_json(step.weekly_level) end
     if step.weekly_anchor_ms ~= nil then wa = from_json(step.weekly_anchor_ms) end
+  elseif step.op == 'replan' then
+    local new_r, new_w = spec_of(step.request), spec_of(step.weekly)
+    rl, ra = bar_rescale(rspec, new_r, rl, ra, now)
+    wl, wa = bar_rescale(wspec, new_w, wl, wa, now)
+    rspec, wspec = new_r, new_w
   elseif step.op == 'state' then
     obs = observe_state(now)
   else

@@ -47,6 +47,32 @@ def _cap(body: dict[str, Any]) -> str | None:
     return str(value)
 
 
+KEY_LIMIT_FIELDS = ("models", "expires", "max_requests", "max_weekly_usd", "disabled")
+
+
+def _key_limits(body: dict[str, Any], allow_clear: bool = False) -> dict[str, Any]:
+    """A key-limits body checked for shape; cluster.key_limits validates the values."""
+    allowed = (*KEY_LIMIT_FIELDS, "clear") if allow_clear else KEY_LIMIT_FIELDS
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise ApiError(400, f"unknown field '{unknown[0]}' (allowed: {', '.join(allowed)})", "invalid_request",
+                       unknown[0])
+    out = {k: v for k, v in body.items() if v is not None}
+    for field in ("models", "clear"):
+        if field in out:
+            out[field] = _str_list(out, field)
+    if "disabled" in out and not isinstance(out["disabled"], bool):
+        raise ApiError(400, "'disabled' must be true or false", "invalid_request", "disabled")
+    if "max_requests" in out:
+        _int_or_none(out, "max_requests")
+    if "expires" in out and (isinstance(out["expires"], bool) or not isinstance(out["expires"], int | str)):
+        raise ApiError(400, "'expires' must be an ISO 8601 time or epoch milliseconds", "invalid_request", "expires")
+    if "max_weekly_usd" in out and (isinstance(out["max_weekly_usd"], bool)
+                                    or not isinstance(out["max_weekly_usd"], int | float | str)):
+        raise ApiError(400, "'max_weekly_usd' must be a number of dollars", "invalid_request", "max_weekly_usd")
+    return out
+
+
 def build_admin_router(ops: AdminOps, token: str | None, max_body_bytes: int,
                        stats: Callable[[], dict[str, Any] | Awaitable[dict[str, Any]]],
                        start_model: Callable[[str], Awaitable[bool | None]] | None = None) -> APIRouter:
@@ -125,7 +151,16 @@ def build_admin_router(ops: AdminOps, token: str | None, max_body_bytes: int,
     @router.post("/accounts/{account_id}/keys")
     async def create_key(request: Request, account_id: str) -> Response:
         guard(request)
-        return JSONResponse(await call(ops.create_key(account_id)), status_code=201)
+        # The body is optional: {models, expires, max_requests, max_weekly_usd, disabled}.
+        has_body = request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers
+        limits = _key_limits(await read_json(request, max_body_bytes)) if has_body else None
+        return JSONResponse(await call(ops.create_key(account_id, limits)), status_code=201)
+
+    @router.patch("/accounts/{account_id}/keys/{key_id}")
+    async def update_key(request: Request, account_id: str, key_id: str) -> Response:
+        guard(request)
+        body = await read_json(request, max_body_bytes)
+        return JSONResponse(await call(ops.update_key(account_id, key_id, _key_limits(body, allow_clear=True))))
 
     @router.get("/accounts/{account_id}/keys")
     async def list_keys(request: Request, account_id: str, prefix: str | None = None) -> Response:

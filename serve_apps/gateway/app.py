@@ -8,6 +8,8 @@ controller, engines), so the same code runs under plain uvicorn
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +22,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from cluster.accounts import Accounts
 from cluster.admin import AdminOps
+from cluster.alerts import Alerts
 from cluster.controller import AdmissionController, Clock, store_clock
 from cluster.open_store import open_store
 from cluster.outbox import SettleOutbox
@@ -88,6 +91,9 @@ class GatewayRuntime:
         self.metrics.bind(lambda: self.controller.queue.depth, lambda: self.controller.active,
                           lambda: len(self.controller.outbox), lambda: self.service.cold_starts_waiting)
         self.admin = AdminOps(store, self.accounts, self.controller.policy.unit)
+        self.alerts = build_alerts(config, store, clock)
+        if self.alerts is not None:
+            self.controller.observer = self.alerts.monitor.observe
 
     def stats(self) -> dict[str, Any]:
         return {"in_flight": self.controller.active, "queue_depth": self.controller.queue.depth,
@@ -126,7 +132,25 @@ class GatewayRuntime:
     async def close(self) -> None:
         await self.scheduler.drain()
         await self.controller.drain()
+        if self.alerts is not None:
+            await self.alerts.close()
         await self.store.close()
+
+
+def build_alerts(config: AppConfig, store: Store, clock: Clock) -> Alerts | None:
+    """Usage alerts when `alerts.webhook_url` is set; the secret may come from PACKSERVE_ALERT_SECRET."""
+    settings = config.alerts
+    if not settings.enabled:
+        return None
+    secret = os.environ.get("PACKSERVE_ALERT_SECRET") or settings.secret
+    if not secret:
+        raise ValueError("alerts.webhook_url is set but there is no signing secret: set alerts.secret or "
+                         "PACKSERVE_ALERT_SECRET")
+
+    def now_ms() -> int:
+        return clock() or time.time_ns() // 1_000_000
+
+    return Alerts(store, settings, secret, now_ms)
 
 
 def _price_of(config: AppConfig, card: ModelCard) -> ModelPrice:
@@ -143,6 +167,8 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         rt.controller.start()
+        if rt.alerts is not None:
+            rt.alerts.start()
         if rt.admin_token is None:
             log.warning("admin API disabled: PACKSERVE_ADMIN_TOKEN is not set")
         yield
@@ -240,7 +266,8 @@ async def create_runtime(config: AppConfig, engines: Mapping[str, Engine], cards
     data_dir = config.store.data_dir or default_data_dir()
     if store is None:
         store = await open_store(request_unit=config.admission.weight_policy.unit,
-                                 redis_url=config.store.redis_url, data_dir=data_dir)
+                                 redis_url=config.store.redis_url, data_dir=data_dir,
+                                 plans=config.plans.catalog())
     spool = data_dir / "settlements.pending"
     data_dir.mkdir(parents=True, exist_ok=True)
     return GatewayRuntime(config, store, engines, cards, clock, admin_token, spool, replicas)

@@ -21,7 +21,9 @@ from starlette.requests import Request
 
 from cluster.accounts import Accounts, AuthError, Principal
 from cluster.controller import AdmissionController, AdmissionRefused, Progress, Ticket
+from cluster.key_limits import check_key_access
 from cluster.quotas import quota_headers
+from cluster.refusals import key_cap_message
 from cluster.scheduler import CapacityAttempt, CapacityHold, Overloaded, Scheduler
 from cluster.store import NotFound, StoreError
 from policies.admission import Reason
@@ -164,6 +166,10 @@ class GatewayService:
 
     async def admit(self, request: Request, principal: Principal, card: ModelCard) -> Ticket:
         """Wait out a cold start, then reserve a slot, waiting in the account's queue; give up if the client leaves."""
+        denied = check_key_access(principal.key, card.id, time.time_ns() // 1_000_000)
+        if denied is not None:
+            raise ApiError(denied.status, denied.message, denied.code, "model" if denied.code == "model_not_allowed"
+                           else None)
         await self.wait_ready(request, card)
         started = time.monotonic()
         reserve = asyncio.ensure_future(self.controller.reserve(principal.account, principal.key.id, card.id))
@@ -188,7 +194,11 @@ class GatewayService:
             if refused.retry_after_s is not None:
                 headers["retry-after"] = str(refused.retry_after_s)
             status = 403 if refused.reason is Reason.ACCOUNT_SUSPENDED else 429
-            raise ApiError(status, str(refused), refused.reason.value, headers=headers) from None
+            message = str(refused)
+            if refused.reason in (Reason.KEY_REQUEST_CAP_REACHED, Reason.KEY_WEEKLY_CAP_REACHED):
+                message = key_cap_message(refused.reason, principal.key, refused.snapshot,
+                                          self.controller.settings.dashboard_url)
+            raise ApiError(status, message, refused.reason.value, headers=headers) from None
         except NotFound:
             raise ApiError(401, "invalid API key", "invalid_api_key") from None
         except StoreError as exc:
