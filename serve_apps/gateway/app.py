@@ -40,11 +40,14 @@ from serve_apps.gateway.anthropic_routes import build_anthropic_router
 from serve_apps.gateway.errors import ApiError, error_response
 from serve_apps.gateway.metrics import Metrics
 from serve_apps.gateway.openai_routes import build_openai_router
+from serve_apps.gateway.recent import RecentWindow
 from serve_apps.gateway.service import GatewayService
 
 log = logging.getLogger("packserve.gateway")
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
+STATIC_FILES = {"console.js": "text/javascript; charset=utf-8", "charts.js": "text/javascript; charset=utf-8",
+                "console.css": "text/css; charset=utf-8", "favicon.svg": "image/svg+xml"}
 # How many accounts /admin/v1/stats lists per model, lowest counter first.
 TOP_ACCOUNTS = 10
 
@@ -85,9 +88,14 @@ class GatewayRuntime:
                                               outbox=SettleOutbox(store, outbox_spool))
         self.accounts = Accounts(store)
         self.metrics = Metrics()
+        self.recent = RecentWindow(lambda: clock() or time.time_ns() // 1_000_000)
+        self.replicas = replicas
+        # Set by build_gateway_app: which models serve without a cold start (Ray Serve's view under `serve`).
+        self.warm_flags: Callable[[], dict[str, bool]] | None = None
         self.scheduler = Scheduler(store, config.scheduler, config.admission, model_capacity(config, replicas), clock)
         self.service = GatewayService(self.controller, self.accounts, engines, cards, self.metrics,
-                                      cold_start_timeout=config.cold_start_timeout, scheduler=self.scheduler)
+                                      cold_start_timeout=config.cold_start_timeout, scheduler=self.scheduler,
+                                      recent=self.recent)
         self.metrics.bind(lambda: self.controller.queue.depth, lambda: self.controller.active,
                           lambda: len(self.controller.outbox), lambda: self.service.cold_starts_waiting)
         self.admin = AdminOps(store, self.accounts, self.controller.policy.unit)
@@ -127,6 +135,46 @@ class GatewayRuntime:
                               "weighted_tokens_per_weight": a.counter // WEIGHT_SCALE, "running": a.running,
                               "waiting": a.waiting} for a in s.accounts[:TOP_ACCOUNTS]],
         } for s in await self.capacity_stats()]
+        out["model_states"] = self.model_states()
+        out["recent"] = {"window_s": self.recent.window_ms // 1000, "models": self.recent.model_summary()}
+        out["store"] = await self.store_health()
+        return out
+
+    def model_states(self) -> list[dict[str, Any]]:
+        """Each model: warm (serves now), starting (cold, requests wait for it) or cold; its replicas if known."""
+        flags = self.warm_flags() if self.warm_flags is not None else {
+            cid: self.service.is_warm(card) for cid, card in self.service.cards.items()}
+        out = []
+        for cid, card in sorted(self.service.cards.items()):
+            warm = flags.get(cid, True)
+            state = "warm" if warm else "starting" if self.service.starting[cid] > 0 else "cold"
+            out.append({"model": cid, "kind": card.kind, "state": state,
+                        "replicas": self.replicas(cid) if self.replicas is not None else None,
+                        "queue_model": self.config.queue_model(cid)})
+        return out
+
+    async def store_health(self) -> dict[str, Any]:
+        """One store round trip: whether the store answers and how long it took."""
+        started = time.monotonic()
+        try:
+            await self.store.now_ms()
+        except StoreError as exc:
+            return {"ok": False, "error": str(exc), "kind": self.store_kind()}
+        return {"ok": True, "latency_ms": round((time.monotonic() - started) * 1000, 1), "kind": self.store_kind()}
+
+    def store_kind(self) -> str:
+        return "redis" if self.config.store.redis_url else "embedded"
+
+    async def account_loads(self) -> dict[str, list[dict[str, Any]]]:
+        """Per account, each scheduled model it is active on: counter, running, waiting and its share of the
+        model's running sequences (0..1)."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for s in await self.capacity_stats():
+            for a in s.accounts:
+                out.setdefault(a.account_id, []).append({
+                    "model": s.model, "counter": a.counter, "weighted_tokens_per_weight": a.counter // WEIGHT_SCALE,
+                    "running": a.running, "waiting": a.waiting,
+                    "share": round(a.running / s.in_flight, 4) if s.in_flight else 0})
         return out
 
     async def close(self) -> None:
@@ -182,13 +230,15 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
         # snapshot taken when the app was built would soon be wrong.
         return warm() if warm else {cid: service.is_warm(card) for cid, card in service.cards.items()}
 
+    rt.warm_flags = warm_flags
     openai_router = build_openai_router(service, max_body, warm_flags)
     anthropic_router = build_anthropic_router(service, max_body)
     for prefix in ("/openai/v1", "/v1"):
         app.include_router(openai_router, prefix=prefix)
     for prefix in ("/anthropic/v1", "/v1"):
         app.include_router(anthropic_router, prefix=prefix)
-    app.include_router(build_admin_router(rt.admin, rt.admin_token, max_body, rt.full_stats, service.start_model))
+    app.include_router(build_admin_router(rt.admin, rt.admin_token, max_body, rt.full_stats, service.start_model,
+                                       rt.account_loads))
 
     @app.get("/v2/quotas")
     async def quotas(request: Request) -> Response:
@@ -223,9 +273,37 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
             log.warning("capacity stats unavailable for /metrics", extra={"error": str(exc)})
         return Response(rt.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    @app.get("/v2/keys")
+    async def keys(request: Request) -> Response:
+        """The caller's account's keys with their limits (prefixes only, never a secret)."""
+        principal = await service.authenticate(request)
+        listed = await rt.store.list_keys(principal.account.id)
+        return JSONResponse({"data": [{**k.to_json(), "current": k.id == principal.key.id}
+                                      for k in listed if not k.revoked]})
+
+    @app.get("/v2/refusals")
+    async def refusals(request: Request) -> Response:
+        """The caller's account's refusals (429/403/503) seen by this gateway in the last minutes."""
+        principal = await service.authenticate(request)
+        return JSONResponse({"window_s": rt.recent.window_ms // 1000,
+                             "data": rt.recent.account_refusals(principal.account.id)})
+
     @app.get("/dashboard")
     async def dashboard() -> Response:
-        return HTMLResponse((STATIC / "dashboard.html").read_text())
+        return HTMLResponse((STATIC / "console.html").read_text())
+
+    @app.get("/favicon.ico")
+    async def favicon() -> Response:
+        return Response((STATIC / "favicon.ico").read_bytes(), media_type="image/x-icon",
+                        headers={"cache-control": "public, max-age=86400"})
+
+    @app.get("/static/{name}")
+    async def static_file(name: str) -> Response:
+        """The console's own files: a fixed list, so no path reaches outside the directory."""
+        media = STATIC_FILES.get(name)
+        if media is None:
+            raise ApiError(404, f"no static file '{name}'", "not_found")
+        return Response((STATIC / name).read_bytes(), media_type=media, headers={"cache-control": "no-cache"})
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:

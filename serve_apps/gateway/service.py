@@ -9,6 +9,7 @@ streams" bugs).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -43,6 +44,7 @@ from serve_apps.engines.types import (
 )
 from serve_apps.gateway.errors import ApiError
 from serve_apps.gateway.metrics import Metrics
+from serve_apps.gateway.recent import RecentWindow
 from serve_apps.protocols.common import GenerationResult
 
 log = logging.getLogger("packserve.gateway")
@@ -89,8 +91,9 @@ class GatewayService:
     def __init__(self, controller: AdmissionController, accounts: Accounts, engines: Mapping[str, Engine],
                  cards: Mapping[str, ModelCard], metrics: Metrics,
                  cold_start_timeout: Callable[[str], float] | None = None,
-                 scheduler: Scheduler | None = None) -> None:
+                 scheduler: Scheduler | None = None, recent: RecentWindow | None = None) -> None:
         self.controller = controller
+        self.recent = recent or RecentWindow(lambda: time.time_ns() // 1_000_000)
         self.scheduler = scheduler
         self.accounts = accounts
         self.engines = dict(engines)
@@ -99,6 +102,8 @@ class GatewayService:
         self.unit = controller.policy.unit
         self.cold_start_timeout = cold_start_timeout or (lambda _model: DEFAULT_COLD_START_TIMEOUT_S)
         self.cold_starts_waiting = 0
+        # Requests waiting for each model's cold start: a cold model with waiters is starting.
+        self.starting: collections.Counter[str] = collections.Counter()
         self._closers: set[asyncio.Task[None]] = set()
 
     # -- steps ----------------------------------------------------------------
@@ -149,10 +154,12 @@ class GatewayService:
         timeout_s = self.cold_start_timeout(card.id)
         started = time.monotonic()
         self.cold_starts_waiting += 1
+        self.starting[card.id] += 1
         try:
             ready = await _unless_disconnected(request, ensure(card.id, timeout_s))
         finally:
             self.cold_starts_waiting -= 1
+            self.starting[card.id] -= 1
         waited_s = time.monotonic() - started
         outcome = "client_closed" if ready is None else "ready" if ready else "timeout"
         self.metrics.cold_start_wait.labels(card.id, outcome).observe(waited_s)
@@ -168,6 +175,7 @@ class GatewayService:
         """Wait out a cold start, then reserve a slot, waiting in the account's queue; give up if the client leaves."""
         denied = check_key_access(principal.key, card.id, time.time_ns() // 1_000_000)
         if denied is not None:
+            self.recent.refused(principal.account.id, principal.key.id, card.id, denied.code, denied.status)
             raise ApiError(denied.status, denied.message, denied.code, "model" if denied.code == "model_not_allowed"
                            else None)
         await self.wait_ready(request, card)
@@ -194,6 +202,7 @@ class GatewayService:
             if refused.retry_after_s is not None:
                 headers["retry-after"] = str(refused.retry_after_s)
             status = 403 if refused.reason is Reason.ACCOUNT_SUSPENDED else 429
+            self.recent.refused(principal.account.id, principal.key.id, card.id, refused.reason.value, status)
             message = str(refused)
             if refused.reason in (Reason.KEY_REQUEST_CAP_REACHED, Reason.KEY_WEEKLY_CAP_REACHED):
                 message = key_cap_message(refused.reason, principal.key, refused.snapshot,
@@ -238,6 +247,8 @@ class GatewayService:
             self._unserved(ticket, "overloaded")
             self.metrics.capacity_wait.labels(model, "overloaded").observe(waited_s)
             self.metrics.overloaded.labels(model).inc()
+            self.recent.refused(ticket.account.id, ticket.key_id, card.id, "overloaded",
+                                529 if protocol == "anthropic" else 503)
             log.info("refused as overloaded", extra={"model": model, "account": ticket.account.id,
                                                      "waited_ms": int(waited_s * 1000)})
             headers = {**quota_headers(ticket.snapshot, self.unit), "retry-after": str(exc.retry_after_s),
@@ -255,6 +266,7 @@ class GatewayService:
         ticket.capacity = hold
         ticket.capacity_wait_s = hold.waited_s
         self.metrics.capacity_wait.labels(model, "dispatched").observe(hold.waited_s)
+        self.recent.waited(model, int(hold.waited_s * 1000))
 
     async def _wait_queued(self, request: Request, ticket: Ticket, attempt: CapacityAttempt,
                            model: str) -> CapacityHold:
@@ -357,6 +369,7 @@ class GatewayService:
                         first_token = True
                         ttft_ms = int((time.monotonic() - started) * 1000)
                         self.metrics.ttft.labels(request.model).observe(ttft_ms / 1000)
+                        self.recent.first_token(request.model, ttft_ms)
                     yield chunk
             status = "ok"
         except EngineError:
