@@ -187,6 +187,8 @@ def test_console_customer_and_operator(browser: Any, redis_url: str, tmp_path: P
             page.wait_for_selector("#c-data:not([hidden])")
             if viewport is PHONE:
                 no_overflow(page)
+                cost = page.locator("#c-models tbody tr").first.locator("td").last.bounding_box()
+                assert cost is not None and cost["x"] + cost["width"] <= PHONE["width"], "the cost column is on screen"
             shoot(page, f"customer-{label}-{scheme}")
             assert c.problems == [], c.problems
             c.close()

@@ -28,7 +28,9 @@ export function niceMax(max, whole) {
  */
 export function stackedBars(container, days, series, format, label, whole = false) {
   container.replaceChildren();
-  const width = 760, height = 220, left = 52, right = 8, top = 10, bottom = 26;
+  // The drawing is as wide as its box, so text stays at its CSS size on a phone and on a laptop.
+  const width = Math.max(300, Math.round(container.clientWidth || 760)), height = width < 500 ? 180 : 220;
+  const left = 52, right = 8, top = 10, bottom = 26;
   const totals = days.map((_, i) => series.reduce((sum, s) => sum + s.values[i], 0));
   const max = niceMax(Math.max(0, ...totals), whole);
   const svg = el("svg", {viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": label}, container);
@@ -39,6 +41,7 @@ export function stackedBars(container, days, series, format, label, whole = fals
     el("text", {x: left - 6, y: y + 4, "text-anchor": "end"}, svg).textContent = format((max * g) / 4);
   }
   const slot = plotW / Math.max(1, days.length), barW = Math.max(4, slot * 0.62);
+  const labelEvery = Math.max(1, Math.ceil(44 / slot));  // a date label needs about 44 px
   days.forEach((day, i) => {
     const x = left + slot * i + (slot - barW) / 2;
     let y = top + plotH;
@@ -50,7 +53,7 @@ export function stackedBars(container, days, series, format, label, whole = fals
       const rect = el("rect", {x, y, width: barW, height: Math.max(h, 0.5), class: `s${si % 8}`}, svg);
       el("title", {}, rect).textContent = `${day} · ${s.name}: ${format(v)}`;
     });
-    if (days.length <= 16 && (i % 2 === 0 || days.length <= 8)) {
+    if ((days.length - 1 - i) % labelEvery === 0) {
       el("text", {x: left + slot * i + slot / 2, y: height - 8, "text-anchor": "middle"}, svg).textContent =
         day.slice(5);
     }

@@ -109,6 +109,19 @@ async function api(path, secret, options = {}) {
   return body;
 }
 
+// Each cell carries its column's heading, shown beside it where a narrow screen stacks the table.
+function labelCells(table) {
+  const heads = [...table.tHead.rows[0].cells].map((c) => c.textContent.trim());
+  for (const row of table.tBodies[0].rows) {
+    [...row.cells].forEach((cell, i) => {
+      if (cell.colSpan > 1) return;
+      cell.dataset.label = heads[i] || "";
+      // One box beside the label, however many parts the cell has.
+      if (cell.childNodes.length > 1) cell.replaceChildren(h("div", {}, ...cell.childNodes));
+    });
+  }
+}
+
 function showError(id, message) {
   $(id).textContent = message || "";
   $(id).hidden = !message;
@@ -227,9 +240,9 @@ function renderModels(u) {
     per.set(r.model, m);
   }
   const row = (name, m, tag = "td") => h("tr", {}, h(tag, {text: name}), h("td", {class: "num", text: int(m.requests)}),
-    h("td", {class: "num", text: int(m.prompt)}),
+    h("td", {class: "num hide-narrow", text: int(m.prompt)}),
     h("td", {class: "num", text: `${int(m.cached)} (${pct(m.cached, m.prompt)})`}),
-    h("td", {class: "num", text: int(m.completion)}), h("td", {class: "num", text: usd(m.cost)}));
+    h("td", {class: "num hide-narrow", text: int(m.completion)}), h("td", {class: "num", text: usd(m.cost)}));
   const body = [...per.entries()].sort().map(([name, m]) => row(name, m));
   $("c-models").tBodies[0].replaceChildren(...(body.length ? body
     : [h("tr", {}, h("td", {colspan: 6, class: "empty", text: "No requests in the last 14 days."}))]));
@@ -277,6 +290,7 @@ async function loadCustomer(fromForm) {
     if (generation !== customer.generation) return;  // a newer load (another key) won
     showError("c-error", "");
     customer.usage = u;
+    $("c-data").hidden = false;  // shown before drawing: the chart is drawn at its box's width
     renderQuota(q);
     renderChart();
     renderModels(u);
@@ -301,6 +315,8 @@ $("c-logout").addEventListener("click", () => {
   $("key").value = ""; $("c-logout").hidden = true;
   clearCustomer(); showError("c-error", "");
 });
+let resizeTimer = 0;
+window.addEventListener("resize", () => { clearTimeout(resizeTimer); resizeTimer = setTimeout(renderChart, 150); });
 $("c-by-requests").addEventListener("click", () => { customer.measure = "requests"; renderChart(); });
 $("c-by-dollars").addEventListener("click", () => { customer.measure = "dollars"; renderChart(); });
 
@@ -350,6 +366,7 @@ function renderModelTable(s) {
         h("span", {class: "badge suspended", text: `${reasonLabel(reason)}: ${n}`}))) : h("span", {class: "muted", text: "none"})));
   });
   $("o-models").tBodies[0].replaceChildren(...rows);
+  labelCells($("o-models"));
 }
 
 function accountRow(a) {
@@ -382,6 +399,7 @@ async function loadAccounts() {
   const rows = page.data.map(accountRow);
   $("o-accounts").tBodies[0].replaceChildren(...(rows.length ? rows
     : [h("tr", {}, h("td", {colspan: 7, class: "empty", text: op.q ? "No account matches." : "No accounts yet."}))]));
+  labelCells($("o-accounts"));
   const last = Math.min(page.total, page.offset + page.data.length);
   $("o-page").textContent = page.total ? `${page.offset + 1}–${last} of ${int(page.total)}` : "0 accounts";
   $("o-prev").disabled = page.offset === 0;
