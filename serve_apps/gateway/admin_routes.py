@@ -112,13 +112,13 @@ def build_admin_router(ops: AdminOps, token: str | None, max_body_bytes: int,
 
     @router.get("/accounts")
     async def list_accounts(request: Request, q: str | None = None, sort: str | None = None,
-                            order: str = "asc", offset: int | None = None, limit: int | None = None) -> Response:
+                            order: str | None = None, offset: int | None = None, limit: int | None = None) -> Response:
         """Every account; with any of q/sort/order/offset/limit, one page of them with both bars and the
         scheduler's view of each (docs/console.md)."""
         guard(request)
-        if q is None and sort is None and offset is None and limit is None:
+        if q is None and sort is None and order is None and offset is None and limit is None:
             return JSONResponse({"data": await call(ops.list_accounts())})
-        if order not in ("asc", "desc"):
+        if order not in (None, "asc", "desc"):
             raise ApiError(400, "'order' must be 'asc' or 'desc'", "invalid_request", "order")
         page = await call(ops.account_page(q or "", sort or "name", order == "desc", offset or 0,
                                            50 if limit is None else limit))
