@@ -226,6 +226,24 @@ def test_console_customer_and_operator(browser: Any, redis_url: str, tmp_path: P
             chat(bob)
         page.fill("#o-q", "")
         page.wait_for_function("() => document.querySelectorAll('#o-accounts tbody tr').length === 5")
+
+        # A key with its own limits, created and then revoked from the dialog, each after a confirmation.
+        page.locator(f"#o-accounts tr[data-account='{ada_id}']").get_by_role("button", name="Manage").click()
+        page.fill("#act-key-requests", "7")
+        page.click("#act-new-key")
+        assert "7 requests / 5 h" in page.locator("#act-confirm-text").inner_text()
+        page.click("#act-yes")
+        page.wait_for_selector("#act-secret:not([hidden])")
+        secret = page.locator("#act-secret").inner_text().split(": ", 1)[1]
+        listed = gw.admin.get(f"/admin/v1/accounts/{ada_id}/keys").json()["data"]
+        made = next(k for k in listed if secret.startswith(k["prefix"]))
+        assert made["max_requests"] == 7
+        page.get_by_role("button", name=f"Revoke key {made['prefix']}").click()
+        page.click("#act-yes")
+        page.wait_for_selector("#o-notice >> text=revoked")
+        assert httpx.get(f"{gw.base_url}/v2/quotas", headers={"authorization": f"Bearer {secret}"}).status_code == 401
+        page.keyboard.press("Escape")
+        assert not page.locator("#act").is_visible()
         page.click("#o-refresh")
         page.wait_for_selector("#o-models >> text=Account suspended: 1")
         shoot(page, "operator-laptop-light")

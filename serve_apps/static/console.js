@@ -509,6 +509,7 @@ function openAccount(a) {
   $("act-suspend").className = a.suspended ? "" : "danger";
   $("act-secret").hidden = true;
   $("act-confirm").hidden = true;
+  for (const id of ["act-key-requests", "act-key-dollars", "act-key-models"]) $(id).value = "";
   showError("act-error", "");
   $("act-keys").replaceChildren();
   renderAccountKeys(a).catch((e) => showError("act-error", e.message));
@@ -539,8 +540,18 @@ $("act-suspend").addEventListener("click", () => {
 });
 $("act-new-key").addEventListener("click", () => {
   const a = op.account;
-  confirmAction(`Create a new key for ${a.name}?`, async () => {
-    const created = await api(`/admin/v1/accounts/${encodeURIComponent(a.id)}/keys`, op.token, {method: "POST"});
+  // Per-key limits (docs/plans.md): only the fields filled in are sent; empty ones keep the account's.
+  const limits = {};
+  if ($("act-key-requests").value) limits.max_requests = Number($("act-key-requests").value);
+  if ($("act-key-dollars").value) limits.max_weekly_usd = $("act-key-dollars").value;
+  const models = $("act-key-models").value.split(",").map((m) => m.trim()).filter(Boolean);
+  if (models.length) limits.models = models;
+  const described = Object.keys(limits).length ? keyLimits({max_requests: null, max_weekly_usd: null, expires_ms: null,
+    ...limits}) + (models.length ? ` · ${models.join(", ")}` : "") : "the account's limits";
+  confirmAction(`Create a new key for ${a.name} (${described})?`, async () => {
+    const created = await api(`/admin/v1/accounts/${encodeURIComponent(a.id)}/keys`, op.token,
+                              {method: "POST", body: JSON.stringify(limits)});
+    for (const id of ["act-key-requests", "act-key-dollars", "act-key-models"]) $(id).value = "";
     $("act-secret").textContent = `New key (shown once): ${created.key}`;
     $("act-secret").hidden = false;
     await renderAccountKeys(a);
