@@ -94,8 +94,8 @@ def countdown_seconds(text: str) -> int:
     return int(found.group(1) or 0) * 3600 + int(found.group(2)) * 60 + int(found.group(3))
 
 
-def chat(client: openai.OpenAI) -> None:
-    client.chat.completions.create(model=MODEL, max_tokens=16,
+def chat(client: openai.OpenAI, model: str = MODEL) -> None:
+    client.chat.completions.create(model=model, max_tokens=16,
                                    messages=[{"role": "user", "content": "Write a function that adds two numbers"}])
 
 
@@ -123,6 +123,7 @@ def test_console_customer_and_operator(browser: Any, redis_url: str, tmp_path: P
         ada = openai.OpenAI(base_url=f"{gw.base_url}/v1", api_key=ada_key, max_retries=0)
         for _ in range(3):
             chat(ada)
+        chat(ada, "hf:packserve/sim-small")
 
         # -- the customer page
         c = Console(browser, gw.base_url, LAPTOP)
@@ -158,6 +159,11 @@ def test_console_customer_and_operator(browser: Any, redis_url: str, tmp_path: P
         assert page.locator("#c-chart svg rect").count() >= 1
         page.click("#c-by-requests")
         shoot(page, "customer-laptop-light")
+        page.click("#theme")  # the header button overrides the system's theme, and says what it switches to
+        assert page.evaluate("document.documentElement.dataset.theme") == "dark"
+        assert page.locator("#theme").inner_text() == "Light"
+        page.click("#theme")
+        assert page.evaluate("document.documentElement.dataset.theme") == "light"
 
         # A bad key after a good one: the error, and none of the previous account's figures.
         customer_login(page, "ps-not-a-real-key")

@@ -34,8 +34,13 @@ export function usd(pico) {
   return "$" + d.toFixed(Math.abs(d) < 0.0001 ? 6 : Math.abs(d) < 10 ? 4 : 2);
 }
 const int = (n) => Math.floor(Number(n)).toLocaleString("en-US");
-// Floored, so a bar that is not full never reads 100%.
-const pct = (part, whole) => (whole > 0 ? `${Math.floor((100 * part) / whole)}%` : "–");
+// Floored, so a bar that is not full never reads 100%; one decimal near the ends, where whole percents
+// would read 100% or 0% for a bar that is neither.
+function percent(p) {
+  const whole = Math.floor(p);
+  return whole >= 99 || whole < 1 ? `${(Math.floor(p * 10) / 10).toFixed(p >= 100 || p <= 0 ? 0 : 1)}%` : `${whole}%`;
+}
+const pct = (part, whole) => (whole > 0 ? percent((100 * part) / whole) : "–");
 const dollars = (s) => Number(String(s).replace(/[$,]/g, ""));
 const ms = (v) => (v === null || v === undefined ? "–" : v >= 1000 ? `${(v / 1000).toFixed(1)} s` : `${v} ms`);
 
@@ -205,7 +210,7 @@ function renderQuota(q) {
   $("c-bars").replaceChildren(
     barCard("5-hour requests", `${int(left)} left`, `of ${int(r.max)} · ${pct(left, r.max)} left`,
             r.remaining / r.max, `Next +${r.tickPercent}% (${int(tickRequests)} requests)`, r.nextTickAt, due),
-    barCard("Weekly dollars", `${w.remainingCredits} left`, `of ${w.maxCredits} · ${Math.floor(w.percentRemaining)}% left`,
+    barCard("Weekly dollars", `${w.remainingCredits} left`, `of ${w.maxCredits} · ${percent(w.percentRemaining)} left`,
             w.percentRemaining / 100, `Next +${w.nextRegenCredits}`, w.nextRegenAt, due));
 }
 
