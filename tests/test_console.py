@@ -104,9 +104,9 @@ def no_overflow(page: Any) -> None:
     assert width <= PHONE["width"], f"the page is {width} px wide on a {PHONE['width']} px phone"
 
 
-def shoot(page: Any, name: str) -> None:
+def shoot(page: Any, name: str, full_page: bool = True) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=full_page)
 
 
 def test_console_customer_and_operator(browser: Any, redis_url: str, tmp_path: Path) -> None:
@@ -238,12 +238,18 @@ def test_console_customer_and_operator(browser: Any, redis_url: str, tmp_path: P
         page.fill("#act-key-requests", "7")
         page.click("#act-new-key")
         assert "7 requests / 5 h" in page.locator("#act-confirm-text").inner_text()
+        shoot(page, "operator-account-dialog", full_page=False)  # before any secret is on screen
         page.click("#act-yes")
         page.wait_for_selector("#act-secret:not([hidden])")
         secret = page.locator("#act-secret").inner_text().split(": ", 1)[1]
         listed = gw.admin.get(f"/admin/v1/accounts/{ada_id}/keys").json()["data"]
         made = next(k for k in listed if secret.startswith(k["prefix"]))
         assert made["max_requests"] == 7
+        page.get_by_role("button", name=f"Disable key {made['prefix']}").click()
+        page.click("#act-yes")
+        page.wait_for_selector("#o-notice >> text=disabled")
+        with pytest.raises(openai.PermissionDeniedError, match="disabled"):
+            chat(openai.OpenAI(base_url=f"{gw.base_url}/v1", api_key=secret, max_retries=0))
         page.get_by_role("button", name=f"Revoke key {made['prefix']}").click()
         page.click("#act-yes")
         page.wait_for_selector("#o-notice >> text=revoked")

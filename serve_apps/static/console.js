@@ -495,12 +495,21 @@ async function renderAccountKeys(a) {
   const keys = (await api(`/admin/v1/accounts/${encodeURIComponent(a.id)}/keys`, op.token)).data.filter((k) => !k.revoked);
   $("act-keys").replaceChildren(...(keys.length ? keys.map((k) => h("li", {},
     h("span", {}, h("code", {text: `${k.prefix}…`}), h("span", {class: "muted small", text: ` ${keyLimits(k)}`})),
+    h("span", {class: "chips"},
+    h("button", {type: "button", class: "ghost", text: k.disabled ? "Enable" : "Disable",
+      "aria-label": `${k.disabled ? "Enable" : "Disable"} key ${k.prefix}`,
+      onclick: () => confirmAction(`${k.disabled ? "Enable" : "Disable"} key ${k.prefix}…?`, async () => {
+        await api(`/admin/v1/accounts/${encodeURIComponent(a.id)}/keys/${encodeURIComponent(k.id)}`, op.token,
+                  {method: "PATCH", body: JSON.stringify({disabled: !k.disabled})});
+        await renderAccountKeys(a);
+        notice(`Key ${k.prefix}… ${k.disabled ? "enabled" : "disabled"}.`);
+      })}),
     h("button", {type: "button", class: "ghost", text: "Revoke", "aria-label": `Revoke key ${k.prefix}`,
       onclick: () => confirmAction(`Revoke key ${k.prefix}…? Requests with it will be refused at once.`, async () => {
         await api(`/admin/v1/keys/${encodeURIComponent(k.id)}`, op.token, {method: "DELETE"});
         await renderAccountKeys(a);
         notice(`Key ${k.prefix}… revoked.`);
-      })}))) : [h("li", {class: "muted small", text: "No keys."})]));
+      })})))) : [h("li", {class: "muted small", text: "No keys."})]));
 }
 
 function openAccount(a) {
