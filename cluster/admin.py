@@ -12,10 +12,25 @@ from typing import Any
 
 from cluster.accounts import Accounts
 from cluster.quotas import quotas_body, usage_by_model_day
+from cluster.records import Account
 from cluster.store import Store
 from policies.units import DAY_MS, format_dollars_pico
 
 Json = dict[str, Any]
+ACCOUNT_SORTS = ("name", "id", "created", "plan", "packs", "suspended")
+MAX_PAGE = 500
+
+
+def _sort_key(account: Account, sort: str) -> str | int:
+    if sort == "created":
+        return account.created_ms
+    if sort == "plan":
+        return account.plan.value
+    if sort == "packs":
+        return ",".join(account.packs)
+    if sort == "suspended":
+        return int(account.suspended)
+    return account.id if sort == "id" else account.name.lower()
 
 
 class AdminOps:
@@ -31,6 +46,30 @@ class AdminOps:
 
     async def list_accounts(self) -> list[Json]:
         return [a.to_json() for a in await self.store.list_accounts()]
+
+    async def account_page(self, search: str = "", sort: str = "name", descending: bool = False,
+                           offset: int = 0, limit: int = 50) -> Json:
+        """One page of accounts, filtered and sorted, each with its keys count and both bars.
+
+        Filtering and sorting read only the account records, so a few thousand
+        accounts cost one listing; bars are read for the page's rows only.
+        """
+        if sort not in ACCOUNT_SORTS:
+            raise ValueError(f"'sort' must be one of {', '.join(ACCOUNT_SORTS)}")
+        if offset < 0 or not 1 <= limit <= MAX_PAGE:
+            raise ValueError(f"'offset' must be 0 or more and 'limit' from 1 to {MAX_PAGE}")
+        needle = search.strip().lower()
+        accounts = [a for a in await self.store.list_accounts()
+                    if not needle or needle in a.name.lower() or needle in a.id.lower()
+                    or any(needle in p.lower() for p in a.packs)]
+        accounts.sort(key=lambda a: (_sort_key(a, sort), a.id), reverse=descending)
+        rows = []
+        for account in accounts[offset:offset + limit]:
+            row = account.to_json()
+            row["quotas"] = quotas_body(await self.store.snapshot(account.id), self.unit)
+            rows.append(row)
+        return {"data": rows, "total": len(accounts), "offset": offset, "limit": limit, "sort": sort,
+                "order": "desc" if descending else "asc"}
 
     async def show_account(self, account_id: str) -> Json:
         account = await self.accounts.get(account_id)

@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from cluster.accounts import new_id
 from cluster.outbox import SettleOutbox
@@ -47,11 +48,18 @@ from policies.bars import ceil_seconds
 from policies.plans import PlanKind
 from policies.pricing import ModelPrice, UsageError, token_cost_pico
 
+if TYPE_CHECKING:
+    from cluster.scheduler import CapacityHold
+
 log = logging.getLogger("packserve.admission")
 
 Clock = Callable[[], int | None]
 # A checkpoint falls due this long after its lease would have expired; see `checkpoint`.
 CHECKPOINT_GRACE_MS = 5 * 60 * 1000
+# Admitted requests that were never dispatched (the model stayed saturated past the wait bound, or the
+# client hung up while waiting for it): their request-bar charge is given back, as for a failure
+# before the first token.
+UNSERVED_STATUSES = frozenset({"overloaded", "client_closed"})
 
 
 def store_clock() -> int | None:
@@ -88,6 +96,10 @@ class Ticket:
     checkpointed: bool = False
     # The API the request came through, for its usage record; set once the gateway knows it.
     api: str = ""
+    # The model sequence it was dispatched on (None: the model is not capacity-scheduled) and how long
+    # it waited for one.
+    capacity: CapacityHold | None = None
+    capacity_wait_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -239,7 +251,8 @@ class AdmissionController:
         cost = token_cost_pico(ticket.price, progress.prompt_tokens, progress.cached_tokens,
                                progress.completion_tokens, cache_discount=subscription,
                                discount=self.policy.cache_read_discount)
-        refund = ticket.lease.weight_units if status == "error" and not progress.first_token else 0
+        unserved = (status == "error" and not progress.first_token) or status in UNSERVED_STATUSES
+        refund = ticket.lease.weight_units if unserved else 0
         event = UsageEvent(
             ts_ms=self._now_ms(), account_id=ticket.account.id, key_id=ticket.key_id, model=ticket.lease.model,
             prompt_tokens=progress.prompt_tokens, cached_tokens=progress.cached_tokens,

@@ -24,10 +24,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cluster.capacity_book import CapacityBook
 from cluster.key_limits import key_bar_specs
 from cluster.records import Account, ApiKey, UsageEvent
 from cluster.store import (
     Admitted,
+    CapacityOutcome,
+    CapacityStats,
+    CapacityTerms,
     Lease,
     NotFound,
     Refused,
@@ -142,6 +146,9 @@ class EmbeddedStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="packserve-sqlite")
         self._local = threading.local()
         self._waiters: dict[tuple[str, str], set[asyncio.Event]] = {}
+        # Model capacity lives in memory: it concerns this process's requests only (see capacity_book).
+        self._capacity_waiters: dict[tuple[str, str], set[asyncio.Event]] = {}
+        self._capacity = CapacityBook(self._wake_capacity)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -196,6 +203,10 @@ class EmbeddedStore:
 
     def _wake(self, account_id: str, model: str) -> None:
         for event in self._waiters.get((account_id, model), ()):
+            event.set()
+
+    def _wake_capacity(self, model: str, entry_id: str) -> None:
+        for event in self._capacity_waiters.get((model, entry_id), ()):
             event.set()
 
     async def now_ms(self) -> int:
@@ -677,6 +688,26 @@ class EmbeddedStore:
 
     def slot_waiter(self, account_id: str, model: str) -> _Waiter:
         return _Waiter(self._waiters, (account_id, model))
+
+    # -- model capacity (in memory, on the event loop: each call is one step) ----
+
+    async def capacity_acquire(self, terms: CapacityTerms, account_id: str, entry_id: str, wait_ttl_ms: int,
+                               now_ms: int | None = None) -> CapacityOutcome:
+        return self._capacity.acquire(terms, account_id, entry_id, wait_ttl_ms, self._time(now_ms))
+
+    async def capacity_renew(self, terms: CapacityTerms, entry_id: str, counter_total: int,
+                             now_ms: int | None = None) -> bool:
+        return self._capacity.renew(terms, entry_id, counter_total, self._time(now_ms))
+
+    async def capacity_release(self, terms: CapacityTerms, entry_id: str, counter_total: int,
+                               now_ms: int | None = None) -> bool:
+        return self._capacity.release(terms, entry_id, counter_total, self._time(now_ms))
+
+    async def capacity_stats(self, terms: CapacityTerms, now_ms: int | None = None) -> CapacityStats:
+        return self._capacity.stats(terms, self._time(now_ms))
+
+    def capacity_waiter(self, model: str, entry_id: str) -> _Waiter:
+        return _Waiter(self._capacity_waiters, (model, entry_id))
 
     # -- usage ------------------------------------------------------------
 

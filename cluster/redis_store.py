@@ -36,6 +36,9 @@ strings; times in ms, request bar in request units, money in picodollars.
   packserve:checkpoints        zset    lease_id -> due ms: settle it then unless renewed
   packserve:checkpoint         hash    lease_id -> msgpack Settlement (what a dead gateway owed)
   channel packserve:wake:{A}:<model>   published whenever a slot may have freed
+  packserve:cap:{M}:*          model capacity, one slot per model {M} (see lua/capacity.lua):
+                                       run owner wait wexp act vtc meta paid
+  channel packserve:wake:cap:{M}:<entry>  published when a waiting request is dispatched
 
 Redis Cluster: the hot path (reserve, settle, renew, snapshot) touches one
 slot; a checkpoint (written as each response starts and at each lease
@@ -68,7 +71,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cluster.records import Account, ApiKey, UsageEvent
 from cluster.store import (
+    AccountLoad,
     Admitted,
+    CapacityGranted,
+    CapacityOutcome,
+    CapacityStats,
+    CapacityTerms,
+    CapacityWaiting,
     Lease,
     NotFound,
     Refused,
@@ -109,6 +118,9 @@ SCRIPTS: Final = (
     "alert_claim",
     "alert_take",
 )
+CAPACITY_LIBRARIES: Final = ("bars", "store", "fairness", "capacity")
+CAPACITY_SCRIPTS: Final = ("cap_acquire", "cap_renew", "cap_release", "cap_stats")
+CAPACITY_KEYS: Final = ("run", "owner", "wait", "wexp", "act", "vtc", "meta", "paid")
 SETTLED_MEMORY_MS: Final = DAY_MS
 USAGE_PAGE: Final = 1000
 PURGE_BATCH: Final = 500
@@ -467,6 +479,8 @@ class RedisStore:
         self._scripts: dict[str, AsyncScript] = {
             name: self._client.register_script(lua_source(name)) for name in SCRIPTS
         }
+        for name in CAPACITY_SCRIPTS:
+            self._scripts[name] = self._client.register_script(lua_source(name, CAPACITY_LIBRARIES))
         self._listener = _WakeListener(self._url, f"{key_prefix}wake:*")
         self._closed = False
 
@@ -854,6 +868,50 @@ class RedisStore:
     def slot_waiter(self, account_id: str, model: str) -> _SlotWaiter:
         """Register before reserving, so a wake-up between the two is not lost."""
         return _SlotWaiter(self._listener, self._keys(account_id).wake(model))
+
+    # -- model capacity ---------------------------------------------------
+
+    def _capacity_keys(self, model: str) -> list[str]:
+        return [f"{self._prefix}cap:{{{model}}}:{name}" for name in CAPACITY_KEYS]
+
+    def _capacity_wake(self, model: str) -> str:
+        return f"{self._prefix}wake:cap:{{{model}}}:"
+
+    def _capacity_args(self, terms: CapacityTerms, now_ms: int | None) -> list[str | int]:
+        return [self._now_arg(now_ms), terms.capacity, terms.mode.value, terms.lease_ttl_ms,
+                self._capacity_wake(terms.model)]
+
+    async def capacity_acquire(self, terms: CapacityTerms, account_id: str, entry_id: str, wait_ttl_ms: int,
+                               now_ms: int | None = None) -> CapacityOutcome:
+        # A dispatch published before the subscription is live would be lost.
+        await self._listener.wait_ready(LISTENER_READY_TIMEOUT_S)
+        reply = await self._run("cap_acquire", self._capacity_keys(terms.model),
+                                [*self._capacity_args(terms, now_ms), account_id, entry_id, wait_ttl_ms])
+        if _text(reply[0]) == "granted":
+            return CapacityGranted(_int(reply[1]))
+        return CapacityWaiting(_int(reply[1]), _opt_int(reply[2]))
+
+    async def capacity_renew(self, terms: CapacityTerms, entry_id: str, counter_total: int,
+                             now_ms: int | None = None) -> bool:
+        renewed = await self._run("cap_renew", self._capacity_keys(terms.model),
+                                  [*self._capacity_args(terms, now_ms), entry_id, counter_total])
+        return bool(renewed)
+
+    async def capacity_release(self, terms: CapacityTerms, entry_id: str, counter_total: int,
+                               now_ms: int | None = None) -> bool:
+        removed = await self._run("cap_release", self._capacity_keys(terms.model),
+                                  [*self._capacity_args(terms, now_ms), entry_id, counter_total])
+        return bool(removed)
+
+    async def capacity_stats(self, terms: CapacityTerms, now_ms: int | None = None) -> CapacityStats:
+        reply = await self._run("cap_stats", self._capacity_keys(terms.model), self._capacity_args(terms, now_ms))
+        loads = [AccountLoad(_text(reply[i]), _int(reply[i + 1]), _int(reply[i + 2]), _int(reply[i + 3]))
+                 for i in range(3, len(reply), 4)]
+        loads.sort(key=lambda load: (load.counter, load.account_id))
+        return CapacityStats(terms.model, _int(reply[0]), _int(reply[1]), _int(reply[2]), tuple(loads))
+
+    def capacity_waiter(self, model: str, entry_id: str) -> _SlotWaiter:
+        return _SlotWaiter(self._listener, self._capacity_wake(model) + entry_id)
 
     # -- usage ------------------------------------------------------------
 

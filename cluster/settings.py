@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from policies.fairness import MAX_WEIGHT, SchedulerMode
 from policies.plans import SizeClass
 from policies.pricing import ModelPrice, WeightBasis, WeightPolicy
 from policies.units import DAY_MS, dollars_to_micro
@@ -49,6 +50,29 @@ class AdmissionSettings(StrictModel):
     @property
     def lease_ttl_ms(self) -> int:
         return int(self.lease_ttl_s * 1000)
+
+
+class SchedulerSettings(StrictModel):
+    """Dispatch of a saturated model (SPEC §4). In YAML, `scheduler: fifo` is short for `{mode: fifo}`."""
+
+    mode: SchedulerMode = SchedulerMode.FAIR
+    # How long an admitted request waits for a free sequence before it is refused as overloaded
+    # (uncharged). None: the concurrency queue's admission.queue_timeout_s, one wait bound for both.
+    queue_timeout_s: float | None = Field(None, ge=0, le=3600)
+    # Capacity leases; None: admission.lease_ttl_s. A dead gateway's sequences come back within it.
+    lease_ttl_s: float | None = Field(None, gt=0, le=3600)
+    # How often a streaming response's service is added to its account's counter (and its lease renewed).
+    charge_interval_s: float = Field(1.0, gt=0, le=60)
+    # A waiting request re-checks this often even without a wake-up (a lost pub/sub message).
+    poll_interval_s: float = Field(1.0, gt=0, le=60)
+    payg_weight: int = Field(1, ge=1, le=MAX_WEIGHT, description="the fairness weight of a payg account")
+    overload_retry_after_s: int = Field(5, ge=1, le=3600)
+
+    def timeout_s(self, admission: AdmissionSettings) -> float:
+        return admission.queue_timeout_s if self.queue_timeout_s is None else self.queue_timeout_s
+
+    def lease_ttl_ms(self, admission: AdmissionSettings) -> int:
+        return admission.lease_ttl_ms if self.lease_ttl_s is None else int(self.lease_ttl_s * 1000)
 
 
 class PriceSettings(StrictModel):

@@ -19,6 +19,7 @@ import msgpack
 from cluster.records import Account, ApiKey, UsageEvent
 from policies.admission import Reason
 from policies.bars import BarSpec, BarState
+from policies.fairness import SchedulerMode
 from policies.plans import PlanCatalog, PlanKind, SizeClass
 
 
@@ -117,6 +118,49 @@ class Settlement:
         return Settlement(Lease(*row[1:7]), row[7], row[8], UsageEvent.decode(row[9]), row[10])
 
 
+@dataclass(frozen=True)
+class CapacityTerms:
+    """How the calling gateway sees one model: sequences it can run at once, the order, the lease TTL."""
+
+    model: str
+    capacity: int
+    mode: SchedulerMode
+    lease_ttl_ms: int
+
+
+@dataclass(frozen=True)
+class CapacityGranted:
+    """Dispatched: the request holds one of the model's sequences until `expires_ms` unless renewed."""
+
+    expires_ms: int
+
+
+@dataclass(frozen=True)
+class CapacityWaiting:
+    waiting: int  # requests waiting for this model (all gateways)
+    wake_at_ms: int | None  # earliest lease expiry: re-check then even without a wake-up
+
+
+CapacityOutcome = CapacityGranted | CapacityWaiting
+
+
+@dataclass(frozen=True)
+class AccountLoad:
+    account_id: str
+    counter: int  # virtual token counter, in policies.fairness counter units
+    running: int
+    waiting: int
+
+
+@dataclass(frozen=True)
+class CapacityStats:
+    model: str
+    capacity: int
+    in_flight: int
+    waiting: int
+    accounts: tuple[AccountLoad, ...]  # the active ones (waiting or running), lowest counter first
+
+
 class SlotWaiter(Protocol):
     """Woken when a slot for (account, model) may have freed up."""
 
@@ -173,6 +217,25 @@ class Store(Protocol):
     async def drop_checkpoint(self, lease_id: str) -> None: ...
     async def active_leases(self, account_id: str, model: str, now_ms: int | None = None) -> int: ...
     def slot_waiter(self, account_id: str, model: str) -> SlotWaiter: ...
+
+    # model capacity (SPEC §4): one atomic step per decision, shared by every gateway.
+    # `capacity_acquire` joins the model's wait (or is dispatched at once) and,
+    # asked again with the same entry id, returns the grant once the entry has
+    # one; `capacity_renew` extends a dispatched entry's lease and grows its
+    # account's counter to `counter_total` (a running total for the entry);
+    # `capacity_release` takes the entry out (finished or gave up), counting
+    # `counter_total`. Every one of them first drops expired leases and dead
+    # waiters and dispatches waiting entries onto free sequences.
+    async def capacity_acquire(self, terms: CapacityTerms, account_id: str, entry_id: str, wait_ttl_ms: int,
+                               now_ms: int | None = None) -> CapacityOutcome: ...
+    async def capacity_renew(self, terms: CapacityTerms, entry_id: str, counter_total: int,
+                             now_ms: int | None = None) -> bool: ...
+    async def capacity_release(self, terms: CapacityTerms, entry_id: str, counter_total: int,
+                               now_ms: int | None = None) -> bool: ...
+    async def capacity_stats(self, terms: CapacityTerms, now_ms: int | None = None) -> CapacityStats: ...
+    def capacity_waiter(self, model: str, entry_id: str) -> SlotWaiter:
+        """Woken when the entry is dispatched. Register before the first `capacity_acquire`."""
+        ...
 
     # usage alerts (cluster.alerts): `claim_alert` fires a crossing once (queueing
     # its payload) or re-arms it; `take_alerts` hands out due alerts and pushes

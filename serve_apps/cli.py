@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--sim-ttft-ms", type=float, help="simulated time to first token (default: config, else 0)")
     gw.add_argument("--sim-tokens-per-s", type=float,
                     help="simulated decode speed, 0 = unlimited (default: config, else 0)")
+    gw.add_argument("--sim-max-seqs", type=int,
+                    help="sequences each simulated model runs at once; more wait in the engine in arrival order "
+                         "(default: config, else unlimited)")
+    gw.add_argument("--scheduler", choices=["fair", "fifo"],
+                    help="dispatch order when a model is saturated (default: config, else fair)")
 
     serve = sub.add_parser("serve", help="the full Ray Serve application on this machine")
     serve.add_argument("--config", type=Path)

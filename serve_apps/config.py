@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from cluster.alerts import AlertSettings
 from cluster.plan_settings import PlansSettings
-from cluster.settings import AdmissionSettings, PriceSettings, StrictModel
+from cluster.settings import AdmissionSettings, PriceSettings, SchedulerSettings, StrictModel
 from policies.plans import SizeClass
 from policies.pricing import ModelPrice, WeightBasis
 from serve_apps.engines.types import ModelCard
@@ -128,6 +128,9 @@ class ModelConfig(StrictModel):
     # The preferred replica is passed over once it has more requests than this in flight.
     affinity_max_queue: int = Field(8, ge=0)
     cold_start_timeout_s: float | None = Field(None, gt=0, description="overrides gateway.cold_start_timeout_s")
+    # Sequences one replica runs at once, for the capacity scheduler (times live replicas); by default
+    # the engine's own limit (vllm.max_num_seqs, sim.max_seqs). A LoRA adapter shares its base's.
+    max_inflight: int | None = Field(None, ge=1)
     # As the gateway's: how long a replica being replaced finishes its open generations.
     graceful_shutdown_timeout_s: float = Field(20, ge=0)
 
@@ -165,6 +168,9 @@ class SimConfig(StrictModel):
     # prompt token not found in the prefix cache, and a one-off engine load.
     prefill_ms_per_uncached_token: float = Field(0, ge=0)
     start_s: float = Field(0, ge=0)
+    # Sequences each simulated model runs at once (more wait inside the engine in arrival order,
+    # as in vLLM's waiting queue); None: unlimited.
+    max_seqs: int | None = Field(None, ge=1)
 
 
 class AppConfig(StrictModel):
@@ -173,10 +179,17 @@ class AppConfig(StrictModel):
     admission: AdmissionSettings = AdmissionSettings()
     gateway: GatewayConfig = GatewayConfig()
     sim: SimConfig = SimConfig()
+    scheduler: SchedulerSettings = SchedulerSettings()
     models: tuple[ModelConfig, ...] = ()
     demo_account: bool = Field(False, description="create a demo account with one standard pack at start")
     plans: PlansSettings = PlansSettings()
     alerts: AlertSettings = AlertSettings()
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler_mode(cls, value: object) -> object:
+        # `scheduler: fifo` is short for `scheduler: {mode: fifo}`.
+        return {"mode": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _unique(self) -> AppConfig:
@@ -189,6 +202,26 @@ class AppConfig(StrictModel):
             if m.base_model and m.base_model not in known:
                 raise ValueError(f"{m.id}: base_model {m.base_model!r} is not in the catalog")
         return apply_plan_weights(self)
+
+    def queue_model(self, model_id: str) -> str:
+        """The model whose replicas run `model_id`: its base for a LoRA adapter (they share one capacity)."""
+        by_id = {m.id: m for m in self.models}
+        m = by_id.get(model_id)
+        return m.base_model if m is not None and m.kind == "lora" and m.base_model else model_id
+
+    def seqs_per_replica(self, model_id: str) -> int | None:
+        """Sequences one replica of `model_id` runs at once; None: unlimited (the simulated engine by default)."""
+        by_id = {m.id: m for m in self.models}
+        m = by_id.get(model_id)
+        if m is not None and m.max_inflight is not None:
+            return m.max_inflight
+        if self.engine == "vllm" and m is not None and m.vllm is not None:
+            # Ray Serve sends a replica at most max_ongoing_requests and queues the rest in arrival order
+            # in its router: more than that is not the engine's to run.
+            return min(m.vllm.max_num_seqs, m.max_ongoing_requests)
+        if self.engine == "sim" and (m is None or m.kind != "embeddings"):
+            return self.sim.max_seqs
+        return None
 
     def cold_start_timeout(self, model_id: str) -> float:
         """The model's own bound, else its base model's (adapters start with their base), else the gateway's."""

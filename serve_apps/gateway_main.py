@@ -15,6 +15,7 @@ import uvloop
 
 from cluster.settings import admin_token_from_env
 from cluster.store import StoreError
+from policies.fairness import SchedulerMode
 from serve_apps.config import AppConfig, ConfigError, load_config
 from serve_apps.engines.sim import SimulatedEngine
 from serve_apps.gateway.app import build_gateway_app, create_runtime
@@ -24,7 +25,8 @@ from serve_apps.logs import setup_logging
 def sim_engine(config: AppConfig, ttft_ms: float | None, tokens_per_s: float | None) -> SimulatedEngine:
     """Command-line values win over the config file's `sim:` section, 0 included."""
     return SimulatedEngine(ttft_s=(config.sim.ttft_ms if ttft_ms is None else ttft_ms) / 1000,
-                           tokens_per_s=config.sim.tokens_per_s if tokens_per_s is None else tokens_per_s)
+                           tokens_per_s=config.sim.tokens_per_s if tokens_per_s is None else tokens_per_s,
+                           max_seqs=config.sim.max_seqs)
 
 
 async def serve_gateway(config: AppConfig, host: str, port: int, ttft_ms: float | None = None,
@@ -40,6 +42,18 @@ async def serve_gateway(config: AppConfig, host: str, port: int, ttft_ms: float 
     await server.serve()
 
 
+def with_command_line(config: AppConfig, sim_max_seqs: int | None, scheduler: str | None) -> AppConfig:
+    """`--sim-max-seqs` and `--scheduler` win over the config file (the capacity scheduler reads them there)."""
+    if sim_max_seqs is not None:
+        if sim_max_seqs < 1:
+            raise ValueError("--sim-max-seqs must be at least 1")
+        config = config.model_copy(update={"sim": config.sim.model_copy(update={"max_seqs": sim_max_seqs})})
+    if scheduler is not None:
+        mode = SchedulerMode(scheduler)
+        config = config.model_copy(update={"scheduler": config.scheduler.model_copy(update={"mode": mode})})
+    return config
+
+
 def run_gateway(args: argparse.Namespace) -> int:
     setup_logging()
     try:
@@ -48,6 +62,7 @@ def run_gateway(args: argparse.Namespace) -> int:
             config = config.model_copy(update={"store": config.store.model_copy(update={"redis_url": args.redis_url})})
         if args.data_dir:
             config = config.model_copy(update={"store": config.store.model_copy(update={"data_dir": args.data_dir})})
+        config = with_command_line(config, getattr(args, "sim_max_seqs", None), getattr(args, "scheduler", None))
         # uvloop: measured ~25% more requests/s at 64 streams than the default loop (bench/RESULTS.md).
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(serve_gateway(config, args.host, args.port, args.sim_ttft_ms, args.sim_tokens_per_s))

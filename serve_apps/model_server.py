@@ -53,7 +53,7 @@ def make_engine(model_cfg: ModelConfig, config: AppConfig) -> Engine:
         sim = config.sim
         return SimulatedEngine(ttft_s=sim.ttft_ms / 1000, tokens_per_s=sim.tokens_per_s,
                                prefill_s_per_uncached_token=sim.prefill_ms_per_uncached_token / 1000,
-                               start_s=sim.start_s)
+                               start_s=sim.start_s, max_seqs=sim.max_seqs)
     args = model_cfg.vllm
     if args is None:
         raise ConfigError(f"{model_cfg.id}: engine is vllm but the model has no 'vllm' section")

@@ -71,6 +71,7 @@ class GatewayIngress:
         self.watch = ReplicaWatch(app_name)
         self.watch.start()
         engines: dict[str, Engine] = {}
+        deployment_of: dict[str, str] = {}
         for plan in serving_plan.plan(cfg):
             # `handles` (bound in build_app) make Serve deploy the models with
             # this app; calls go through a handle made here instead, because a
@@ -89,8 +90,16 @@ class GatewayIngress:
                 self.watch.watch_closely(_until_settled(engine))
             for served in plan.served_ids:
                 engines[served] = engine
+                deployment_of[served] = plan.name
         self.engines = engines
-        self.runtime: GatewayRuntime = await create_runtime(cfg, engines, cards,
+        watch = self.watch
+
+        def replicas(model: str) -> int | None:
+            # The capacity scheduler follows autoscaling: sequences per replica times running replicas.
+            name = deployment_of.get(model)
+            return None if name is None else watch.running(name)
+
+        self.runtime: GatewayRuntime = await create_runtime(cfg, engines, cards, replicas=replicas,
                                                             admin_token=admin_token or admin_token_from_env())
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -38,16 +38,18 @@ class LiveGateway:
     def __init__(self, *, redis_url: str | None, data_dir: Path, clock: Callable[[], int | None] | None = None,
                  queue_timeout_s: float = 60, ttft_s: float = 0.0, tokens_per_s: float = 0.0,
                  lease_ttl_s: float = 30, max_body_bytes: int | None = None,
+                 scheduler: dict[str, Any] | None = None, sim_max_seqs: int | None = None,
                  extra: dict[str, dict[str, Any]] | None = None) -> None:
         admission = {"queue_timeout_s": queue_timeout_s, "lease_ttl_s": lease_ttl_s}
         gateway: dict[str, Any] = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
         raw: dict[str, dict[str, Any]] = {
             "store": {"redis_url": redis_url, "data_dir": str(data_dir)},
-            "admission": admission, "gateway": gateway}
+            "admission": admission, "gateway": gateway, "scheduler": scheduler or {},
+            "sim": {"max_seqs": sim_max_seqs}}
         for section, values in (extra or {}).items():  # more config, merged per top-level block
             raw[section] = {**raw.get(section, {}), **values}
         self.config = AppConfig.model_validate(raw)
-        self.engine = SimulatedEngine(ttft_s=ttft_s, tokens_per_s=tokens_per_s)
+        self.engine = SimulatedEngine(ttft_s=ttft_s, tokens_per_s=tokens_per_s, max_seqs=sim_max_seqs)
         self.clock = clock
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 
@@ -459,3 +460,64 @@ def test_tokenizer_splits_long_words_and_digits() -> None:
     assert tokenize("Hello, world!") == ["Hello", ",", "world", "!"]
     assert tokenize("1234567") == ["123", "456", "7"]
     assert len(tokenize("a" * 30)) == 3
+
+
+async def test_ignore_eos_and_min_tokens_set_exact_lengths_as_vllm_does() -> None:
+    def sampled(**extra: object) -> GenerationRequest:
+        req = chat("hello there", max_tokens=200)
+        return dataclasses.replace(req, sampling=dataclasses.replace(req.sampling, **extra))  # type: ignore[arg-type]
+
+    exact = await run(SimulatedEngine(), sampled(ignore_eos=True))
+    assert exact[-1].finish_reason == "length"
+    assert exact[-1].usage is not None and exact[-1].usage.completion_tokens == 200
+    at_least = await run(SimulatedEngine(), sampled(min_tokens=120))
+    assert at_least[-1].finish_reason == "stop"
+    assert at_least[-1].usage is not None and 120 <= at_least[-1].usage.completion_tokens <= 200
+    # min_tokens above max_tokens: the length limit still wins.
+    capped = await run(SimulatedEngine(), sampled(min_tokens=500))
+    assert capped[-1].usage is not None and capped[-1].usage.completion_tokens == 200
+
+
+async def test_max_seqs_runs_at_most_n_and_the_rest_wait_in_arrival_order() -> None:
+    engine = SimulatedEngine(max_seqs=2)
+    events: list[tuple[str, str]] = []
+
+    async def consume(rid: str) -> None:
+        first = True
+        async for _ in engine.generate(chat(f"request {rid}", rid=rid, max_tokens=6)):
+            if first:
+                events.append(("start", rid))
+                first = False
+        events.append(("end", rid))
+
+    tasks = [asyncio.ensure_future(consume(f"r{i}")) for i in range(5)]
+    await asyncio.gather(*tasks)
+    assert [rid for kind, rid in events if kind == "start"] == ["r0", "r1", "r2", "r3", "r4"]
+    running = 0
+    for kind, _ in events:
+        running += 1 if kind == "start" else -1
+        assert running <= 2, events
+    assert engine.peak_running[SIM_LARGE] == 2 and engine.running[SIM_LARGE] == 0
+
+
+async def test_a_request_waiting_in_the_engine_can_be_cancelled() -> None:
+    engine = SimulatedEngine(max_seqs=1)
+    holder = engine.generate(chat("hold", rid="hold", max_tokens=50))
+    await holder.__anext__()  # holds the only sequence
+    waiting = asyncio.ensure_future(run(engine, chat("wait", rid="wait", max_tokens=3)))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not waiting.done() and engine.running[SIM_LARGE] == 1
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await holder.aclose()
+    assert engine.running[SIM_LARGE] == 0
+    # The sequence is free again: the next request runs.
+    chunks = await run(engine, chat("next", rid="next", max_tokens=3))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+
+
+def test_max_seqs_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_seqs"):
+        SimulatedEngine(max_seqs=0)

@@ -18,9 +18,11 @@ from cluster.accounts import Accounts
 from cluster.controller import CHECKPOINT_GRACE_MS, AdmissionController, AdmissionRefused, Progress, Ticket
 from cluster.embedded_store import EmbeddedStore
 from cluster.records import Account, UsageEvent
-from cluster.settings import AdmissionSettings
-from cluster.store import NotFound, Store, StoreError
+from cluster.scheduler import Overloaded, Scheduler
+from cluster.settings import AdmissionSettings, SchedulerSettings
+from cluster.store import CapacityGranted, CapacityTerms, CapacityWaiting, NotFound, Store, StoreError
 from policies.admission import Reason
+from policies.fairness import SchedulerMode, counter_units, service_units
 from policies.plans import SizeClass
 from policies.pricing import ModelPrice, UsageError
 from policies.units import HOUR_MS, MINUTE_MS, PICO_PER_DOLLAR
@@ -560,3 +562,147 @@ async def test_a_failing_checkpoint_does_not_stop_the_renewals(tmp_path: object)
                      ttft_ms=1)
     await ctl.drain()
     await store.close()
+
+
+# -- model capacity (SPEC §4): one queue per model, dispatched by virtual token counters --------
+
+def _terms(capacity: int = 2, mode: str = "fair", model: str = LARGE, ttl_ms: int = 10_000) -> CapacityTerms:
+    return CapacityTerms(model, capacity, SchedulerMode(mode), ttl_ms)
+
+
+async def _acquire(h: Harness, terms: CapacityTerms, account: str, entry: str,
+                   wait_ttl_ms: int = 60_000) -> CapacityGranted | CapacityWaiting:
+    return await h.store.capacity_acquire(terms, account, entry, wait_ttl_ms, h.clock.now)
+
+
+async def test_capacity_is_never_exceeded_and_a_release_dispatches_the_next(h: Harness) -> None:
+    terms = _terms(2)
+    assert isinstance(await _acquire(h, terms, "acct_a", "e1"), CapacityGranted)
+    assert isinstance(await _acquire(h, terms, "acct_b", "e2"), CapacityGranted)
+    waiter = h.store.capacity_waiter(LARGE, "e3")
+    try:
+        third = await _acquire(h, terms, "acct_c", "e3")
+        assert isinstance(third, CapacityWaiting)
+        assert third.waiting == 1 and third.wake_at_ms == h.clock.now + 10_000
+        # Asking again keeps its place and does not queue it twice.
+        assert isinstance(await _acquire(h, terms, "acct_c", "e3"), CapacityWaiting)
+        stats = await h.store.capacity_stats(terms, h.clock.now)
+        assert (stats.capacity, stats.in_flight, stats.waiting) == (2, 2, 1)
+        assert await h.store.capacity_release(terms, "e1", 0, h.clock.now)
+        assert await waiter.wait(5.0)  # dispatched by the release, woken at once
+    finally:
+        waiter.close()
+    assert isinstance(await _acquire(h, terms, "acct_c", "e3"), CapacityGranted)
+    stats = await h.store.capacity_stats(terms, h.clock.now)
+    assert (stats.in_flight, stats.waiting) == (2, 0)
+    # Idempotent: a second release of the same entry changes nothing.
+    assert not await h.store.capacity_release(terms, "e1", 0, h.clock.now)
+    assert (await h.store.capacity_stats(terms, h.clock.now)).in_flight == 2
+
+
+async def test_capacity_dispatches_the_lowest_counter_first_and_fifo_by_arrival(h: Harness) -> None:
+    heavy_so_far, heavy_total = counter_units(service_units(10, 50), 1), counter_units(service_units(10, 100), 1)
+    light_total = counter_units(service_units(10, 20), 1)
+    for mode, expected in (("fair", ["light1", "light2", "heavy3"]), ("fifo", ["heavy3", "light1", "light2"])):
+        terms = _terms(1, mode, model=f"hf:test/{mode}")
+        assert isinstance(await _acquire(h, terms, "heavy", "heavy1"), CapacityGranted)
+        # The heavy account has received service (a renewal while it streams) before the others arrive;
+        # the light account arrives idle and is lifted to the heavy one's counter as it stands.
+        assert await h.store.capacity_renew(terms, "heavy1", heavy_so_far, h.clock.now)
+        for entry, account in (("heavy3", "heavy"), ("light1", "light"), ("light2", "light")):
+            assert isinstance(await _acquire(h, terms, account, entry), CapacityWaiting)
+        order: list[str] = []
+        running, total = "heavy1", heavy_total
+        for _ in range(3):
+            await h.store.capacity_release(terms, running, total, h.clock.now)
+            granted = [e for e in ("heavy3", "light1", "light2") if e not in order and isinstance(
+                await _acquire(h, terms, "heavy" if e.startswith("heavy") else "light", e), CapacityGranted)]
+            assert len(granted) == 1, (mode, granted)
+            order.append(granted[0])
+            running, total = granted[0], heavy_total if granted[0].startswith("heavy") else light_total
+        assert order == expected, mode
+
+
+async def test_a_returning_account_is_lifted_so_idle_time_is_not_banked(h: Harness) -> None:
+    terms = _terms(1)
+    assert isinstance(await _acquire(h, terms, "busy", "b1"), CapacityGranted)
+    assert await h.store.capacity_renew(terms, "b1", 5_000, h.clock.now)
+    assert isinstance(await _acquire(h, terms, "back", "r1"), CapacityWaiting)
+    loads = {a.account_id: a for a in (await h.store.capacity_stats(terms, h.clock.now)).accounts}
+    assert loads["back"].counter == 5_000 and loads["back"].waiting == 1
+    assert loads["busy"].counter == 5_000 and loads["busy"].running == 1
+    await h.store.capacity_release(terms, "b1", 8_000, h.clock.now)
+    assert isinstance(await _acquire(h, terms, "back", "r1"), CapacityGranted)
+    await h.store.capacity_release(terms, "r1", 0, h.clock.now)
+    # Nobody active: an account that comes back is lifted to the one that left last (back: 5_000).
+    assert isinstance(await _acquire(h, terms, "fresh", "f1"), CapacityGranted)
+    loads = {a.account_id: a for a in (await h.store.capacity_stats(terms, h.clock.now)).accounts}
+    assert loads["fresh"].counter == 5_000
+
+
+async def test_counters_grow_at_renewals_by_running_totals(h: Harness) -> None:
+    terms = _terms(1)
+    assert isinstance(await _acquire(h, terms, "acct", "e"), CapacityGranted)
+    assert await h.store.capacity_renew(terms, "e", 100, h.clock.now)
+    assert await h.store.capacity_renew(terms, "e", 100, h.clock.now)  # a retried renewal adds nothing
+    assert await h.store.capacity_renew(terms, "e", 250, h.clock.now)
+    loads = (await h.store.capacity_stats(terms, h.clock.now)).accounts
+    assert [(a.account_id, a.counter) for a in loads] == [("acct", 250)]
+
+
+async def test_a_dead_gateways_capacity_comes_back_when_its_lease_expires(h: Harness) -> None:
+    terms = _terms(1, ttl_ms=3_000)
+    assert isinstance(await _acquire(h, terms, "dead", "d1"), CapacityGranted)
+    waiting = await _acquire(h, terms, "alive", "a1")
+    assert isinstance(waiting, CapacityWaiting) and waiting.wake_at_ms == h.clock.now + 3_000
+    h.clock.advance(2_000)
+    assert await h.store.capacity_renew(terms, "d1", 0, h.clock.now) is True  # renewed: still alive
+    h.clock.advance(2_999)
+    assert isinstance(await _acquire(h, terms, "alive", "a1"), CapacityWaiting)
+    h.clock.advance(1)
+    assert isinstance(await _acquire(h, terms, "alive", "a1"), CapacityGranted)
+    # The dead holder's renewal now fails: its sequence is someone else's.
+    assert await h.store.capacity_renew(terms, "d1", 0, h.clock.now) is False
+
+
+async def test_a_waiter_that_stops_asking_is_dropped_and_a_leaver_at_once(h: Harness) -> None:
+    terms = _terms(1)
+    assert isinstance(await _acquire(h, terms, "a", "run"), CapacityGranted)
+    assert isinstance(await _acquire(h, terms, "b", "gone", wait_ttl_ms=1_000), CapacityWaiting)
+    assert isinstance(await _acquire(h, terms, "c", "leaver"), CapacityWaiting)
+    assert await h.store.capacity_release(terms, "leaver", 0, h.clock.now)  # a client that hung up
+    h.clock.advance(1_000)
+    stats = await h.store.capacity_stats(terms, h.clock.now)
+    assert (stats.in_flight, stats.waiting) == (1, 0)
+    assert [a.account_id for a in stats.accounts] == ["a"]
+
+
+async def test_scheduler_refuses_past_the_wait_bound_and_leaves_no_waiter(h: Harness) -> None:
+    settings = SchedulerSettings(poll_interval_s=0.01, lease_ttl_s=10)
+    sched = Scheduler(h.store, settings, AdmissionSettings(queue_timeout_s=5), lambda _m: 1, h.clock)
+    first = await h.account(["standard", "founder"])
+    second = await h.account(["standard"])
+    hold = await sched.acquire(first, LARGE)
+    assert hold is not None and hold.weight == 2
+    with pytest.raises(Overloaded):
+        await sched.acquire(second, LARGE, timeout_s=0.05)
+    # A cancelled wait (the client hung up) leaves the queue too.
+    task = asyncio.ensure_future(sched.acquire(second, LARGE, timeout_s=30))
+    for _ in range(2000):  # until it is queued (a real wait: it runs on the event loop)
+        if sched.load.waiting.get(LARGE):
+            break
+        await asyncio.sleep(0.005)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    terms = sched.terms(LARGE)
+    assert terms is not None
+    stats = await h.store.capacity_stats(terms, h.clock.now)
+    assert (stats.in_flight, stats.waiting) == (1, 0)
+    sched.release(hold, service_units(10, 10))
+    await sched.drain()
+    stats = await h.store.capacity_stats(terms, h.clock.now)
+    assert stats.in_flight == 0 and stats.accounts == ()
+    # A model without a capacity is not scheduled at all.
+    assert await Scheduler(h.store, settings, AdmissionSettings(), lambda _m: None, h.clock).acquire(
+        first, LARGE) is None

@@ -137,7 +137,8 @@ async def test_penalties_change_a_greedy_answer(engine: VllmEngine) -> None:
 
 async def test_every_sampling_field_is_mapped_to_vllm() -> None:
     sampling = SamplingParams(max_tokens=7, temperature=0.3, top_p=0.9, seed=11, stop=("END",), top_k=40, min_p=0.05,
-                              presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.1)
+                              presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.1, min_tokens=5,
+                              ignore_eos=True)
     request = GenerationRequest(request_id="r", model=SMOLLM_ID, sampling=sampling, prompt="x",
                                 output_format=OutputFormat("json_schema", {"type": "object"}))
     params = _sampling_params(request)
@@ -145,6 +146,7 @@ async def test_every_sampling_field_is_mapped_to_vllm() -> None:
         7, 0.3, 0.9, 11, ["END"])
     assert (params.top_k, params.min_p, params.presence_penalty, params.frequency_penalty,
             params.repetition_penalty) == (40, 0.05, 0.5, -0.5, 1.1)
+    assert (params.min_tokens, params.ignore_eos) == (5, True)
     assert params.structured_outputs is not None and params.structured_outputs.json == {"type": "object"}
     loose = _sampling_params(GenerationRequest(request_id="r", model=SMOLLM_ID, sampling=sampling, prompt="x",
                                                output_format=OutputFormat("json_object")))

@@ -213,6 +213,10 @@ class SimulatedEngine:
     shortens time to first token (its own and the queue's) as on a real
     engine. `start_s` is a one-off load time paid by the first `start()` (or
     the first request), like vLLM loading weights.
+
+    `max_seqs` bounds the sequences each model runs at once (None: unlimited);
+    the others wait inside the engine in arrival order, as in vLLM's waiting
+    queue. `running` and `peak_running` (per model) let tests check the bound.
     """
 
     def __init__(
@@ -223,7 +227,10 @@ class SimulatedEngine:
         block_tokens: int = 16,
         prefill_s_per_uncached_token: float = 0.0,
         start_s: float = 0.0,
+        max_seqs: int | None = None,
     ) -> None:
+        if max_seqs is not None and max_seqs < 1:
+            raise ValueError("max_seqs must be >= 1 (or None: unlimited)")
         if ttft_s < 0 or tokens_per_s < 0 or prefill_s_per_uncached_token < 0 or start_s < 0:
             raise ValueError("ttft_s, tokens_per_s, prefill_s_per_uncached_token and start_s must be >= 0")
         if cache_blocks < 0 or block_tokens < 1:
@@ -244,6 +251,11 @@ class SimulatedEngine:
         self.requests_started = 0
         self._abort_requested: set[str] = set()
         self._cards = {c.id: c for c in SIM_CARDS}
+        self.max_seqs = max_seqs
+        # asyncio.Semaphore hands a freed place to the longest waiter: arrival order.
+        self._seqs: dict[str, asyncio.Semaphore] = {}
+        self.running: dict[str, int] = {}
+        self.peak_running: dict[str, int] = {}
 
     def cards(self) -> list[ModelCard]:
         return list(SIM_CARDS)
@@ -292,6 +304,16 @@ class SimulatedEngine:
         if request_id in self.in_flight:
             self._abort_requested.add(request_id)
 
+    def _seq_slot(self, model: str) -> asyncio.Semaphore | None:
+        if self.max_seqs is None:
+            return None
+        return self._seqs.setdefault(model, asyncio.Semaphore(self.max_seqs))
+
+    def _count_running(self, model: str, delta: int) -> None:
+        now = self.running.get(model, 0) + delta
+        self.running[model] = now
+        self.peak_running[model] = max(self.peak_running.get(model, 0), now)
+
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         card = self._card(request.model, "chat")
         await self.start()
@@ -311,7 +333,13 @@ class SimulatedEngine:
         self.requests_started += 1
         finished = False
         emitted_tokens = 0
+        seq = self._seq_slot(request.model)
+        holding = False
         try:
+            if seq is not None:
+                await seq.acquire()
+                holding = True
+                self._count_running(request.model, +1)
             prefill_s = (len(prompt_tokens) - cached) * self.prefill_s_per_uncached_token
             if prefill_s:
                 # One prefill at a time, as on a compute-bound engine: uncached
@@ -349,6 +377,9 @@ class SimulatedEngine:
                 stop_sequence=plan.stop_sequence,
             )
         finally:
+            if holding and seq is not None:
+                seq.release()
+                self._count_running(request.model, -1)
             if not finished and rid in self.in_flight:
                 # Reached only via aclose()/cancellation: the consumer went away.
                 self.aborted.append(rid)
@@ -430,7 +461,7 @@ def _plan_output(request: GenerationRequest, prompt_tokens: Sequence[str], last_
         plan.finish_reason = "tool_calls"
         return plan
 
-    natural = rng.randint(8, 48)
+    natural = _natural_length(request, rng.randint(8, 48))
     pieces = _text_pieces(rng, natural)
     stops = [s for s in request.sampling.stop if s]
     text = ""
@@ -456,6 +487,14 @@ def _plan_output(request: GenerationRequest, prompt_tokens: Sequence[str], last_
         last = plan.steps[-1]
         last.text += text[emitted:]
     return plan
+
+
+def _natural_length(request: GenerationRequest, natural: int) -> int:
+    """Where the answer would end on its own, moved as vLLM's `ignore_eos` / `min_tokens` move the end token."""
+    s = request.sampling
+    if s.ignore_eos:
+        return s.max_tokens + 1  # never ends by itself: stops at the length limit
+    return max(natural, min(s.min_tokens, s.max_tokens))
 
 
 def _text_pieces(rng: random.Random, n: int) -> list[str]:

@@ -50,6 +50,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # 1: off
+    # vLLM's sampling extras: at least this many output tokens; keep going past the end-of-sequence token.
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)

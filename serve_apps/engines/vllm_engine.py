@@ -439,6 +439,8 @@ def _sampling_params(request: GenerationRequest, *, skip_special_tokens: bool = 
         presence_penalty=s.presence_penalty,
         frequency_penalty=s.frequency_penalty,
         repetition_penalty=s.repetition_penalty,
+        min_tokens=min(s.min_tokens, s.max_tokens),
+        ignore_eos=s.ignore_eos,
         skip_special_tokens=skip_special_tokens,
         # DELTA: vLLM sends only new text per output, and holds back a tail
         # that could still become a stop string, so no re-diffing here.

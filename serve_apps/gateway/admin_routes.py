@@ -7,6 +7,7 @@ With no token configured the whole API answers 404 "admin API disabled"
 from __future__ import annotations
 
 import hmac
+import inspect
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -73,8 +74,9 @@ def _key_limits(body: dict[str, Any], allow_clear: bool = False) -> dict[str, An
 
 
 def build_admin_router(ops: AdminOps, token: str | None, max_body_bytes: int,
-                       stats: Callable[[], dict[str, Any]],
-                       start_model: Callable[[str], Awaitable[bool | None]] | None = None) -> APIRouter:
+                       stats: Callable[[], dict[str, Any] | Awaitable[dict[str, Any]]],
+                       start_model: Callable[[str], Awaitable[bool | None]] | None = None,
+                       loads: Callable[[], Awaitable[dict[str, list[dict[str, Any]]]]] | None = None) -> APIRouter:
     router = APIRouter(prefix="/admin/v1")
 
     def guard(request: Request) -> None:
@@ -109,9 +111,22 @@ def build_admin_router(ops: AdminOps, token: str | None, max_body_bytes: int,
         return JSONResponse(out, status_code=201)
 
     @router.get("/accounts")
-    async def list_accounts(request: Request) -> Response:
+    async def list_accounts(request: Request, q: str | None = None, sort: str | None = None,
+                            order: str | None = None, offset: int | None = None, limit: int | None = None) -> Response:
+        """Every account; with any of q/sort/order/offset/limit, one page of them with both bars and the
+        scheduler's view of each (docs/console.md)."""
         guard(request)
-        return JSONResponse({"data": await call(ops.list_accounts())})
+        if q is None and sort is None and order is None and offset is None and limit is None:
+            return JSONResponse({"data": await call(ops.list_accounts())})
+        if order not in (None, "asc", "desc"):
+            raise ApiError(400, "'order' must be 'asc' or 'desc'", "invalid_request", "order")
+        page = await call(ops.account_page(q or "", sort or "name", order == "desc", offset or 0,
+                                           50 if limit is None else limit))
+        if loads is not None:
+            by_account = await loads()
+            for row in page["data"]:
+                row["scheduler"] = by_account.get(row["id"], [])
+        return JSONResponse(page)
 
     @router.get("/accounts/{account_id}")
     async def show_account(request: Request, account_id: str) -> Response:
@@ -197,9 +212,10 @@ def build_admin_router(ops: AdminOps, token: str | None, max_body_bytes: int,
 
     @router.get("/stats")
     async def gateway_stats(request: Request) -> Response:
-        """This gateway's load: in-flight requests, queue depth, settlements pending."""
+        """This gateway's load (in-flight requests, queue depth, settlements pending) and each model's capacity."""
         guard(request)
-        return JSONResponse(stats())
+        result = stats()
+        return JSONResponse(await result if inspect.isawaitable(result) else result)
 
     if start_model is not None:
         starter = start_model

@@ -27,8 +27,10 @@ from cluster.controller import AdmissionController, Clock, store_clock
 from cluster.open_store import open_store
 from cluster.outbox import SettleOutbox
 from cluster.quotas import quotas_body
+from cluster.scheduler import Scheduler
 from cluster.settings import default_data_dir
-from cluster.store import NotFound, Store, StoreError
+from cluster.store import CapacityStats, NotFound, Store, StoreError
+from policies.fairness import WEIGHT_SCALE
 from policies.plans import SizeClass
 from policies.pricing import ModelPrice
 from serve_apps.config import AppConfig
@@ -38,19 +40,47 @@ from serve_apps.gateway.anthropic_routes import build_anthropic_router
 from serve_apps.gateway.errors import ApiError, error_response
 from serve_apps.gateway.metrics import Metrics
 from serve_apps.gateway.openai_routes import build_openai_router
+from serve_apps.gateway.recent import RecentWindow
 from serve_apps.gateway.responses_routes import build_responses_router
 from serve_apps.gateway.service import GatewayService
 
 log = logging.getLogger("packserve.gateway")
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
+STATIC_FILES = {"console.js": "text/javascript; charset=utf-8", "charts.js": "text/javascript; charset=utf-8",
+                "console.css": "text/css; charset=utf-8", "favicon.svg": "image/svg+xml"}
+# How many accounts /admin/v1/stats lists per model, lowest counter first.
+TOP_ACCOUNTS = 10
+
+Replicas = Callable[[str], int | None]
+
+
+def model_capacity(config: AppConfig, replicas: Replicas | None = None) -> Callable[[str], int | None]:
+    """Sequences a model runs at once across its live replicas; None: not capacity-scheduled.
+
+    Per replica: the model's `max_inflight`, else its engine's limit (vLLM's
+    max_num_seqs, the simulated engine's max_seqs). Replicas: `replicas(model)`
+    (Ray Serve's running count; under `packserve gateway`, one). A model seen at
+    zero replicas, or not seen yet, counts one: requests wait for its cold start
+    before admission, and one replica is what it starts with.
+    """
+
+    def capacity(model: str) -> int | None:
+        per_replica = config.seqs_per_replica(model)
+        if per_replica is None:
+            return None
+        running = replicas(model) if replicas is not None else None
+        return per_replica * max(1, running or 0)
+
+    return capacity
 
 
 class GatewayRuntime:
     """Everything one gateway process holds. Created with `await GatewayRuntime.create(...)`."""
 
     def __init__(self, config: AppConfig, store: Store, engines: Mapping[str, Engine], cards: Mapping[str, ModelCard],
-                 clock: Clock, admin_token: str | None, outbox_spool: Path | None = None) -> None:
+                 clock: Clock, admin_token: str | None, outbox_spool: Path | None = None,
+                 replicas: Replicas | None = None) -> None:
         self.config = config
         self.store = store
         self.admin_token = admin_token
@@ -59,8 +89,14 @@ class GatewayRuntime:
                                               outbox=SettleOutbox(store, outbox_spool))
         self.accounts = Accounts(store)
         self.metrics = Metrics()
+        self.recent = RecentWindow(lambda: clock() or time.time_ns() // 1_000_000)
+        self.replicas = replicas
+        # Set by build_gateway_app: which models serve without a cold start (Ray Serve's view under `serve`).
+        self.warm_flags: Callable[[], dict[str, bool]] | None = None
+        self.scheduler = Scheduler(store, config.scheduler, config.admission, model_capacity(config, replicas), clock)
         self.service = GatewayService(self.controller, self.accounts, engines, cards, self.metrics,
-                                      cold_start_timeout=config.cold_start_timeout)
+                                      cold_start_timeout=config.cold_start_timeout, scheduler=self.scheduler,
+                                      recent=self.recent)
         self.metrics.bind(lambda: self.controller.queue.depth, lambda: self.controller.active,
                           lambda: len(self.controller.outbox), lambda: self.service.cold_starts_waiting)
         self.admin = AdminOps(store, self.accounts, self.controller.policy.unit)
@@ -74,7 +110,76 @@ class GatewayRuntime:
                 "settlements_pending": len(self.controller.outbox), "models": sorted(self.service.cards),
                 "cold_starts_waiting": self.service.cold_starts_waiting}
 
+    def scheduled_models(self) -> list[str]:
+        """The models with a capacity queue (LoRA adapters share their base model's)."""
+        queues = {self.config.queue_model(cid) for cid, card in self.service.cards.items() if card.kind != "embeddings"}
+        return sorted(m for m in queues if self.scheduler.terms(m) is not None)
+
+    async def capacity_stats(self) -> list[CapacityStats]:
+        stats = await self.scheduler.stats(self.scheduled_models())
+        for s in stats:
+            self.metrics.model_capacity.labels(s.model).set(s.capacity)
+            self.metrics.model_in_flight.labels(s.model).set(s.in_flight)
+            self.metrics.model_waiting.labels(s.model).set(s.waiting)
+        return stats
+
+    async def full_stats(self) -> dict[str, Any]:
+        """`stats()` plus each scheduled model's capacity, in flight, waiting and top accounts by counter."""
+        out = self.stats()
+        out["scheduler"] = self.config.scheduler.mode.value
+        out["capacity_waiting_here"] = sum(self.scheduler.load.waiting.values())
+        out["overloaded_here"] = self.scheduler.load.overloaded
+        out["capacity"] = [{
+            "model": s.model, "capacity": s.capacity, "in_flight": s.in_flight, "waiting": s.waiting,
+            # Counters in policies.fairness units; weighted_tokens_per_weight is the same divided back.
+            "top_accounts": [{"account_id": a.account_id, "counter": a.counter,
+                              "weighted_tokens_per_weight": a.counter // WEIGHT_SCALE, "running": a.running,
+                              "waiting": a.waiting} for a in s.accounts[:TOP_ACCOUNTS]],
+        } for s in await self.capacity_stats()]
+        out["model_states"] = self.model_states()
+        out["recent"] = {"window_s": self.recent.window_ms // 1000, "models": self.recent.model_summary()}
+        out["store"] = await self.store_health()
+        return out
+
+    def model_states(self) -> list[dict[str, Any]]:
+        """Each model: warm (serves now), starting (cold, requests wait for it) or cold; its replicas if known."""
+        flags = self.warm_flags() if self.warm_flags is not None else {
+            cid: self.service.is_warm(card) for cid, card in self.service.cards.items()}
+        out = []
+        for cid, card in sorted(self.service.cards.items()):
+            warm = flags.get(cid, True)
+            state = "warm" if warm else "starting" if self.service.starting[cid] > 0 else "cold"
+            out.append({"model": cid, "kind": card.kind, "state": state,
+                        "replicas": self.replicas(cid) if self.replicas is not None else None,
+                        "queue_model": self.config.queue_model(cid)})
+        return out
+
+    async def store_health(self) -> dict[str, Any]:
+        """One store round trip: whether the store answers and how long it took."""
+        started = time.monotonic()
+        try:
+            await self.store.now_ms()
+        except StoreError as exc:
+            return {"ok": False, "error": str(exc), "kind": self.store_kind()}
+        return {"ok": True, "latency_ms": round((time.monotonic() - started) * 1000, 1), "kind": self.store_kind()}
+
+    def store_kind(self) -> str:
+        return "redis" if self.config.store.redis_url else "embedded"
+
+    async def account_loads(self) -> dict[str, list[dict[str, Any]]]:
+        """Per account, each scheduled model it is active on: counter, running, waiting and its share of the
+        model's running sequences (0..1)."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for s in await self.capacity_stats():
+            for a in s.accounts:
+                out.setdefault(a.account_id, []).append({
+                    "model": s.model, "counter": a.counter, "weighted_tokens_per_weight": a.counter // WEIGHT_SCALE,
+                    "running": a.running, "waiting": a.waiting,
+                    "share": round(a.running / s.in_flight, 4) if s.in_flight else 0})
+        return out
+
     async def close(self) -> None:
+        await self.scheduler.drain()
         await self.controller.drain()
         if self.alerts is not None:
             await self.alerts.close()
@@ -126,6 +231,7 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
         # snapshot taken when the app was built would soon be wrong.
         return warm() if warm else {cid: service.is_warm(card) for cid, card in service.cards.items()}
 
+    rt.warm_flags = warm_flags
     openai_router = build_openai_router(service, max_body, warm_flags)
     anthropic_router = build_anthropic_router(service, max_body)
     responses_router = build_responses_router(service, max_body)
@@ -135,7 +241,8 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
     # "/anthropic" too: AI-SDK clients (opencode) append "/messages" to the base URL they are given.
     for prefix in ("/anthropic/v1", "/anthropic", "/v1"):
         app.include_router(anthropic_router, prefix=prefix)
-    app.include_router(build_admin_router(rt.admin, rt.admin_token, max_body, rt.stats, service.start_model))
+    app.include_router(build_admin_router(rt.admin, rt.admin_token, max_body, rt.full_stats, service.start_model,
+                                       rt.account_loads))
 
     @app.api_route("/anthropic", methods=["GET", "HEAD"])
     @app.api_route("/anthropic/v1", methods=["GET", "HEAD"])
@@ -174,11 +281,44 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        try:
+            await rt.capacity_stats()
+        except StoreError as exc:
+            # The rest of the metrics still answer; the capacity gauges keep their last values.
+            log.warning("capacity stats unavailable for /metrics", extra={"error": str(exc)})
         return Response(rt.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v2/keys")
+    async def keys(request: Request) -> Response:
+        """The caller's account's keys with their limits (prefixes only, never a secret)."""
+        principal = await service.authenticate(request)
+        listed = await rt.store.list_keys(principal.account.id)
+        return JSONResponse({"data": [{**k.to_json(), "current": k.id == principal.key.id}
+                                      for k in listed if not k.revoked]})
+
+    @app.get("/v2/refusals")
+    async def refusals(request: Request) -> Response:
+        """The caller's account's refusals (429/403/503) seen by this gateway in the last minutes."""
+        principal = await service.authenticate(request)
+        return JSONResponse({"window_s": rt.recent.window_ms // 1000,
+                             "data": rt.recent.account_refusals(principal.account.id)})
 
     @app.get("/dashboard")
     async def dashboard() -> Response:
-        return HTMLResponse((STATIC / "dashboard.html").read_text())
+        return HTMLResponse((STATIC / "console.html").read_text())
+
+    @app.get("/favicon.ico")
+    async def favicon() -> Response:
+        return Response((STATIC / "favicon.ico").read_bytes(), media_type="image/x-icon",
+                        headers={"cache-control": "public, max-age=86400"})
+
+    @app.get("/static/{name}")
+    async def static_file(name: str) -> Response:
+        """The console's own files: a fixed list, so no path reaches outside the directory."""
+        media = STATIC_FILES.get(name)
+        if media is None:
+            raise ApiError(404, f"no static file '{name}'", "not_found")
+        return Response((STATIC / name).read_bytes(), media_type=media, headers={"cache-control": "no-cache"})
 
     def rejected(request: Request, exc: ApiError) -> Response:
         """Every error answer is counted by route and code and logged (never the body), so an
@@ -237,7 +377,7 @@ def _status_code_name(status: int) -> str:
 
 async def create_runtime(config: AppConfig, engines: Mapping[str, Engine], cards: Mapping[str, ModelCard], *,
                          clock: Clock = store_clock, admin_token: str | None = None,
-                         store: Store | None = None) -> GatewayRuntime:
+                         store: Store | None = None, replicas: Replicas | None = None) -> GatewayRuntime:
     data_dir = config.store.data_dir or default_data_dir()
     if store is None:
         store = await open_store(request_unit=config.admission.weight_policy.unit,
@@ -245,4 +385,4 @@ async def create_runtime(config: AppConfig, engines: Mapping[str, Engine], cards
                                  plans=config.plans.catalog())
     spool = data_dir / "settlements.pending"
     data_dir.mkdir(parents=True, exist_ok=True)
-    return GatewayRuntime(config, store, engines, cards, clock, admin_token, spool)
+    return GatewayRuntime(config, store, engines, cards, clock, admin_token, spool, replicas)

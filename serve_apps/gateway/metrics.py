@@ -42,6 +42,19 @@ class Metrics:
                                          ["model", "outcome"], buckets=COLD_START_BUCKETS, registry=r)
         self.cold_starts_waiting = Gauge("packserve_cold_starts_waiting",
                                          "Requests waiting for a model to start from zero replicas", registry=r)
+        # The capacity scheduler (SPEC §4): each model's sequences as the store sees them across all
+        # gateways (refreshed when /metrics is read), this gateway's waits and overload refusals.
+        self.model_capacity = Gauge("packserve_model_capacity", "Sequences the model runs at once (all replicas)",
+                                    ["model"], registry=r)
+        self.model_in_flight = Gauge("packserve_model_in_flight", "Requests dispatched on the model (all gateways)",
+                                     ["model"], registry=r)
+        self.model_waiting = Gauge("packserve_model_waiting", "Admitted requests waiting for the model's capacity "
+                                   "(all gateways)", ["model"], registry=r)
+        self.capacity_wait = Histogram("packserve_capacity_wait_seconds",
+                                       "Time admitted requests waited for a free sequence of their model",
+                                       ["model", "outcome"], buckets=LATENCY_BUCKETS, registry=r)
+        self.overloaded = Counter("packserve_overloaded", "Requests refused because their model stayed at "
+                                  "capacity past the wait bound", ["model"], registry=r)
         self.cold_redispatches = Counter("packserve_cold_redispatches",
                                          "Admitted requests that found their model at zero replicas, were "
                                          "released uncharged and waited for the cold start", ["model"], registry=r)

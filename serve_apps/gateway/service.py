@@ -1,13 +1,15 @@
 """The protocol-neutral core of every metered request.
 
-auth → model → admission (queueing) → dispatch → settlement, shared by the
-OpenAI and Anthropic routes, streaming or not, so there is exactly one
-settlement path for every kind of response (no "$0 for streams" bugs).
+auth → model → admission (queueing) → wait for model capacity → dispatch →
+settlement, shared by the OpenAI and Anthropic routes, streaming or not, so
+there is exactly one settlement path for every kind of response (no "$0 for
+streams" bugs).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -23,8 +25,10 @@ from cluster.controller import AdmissionController, AdmissionRefused, Progress, 
 from cluster.key_limits import check_key_access
 from cluster.quotas import quota_headers
 from cluster.refusals import key_cap_message
+from cluster.scheduler import CapacityAttempt, CapacityHold, Overloaded, Scheduler
 from cluster.store import NotFound, StoreError
 from policies.admission import Reason
+from policies.fairness import service_units
 from serve_apps.engines.types import (
     EmbeddingRequest,
     EmbeddingResult,
@@ -40,6 +44,7 @@ from serve_apps.engines.types import (
 )
 from serve_apps.gateway.errors import ApiError
 from serve_apps.gateway.metrics import Metrics
+from serve_apps.gateway.recent import RecentWindow
 from serve_apps.protocols.common import GenerationResult
 
 log = logging.getLogger("packserve.gateway")
@@ -48,6 +53,7 @@ T = TypeVar("T")
 DEFAULT_COLD_START_TIMEOUT_S = 600.0
 # After a cold-start timeout the replica keeps starting; this is when to come back.
 COLD_START_RETRY_AFTER_S = 30
+QUEUE_MS_HEADER = "x-packserve-queue-ms"
 
 
 @dataclass(frozen=True)
@@ -88,8 +94,11 @@ def presented_key(request: Request) -> str | None:
 class GatewayService:
     def __init__(self, controller: AdmissionController, accounts: Accounts, engines: Mapping[str, Engine],
                  cards: Mapping[str, ModelCard], metrics: Metrics,
-                 cold_start_timeout: Callable[[str], float] | None = None) -> None:
+                 cold_start_timeout: Callable[[str], float] | None = None,
+                 scheduler: Scheduler | None = None, recent: RecentWindow | None = None) -> None:
         self.controller = controller
+        self.recent = recent or RecentWindow(lambda: time.time_ns() // 1_000_000)
+        self.scheduler = scheduler
         self.accounts = accounts
         self.engines = dict(engines)
         self.cards = dict(cards)
@@ -97,6 +106,8 @@ class GatewayService:
         self.unit = controller.policy.unit
         self.cold_start_timeout = cold_start_timeout or (lambda _model: DEFAULT_COLD_START_TIMEOUT_S)
         self.cold_starts_waiting = 0
+        # Requests waiting for each model's cold start: a cold model with waiters is starting.
+        self.starting: collections.Counter[str] = collections.Counter()
         self._closers: set[asyncio.Task[None]] = set()
 
     # -- steps ----------------------------------------------------------------
@@ -149,10 +160,12 @@ class GatewayService:
         timeout_s = self.cold_start_timeout(card.id)
         started = time.monotonic()
         self.cold_starts_waiting += 1
+        self.starting[card.id] += 1
         try:
             ready = await _unless_disconnected(request, ensure(card.id, timeout_s))
         finally:
             self.cold_starts_waiting -= 1
+            self.starting[card.id] -= 1
         waited_s = time.monotonic() - started
         outcome = "client_closed" if ready is None else "ready" if ready else "timeout"
         self.metrics.cold_start_wait.labels(card.id, outcome).observe(waited_s)
@@ -168,6 +181,7 @@ class GatewayService:
         """Wait out a cold start, then reserve a slot, waiting in the account's queue; give up if the client leaves."""
         denied = check_key_access(principal.key, card.id, time.time_ns() // 1_000_000)
         if denied is not None:
+            self.recent.refused(principal.account.id, principal.key.id, card.id, denied.code, denied.status)
             raise ApiError(denied.status, denied.message, denied.code, "model" if denied.code == "model_not_allowed"
                            else None)
         await self.wait_ready(request, card)
@@ -194,6 +208,7 @@ class GatewayService:
             if refused.retry_after_s is not None:
                 headers["retry-after"] = str(refused.retry_after_s)
             status = 403 if refused.reason is Reason.ACCOUNT_SUSPENDED else 429
+            self.recent.refused(principal.account.id, principal.key.id, card.id, refused.reason.value, status)
             message = str(refused)
             if refused.reason in (Reason.KEY_REQUEST_CAP_REACHED, Reason.KEY_WEEKLY_CAP_REACHED):
                 message = key_cap_message(refused.reason, principal.key, refused.snapshot,
@@ -210,7 +225,79 @@ class GatewayService:
         return ticket
 
     def headers(self, ticket: Ticket) -> dict[str, str]:
-        return quota_headers(ticket.snapshot, self.unit)
+        headers = quota_headers(ticket.snapshot, self.unit)
+        headers[QUEUE_MS_HEADER] = str(int(ticket.capacity_wait_s * 1000))
+        return headers
+
+    async def wait_for_capacity(self, request: Request, ticket: Ticket, card: ModelCard, protocol: str) -> None:
+        """Wait for a free sequence of the model (SPEC §4); past the bound, refuse as overloaded, uncharged.
+
+        The slot lease is renewed meanwhile. A refusal or a client that hangs up
+        settles the ticket as unserved: its request-bar charge comes back and its
+        slot is freed. Sets `ticket.capacity` (released when the response settles).
+        """
+        if self.scheduler is None:
+            return
+        model = card.base_model or card.id  # a LoRA adapter runs on its base model's sequences
+        attempt = self.scheduler.attempt(ticket.account, model)
+        if attempt is None:
+            return
+        started = time.monotonic()
+        try:
+            # The common case, a free sequence, is this one store step.
+            hold = await attempt.try_now()
+            if hold is None:
+                hold = await self._wait_queued(request, ticket, attempt, model)
+        except Overloaded as exc:
+            waited_s = time.monotonic() - started
+            self._unserved(ticket, "overloaded")
+            self.metrics.capacity_wait.labels(model, "overloaded").observe(waited_s)
+            self.metrics.overloaded.labels(model).inc()
+            self.recent.refused(ticket.account.id, ticket.key_id, card.id, "overloaded",
+                                529 if protocol == "anthropic" else 503)
+            log.info("refused as overloaded", extra={"model": model, "account": ticket.account.id,
+                                                     "waited_ms": int(waited_s * 1000)})
+            headers = {**quota_headers(ticket.snapshot, self.unit), "retry-after": str(exc.retry_after_s),
+                       QUEUE_MS_HEADER: str(int(waited_s * 1000))}
+            # Anthropic's overload status is 529 (its SDK retries it); OpenAI's is 503 with Retry-After.
+            raise ApiError(529 if protocol == "anthropic" else 503,
+                           f"The model '{card.id}' is at capacity and no sequence freed up within "
+                           f"{self.scheduler.timeout_s:g} s; this request was not charged. Retry after "
+                           f"{exc.retry_after_s} s.", "overloaded", headers=headers) from None
+        except StoreError as exc:
+            self._unserved(ticket, "error")  # never dispatched: refunded like a failure before the first token
+            log.error("store unavailable while waiting for capacity", extra={"error": str(exc)})
+            raise ApiError(503, "the quota store is unavailable, retry shortly", "store_unavailable",
+                           headers={"retry-after": "5"}) from None
+        ticket.capacity = hold
+        ticket.capacity_wait_s = hold.waited_s
+        self.metrics.capacity_wait.labels(model, "dispatched").observe(hold.waited_s)
+        self.recent.waited(model, int(hold.waited_s * 1000))
+
+    async def _wait_queued(self, request: Request, ticket: Ticket, attempt: CapacityAttempt,
+                           model: str) -> CapacityHold:
+        """The queued case: wait, renewing the slot lease, unless the client hangs up first."""
+        assert self.scheduler is not None
+        waiting = asyncio.ensure_future(attempt.wait())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            async with self.controller.renewing(ticket):
+                done, _ = await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if waiting in done:
+            return waiting.result()
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Overloaded, StoreError):
+            # Dispatched in the same instant the client left: give the sequence straight back.
+            self.scheduler.release(await waiting, 0)
+        self._unserved(ticket, "client_closed")
+        self.metrics.capacity_wait.labels(model, "client_closed").observe(attempt.waited_s())
+        raise ApiError(499, "client closed the request while it waited for the model", "client_closed")
+
+    def _unserved(self, ticket: Ticket, status: str) -> None:
+        self.controller.settle(ticket, prompt_tokens=0, cached_tokens=0, completion_tokens=0, status=status,
+                               first_token=False, ttft_ms=None)
 
     async def dispatch(self, request: Request, principal: Principal, card: ModelCard, gen: GenerationRequest,
                        protocol: str) -> Dispatched:
@@ -224,6 +311,7 @@ class GatewayService:
         """
         for attempt in range(2):
             ticket = await self.admit(request, principal, card)
+            await self.wait_for_capacity(request, ticket, card, protocol)
             chunks = self.metered(ticket, gen, protocol)
             try:
                 first: GenerationChunk | None = await chunks.__anext__()
@@ -275,8 +363,12 @@ class GatewayService:
             # What to charge if this process dies mid-stream (checkpointed at the start and each renewal).
             return Progress(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, first_token, ttft_ms)
 
+        def service() -> int:
+            # Grows the account's virtual token counter while it streams (SPEC §4).
+            return service_units(usage.prompt_tokens, usage.completion_tokens)
+
         try:
-            async with self.controller.renewing(ticket, progress):
+            async with self.controller.renewing(ticket, progress), self._holding(ticket, service):
                 async for chunk in agen:
                     if chunk.usage is not None:
                         usage = chunk.usage
@@ -284,6 +376,7 @@ class GatewayService:
                         first_token = True
                         ttft_ms = int((time.monotonic() - started) * 1000)
                         self.metrics.ttft.labels(request.model).observe(ttft_ms / 1000)
+                        self.recent.first_token(request.model, ttft_ms)
                     yield chunk
             status = "ok"
         except EngineError:
@@ -292,6 +385,8 @@ class GatewayService:
         finally:
             if status != "ok":
                 self._spawn(_abort(engine, agen, request.request_id))
+            if self.scheduler is not None:
+                self.scheduler.release(ticket.capacity, service())
             self.controller.settle(ticket, prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens,
                                    completion_tokens=usage.completion_tokens, status=status,
                                    first_token=first_token, ttft_ms=ttft_ms)
@@ -301,7 +396,12 @@ class GatewayService:
                 "model": request.model, "status": status, "prompt_tokens": usage.prompt_tokens,
                 "cached_tokens": usage.cached_tokens, "completion_tokens": usage.completion_tokens,
                 "ttft_ms": ttft_ms, "duration_ms": int((time.monotonic() - started) * 1000),
-                "queued_ms": int(ticket.queued_s * 1000)})
+                "queued_ms": int(ticket.queued_s * 1000), "capacity_wait_ms": int(ticket.capacity_wait_s * 1000)})
+
+    def _holding(self, ticket: Ticket, service: Callable[[], int]) -> contextlib.AbstractAsyncContextManager[None]:
+        if self.scheduler is None:
+            return contextlib.nullcontext()
+        return self.scheduler.holding(ticket.capacity, service)
 
     @staticmethod
     async def collect_from(dispatched: Dispatched) -> GenerationResult:

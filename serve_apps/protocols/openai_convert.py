@@ -127,6 +127,8 @@ def _sampling(
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        min_tokens=req.min_tokens or 0,
+        ignore_eos=bool(req.ignore_eos),
     )
 
 

@@ -172,6 +172,8 @@ class _SamplingFields(_Request):
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0, le=2)
+    min_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

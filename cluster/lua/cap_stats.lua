@@ -1,0 +1,28 @@
+-- cap_stats.lua: one model's load, for /metrics and /admin/v1/stats.
+--
+-- Units: times in ms, counters in counter units, integers only.
+-- KEYS[1..8] and ARGV[1..5]: see capacity.lua (expired leases are dropped and
+-- the freed sequences dispatched first, as every capacity script does).
+-- Returns {capacity, in flight, waiting, account, counter, running, waiting, ...}
+-- with one (account, counter, running, waiting) group per active account.
+
+local a = cap_args()
+expire(a.now)
+fill(a)
+local running, waiting = {}, {}
+for _, entry in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local account = redis.call('HGET', KEYS[2], entry) or ''
+  running[account] = (running[account] or 0) + 1
+end
+for _, entry in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+  local account = redis.call('HGET', KEYS[2], entry) or ''
+  waiting[account] = (waiting[account] or 0) + 1
+end
+local out = {fmt(a.capacity), fmt(redis.call('ZCARD', KEYS[1])), fmt(redis.call('ZCARD', KEYS[3]))}
+for _, account in ipairs(redis.call('HKEYS', KEYS[5])) do
+  out[#out + 1] = account
+  out[#out + 1] = fmt(counter_of(account))
+  out[#out + 1] = fmt(running[account] or 0)
+  out[#out + 1] = fmt(waiting[account] or 0)
+end
+return out

@@ -1,0 +1,34 @@
+-- fairness.lua: the VTC ordering rules of policies/fairness.py, in Lua.
+--
+-- Prepended (after bars.lua, for fmt) to the capacity scripts. Units:
+-- counters in counter units (weighted tokens x WEIGHT_SCALE / weight, exact
+-- integers below 2^53), arrival sequences are integers. Each function mirrors
+-- its Python namesake; tests/test_fairness.py runs one table against both.
+
+-- policies.fairness.lift: `active` is a list of counters, `last` a counter or nil.
+local function lift(counter, active, last)
+  if #active > 0 then
+    local low = active[1]
+    for i = 2, #active do
+      if active[i] < low then low = active[i] end
+    end
+    if low > counter then return low end
+    return counter
+  end
+  if last ~= nil and last > counter then return last end
+  return counter
+end
+
+-- policies.fairness.pick: `waiting` is a list of {seq=, account=, ...};
+-- `counters` maps account -> counter (absent = 0); mode 'fair' or 'fifo'.
+-- Returns the chosen element or nil.
+local function pick(waiting, counters, mode)
+  local best, bc, bs, ba = nil, nil, nil, nil
+  for _, w in ipairs(waiting) do
+    local c = 0
+    if mode == 'fair' then c = counters[w.account] or 0 end
+    local better = best == nil or c < bc or (c == bc and (w.seq < bs or (w.seq == bs and w.account < ba)))
+    if better then best, bc, bs, ba = w, c, w.seq, w.account end
+  end
+  return best
+end

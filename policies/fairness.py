@@ -1,0 +1,124 @@
+"""Fair dispatch of one saturated model across accounts: virtual token counters (SPEC §4), pure.
+
+VTC (Sheng et al., "Fairness in Serving Large Language Models", OSDI 2024,
+arXiv 2401.00588): each account has, per model, a counter of the service it
+received divided by its weight. When the model has a free sequence, the next
+request dispatched is the oldest waiting request of the waiting account with
+the lowest counter. Contract and invariants:
+
+- Service is counted in tokens the engine processed, weighted as the paper
+  weights them: INPUT_WEIGHT per prompt token, OUTPUT_WEIGHT per output token
+  (w_p = 1, w_q = 2). Not the bar's prices: the scheduler shares the engine's
+  time, and the same tokens cost the engine the same whoever sends them, while
+  prices differ by plan (payg pays list price, subscriptions get a cache
+  discount) and would make two accounts' equal use count differently.
+- An account's weight is its number of packs (1 to 5); payg accounts get an
+  operator-set weight (1 to MAX_WEIGHT, default 1).
+- Counters are exact integers: a counter holds service × WEIGHT_SCALE / weight,
+  and WEIGHT_SCALE is lcm(1..MAX_WEIGHT), so the division is exact for every
+  allowed weight. With WEIGHT_SCALE = 2520 a counter stays below 2^53 (exact in
+  Redis Lua's doubles) for 1.7e12 weighted tokens of one weight-1 account on
+  one model.
+- Lift on return: an account that becomes active (it had nothing waiting or
+  running on the model) has its counter raised to the lowest counter among the
+  accounts that are active, or, when none is, to the counter of the account
+  that left last; idle time is never banked. A counter never goes down.
+- Ties: the lower arrival sequence wins (the older request), then the account
+  id, so the order is total and the same in every store.
+- `fifo` (for comparison) dispatches in arrival order only; counters still grow.
+- Work-conserving: a request is held back only while the model runs
+  `capacity` sequences (see `dispatch_allows`).
+
+cluster/lua/fairness.lua implements `lift` and `pick`; tests/test_fairness.py
+runs one table against both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from math import lcm
+
+INPUT_WEIGHT = 1
+OUTPUT_WEIGHT = 2
+MAX_WEIGHT = 10
+WEIGHT_SCALE = lcm(*range(1, MAX_WEIGHT + 1))  # 2520
+MAX_PACK_WEIGHT = 5
+
+
+class SchedulerMode(StrEnum):
+    FAIR = "fair"
+    FIFO = "fifo"
+
+
+def service_units(prompt_tokens: int, completion_tokens: int) -> int:
+    """The service a response received so far, in weighted tokens."""
+    if prompt_tokens < 0 or completion_tokens < 0:
+        raise ValueError("token counts cannot be negative")
+    return prompt_tokens * INPUT_WEIGHT + completion_tokens * OUTPUT_WEIGHT
+
+
+def check_weight(weight: int) -> int:
+    if not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT:
+        raise ValueError(f"a fairness weight must be an integer from 1 to {MAX_WEIGHT}, not {weight!r}")
+    return weight
+
+
+def counter_units(service: int, weight: int) -> int:
+    """What `service` weighted tokens add to the counter of an account of `weight`: exact."""
+    if service < 0:
+        raise ValueError("service cannot be negative")
+    return service * (WEIGHT_SCALE // check_weight(weight))
+
+
+def account_weight(packs: int | None, payg_weight: int) -> int:
+    """Packs for a subscription (1 to 5), the operator's payg weight for payg (`packs=None`)."""
+    if packs is None:
+        return check_weight(payg_weight)
+    if not 1 <= packs <= MAX_PACK_WEIGHT:
+        raise ValueError(f"a subscription has 1 to {MAX_PACK_WEIGHT} packs, not {packs}")
+    return packs
+
+
+def lift(counter: int, active_counters: Iterable[int], last_departed: int | None) -> int:
+    """The counter of an account that becomes active: never below the active accounts' lowest.
+
+    With nobody active, the floor is the counter of the account that left
+    last (None: nobody yet, no floor).
+    """
+    active = list(active_counters)
+    if active:
+        return max(counter, min(active))
+    if last_departed is not None:
+        return max(counter, last_departed)
+    return counter
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A waiting request: its arrival sequence on the model and its account."""
+
+    seq: int
+    account_id: str
+
+
+def pick(waiting: Iterable[Waiting], counters: Mapping[str, int], mode: SchedulerMode) -> Waiting | None:
+    """The request to dispatch next, or None when nothing waits.
+
+    fair: the oldest request of the account with the lowest counter (an
+    account with no counter yet counts 0); fifo: the oldest request.
+    """
+    best: Waiting | None = None
+    best_key: tuple[int, int, str] | None = None
+    for w in waiting:
+        counter = counters.get(w.account_id, 0) if mode is SchedulerMode.FAIR else 0
+        key = (counter, w.seq, w.account_id)
+        if best_key is None or key < best_key:
+            best, best_key = w, key
+    return best
+
+
+def dispatch_allows(in_flight: int, capacity: int) -> bool:
+    """A free sequence on the model."""
+    return in_flight < capacity
