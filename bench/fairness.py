@@ -402,7 +402,10 @@ def vllm_stack(data_dir: Path, redis_url: str, mode: str) -> Any:
     port = free_port()
     admin_token = secrets.token_urlsafe(16)
     config = packserve_config(data_dir, redis_url, port)
-    config = config.model_copy(update={"scheduler": config.scheduler.model_copy(update={"mode": mode})})
+    from policies.fairness import SchedulerMode
+
+    config = config.model_copy(
+        update={"scheduler": config.scheduler.model_copy(update={"mode": SchedulerMode(mode)})})
     log(f"vllm ({mode}): starting Ray and Serve on port {port}")
     node = ray_env.init_local(ray_env.engine_cpu_split(), include_dashboard=False, log_to_driver=False)
     try:
