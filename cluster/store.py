@@ -18,6 +18,7 @@ import msgpack
 
 from cluster.records import Account, ApiKey, UsageEvent
 from policies.admission import Reason
+from policies.auth_failures import AuthVerdict
 from policies.bars import BarSpec, BarState
 from policies.plans import PackKind, PlanKind, SizeClass
 
@@ -159,6 +160,10 @@ class Store(Protocol):
     async def drop_checkpoint(self, lease_id: str) -> None: ...
     async def active_leases(self, account_id: str, model: str, now_ms: int | None = None) -> int: ...
     def slot_waiter(self, account_id: str, model: str) -> SlotWaiter: ...
+
+    # abuse: one failed authentication from `source` (an address), counted across gateways
+    async def record_auth_failure(self, source: str, limit: int, window_ms: int,
+                                  now_ms: int | None = None) -> AuthVerdict: ...
 
     # usage
     async def usage(self, account_id: str, since_ms: int = 0, until_ms: int | None = None) -> list[UsageEvent]: ...

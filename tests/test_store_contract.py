@@ -538,3 +538,18 @@ async def test_a_failing_checkpoint_does_not_stop_the_renewals(tmp_path: object)
                      ttft_ms=1)
     await ctl.drain()
     await store.close()
+
+
+async def test_auth_failures_are_counted_per_source_and_refused_past_the_limit(h: Harness) -> None:
+    now = h.clock.now
+    window_end = (now // MINUTE_MS + 1) * MINUTE_MS
+    verdicts = [await h.store.record_auth_failure("198.51.100.1", 3, MINUTE_MS, now) for _ in range(5)]
+    assert [(v.failures, v.refused) for v in verdicts] == [(1, False), (2, False), (3, False), (4, True), (5, True)]
+    assert all(v.retry_after_ms == window_end - now for v in verdicts)
+    # Another address is not affected.
+    other = await h.store.record_auth_failure("198.51.100.2", 3, MINUTE_MS, now)
+    assert (other.failures, other.refused) == (1, False)
+    # The next window starts from zero.
+    later = await h.store.record_auth_failure("198.51.100.1", 3, MINUTE_MS, window_end)
+    assert (later.failures, later.refused, later.retry_after_ms) == (1, False, MINUTE_MS)
+

@@ -30,11 +30,13 @@ from policies.plans import SizeClass
 from policies.pricing import ModelPrice
 from serve_apps.config import AppConfig
 from serve_apps.engines.types import Engine, ModelCard
-from serve_apps.gateway.admin_routes import build_admin_router
+from serve_apps.gateway.admin_routes import build_admin_router, check_admin_token
 from serve_apps.gateway.anthropic_routes import build_anthropic_router
+from serve_apps.gateway.auth_guard import AuthFailureGuard
 from serve_apps.gateway.errors import ApiError, error_response
 from serve_apps.gateway.metrics import Metrics
 from serve_apps.gateway.openai_routes import build_openai_router
+from serve_apps.gateway.page_headers import page_headers
 from serve_apps.gateway.service import GatewayService
 
 log = logging.getLogger("packserve.gateway")
@@ -60,6 +62,7 @@ class GatewayRuntime:
         self.metrics.bind(lambda: self.controller.queue.depth, lambda: self.controller.active,
                           lambda: len(self.controller.outbox), lambda: self.service.cold_starts_waiting)
         self.admin = AdminOps(store, self.accounts, self.controller.policy.unit)
+        self.service.auth_guard = AuthFailureGuard(store, config.gateway.auth_failures_per_minute)
 
     def stats(self) -> dict[str, Any]:
         return {"in_flight": self.controller.active, "queue_depth": self.controller.queue.depth,
@@ -137,7 +140,8 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
 
     @app.get("/dashboard")
     async def dashboard() -> Response:
-        return HTMLResponse((STATIC / "dashboard.html").read_text())
+        html = (STATIC / "dashboard.html").read_text()
+        return HTMLResponse(html, headers=page_headers(html))
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:
@@ -153,6 +157,12 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if request.url.path == "/admin" or request.url.path.startswith("/admin/"):
+            # Any admin path (unknown, wrong method) without the token is 401: probing learns nothing.
+            try:
+                check_admin_token(request, rt.admin_token)
+            except ApiError as refused:
+                return error_response(request, refused)
         message = "Not found: see GET /v1/models, POST /v1/chat/completions, POST /v1/messages." \
             if exc.status_code == 404 else str(exc.detail)
         return error_response(request, ApiError(exc.status_code, message, "not_found"
