@@ -86,13 +86,22 @@ class InProcessGateway:
         return account_id, str(k.json()["key"])
 
     def charges(self, account_id: str) -> tuple[int | None, int | None, int]:
-        """(request bar level, weekly bar level, usage events): what a refused request must not move."""
-        async def go() -> tuple[int | None, int | None, int]:
-            snap: Snapshot = await self.runtime.store.snapshot(account_id, self.runtime.controller._now_ms())
-            events = await self.runtime.store.usage(account_id)
-            return (None if snap.request is None else snap.request.level,
-                    None if snap.weekly is None else snap.weekly.level, len(events))
-        return self.run(go())
+        """(request bar level, weekly bar level, charged usage events): what a refused request must not move.
+
+        A request refused after admission (a prompt too long for the model) leaves a usage event
+        with status "refunded", weight 0 and cost 0: a record, not a charge.
+        """
+        return self.run(self._charges(account_id))
+
+    def usage_events(self, account_id: str) -> int:
+        return len(self.run(self.runtime.store.usage(account_id)))
+
+    async def _charges(self, account_id: str) -> tuple[int | None, int | None, int]:
+        snap: Snapshot = await self.runtime.store.snapshot(account_id, self.runtime.controller._now_ms())
+        events = await self.runtime.store.usage(account_id)
+        charged = sum(1 for e in events if e.weight_units or e.cost_pico)
+        return (None if snap.request is None else snap.request.level,
+                None if snap.weekly is None else snap.weekly.level, charged)
 
     def close(self) -> None:
         async def go() -> None:

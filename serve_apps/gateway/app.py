@@ -62,7 +62,7 @@ class GatewayRuntime:
         self.metrics.bind(lambda: self.controller.queue.depth, lambda: self.controller.active,
                           lambda: len(self.controller.outbox), lambda: self.service.cold_starts_waiting)
         self.admin = AdminOps(store, self.accounts, self.controller.policy.unit)
-        self.service.auth_guard = AuthFailureGuard(store, config.gateway.auth_failures_per_minute)
+        self.service.auth_guard = AuthFailureGuard(store, config.gateway.auth_failures_per_minute, clock=clock)
 
     def stats(self) -> dict[str, Any]:
         return {"in_flight": self.controller.active, "queue_depth": self.controller.queue.depth,

@@ -13,6 +13,7 @@ log noise a key-guessing or misconfigured client causes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from starlette.requests import Request
 
@@ -30,8 +31,10 @@ def source_address(request: Request) -> str:
 
 
 class AuthFailureGuard:
-    def __init__(self, store: Store, per_minute: int, window_ms: int = DEFAULT_WINDOW_MS) -> None:
+    def __init__(self, store: Store, per_minute: int, window_ms: int = DEFAULT_WINDOW_MS,
+                 clock: Callable[[], int | None] = lambda: None) -> None:
         self.store = store
+        self.clock = clock  # None: the store's own clock (Redis TIME), so gateways agree on the window
         self.limit = per_minute
         self.window_ms = window_ms
 
@@ -39,7 +42,7 @@ class AuthFailureGuard:
         """Count one failure from the request's source; the error to answer with (401, or 429 past the limit)."""
         source = source_address(request)
         try:
-            verdict = await self.store.record_auth_failure(source, self.limit, self.window_ms)
+            verdict = await self.store.record_auth_failure(source, self.limit, self.window_ms, self.clock())
         except StoreError as exc:
             # The count is protection, not a gate: without the store the request is still a plain 401.
             log.warning("auth failure not counted: store unavailable", extra={"error": str(exc)})
