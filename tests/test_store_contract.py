@@ -17,6 +17,7 @@ from cluster.accounts import Accounts
 from cluster.controller import CHECKPOINT_GRACE_MS, AdmissionController, AdmissionRefused, Progress, Ticket
 from cluster.embedded_store import EmbeddedStore
 from cluster.records import Account
+from cluster.retention import purge_once
 from cluster.settings import AdmissionSettings
 from cluster.store import NotFound, Store, StoreError
 from policies.admission import Reason
@@ -553,3 +554,19 @@ async def test_auth_failures_are_counted_per_source_and_refused_past_the_limit(h
     later = await h.store.record_auth_failure("198.51.100.1", 3, MINUTE_MS, window_end)
     assert (later.failures, later.refused, later.retry_after_ms) == (1, False, MINUTE_MS)
 
+
+
+async def test_usage_past_retention_is_purged_for_accounts_that_went_quiet(h: Harness) -> None:
+    """Settling trims only the settling account; the periodic purge (every gateway runs it) trims all."""
+    quiet = await h.account(["standard"])
+    active = await h.account(["standard"])
+    await h.one(quiet, LARGE)
+    await h.one(active, LARGE)
+    h.clock.advance(14 * 24 * HOUR_MS - 1)
+    assert await purge_once(h.store, h.ctl.settings.retention_ms, h.clock.now) == 0
+    h.clock.advance(2)
+    await h.one(active, LARGE)
+    assert len(await h.store.usage(quiet.id)) == 1  # nobody settled for it: still there
+    assert await purge_once(h.store, h.ctl.settings.retention_ms, h.clock.now) == 1
+    assert await h.store.usage(quiet.id) == []
+    assert [e.ts_ms for e in await h.store.usage(active.id)] == [h.clock.now]

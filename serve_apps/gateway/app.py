@@ -7,6 +7,7 @@ controller, engines), so the same code runs under plain uvicorn
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -24,6 +25,7 @@ from cluster.controller import AdmissionController, Clock, store_clock
 from cluster.open_store import open_store
 from cluster.outbox import SettleOutbox
 from cluster.quotas import quotas_body
+from cluster.retention import purge_forever
 from cluster.settings import default_data_dir
 from cluster.store import NotFound, Store, StoreError
 from policies.plans import SizeClass
@@ -52,6 +54,7 @@ class GatewayRuntime:
         self.config = config
         self.store = store
         self.admin_token = admin_token
+        self.clock = clock
         prices = {cid: _price_of(config, card) for cid, card in cards.items()}
         self.controller = AdmissionController(store, config.admission, prices, clock=clock,
                                               outbox=SettleOutbox(store, outbox_spool))
@@ -89,9 +92,12 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         rt.controller.start()
+        retention = asyncio.get_running_loop().create_task(
+            purge_forever(rt.store, rt.config.admission.retention_ms, rt.clock))
         if rt.admin_token is None:
             log.warning("admin API disabled: PACKSERVE_ADMIN_TOKEN is not set")
         yield
+        retention.cancel()
         await rt.close()
 
     app = FastAPI(title="packserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
