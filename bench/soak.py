@@ -1,11 +1,14 @@
 """Soak and connection abuse against one `packserve gateway --engine sim` process (Redis store).
 
-Phases, with /health timed once a second throughout and the gateway's RSS and
-CPU sampled from /proc:
+Phases, with /health timed once a second throughout (from a process of its
+own) and the gateway's RSS and CPU sampled from /proc:
 
 1. `--streams` (1,000) concurrent chat streams for `--minutes` (10): each
    client streams, reads to the end, and starts again, until time is up;
-   TTFT per stream, requests completed, errors by kind.
+   TTFT per stream, requests completed, errors by kind. The streams come
+   from `--clients` processes (one Python process cannot read 1,000 streams
+   without its own event loop falling behind, which would show as the
+   server's latency).
 2. `--idle` (1,000) keep-alive connections that sent one request and then sit
    idle for `--abuse-s` seconds.
 3. `--slow` (200) slow-header clients that trickle a request's headers one
@@ -26,12 +29,14 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -55,14 +60,6 @@ MODEL = "hf:packserve/sim-small"
 SLOTS_PER_ACCOUNT = 10  # 5 founder packs: 2 sim-small streams each
 
 
-@dataclass
-class Samples:
-    rss_mb: list[tuple[float, float]] = field(default_factory=list)  # (t, MiB)
-    health_ms: dict[str, list[float]] = field(default_factory=dict)  # per phase
-    health_failures: int = 0
-    phase: str = "start"
-
-
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -71,23 +68,21 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def sampler(pid: int, base: str, samples: Samples, stop: asyncio.Event) -> None:
-    """Once a second: the gateway's RSS, and how long /health takes on a fresh connection."""
-    start = time.monotonic()
-    while not stop.is_set():
-        samples.rss_mb.append((time.monotonic() - start, rss_mb(pid)))
-        t0 = time.perf_counter()
-        try:
-            async with httpx.AsyncClient(timeout=10) as c:
-                ok = (await c.get(f"{base}/health")).status_code == 200
-        except httpx.HTTPError:
-            ok = False
-        if ok:
-            samples.health_ms.setdefault(samples.phase, []).append((time.perf_counter() - t0) * 1000)
-        else:
-            samples.health_failures += 1
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 1.0)
+def sampler(pid: int, base: str, out_path: str, stop: Any) -> None:
+    """In its own process (so the load generators' busy loops never delay it): once a second, the
+    gateway's RSS and how long /health takes on a fresh connection, as JSON lines."""
+    with open(out_path, "w") as out, httpx.Client(timeout=10) as client:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                ok = client.get(f"{base}/health", headers={"connection": "close"}).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            latency = (time.perf_counter() - t0) * 1000
+            out.write(json.dumps({"t": time.time(), "rss_mb": rss_mb(pid), "health_ms": latency if ok else None})
+                      + "\n")
+            out.flush()
+            stop.wait(max(0.0, 1.0 - latency / 1000))
 
 
 async def stream_loop(client: httpx.AsyncClient, key: str, deadline: float, max_tokens: int,
@@ -116,6 +111,27 @@ async def stream_loop(client: httpx.AsyncClient, key: str, deadline: float, max_
         except httpx.HTTPError as exc:
             outcomes[type(exc).__name__] += 1
             await asyncio.sleep(1)
+
+
+def read_samples(path: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.unlink()
+    return rows
+
+
+def stream_worker(base: str, keys: list[str], streams: int, deadline_wall: float,
+                  max_tokens: int) -> tuple[list[float], dict[str, int]]:
+    """One load-generating process: `streams` concurrent stream loops over `keys`' slots."""
+    async def go() -> tuple[list[float], dict[str, int]]:
+        ttfts: list[float] = []
+        outcomes: Counter[str] = Counter()
+        deadline = time.monotonic() + (deadline_wall - time.time())
+        limits = httpx.Limits(max_connections=streams + 10, max_keepalive_connections=streams + 10)
+        async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
+            await asyncio.gather(*(stream_loop(client, keys[i // SLOTS_PER_ACCOUNT], deadline, max_tokens, ttfts,
+                                               outcomes) for i in range(streams)))
+        return ttfts, dict(outcomes)
+    return asyncio.run(go())
 
 
 async def idle_connections(host: str, port: int, n: int, hold_s: float) -> int:
@@ -209,43 +225,62 @@ async def run(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
         for _ in range(-(-args.streams // SLOTS_PER_ACCOUNT)):
             acct = (await admin.post("/admin/v1/accounts", json={"name": "soak", "packs": ["founder"] * 5})).json()
             keys.append((await admin.post(f"/admin/v1/accounts/{acct['id']}/keys")).json()["key"])
-        samples = Samples()
-        stop = asyncio.Event()
-        sampling = asyncio.create_task(sampler(gw.pid, base, samples, stop))
+        ctx = multiprocessing.get_context("spawn")
+        stop = ctx.Event()
+        samples_path = os.path.join(tempfile.gettempdir(), f"soak-samples-{port}.jsonl")
+        prober = ctx.Process(target=sampler, args=(gw.pid, base, samples_path, stop), daemon=True)
+        prober.start()
+        phases: list[tuple[str, float]] = []
 
-        samples.phase = "streams"
-        log(f"phase 1: {args.streams} streams for {args.minutes} min")
-        ttfts: list[float] = []
-        outcomes: Counter[str] = Counter()
+        log(f"phase 1: {args.streams} streams for {args.minutes} min, from {args.clients} client processes")
+        phases.append(("streams", time.time()))
         cpu0 = cpu_seconds([gw.pid])
         t0 = time.monotonic()
-        deadline = t0 + args.minutes * 60
-        limits = httpx.Limits(max_connections=args.streams + 10, max_keepalive_connections=args.streams + 10)
-        async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
-            await asyncio.gather(*(stream_loop(client, keys[i // SLOTS_PER_ACCOUNT], deadline, args.max_tokens,
-                                               ttfts, outcomes) for i in range(args.streams)))
+        deadline_wall = time.time() + args.minutes * 60
+        per_client = -(-args.streams // args.clients)
+        jobs = []
+        for c in range(args.clients):
+            n = min(per_client, args.streams - c * per_client)
+            first_key = c * per_client // SLOTS_PER_ACCOUNT
+            jobs.append((base, keys[first_key:first_key + -(-n // SLOTS_PER_ACCOUNT)], n, deadline_wall,
+                         args.max_tokens))
+        with ctx.Pool(args.clients) as pool:
+            results = await asyncio.to_thread(pool.starmap, stream_worker, jobs)
+        ttfts = [t for r in results for t in r[0]]
+        outcomes: Counter[str] = Counter()
+        for r in results:
+            outcomes.update(r[1])
         stream_s = time.monotonic() - t0
         stream_cpu = cpu_seconds([gw.pid]) - cpu0
-        plateau_samples = [mb for t, mb in samples.rss_mb if t >= stream_s / 2 and t <= stream_s]
-        plateau = statistics.median(plateau_samples) if plateau_samples else float("nan")
 
-        samples.phase = "idle"
+        phases.append(("idle", time.time()))
         log(f"phase 2: {args.idle} idle keep-alive connections for {args.abuse_s} s")
         idle_held = await idle_connections("127.0.0.1", port, args.idle, args.abuse_s)
-        samples.phase = "slow"
+        phases.append(("slow", time.time()))
         log(f"phase 3: {args.slow} slow-header clients for {args.abuse_s} s")
         slow_held = await slow_headers("127.0.0.1", port, args.slow, args.abuse_s)
-        samples.phase = "after"
+        phases.append(("after", time.time()))
         await asyncio.sleep(5)
         stop.set()
-        await sampling
+        prober.join(timeout=15)
         end_rss = rss_mb(gw.pid)
         left = await leftovers(redis_url)
         await admin.aclose()
 
+    rows = await asyncio.to_thread(read_samples, Path(samples_path))
+
+    def phase_of(t: float) -> str:
+        return [name for name, start in phases if start <= t][-1] if t >= phases[0][1] else "setup"
+
+    health_ms: dict[str, list[float]] = {}
+    for row in rows:
+        if row["health_ms"] is not None:
+            health_ms.setdefault(phase_of(row["t"]), []).append(row["health_ms"])
+    stream_rss = [row["rss_mb"] for row in rows if phase_of(row["t"]) == "streams"]
+    plateau = statistics.median(stream_rss[len(stream_rss) // 2:]) if stream_rss else float("nan")
     done = outcomes.get("ok", 0)
     health: dict[str, Any] = {}
-    for phase, values in samples.health_ms.items():
+    for phase, values in health_ms.items():
         health[f"health_{phase}_p99_ms"] = round(percentile(values, 99), 1)
         health[f"health_{phase}_max_ms"] = round(max(values), 1)
     return {
@@ -257,7 +292,9 @@ async def run(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
         "rss_end_vs_plateau_pct": round((end_rss / plateau - 1) * 100, 1),
         "idle_connections_held_after_s": idle_held, "slow_header_clients_held": slow_held,
         "leftover_leases": left["leases"], "leftover_queue_entries": left["queue_entries"],
-        **health, "health_failures": samples.health_failures,
+        **health, "health_failures": sum(row["health_ms"] is None for row in rows),
+        "health_over_100ms": sum(1 for v in health_ms.values() for x in v if x > 100),
+        "health_samples": sum(len(v) for v in health_ms.values()), "stream_phase_s": round(stream_s, 1),
         "machine": machine(), "load_avg_1m": round(os.getloadavg()[0], 2),
     }
 
@@ -271,6 +308,7 @@ def main() -> None:
     parser.add_argument("--abuse-s", type=float, default=30.0, help="phases 2 and 3 duration each (default 30)")
     parser.add_argument("--tokens-per-s", type=float, default=2.0, help="simulated decode speed per stream")
     parser.add_argument("--max-tokens", type=int, default=20, help="tokens per stream (20 at 2/s: 10 s streams)")
+    parser.add_argument("--clients", type=int, default=4, help="load-generating processes for the streams")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON line at the end")
     args = parser.parse_args()
     with redis_server() as url:
