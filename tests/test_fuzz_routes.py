@@ -214,30 +214,42 @@ def send_and_check(world: World, req: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("surface", ["openai", "anthropic", "v2"])
 def test_fuzz_customer_surface(world: World, surface: str) -> None:
+    sent: list[str] = []
+
     @FUZZ_SETTINGS
     @given(requests_for(world, surface))
     def run(req: dict[str, Any]) -> None:
+        sent.append(req["path"])
         send_and_check(world, req)
 
     run()
+    assert len(sent) >= FUZZ_EXAMPLES
 
 
 def test_fuzz_admin_with_token(world: World) -> None:
+    sent: list[str] = []
+
     @FUZZ_SETTINGS
     @given(requests_for(world, "admin", with_token=True))
     def run(req: dict[str, Any]) -> None:
+        sent.append(req["path"])
         send_and_check(world, req)
 
     run()
+    assert len(sent) >= FUZZ_EXAMPLES
 
 
 def test_fuzz_admin_without_token_is_always_401(world: World) -> None:
+    sent: list[str] = []
+
     @FUZZ_SETTINGS
     @given(requests_for(world, "admin", with_token=False))
     def run(req: dict[str, Any]) -> None:
+        sent.append(req["path"])
         r = world.gw.request(req["method"], req["path"], params=req["params"], headers=req["headers"],
                              content=req.get("content"))
         assert r.status_code == 401, (req["method"], req["path"], r.status_code, r.text[:300])
         assert_error_shape(req["path"], r.status_code, r.text)
 
     run()
+    assert len(sent) >= FUZZ_EXAMPLES
