@@ -96,8 +96,11 @@ async def stream_loop(client: httpx.AsyncClient, key: str, deadline: float, max_
             async with client.stream("POST", "/v1/chat/completions", json=body,
                                      headers={"authorization": f"Bearer {key}"}) as r:
                 if r.status_code != 200:
-                    outcomes[f"http_{r.status_code}"] += 1
-                    await r.aread()
+                    try:
+                        code = json.loads(await r.aread())["error"]["code"]
+                    except (ValueError, KeyError, TypeError):
+                        code = "unknown"
+                    outcomes[f"http_{r.status_code}_{code}"] += 1
                     await asyncio.sleep(1)
                     continue
                 done = False
