@@ -24,7 +24,6 @@ from typing import Any
 import httpx
 import pytest
 from ray import serve
-from ray.util.state import list_actors
 
 from serve_apps.config import AppConfig
 from serve_apps.engines.sim import SIM_CARDS, SIM_LARGE
@@ -53,9 +52,23 @@ def chaos_config(redis_url: str, data_dir: Path) -> AppConfig:
 
 
 def replica_pids(model: str) -> list[int]:
-    name = deployment_name(model)
-    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
-            if a.class_name is not None and name in a.class_name and a.pid]
+    """Live replica processes of `model` in this application, by the title Ray gives them
+    (`ray::ServeReplica:<app>:<deployment>`; the session Ray runs no dashboard, so no state API)."""
+    title = f"ServeReplica:{APP}:{deployment_name(model)}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if title in cmdline and state != "Z":
+            pids.append(int(entry))
+    return pids
 
 
 @pytest.fixture(scope="module")
