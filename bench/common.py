@@ -95,7 +95,9 @@ def redis_server() -> Iterator[str]:
         raise SystemExit("redis-server not found: run `make venv redis-server` (or `sh scripts/install-redis.sh`)")
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.Popen([binary, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", tmp],
+        # Loopback only: a benchmark machine may be reachable from elsewhere, and this Redis has no password.
+        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                 "--dir", tmp],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 10

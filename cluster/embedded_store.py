@@ -53,6 +53,7 @@ from policies.admission import (
     refund_request,
     settle_weekly,
 )
+from policies.auth_failures import MAX_SOURCE_LEN, AuthFailures, AuthVerdict, record_failure
 from policies.bars import BarSpec, BarState, rescale, settle
 from policies.plans import DEFAULT_CATALOG, PlanCatalog, PlanKind, SizeClass
 from policies.units import DAY_MS
@@ -105,6 +106,7 @@ MIGRATIONS = (("bars", "rc", "INTEGER"), ("bars", "wc", "INTEGER"),
               ("keys", "max_wk", "INTEGER"))
 KEY_COLUMNS = "id, account_id, key_hash, prefix, created, revoked, models, expires, disabled, max_req, max_wk"
 
+MAX_TRACKED_SOURCES = 100_000
 
 
 def wall_clock_ms() -> int:
@@ -149,6 +151,7 @@ class EmbeddedStore:
         # Model capacity lives in memory: it concerns this process's requests only (see capacity_book).
         self._capacity_waiters: dict[tuple[str, str], set[asyncio.Event]] = {}
         self._capacity = CapacityBook(self._wake_capacity)
+        self._auth_failures: dict[str, AuthFailures] = {}
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -633,6 +636,19 @@ class EmbeddedStore:
                 conn.execute("DELETE FROM checkpoints WHERE lease_id = ?", (lease_id,))
 
         await self._run(_drop)
+
+    async def record_auth_failure(self, source: str, limit: int, window_ms: int,
+                                  now_ms: int | None = None) -> AuthVerdict:
+        """In-process: the embedded store serves one gateway process, so no other one needs the count."""
+        now = self._time(now_ms)
+        if len(self._auth_failures) > MAX_TRACKED_SOURCES:
+            # A flood of distinct addresses: forget the windows already over rather than grow without bound.
+            current = now // window_ms
+            self._auth_failures = {s: f for s, f in self._auth_failures.items() if f.window == current}
+        source = source[:MAX_SOURCE_LEN]
+        state, verdict = record_failure(self._auth_failures.get(source), now, limit, window_ms)
+        self._auth_failures[source] = state
+        return verdict
 
     async def settle(self, settlement: Settlement, now_ms: int | None = None) -> Snapshot | None:
         now = self._time(now_ms)

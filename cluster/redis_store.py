@@ -89,6 +89,7 @@ from cluster.store import (
     StoreError,
 )
 from policies.admission import Reason
+from policies.auth_failures import MAX_SOURCE_LEN, AuthVerdict
 from policies.bars import BarState
 from policies.plans import DEFAULT_CATALOG, PlanCatalog, PlanKind
 from policies.units import DAY_MS, PICO_PER_DOLLAR
@@ -117,6 +118,7 @@ SCRIPTS: Final = (
     "update_key",
     "alert_claim",
     "alert_take",
+    "auth_failures",
 )
 CAPACITY_LIBRARIES: Final = ("bars", "store", "fairness", "capacity")
 CAPACITY_SCRIPTS: Final = ("cap_acquire", "cap_renew", "cap_release", "cap_stats")
@@ -803,6 +805,12 @@ class RedisStore:
         k = self._keys(lease.account_id)
         renewed = await self._run("renew", [k.lease(lease.model)], [self._now_arg(now_ms), lease.lease_id, ttl_ms])
         return bool(renewed)
+
+    async def record_auth_failure(self, source: str, limit: int, window_ms: int,
+                                  now_ms: int | None = None) -> AuthVerdict:
+        key = f"{self._prefix}authfail:{source[:MAX_SOURCE_LEN]}"
+        count, refused, retry = await self._run("auth_failures", [key], [self._now_arg(now_ms), limit, window_ms])
+        return AuthVerdict(int(count), bool(refused), int(retry))
 
     async def settle(self, settlement: Settlement, now_ms: int | None = None) -> Snapshot | None:
         if settlement.cost_pico < 0:

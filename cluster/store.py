@@ -18,6 +18,7 @@ import msgpack
 
 from cluster.records import Account, ApiKey, UsageEvent
 from policies.admission import Reason
+from policies.auth_failures import AuthVerdict
 from policies.bars import BarSpec, BarState
 from policies.fairness import SchedulerMode
 from policies.plans import PlanCatalog, PlanKind, SizeClass
@@ -245,6 +246,10 @@ class Store(Protocol):
     async def take_alerts(self, now_ms: int, limit: int, backoff_base_ms: int,
                           backoff_cap_ms: int) -> list[tuple[str, str, int]]: ...
     async def alert_done(self, alert_id: str) -> None: ...
+
+    # abuse: one failed authentication from `source` (an address), counted across gateways
+    async def record_auth_failure(self, source: str, limit: int, window_ms: int,
+                                  now_ms: int | None = None) -> AuthVerdict: ...
 
     # usage
     async def usage(self, account_id: str, since_ms: int = 0, until_ms: int | None = None) -> list[UsageEvent]: ...

@@ -57,6 +57,9 @@ class GatewayConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     max_body_bytes: int = Field(32 * MIB, ge=1024)
+    # Invalid API keys one source address may present per minute (counted across
+    # gateways in the store) before it is answered 429 instead of 401.
+    auth_failures_per_minute: int = Field(30, ge=1)
     access_log: bool = False
     # Under Ray Serve (`packserve serve`): the gateway is the ingress deployment.
     # Every open stream is an ongoing request, and the gateway queues by

@@ -434,3 +434,56 @@ def test_the_engine_core_sleeps_while_the_worker_computes(vllm_app: VllmApp) -> 
     # The worker computed the whole time (~100 ticks a second); spinning, the engine core would too.
     assert worker_ticks >= 50, (core_ticks, worker_ticks)
     assert core_ticks < 0.5 * worker_ticks, (core_ticks, worker_ticks)
+
+
+def _redis_contents(url: str) -> bytes:
+    """Every key and value of the live Redis, whatever its type (repr keeps an ASCII canary visible)."""
+    import redis as redis_sync
+
+    client: Any = redis_sync.Redis.from_url(url)
+    readers = {"string": client.get, "hash": client.hgetall, "list": lambda k: client.lrange(k, 0, -1),
+               "set": client.smembers, "zset": lambda k: client.zrange(k, 0, -1), "stream": client.xrange}
+    try:
+        return b"\n".join(repr((key, readers[client.type(key).decode()](key))).encode()
+                          for key in client.scan_iter(count=1000))
+    finally:
+        client.close()
+
+
+def test_a_canary_prompt_is_nowhere_after_vllm_served_it(vllm_app: VllmApp, redis_server: RedisServer,
+                                                         tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Through both APIs, streaming and not, on vLLM under Ray: the canary is in no Redis key and in
+    no file of this Ray session (its logs: every worker's, the replicas', vLLM's) nor of the data
+    directory's store files."""
+    import ray
+
+    canary = "CANARY" + os.urandom(12).hex()
+    key = vllm_app.new_key()
+    oa, an = vllm_app.openai(key), vllm_app.anthropic(key)
+    prompt = f"Repeat after me: {canary}"
+    oa.chat.completions.create(model=SMOLLM_ID, max_tokens=16, messages=[
+        {"role": "system", "content": f"system {canary}"}, {"role": "user", "content": prompt}], temperature=0)
+    stream = oa.chat.completions.create(model=SMOLLM_ID, max_tokens=16, stream=True, temperature=0,
+                                        messages=[{"role": "user", "content": prompt}])
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    an.messages.create(model=SMOLLM_ID, max_tokens=16, messages=[{"role": "user", "content": prompt}],
+                       extra_body=GREEDY)
+    with an.messages.stream(model=SMOLLM_ID, max_tokens=16, messages=[{"role": "user", "content": prompt}]) as s:
+        assert s.get_final_message().usage.output_tokens > 0
+    oa.embeddings.create(model=MINILM_ID, input=[prompt])
+    time.sleep(2)  # log lines are written asynchronously by Ray's log monitor; let them land
+
+    assert canary.encode() not in _redis_contents(redis_server.url)
+    node: Any = ray._private.worker._global_node  # the session directory has no public accessor
+    session_dir = Path(node.get_session_dir_path())
+    data_dir = tmp_path_factory.getbasetemp() / "packserve-data"
+    searched = [p for root in (session_dir, data_dir) for p in root.rglob("*")
+                # Model weights (hundreds of MB, written before any prompt) cannot hold it.
+                if p.is_file() and p.suffix not in (".safetensors", ".bin", ".gguf", ".onnx")]
+    assert any(p.suffix in (".log", ".out", ".err") for p in searched), "no Ray log was searched"
+    found = []
+    for path in searched:
+        with contextlib.suppress(OSError):
+            if canary.encode() in path.read_bytes():
+                found.append(str(path))
+    assert found == []

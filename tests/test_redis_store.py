@@ -627,3 +627,21 @@ async def test_an_injected_clock_replaces_redis_time(redis_url: str) -> None:
         assert await store.active_leases("acct-1", MODEL) == 0
     finally:
         await store.close()
+
+
+
+async def test_auth_failures_are_counted_across_gateways(redis_url: str) -> None:
+    """Two gateways (two connections, as two processes hold) count one source's failures together."""
+    a = await RedisStore.connect(redis_url, request_unit=UNIT)
+    b = await RedisStore.connect(redis_url, request_unit=UNIT)
+    now = 1_800_000_000_000
+    try:
+        verdicts = [await store.record_auth_failure("203.0.113.9", 4, 60_000, now) for store in (a, b, a, b, a)]
+        assert [(v.failures, v.refused) for v in verdicts] == [(1, False), (2, False), (3, False), (4, False),
+                                                               (5, True)]
+        # Idle sources cost nothing: the key expires two windows after the last failure.
+        ttl = await a._client.pttl("packserve:authfail:203.0.113.9")
+        assert 0 < ttl <= 120_000
+    finally:
+        await a.close()
+        await b.close()

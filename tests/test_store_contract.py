@@ -18,6 +18,7 @@ from cluster.accounts import Accounts
 from cluster.controller import CHECKPOINT_GRACE_MS, AdmissionController, AdmissionRefused, Progress, Ticket
 from cluster.embedded_store import EmbeddedStore
 from cluster.records import Account, UsageEvent
+from cluster.retention import purge_once
 from cluster.scheduler import Overloaded, Scheduler
 from cluster.settings import AdmissionSettings, SchedulerSettings
 from cluster.store import CapacityGranted, CapacityTerms, CapacityWaiting, NotFound, Store, StoreError
@@ -706,3 +707,34 @@ async def test_scheduler_refuses_past_the_wait_bound_and_leaves_no_waiter(h: Har
     # A model without a capacity is not scheduled at all.
     assert await Scheduler(h.store, settings, AdmissionSettings(), lambda _m: None, h.clock).acquire(
         first, LARGE) is None
+
+
+async def test_auth_failures_are_counted_per_source_and_refused_past_the_limit(h: Harness) -> None:
+    now = h.clock.now
+    window_end = (now // MINUTE_MS + 1) * MINUTE_MS
+    verdicts = [await h.store.record_auth_failure("198.51.100.1", 3, MINUTE_MS, now) for _ in range(5)]
+    assert [(v.failures, v.refused) for v in verdicts] == [(1, False), (2, False), (3, False), (4, True), (5, True)]
+    assert all(v.retry_after_ms == window_end - now for v in verdicts)
+    # Another address is not affected.
+    other = await h.store.record_auth_failure("198.51.100.2", 3, MINUTE_MS, now)
+    assert (other.failures, other.refused) == (1, False)
+    # The next window starts from zero.
+    later = await h.store.record_auth_failure("198.51.100.1", 3, MINUTE_MS, window_end)
+    assert (later.failures, later.refused, later.retry_after_ms) == (1, False, MINUTE_MS)
+
+
+
+async def test_usage_past_retention_is_purged_for_accounts_that_went_quiet(h: Harness) -> None:
+    """Settling trims only the settling account; the periodic purge (every gateway runs it) trims all."""
+    quiet = await h.account(["standard"])
+    active = await h.account(["standard"])
+    await h.one(quiet, LARGE)
+    await h.one(active, LARGE)
+    h.clock.advance(14 * 24 * HOUR_MS - 1)
+    assert await purge_once(h.store, h.ctl.settings.retention_ms, h.clock.now) == 0
+    h.clock.advance(2)
+    await h.one(active, LARGE)
+    assert len(await h.store.usage(quiet.id)) == 1  # nobody settled for it: still there
+    assert await purge_once(h.store, h.ctl.settings.retention_ms, h.clock.now) == 1
+    assert await h.store.usage(quiet.id) == []
+    assert [e.ts_ms for e in await h.store.usage(active.id)] == [h.clock.now]

@@ -12,7 +12,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from cluster.admin import AdminOps
@@ -73,20 +73,30 @@ def _key_limits(body: dict[str, Any], allow_clear: bool = False) -> dict[str, An
     return out
 
 
+def check_admin_token(request: Request, token: str | None) -> None:
+    """Constant-time check of the operator token (a 404 when the admin API is disabled)."""
+    if token is None:
+        raise ApiError(404, "the admin API is disabled: set PACKSERVE_ADMIN_TOKEN to enable it", "admin_disabled")
+    auth = request.headers.get("authorization", "")
+    scheme, _, presented = auth.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), token.encode()):
+        raise ApiError(401, "admin API: send 'Authorization: Bearer <PACKSERVE_ADMIN_TOKEN>'",
+                       "invalid_admin_token")
+
+
 def build_admin_router(ops: AdminOps, token: str | None, max_body_bytes: int,
                        stats: Callable[[], dict[str, Any] | Awaitable[dict[str, Any]]],
                        start_model: Callable[[str], Awaitable[bool | None]] | None = None,
                        loads: Callable[[], Awaitable[dict[str, list[dict[str, Any]]]]] | None = None) -> APIRouter:
-    router = APIRouter(prefix="/admin/v1")
+    async def require_token(request: Request) -> None:
+        # A router dependency runs before FastAPI validates path and query parameters, so a
+        # caller without the token learns nothing from a 400 about a parameter.
+        check_admin_token(request, token)
+
+    router = APIRouter(prefix="/admin/v1", dependencies=[Depends(require_token)])
 
     def guard(request: Request) -> None:
-        if token is None:
-            raise ApiError(404, "the admin API is disabled: set PACKSERVE_ADMIN_TOKEN to enable it", "admin_disabled")
-        auth = request.headers.get("authorization", "")
-        scheme, _, presented = auth.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), token.encode()):
-            raise ApiError(401, "admin API: send 'Authorization: Bearer <PACKSERVE_ADMIN_TOKEN>'",
-                           "invalid_admin_token")
+        check_admin_token(request, token)
 
     async def call(coro: Any) -> Any:
         try:

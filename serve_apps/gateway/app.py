@@ -7,6 +7,7 @@ controller, engines), so the same code runs under plain uvicorn
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -27,6 +28,7 @@ from cluster.controller import AdmissionController, Clock, store_clock
 from cluster.open_store import open_store
 from cluster.outbox import SettleOutbox
 from cluster.quotas import quotas_body
+from cluster.retention import purge_forever
 from cluster.scheduler import Scheduler
 from cluster.settings import default_data_dir
 from cluster.store import CapacityStats, NotFound, Store, StoreError
@@ -35,11 +37,13 @@ from policies.plans import SizeClass
 from policies.pricing import ModelPrice
 from serve_apps.config import AppConfig
 from serve_apps.engines.types import Engine, ModelCard
-from serve_apps.gateway.admin_routes import build_admin_router
+from serve_apps.gateway.admin_routes import build_admin_router, check_admin_token
 from serve_apps.gateway.anthropic_routes import build_anthropic_router
+from serve_apps.gateway.auth_guard import AuthFailureGuard
 from serve_apps.gateway.errors import ApiError, error_response
 from serve_apps.gateway.metrics import Metrics
 from serve_apps.gateway.openai_routes import build_openai_router
+from serve_apps.gateway.page_headers import page_headers
 from serve_apps.gateway.recent import RecentWindow
 from serve_apps.gateway.responses_routes import build_responses_router
 from serve_apps.gateway.service import GatewayService
@@ -84,6 +88,7 @@ class GatewayRuntime:
         self.config = config
         self.store = store
         self.admin_token = admin_token
+        self.clock = clock
         prices = {cid: _price_of(config, card) for cid, card in cards.items()}
         self.controller = AdmissionController(store, config.admission, prices, clock=clock,
                                               outbox=SettleOutbox(store, outbox_spool))
@@ -103,6 +108,7 @@ class GatewayRuntime:
         self.alerts = build_alerts(config, store, clock)
         if self.alerts is not None:
             self.controller.observer = self.alerts.monitor.observe
+        self.service.auth_guard = AuthFailureGuard(store, config.gateway.auth_failures_per_minute, clock=clock)
 
     def stats(self) -> dict[str, Any]:
         return {"in_flight": self.controller.active, "queue_depth": self.controller.queue.depth,
@@ -218,9 +224,12 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
         rt.controller.start()
         if rt.alerts is not None:
             rt.alerts.start()
+        retention = asyncio.get_running_loop().create_task(
+            purge_forever(rt.store, rt.config.admission.retention_ms, rt.clock))
         if rt.admin_token is None:
             log.warning("admin API disabled: PACKSERVE_ADMIN_TOKEN is not set")
         yield
+        retention.cancel()
         await rt.close()
 
     app = FastAPI(title="packserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -305,7 +314,8 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
 
     @app.get("/dashboard")
     async def dashboard() -> Response:
-        return HTMLResponse((STATIC / "console.html").read_text())
+        html = (STATIC / "console.html").read_text()
+        return HTMLResponse(html, headers=page_headers(html))
 
     @app.get("/favicon.ico")
     async def favicon() -> Response:
@@ -344,6 +354,12 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if request.url.path == "/admin" or request.url.path.startswith("/admin/"):
+            # Any admin path (unknown, wrong method) without the token is 401: probing learns nothing.
+            try:
+                check_admin_token(request, rt.admin_token)
+            except ApiError as refused:
+                return rejected(request, refused)
         message = "Not found: see GET /v1/models, POST /v1/chat/completions, POST /v1/responses, " \
             "POST /v1/messages." \
             if exc.status_code == 404 else str(exc.detail)

@@ -13,6 +13,26 @@ from serve_apps.gateway.errors import ApiError
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 
+# No request of either API nests anywhere near this deep (a tool's JSON schema
+# is the deepest part of a real body); deeper bodies are hostile, and every
+# later step (validation, conversion, re-encoding for the engine) recurses.
+MAX_JSON_DEPTH = 64
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of decoded JSON (a scalar is 0), walked without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            node = list(node.values())
+        if isinstance(node, list):
+            depth += 1
+            deepest = max(deepest, depth)
+            stack.extend((child, depth) for child in node if isinstance(child, dict | list))
+    return deepest
+
 
 async def read_json(request: Request, max_bytes: int) -> Any:
     content_type = request.headers.get("content-type", "")
@@ -38,8 +58,13 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"Request body is not valid JSON: {exc}", "invalid_json") from None
+    except RecursionError:
+        # The decoder's own recursion guard: far deeper than MAX_JSON_DEPTH.
+        raise ApiError(400, f"Request body nests JSON deeper than {MAX_JSON_DEPTH} levels.", "invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "Request body must be a JSON object.", "invalid_json")
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise ApiError(400, f"Request body nests JSON deeper than {MAX_JSON_DEPTH} levels.", "invalid_json")
     return body
 
 

@@ -42,6 +42,7 @@ from serve_apps.engines.types import (
     RequestRejected,
     TokenUsage,
 )
+from serve_apps.gateway.auth_guard import AuthFailureGuard
 from serve_apps.gateway.errors import ApiError
 from serve_apps.gateway.metrics import Metrics
 from serve_apps.gateway.recent import RecentWindow
@@ -92,6 +93,9 @@ def presented_key(request: Request) -> str | None:
 
 
 class GatewayService:
+    # Set by the app: counts invalid keys per source address (None: every failure is a plain 401).
+    auth_guard: AuthFailureGuard | None = None
+
     def __init__(self, controller: AdmissionController, accounts: Accounts, engines: Mapping[str, Engine],
                  cards: Mapping[str, ModelCard], metrics: Metrics,
                  cold_start_timeout: Callable[[str], float] | None = None,
@@ -116,6 +120,8 @@ class GatewayService:
         try:
             principal = await self.accounts.authenticate(presented_key(request))
         except AuthError as exc:
+            if self.auth_guard is not None:
+                raise await self.auth_guard.failed(request, str(exc)) from None
             raise ApiError(401, str(exc), "invalid_api_key") from None
         except StoreError as exc:
             log.error("store unavailable during auth", extra={"error": str(exc)})

@@ -57,6 +57,7 @@ def _text_blocks(value: Any) -> Any:
         raise ValueError("must be a string or an array of text blocks")
     for i, block in enumerate(value):
         kind = block.get("type") if isinstance(block, dict) else None
+        kind = kind if isinstance(kind, str) else None  # a list or object here must not reach a set lookup
         if kind in _UNSUPPORTED_BLOCKS:
             raise ValueError(f"block {i} has type '{kind}', but this server accepts text only")
         if kind != "text" or not isinstance(block.get("text"), str):

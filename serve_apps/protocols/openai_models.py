@@ -51,6 +51,7 @@ def _content_parts(value: Any) -> Any:
         raise ValueError("must be a string or an array of content parts")
     for i, part in enumerate(value):
         kind = part.get("type") if isinstance(part, dict) else None
+        kind = kind if isinstance(kind, str) else None  # a list or object here must not reach a set lookup
         if kind in _UNSUPPORTED_PARTS:
             raise ValueError(
                 f"content part {i} has type '{kind}', but this server accepts text only; "
