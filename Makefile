@@ -9,7 +9,7 @@ SERVING_STAMP := $(VENV)/.installed-serving
 #   make TORCH_INDEX=--extra-index-url=https://download.pytorch.org/whl/cpu test
 TORCH_INDEX ?=
 
-.PHONY: test run lint typecheck imports unit venv serving redis-server catalog bench clean
+.PHONY: test check run lint typecheck imports unit unit-fast venv serving redis-server catalog bench clean
 
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing packserve with its test tools"
@@ -40,7 +40,7 @@ redis-server:
 
 # Builds the embedded model catalog into $PACKSERVE_DATA_DIR (once; later runs are no-ops).
 catalog: $(SERVING_STAMP)
-	@$(BIN)/python -m serve_apps.catalog_build
+	@$(BIN)/python -m serve_apps.catalog.build
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -54,6 +54,14 @@ imports: $(STAMP)
 unit: $(SERVING_STAMP) redis-server
 	$(BIN)/pytest
 
+# The tests that start neither Ray nor a real model (markers in pyproject.toml).
+unit-fast: $(SERVING_STAMP) redis-server
+	$(BIN)/pytest -q -m "not ray and not vllm"
+
+# The fast tier: lint, types, import contracts and the tests that need neither Ray nor vLLM.
+check: lint typecheck imports unit-fast
+
+# The whole suite (what .ci/run calls).
 test: $(SERVING_STAMP) redis-server lint typecheck imports unit
 
 run: $(SERVING_STAMP) redis-server catalog

@@ -128,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
 
-    from serve_apps.catalog_build import SMOLLM_ID
+    from serve_apps.catalog.build import SMOLLM_ID
 
     _, model_dir = embedded_models(args, (SMOLLM_ID,))
     load_before = uptime()

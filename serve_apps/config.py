@@ -121,7 +121,7 @@ class ModelConfig(StrictModel):
     resources: Resources = Resources()
     max_ongoing_requests: int = Field(64, ge=1)
     # Chat models: "affinity" sends requests sharing a prefix to the replica
-    # that holds it (serve_apps.routing); "default" is Ray's power of two choices.
+    # that holds it (serve_apps.deploy.routing); "default" is Ray's power of two choices.
     routing: Literal["affinity", "default"] = "affinity"
     # The preferred replica is passed over once it has more requests than this in flight.
     affinity_max_queue: int = Field(8, ge=0)

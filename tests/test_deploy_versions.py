@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from serve_apps import deploy_versions, serving_plan
 from serve_apps.config import AppConfig, load_config
-from serve_apps.deploy_versions import code_fingerprint, deployment_version, inherited_environment
+from serve_apps.deploy import serving_plan
+from serve_apps.deploy import versions as deploy_versions
+from serve_apps.deploy.versions import code_fingerprint, deployment_version, inherited_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL = ROOT / "serve_apps" / "configs" / "local.yaml"

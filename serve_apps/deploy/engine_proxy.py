@@ -144,13 +144,19 @@ class DeploymentEngine:
     """
 
     def __init__(self, handle: DeploymentHandle[Any], cards: list[ModelCard],
-                 running: Callable[[], int | None] | None = None) -> None:
-        """`running` says how many replicas the deployment has (None: unknown), e.g. `ReplicaWatch.counter`."""
+                 running: Callable[[], int | None] | None = None, check_s: float = COLD_DISPATCH_CHECK_S) -> None:
+        """`running` says how many replicas the deployment has (None: unknown), e.g. `ReplicaWatch.counter`.
+
+        `check_s`: how often a request waiting for its first chunk looks at that count.
+        """
         self._handle = handle
         self._stream = handle.options(stream=True)
         self._cards = list(cards)
         self._running: dict[str, DeploymentResponseGenerator[GenerationChunk]] = {}
         self._replicas = running
+        self._check_s = check_s
+        # How many times a waiting request has looked at the replica count (observable progress).
+        self.dispatch_checks = 0
         # True once a replica answered `ready()` (engine loaded) and until the
         # deployment is seen at zero replicas again.
         self._confirmed = False
@@ -256,9 +262,10 @@ class DeploymentEngine:
         nxt: asyncio.Future[GenerationChunk] = asyncio.ensure_future(remote.__anext__())
         try:
             while True:
-                done, _ = await asyncio.wait({nxt}, timeout=COLD_DISPATCH_CHECK_S)
+                done, _ = await asyncio.wait({nxt}, timeout=self._check_s)
                 if done:
                     return nxt.result()
+                self.dispatch_checks += 1
                 if replicas() == 0:
                     self._confirmed = False
                     raise ModelStarting()

