@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from serve_apps.engines.types import EngineError, GenerationRequest
 from serve_apps.gateway.body import parse
 from serve_apps.gateway.errors import ApiError
-from serve_apps.gateway.service import GatewayService, new_request_id
+from serve_apps.gateway.service import GatewayService, new_request_id, presented_key
 from serve_apps.gateway.streaming import sse_response
 from serve_apps.protocols import openai_convert as convert
 from serve_apps.protocols.common import InvalidRequest
@@ -37,12 +37,20 @@ def build_openai_router(service: GatewayService, max_body_bytes: int,
     def warm_now() -> Mapping[str, bool] | None:
         return warm() if callable(warm) else warm
 
+    async def reject_a_wrong_key(request: Request) -> None:
+        # The catalog is public, but a key that is presented must be valid: clients "test the
+        # connection" by listing models, and a 200 would tell a user with a mistyped key all is well.
+        if presented_key(request) is not None:
+            await service.authenticate(request)
+
     @router.get("/models")
-    async def models() -> Response:
+    async def models(request: Request) -> Response:
+        await reject_a_wrong_key(request)
         return JSONResponse(convert.models_list(service.cards.values(), weights, warm_now()))
 
     @router.get("/models/{model_id:path}")
-    async def model(model_id: str) -> Response:
+    async def model(request: Request, model_id: str) -> Response:
+        await reject_a_wrong_key(request)
         card = service.cards.get(model_id)
         if card is None:
             raise ApiError(404, f"The model '{model_id}' does not exist; GET /v1/models lists the available ones.",
