@@ -25,6 +25,7 @@ from ray.exceptions import RayTaskError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from serve_apps.engines.errors import UnknownModel
 from serve_apps.engines.types import (
     ChatMessage,
     EmbeddingRequest,
@@ -310,8 +311,9 @@ def _engine_error(exc: BaseException, *, before_first_token: bool) -> BaseExcept
         rebuild, args = cause.__reduce__()[:2]
         return cast(BaseException, rebuild(*args))
     if isinstance(cause, KeyError):
-        # The gateway maps KeyError (an id the engine does not serve) to a 404.
-        return KeyError(*cause.args)
+        # An id the replica's engine does not serve (engines.errors; the simulated engine raises a bare
+        # KeyError): the gateway answers 404 model_not_found.
+        return UnknownModel(str(cause.args[0]) if cause.args else "")
     if isinstance(cause, asyncio.CancelledError | RequestCancelledError | TaskCancelledError):
         return asyncio.CancelledError()
     if isinstance(cause, _NOT_STARTED):

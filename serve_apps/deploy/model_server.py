@@ -20,6 +20,7 @@ from cluster.settings import default_data_dir
 from serve_apps.config import AppConfig, ConfigError, ModelConfig
 from serve_apps.deploy.serving_plan import served_models
 from serve_apps.engines.embeddings_engine import EmbeddingsEngine
+from serve_apps.engines.errors import UnknownModel
 from serve_apps.engines.sim import SimulatedEngine
 from serve_apps.engines.types import (
     ChatMessage,
@@ -203,8 +204,8 @@ class ModelServer:
 
     def _check(self, model: str) -> None:
         if model not in self._served:
-            # The gateway routes by catalog id, so this means a routing bug; KeyError maps to 404 there.
-            raise KeyError(model)
+            # The gateway routes by catalog id: a replica built from another catalog (a redeploy in progress).
+            raise UnknownModel(model)
 
 
 def _replica_id() -> str | None:

@@ -29,10 +29,11 @@ from cluster.store import NotFound, Store, StoreError
 from policies.plans import SizeClass
 from policies.pricing import ModelPrice
 from serve_apps.config import AppConfig
+from serve_apps.engines.errors import UnknownModel
 from serve_apps.engines.types import Engine, ModelCard
 from serve_apps.gateway.admin_routes import build_admin_router
 from serve_apps.gateway.anthropic_routes import build_anthropic_router
-from serve_apps.gateway.errors import ApiError, error_response
+from serve_apps.gateway.errors import ApiError, error_response, not_served
 from serve_apps.gateway.metrics import Metrics
 from serve_apps.gateway.openai_routes import build_openai_router
 from serve_apps.gateway.service import GatewayService
@@ -157,6 +158,12 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
             if exc.status_code == 404 else str(exc.detail)
         return error_response(request, ApiError(exc.status_code, message, "not_found"
                                                 if exc.status_code == 404 else None))
+
+    @app.exception_handler(UnknownModel)
+    async def unknown_model(request: Request, exc: UnknownModel) -> Response:
+        # The catalog knows the id (routes resolve it first) but the engine it reached does not serve it.
+        log.warning("model not served by its engine", extra={"model": exc.model})
+        return error_response(request, not_served(exc.model))
 
     @app.exception_handler(StoreError)
     async def store_error(request: Request, exc: StoreError) -> Response:

@@ -37,3 +37,9 @@ def error_response(request: Request, err: ApiError) -> JSONResponse:
     else:
         body = openai_convert.error_body(err.status, err.message, code=err.code, param=err.param)
     return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+
+def not_served(model: str) -> ApiError:
+    """The catalog has `model` but the engine it reached does not serve it (a replica built from another catalog)."""
+    return ApiError(404, f"The model '{model}' is not served by its replica right now (a deployment may be updating); "
+                         "GET /v1/models lists the available ones.", "model_not_found", "model")

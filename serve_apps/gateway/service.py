@@ -23,6 +23,7 @@ from cluster.controller import AdmissionController, AdmissionRefused, Progress, 
 from cluster.quotas import quota_headers
 from cluster.store import NotFound, StoreError
 from policies.admission import Reason
+from serve_apps.engines.errors import UnknownModel
 from serve_apps.engines.types import (
     EmbeddingRequest,
     EmbeddingResult,
@@ -36,7 +37,7 @@ from serve_apps.engines.types import (
     RequestRejected,
     TokenUsage,
 )
-from serve_apps.gateway.errors import ApiError
+from serve_apps.gateway.errors import ApiError, not_served
 from serve_apps.gateway.metrics import Metrics
 from serve_apps.protocols.common import GenerationResult
 
@@ -227,6 +228,10 @@ class GatewayService:
                 # Not the reason: it can quote the request (a schema), and logs never hold request content.
                 log.info("request rejected by the engine", extra={"request_id": gen.request_id, "model": card.id})
                 raise ApiError(400, f"The model cannot serve this request: {exc}", "invalid_request") from None
+            except UnknownModel as exc:
+                # The catalog has the id but the replica reached does not (one built from another catalog).
+                log.warning("model not served by its engine", extra={"request_id": gen.request_id, "model": exc.model})
+                raise not_served(exc.model) from None
             except EngineError as exc:
                 log.warning("engine failed before the first token", extra={"error": str(exc)})
                 raise ApiError(502, "The model failed before producing output; this request was not charged.",
@@ -269,7 +274,7 @@ class GatewayService:
                         self.metrics.ttft.labels(request.model).observe(ttft_ms / 1000)
                     yield chunk
             status = "ok"
-        except EngineError:
+        except (EngineError, UnknownModel):
             status = "error"
             raise
         finally:

@@ -23,6 +23,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from serve_apps.engines.errors import UnknownModel
 from serve_apps.engines.forced_tools import forced_tool_format, parse_forced_calls
 from serve_apps.engines.types import (
     ChatMessage,
@@ -248,8 +249,7 @@ class VllmEngine:
     def _chat_card(self, model: str) -> ModelCard:
         card = self._cards.get(model)
         if card is None:
-            # The gateway maps KeyError to 404, as for the simulated engine.
-            raise KeyError(model)
+            raise UnknownModel(model)
         return card
 
     async def count_tokens(
@@ -273,7 +273,7 @@ class VllmEngine:
             return _render(tokenizer, messages, prompt, tools)
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
-        raise KeyError(request.model)
+        raise UnknownModel(request.model)
 
     def unfinished_requests(self) -> int:
         """Requests vLLM is still running or holding (0 when idle or not started)."""
