@@ -20,10 +20,3 @@ async def open_store(*, request_unit: int, redis_url: str | None = None, data_di
         return await RedisStore.connect(url, request_unit=request_unit)
     directory = data_dir or default_data_dir()
     return EmbeddedStore(directory / EMBEDDED_DB, request_unit=request_unit)
-
-
-def describe(redis_url: str | None, data_dir: Path | None) -> str:
-    url = redis_url or redis_url_from_env()
-    if url:
-        return f"redis {url.split('@')[-1]}"  # never echo a password
-    return f"embedded {(data_dir or default_data_dir()) / EMBEDDED_DB}"

@@ -241,3 +241,18 @@ def test_local_shortfalls_name_what_this_machine_lacks() -> None:
     cluster = {"CPU": 128.0, "GPU": 40.0, "accelerator_type:H100": 1.0, "accelerator_type:H200": 1.0,
                "accelerator_type:L4": 1.0}
     assert local_shortfalls(production, cluster) == []
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"served_model_name": "smol"}, "served under its catalog `id`"),
+    ({"enable_prefix_caching": False}, "cannot be turned off"),
+])
+def test_vllm_settings_packserve_owns_are_refused_not_ignored(setting: dict[str, Any], message: str) -> None:
+    raw = yaml.safe_load((ROOT / "serve_apps" / "configs" / "local.yaml").read_text())
+    chat = next(m for m in raw["models"] if m.get("vllm"))
+    chat["vllm"].update(setting)
+    with pytest.raises(ValidationError, match=message):
+        AppConfig.model_validate(raw)
+    chat["vllm"]["enable_prefix_caching"] = True  # what it always is: accepted
+    chat["vllm"].pop("served_model_name", None)
+    AppConfig.model_validate(raw)
