@@ -47,11 +47,10 @@ _NOT_STARTED = (BackPressureError, DeploymentUnavailableError)
 # replicas (min_replicas 0) or has not answered `ready()` yet: it bounds how
 # long a scale-down to zero goes unnoticed (and so how stale a warm flag is).
 WATCH_POLL_S = 0.5
-# Otherwise. serve.status() is not small: measured ~29 ms of the gateway's CPU
-# per call (it rebuilds every deployment's config, pickling the request router
-# class), plus the controller's share, so polling it twice a second cost the
-# gateway a quarter of its CPU under load for deployments that never scale to
-# zero (bench/RESULTS.md, "Serving").
+# Otherwise. serve.status() is not small: it rebuilds every deployment's config
+# (pickling the request router class) in the gateway and costs the controller
+# too, so polling it twice a second took a large share of the gateway's CPU
+# under load for deployments that never scale to zero (docs/performance.md).
 WATCH_IDLE_POLL_S = 10.0
 # While a dispatched request waits for its first chunk, how often it checks
 # whether its deployment went to zero replicas (ModelStarting).

@@ -7,11 +7,10 @@ Node level (the raylet's environment, so it must be set before Ray starts):
   the product: the model replicas and the vLLM engine processes they spawn.
   At nice 15, every nice-0 process on the node (raylet, GCS, Redis, a load
   generator, a shell) preempts the engine's OpenMP threads mid-step, which
-  on a CPU node stalls the whole batch. Measured on a 2-core machine
-  (bench/RESULTS.md, "Serving"): packserve's 16-stream throughput went from
-  0.80 to 0.95 of vLLM's own server (which runs at nice 0), single stream
-  from 0.89 to 0.99. Ray's own job manager runs job drivers at niceness 0
-  the same way.
+  on a CPU node stalls the whole batch; on a small CPU machine this one
+  setting was most of the gap to vLLM's own server, which runs at nice 0
+  (docs/performance.md). Ray's own job manager runs job drivers at
+  niceness 0 the same way.
 
 Worker level (`runtime_env` env vars of the job that starts Serve):
 
@@ -26,9 +25,9 @@ High Throughput on Ray Serve"):
   gRPC instead of Ray actor tasks, user code and the handle router on the
   replica's main event loop, buffered request logs.
 
-Measured on a 2-core CPU machine (bench/RESULTS.md, "Serving"): with a slower
-controller loop (below) and the gateway's own handles (ray_app), these cut
-the Ray path's CPU per streamed token by more than half.
+With a slower controller loop (below) and the gateway's own handles
+(ray_app), these cut the Ray path's CPU per streamed token by more than half
+on a CPU machine (docs/performance.md).
 
 The worker-level switches are passed as `runtime_env` env vars of the job
 that starts Serve, so the Serve controller, HAProxy manager and every
@@ -57,8 +56,8 @@ THROUGHPUT_ENV: Mapping[str, str] = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     # The Serve controller's reconcile loop runs every 0.1 s by default; on a
-    # 2-core machine under load it took 7% of a core (py-spy: node-resource
-    # cache, autoscaling decisions, gauges), all of it taken from the engine.
+    # small machine under load it took a noticeable share of a core (py-spy:
+    # node-resource cache, autoscaling decisions, gauges), all of it taken from the engine.
     # Autoscaling already waits seconds (upscale/downscale delays) and handles
     # learn replica changes by long poll, so 1 s costs little reaction time
     # (at most one more second on a scale-up from zero, which takes ~40 s).
@@ -67,8 +66,7 @@ THROUGHPUT_ENV: Mapping[str, str] = {
     # metrics on a timer, 10 times a second by default: with a gateway, two
     # model replicas and their routers that is ~60 wake-ups a second on a
     # node that does nothing. Prometheus scrapes every 10+ s, so once a
-    # second loses nothing. Idle CPU of a local deployment, 30 s window:
-    # 3.27 → 2.65 CPU-s together with the 1 s control loop (bench/RESULTS.md).
+    # second loses nothing.
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
 }
 

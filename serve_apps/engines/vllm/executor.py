@@ -11,17 +11,15 @@ HAProxy, the model replica that streams the tokens out, Redis and often the
 client need for every token. py-spy on a 2-core machine: the engine core
 spent its whole step in `SpinCondition.wait`, and a client on that CPU
 sometimes got its whole answer in one burst at the end (bench/RESULTS.md,
-"Serving", eighth session).
+bench/serving_paired.py).
 
 Instead, the engine core sleeps in a zmq poll until the worker's
 notification arrives (vLLM sends one with every result), and spins only from
 shortly before the result is due (serve_apps/engines/vllm/step_pacer.py). A
 sleep for the whole step wakes late: the notification crosses two zmq I/O
-threads and, in a VM, a halted vCPU. One greedy stream on that machine:
-56.0-58.8 ms per token with vLLM's spin, 60.8-61.6 with a whole-step sleep
-(the 5% by which packserve's throughput missed vLLM's own server), 56.8-57.4
-paced; the engine core used 98% of a CPU spinning, under 10% sleeping
-through the step, 8% paced (bench/engine_wait.py).
+threads and, in a VM, a halted vCPU. Paced, a stream runs as fast as with
+vLLM's spin while the engine core uses a small fraction of a CPU instead of
+all of one (bench/engine_wait.py; figures in bench/RESULTS.md).
 
 The notification is not reliable on its own either: with the spin off, an
 engine core on a 2-core machine once waited for ever for a result its worker
