@@ -1,4 +1,4 @@
-"""The README's cluster deploys, run for real against a `ray start --head` node started as the cluster
+"""The cluster deploys of docs/deploy.md, run for real against a `ray start --head` node started as the cluster
 files start one: `ray job submit --working-dir . -- python -m serve_apps.cli.serve_main --config FILE`, and
 the KubeRay manifest's `serveConfigV2` sent through Serve's REST API (`serve deploy`, what the
 KubeRay operator does), which builds the application in the cluster with `app_builder`.

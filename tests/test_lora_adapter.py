@@ -44,7 +44,7 @@ LOCAL_YAML = Path(__file__).resolve().parents[1] / "serve_apps" / "configs" / "l
 ADMIN_TOKEN = "lora-test-admin"
 # The longest repair in the data is 57 tokens; a base-model ramble is cut here (it would not parse anyway).
 MAX_TOKENS = 80
-# Held-out thresholds. Measured (README "The fix-json LoRA adapter"): base 1%
+# Held-out thresholds. Measured (bench/RESULTS.md, "fix-json LoRA adapter"): base 1%
 # valid / 1% exact, adapter 100% / 97%. The adapter must produce valid JSON for
 # at least VALID_MIN of the held-out examples, the exact repair for at least
 # EXACT_MIN, and at least twice as many valid outputs as the base model; the
