@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from serve_apps.deploy.ray_env import free_port as free_port  # re-exported: tests import it from here
+from serve_apps.host.ports import free_port as free_port  # re-exported: tests import it from here
 
 STARTUP_TIMEOUT_S = 10.0
 

@@ -9,6 +9,7 @@ import pytest
 
 from serve_apps.config import load_config
 from serve_apps.deploy import ray_env, serving_plan
+from serve_apps.host import cpus as host_cpus
 from serve_apps.host.cpu_split import CpuSplit, LogicalCpu, id_list, split
 
 CONFIGS = Path(__file__).resolve().parent.parent / "serve_apps" / "configs"
@@ -88,6 +89,6 @@ def test_an_operators_own_binding_turns_the_split_off() -> None:
 def test_read_cpus_reads_this_machines_allowed_cpus() -> None:
     import os
 
-    cpus = ray_env.read_cpus()
+    cpus = host_cpus.read_cpus()
     assert [c.id for c in cpus] == sorted(os.sched_getaffinity(0))
     assert len({c.core for c in cpus}) >= 1

@@ -36,7 +36,7 @@ import yaml
 
 from serve_apps.cli.serve_main import CONFIG_DIR
 from serve_apps.deploy import ray_env
-from serve_apps.deploy.ray_env import free_port
+from serve_apps.host.ports import free_port
 from tests.conftest import RedisServer
 from tests.processes import kill_session, session_members
 

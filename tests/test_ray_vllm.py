@@ -325,7 +325,7 @@ def _session_ray_processes() -> list[int]:
 
 def _thread_cpus(pid: int) -> dict[int, frozenset[int]]:
     """Each thread's allowed CPUs (Cpus_allowed_list), by thread id; {} for a process that is gone."""
-    from serve_apps.deploy.ray_env import parse_cpulist
+    from serve_apps.host.cpus import parse_cpulist
 
     out: dict[int, frozenset[int]] = {}
     with contextlib.suppress(OSError):

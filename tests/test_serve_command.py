@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from serve_apps.cli.serve_main import CONFIG_DIR, _reason_line
-from serve_apps.deploy.ray_env import free_port
+from serve_apps.host.ports import free_port
 from tests.processes import kill_session, session_members
 
 pytestmark = pytest.mark.ray

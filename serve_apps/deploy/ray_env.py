@@ -43,14 +43,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
-import socket
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from serve_apps.deploy.ray_compat import HAPROXY_MARK
-from serve_apps.host import cpu_split
+from serve_apps.host import cpu_split, ports
+from serve_apps.host import cpus as host_cpus
 
 THROUGHPUT_ENV: Mapping[str, str] = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
@@ -144,56 +143,6 @@ def stop_haproxy(node_id: str) -> set[int]:
     return pids
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the tests and benchmarks use it too)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-# Ray's workers take ports 10002-19999 by default; below 20000 is Ray's, above
-# the ephemeral range's start is the kernel's (see `reserved_free_port`).
-FIXED_PORTS_FROM = 20000
-EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
-
-
-def reserved_free_port(exclude: Collection[int] = (), rng: random.Random | None = None) -> int:
-    """A port free on every interface now that nothing else will be handed meanwhile.
-
-    For a listener that binds seconds later (HAProxy's side ports, bound once
-    Serve starts): a port from `free_port` lies in the kernel's ephemeral
-    range, which the kernel keeps handing to Ray's own port-0 sockets while
-    Ray starts, and one of them took HAProxy's stats port in CI ("cannot bind
-    socket (Address already in use)"). Ports between Ray's worker range and
-    the ephemeral range are only ever bound on purpose.
-    """
-    ephemeral_from = ephemeral_range_start()
-    if ephemeral_from is None or ephemeral_from <= FIXED_PORTS_FROM + 1:
-        return free_port()
-    rng = rng or random.Random()
-    for _ in range(200):
-        port = rng.randrange(FIXED_PORTS_FROM, ephemeral_from)
-        if port in exclude:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-        return port
-    return free_port()
-
-
-def ephemeral_range_start() -> int | None:
-    """The first port of the kernel's ephemeral range (Linux), or None where it cannot be read."""
-    try:
-        with open(EPHEMERAL_RANGE) as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def init_local(cpus: cpu_split.CpuSplit | None = None, **kwargs: Any) -> str:
     """`ray.init` that starts Ray on this machine with packserve's environment (see the module doc).
 
@@ -216,7 +165,7 @@ def init_local(cpus: cpu_split.CpuSplit | None = None, **kwargs: Any) -> str:
     env = local_runtime_env()
     if cpus is not None:
         env["env_vars"][OMP_BIND] = cpu_split.id_list(cpus.engine)
-    with _affinity(cpus.serving if cpus is not None else None):
+    with host_cpus.pinned(cpus.serving if cpus is not None else None):
         ray.init(runtime_env=env, **kwargs)
     node_id: str = ray.get_runtime_context().get_node_id()
     return node_id
@@ -224,8 +173,6 @@ def init_local(cpus: cpu_split.CpuSplit | None = None, **kwargs: Any) -> str:
 
 # vLLM's CPU binding of its OpenMP threads; an operator who sets it keeps their own.
 OMP_BIND = "VLLM_CPU_OMP_THREADS_BIND"
-SYS_CPU = "/sys/devices/system/cpu"
-SYS_NODE = "/sys/devices/system/node"
 
 
 def engine_cpu_split(environ: Mapping[str, str] | None = None) -> cpu_split.CpuSplit | None:
@@ -237,56 +184,7 @@ def engine_cpu_split(environ: Mapping[str, str] | None = None) -> cpu_split.CpuS
     env = os.environ if environ is None else environ
     if env.get(OMP_BIND):
         return None
-    return cpu_split.split(read_cpus())
-
-
-def read_cpus() -> list[cpu_split.LogicalCpu]:
-    """This thread's allowed CPUs with their cores and NUMA nodes (Linux sysfs); [] where unreadable."""
-    node_of: dict[int, int] = {}
-    with contextlib.suppress(OSError):
-        for entry in os.listdir(SYS_NODE):
-            if entry.startswith("node") and entry[4:].isdigit():
-                with open(f"{SYS_NODE}/{entry}/cpulist") as f:
-                    for cpu in parse_cpulist(f.read()):
-                        node_of[cpu] = int(entry[4:])
-    cpus: list[cpu_split.LogicalCpu] = []
-    try:
-        for cpu in sorted(os.sched_getaffinity(0)):
-            topology = f"{SYS_CPU}/cpu{cpu}/topology"
-            with open(f"{topology}/core_id") as f:
-                core = int(f.read())
-            with open(f"{topology}/physical_package_id") as f:
-                package = int(f.read())
-            cpus.append(cpu_split.LogicalCpu(cpu, (package, core), node_of.get(cpu, 0)))
-    except (OSError, ValueError):
-        return []
-    return cpus
-
-
-def parse_cpulist(text: str) -> list[int]:
-    """sysfs's "0-3,8" form."""
-    ids: list[int] = []
-    for part in text.strip().split(","):
-        if "-" in part:
-            start, end = part.split("-")
-            ids.extend(range(int(start), int(end) + 1))
-        elif part:
-            ids.append(int(part))
-    return ids
-
-
-@contextlib.contextmanager
-def _affinity(cpus: Collection[int] | None) -> Iterator[None]:
-    """Run the block on `cpus` only (the calling thread: what it spawns inherits it), then restore."""
-    if cpus is None:
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
+    return cpu_split.split(host_cpus.read_cpus())
 
 
 def shutdown_local(node_id: str) -> None:
@@ -307,14 +205,8 @@ def shutdown_local(node_id: str) -> None:
 
 
 def haproxy_side_ports(environ: Mapping[str, str]) -> dict[str, str]:
-    """HAProxy's stats and metrics ports: the caller's where set, else two distinct `reserved_free_port`s."""
-    ports: dict[str, str] = {}
-    taken: set[int] = set()
-    for key in HAPROXY_SIDE_PORTS:
-        ports[key] = environ.get(key) or str(reserved_free_port(taken))
-        with contextlib.suppress(ValueError):
-            taken.add(int(ports[key]))
-    return ports
+    """HAProxy's stats and metrics ports: the caller's where set, else two distinct reserved free ports."""
+    return ports.side_ports(environ, HAPROXY_SIDE_PORTS)
 
 
 def local_runtime_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
