@@ -29,11 +29,10 @@ from cluster.store import NotFound, Store, StoreError
 from policies.plans import SizeClass
 from policies.pricing import ModelPrice
 from serve_apps.config import AppConfig
-from serve_apps.engines.errors import UnknownModel
 from serve_apps.engines.types import Engine, ModelCard
 from serve_apps.gateway.admin_routes import build_admin_router
 from serve_apps.gateway.anthropic_routes import build_anthropic_router
-from serve_apps.gateway.errors import ApiError, error_response, not_served
+from serve_apps.gateway.errors import ApiError, UnknownModel, error_response, not_served
 from serve_apps.gateway.metrics import Metrics
 from serve_apps.gateway.openai_routes import build_openai_router
 from serve_apps.gateway.service import GatewayService
@@ -163,7 +162,7 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
     async def unknown_model(request: Request, exc: UnknownModel) -> Response:
         # The catalog knows the id (routes resolve it first) but the engine it reached does not serve it.
         log.warning("model not served by its engine", extra={"model": exc.model})
-        return error_response(request, not_served(exc.model))
+        return error_response(request, not_served(exc))
 
     @app.exception_handler(StoreError)
     async def store_error(request: Request, exc: StoreError) -> Response:

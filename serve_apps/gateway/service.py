@@ -23,7 +23,6 @@ from cluster.controller import AdmissionController, AdmissionRefused, Progress, 
 from cluster.quotas import quota_headers
 from cluster.store import NotFound, StoreError
 from policies.admission import Reason
-from serve_apps.engines.errors import UnknownModel
 from serve_apps.engines.types import (
     EmbeddingRequest,
     EmbeddingResult,
@@ -37,7 +36,7 @@ from serve_apps.engines.types import (
     RequestRejected,
     TokenUsage,
 )
-from serve_apps.gateway.errors import ApiError, not_served
+from serve_apps.gateway.errors import ApiError, UnknownModel, not_served
 from serve_apps.gateway.metrics import Metrics
 from serve_apps.protocols.common import GenerationResult
 
@@ -231,7 +230,7 @@ class GatewayService:
             except UnknownModel as exc:
                 # The catalog has the id but the replica reached does not (one built from another catalog).
                 log.warning("model not served by its engine", extra={"request_id": gen.request_id, "model": exc.model})
-                raise not_served(exc.model) from None
+                raise not_served(exc) from None
             except EngineError as exc:
                 log.warning("engine failed before the first token", extra={"error": str(exc)})
                 raise ApiError(502, "The model failed before producing output; this request was not charged.",
