@@ -48,7 +48,7 @@ def run_gateway(args: argparse.Namespace) -> int:
             config = config.model_copy(update={"store": config.store.model_copy(update={"redis_url": args.redis_url})})
         if args.data_dir:
             config = config.model_copy(update={"store": config.store.model_copy(update={"data_dir": args.data_dir})})
-        # uvloop: more requests/s than the default loop at high concurrency (bench/RESULTS.md, gateway).
+        # uvloop: measured ~25% more requests/s at 64 streams than the default loop (bench/RESULTS.md).
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(serve_gateway(config, args.host, args.port, args.sim_ttft_ms, args.sim_tokens_per_s))
     except (ConfigError, StoreError, ValueError) as exc:
