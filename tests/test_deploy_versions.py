@@ -94,3 +94,9 @@ def test_code_fingerprint_covers_the_packages_files(tmp_path: Path, monkeypatch:
         assert code_fingerprint() != base
     finally:
         code_fingerprint.cache_clear()
+
+
+def test_the_fingerprinted_packages_are_the_ones_a_job_ships() -> None:
+    # ROOT is the checkout's root (what `ray job submit --working-dir .` uploads), not a package inside it.
+    for package in deploy_versions.PACKAGES:
+        assert (deploy_versions.ROOT / package / "__init__.py").is_file(), package

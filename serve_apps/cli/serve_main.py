@@ -41,7 +41,7 @@ from serve_apps.host import cpu_split
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "local.yaml"
 READY_TIMEOUT_S = 900.0  # a cold vLLM compile on CPU takes minutes
 HEALTH_POLL_S = 0.25
