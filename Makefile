@@ -13,7 +13,7 @@ TORCH_INDEX ?=
 FIND_LINKS ?= $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^.*find-links='\(.*\)'$$/\1/p" | head -n 1)
 UV_INSTALL = $(BIN)/uv pip install --quiet --no-deps --python $(BIN)/python $(if $(FIND_LINKS),--find-links=$(FIND_LINKS)) $(TORCH_INDEX)
 
-.PHONY: test run lint typecheck imports unit venv serving redis-server browser catalog bench lock clean
+.PHONY: test check run lint typecheck imports unit unit-fast venv serving redis-server browser catalog bench lock clean
 
 # Every package of the .venv comes from requirements.lock, at its pinned version and hash, and nothing
 # else (--no-deps: the lock is the whole set). pip installs the installer (uv, from the lock, by hash),
@@ -43,7 +43,7 @@ browser:
 
 # Builds the embedded model catalog into $PACKSERVE_DATA_DIR (once; later runs are no-ops).
 catalog: $(STAMP)
-	@$(BIN)/python -m serve_apps.catalog_build
+	@$(BIN)/python -m serve_apps.catalog.build
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -57,6 +57,14 @@ imports: $(STAMP)
 unit: $(STAMP) redis-server browser
 	$(BIN)/pytest
 
+# The tests that start neither Ray nor a real model (markers in pyproject.toml).
+unit-fast: $(STAMP) redis-server browser
+	$(BIN)/pytest -q -m "not ray and not vllm"
+
+# The fast tier: lint, types, import contracts and the tests that need neither Ray nor vLLM.
+check: lint typecheck imports unit-fast
+
+# The whole suite (what .ci/run calls).
 test: $(STAMP) redis-server browser lint typecheck imports unit
 
 run: $(STAMP) redis-server catalog

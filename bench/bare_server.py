@@ -133,7 +133,7 @@ def main() -> None:
     if args.uvloop:
         uvicorn.Server(config).run()
     else:
-        # Exactly how `packserve gateway` runs uvicorn (serve_apps/gateway_main.py): Server.serve() inside
+        # Exactly how `packserve gateway` runs uvicorn (serve_apps/cli/gateway_main.py): Server.serve() inside
         # asyncio.run(), i.e. the stdlib event loop, httptools for HTTP, no access log.
         asyncio.run(uvicorn.Server(config).serve())
 

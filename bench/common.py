@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve_apps.ray_env import free_port as free_port  # re-exported for the bench scripts
+from serve_apps.host.ports import free_port as free_port  # re-exported for the bench scripts
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,9 +8,9 @@ Rerun (from the repository root; the first run converts the embedded model, ~30 
 
 On CPU, vLLM runs the model in a worker process, and its engine-core process
 waits for each step's result. vLLM's executor spins on `sched_yield()`
-("spin"); packserve's (serve_apps/engines/vllm_executor.py) sleeps until
+("spin"); packserve's (serve_apps/engines/vllm/executor.py) sleeps until
 shortly before the result is due and spins only from then ("paced",
-serve_apps/engines/step_pacer.py). No serving stack: an `AsyncLLM` with
+serve_apps/engines/vllm/step_pacer.py). No serving stack: an `AsyncLLM` with
 the engine settings of local.yaml, in a process of its own on the serving
 CPUs of packserve's CPU split, its OpenMP thread on the engine CPU, one
 greedy stream of `--requests` requests of `--max-tokens` tokens each
@@ -41,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import cpu_seconds, emit_json, log, machine, print_table, session_members
 from bench.serving import add_model_output_arguments, embedded_models, vllm_args
-from serve_apps.cpu_split import id_list
-from serve_apps.engines.vllm_engine import VLLM_ENV_DEFAULTS
-from serve_apps.ray_env import OMP_BIND, engine_cpu_split
+from serve_apps.deploy.ray_env import OMP_BIND, engine_cpu_split
+from serve_apps.engines.vllm.engine import VLLM_ENV_DEFAULTS
+from serve_apps.host.cpu_split import id_list
 
 WAITS = ("spin", "paced")
 RESULT = "ENGINE_WAIT_RESULT "
@@ -58,8 +58,8 @@ async def _child(wait: str, model_dir: str, requests: int, max_tokens: int, gap_
     from vllm.utils.argparse_utils import FlexibleArgumentParser
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from serve_apps.catalog_build import SMOLLM_ID
-    from serve_apps.engines.vllm_executor import SleepingMultiprocExecutor
+    from serve_apps.catalog.build import SMOLLM_ID
+    from serve_apps.engines.vllm.executor import SleepingMultiprocExecutor
 
     # local.yaml's engine settings, as bench/serving.py gives them to vLLM's own server.
     flags, _ = vllm_args(SMOLLM_ID)
@@ -132,7 +132,7 @@ def main_parent(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
     waits = [w.strip() for w in args.waits.split(",") if w.strip()]
     if not waits or any(w not in WAITS for w in waits) or args.rounds < 1 or args.requests < 3:
         parser.error(f"--waits takes {', '.join(WAITS)}; --rounds >= 1; --requests >= 3")
-    from serve_apps.catalog_build import SMOLLM_ID
+    from serve_apps.catalog.build import SMOLLM_ID
 
     _, model_dir = embedded_models(args, (SMOLLM_ID,))
     split = engine_cpu_split()

@@ -394,10 +394,10 @@ def vllm_stack(data_dir: Path, redis_url: str, mode: str) -> Any:
     from ray import serve
 
     from bench.serving import START_TIMEOUT_S, packserve_config
-    from serve_apps import ray_env
-    from serve_apps.catalog_build import SMOLLM_ID
-    from serve_apps.ray_app import APP_NAME, build_app
-    from serve_apps.serving_plan import deployment_name
+    from serve_apps.catalog.build import SMOLLM_ID
+    from serve_apps.deploy import ray_env
+    from serve_apps.deploy.ray_app import APP_NAME, build_app
+    from serve_apps.deploy.serving_plan import deployment_name
 
     port = free_port()
     admin_token = secrets.token_urlsafe(16)
@@ -463,7 +463,7 @@ async def vllm_scenario(target: Target, mode: str, args: argparse.Namespace) -> 
 
 def run_vllm(args: argparse.Namespace) -> dict[str, Any]:
     from bench.serving import embedded_models
-    from serve_apps.catalog_build import SMOLLM_ID
+    from serve_apps.catalog.build import SMOLLM_ID
 
     data_dir, _ = embedded_models(args, (SMOLLM_ID,))
     rows: list[dict[str, Any]] = []

@@ -68,7 +68,7 @@ START_TIMEOUT_S = 300.0
 SETTLE_S = 5.0  # after a thaw: timers that fell due while frozen fire at once
 
 BARE_RAY = ("import time\n"
-            "from serve_apps import ray_env\n"
+            "from serve_apps.deploy import ray_env\n"
             "ray_env.init_local(include_dashboard=False, log_to_driver=False)\n"
             "print('ray is up', flush=True)\n"
             "time.sleep(365 * 86400)\n")
@@ -128,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
 
-    from serve_apps.catalog_build import SMOLLM_ID
+    from serve_apps.catalog.build import SMOLLM_ID
 
     _, model_dir = embedded_models(args, (SMOLLM_ID,))
     load_before = uptime()

@@ -14,7 +14,7 @@ Serve application, then drives it from this process through a
 DeploymentHandle (the router runs where the handle is, as in the gateway; the
 gateway's own per-request work is the same for every variant and left out):
 
-  affinity  2 replicas, `routing: affinity` (serve_apps.routing)
+  affinity  2 replicas, `routing: affinity` (serve_apps.deploy.routing)
   default   2 replicas, `routing: default` (Ray's power of two choices)
   single    1 replica: the hit-ratio reference (one cache sees every turn)
 
@@ -34,7 +34,7 @@ uncached prompt token (one prefill at a time per replica, like a
 compute-bound engine) and a decode rate, so cache misses cost time as on a
 real engine. `--engine vllm`: the embedded SmolLM2-135M of
 serve_apps/configs/local.yaml on vLLM CPU (build the catalog first:
-`python -m serve_apps.catalog_build`; two replicas need ~10 GB of RAM).
+`python -m serve_apps.catalog.build`; two replicas need ~10 GB of RAM).
 
 Cold start: a deployment with `min_replicas: 0`, time from the first call at
 zero replicas to its first token (Ray starting the replica, the engine
@@ -56,11 +56,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import emit_json, machine, percentile, print_table
-from serve_apps import ray_env
+from serve_apps.cli.serve_main import DEFAULT_CONFIG
 from serve_apps.config import AppConfig, ConfigError, ModelConfig, load_config
+from serve_apps.deploy import ray_env
 from serve_apps.engines.sim import SIM_CARDS, SIM_LARGE
 from serve_apps.engines.types import ChatMessage, GenerationRequest, SamplingParams
-from serve_apps.serve_main import DEFAULT_CONFIG
 
 SYSTEM = ("You are a senior engineer on the storage team. Answer precisely, cite the subsystem by name, "
           "and keep a friendly tone. ") * 3
@@ -136,8 +136,8 @@ def session_context(conversation: int, chars: int) -> str:
 
 
 async def run_workload(handle: Any, args: argparse.Namespace, result: Result) -> None:
-    from serve_apps.engine_proxy import DeploymentEngine
-    from serve_apps.serving_plan import cards
+    from serve_apps.deploy.engine_proxy import DeploymentEngine
+    from serve_apps.deploy.serving_plan import cards
 
     mid = model_id(args)
     engine = DeploymentEngine(handle, [cards(model_config(args, "default", 1))[mid]])
@@ -219,8 +219,8 @@ def replica_started(handle: Any, replicas: int) -> dict[str, int]:
 def measure(args: argparse.Namespace, variant: str, routing: str, replicas: int) -> Result:
     from ray import serve
 
-    from serve_apps.ray_app import model_deployment
-    from serve_apps.serving_plan import plan
+    from serve_apps.deploy.ray_app import model_deployment
+    from serve_apps.deploy.serving_plan import plan
 
     config = model_config(args, routing, replicas)
     (p,) = plan(config)
@@ -243,9 +243,9 @@ def cold_start(args: argparse.Namespace) -> float:
     """Seconds from the first call at zero replicas to its first token."""
     from ray import serve
 
-    from serve_apps.engine_proxy import DeploymentEngine
-    from serve_apps.ray_app import model_deployment
-    from serve_apps.serving_plan import cards, deployment_name, plan
+    from serve_apps.deploy.engine_proxy import DeploymentEngine
+    from serve_apps.deploy.ray_app import model_deployment
+    from serve_apps.deploy.serving_plan import cards, deployment_name, plan
 
     config = model_config(args, "affinity", 1, min_replicas=0)
     (p,) = plan(config)
@@ -294,7 +294,7 @@ def main() -> None:
     from ray import serve
 
     if args.engine == "vllm":
-        from serve_apps.model_server import resolve_model_dir
+        from serve_apps.deploy.model_server import resolve_model_dir
 
         try:
             config = model_config(args, "affinity", 2)

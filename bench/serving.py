@@ -15,7 +15,7 @@ cannot hold two engines without each slowing the other):
 (a) packserve  `build_app(local.yaml)` with its chat model alone (see
                `packserve_config`) on Ray Serve started in this process,
                Redis started here (bench/common.py `redis_server()`):
-               HAProxy (Ray Serve's throughput mode, serve_apps/ray_env.py)
+               HAProxy (Ray Serve's throughput mode, serve_apps/deploy/ray_env.py)
                → the gateway deployment (API key auth,
                admission against Redis, metering) → the model deployment's
                `VllmEngine` (vLLM's `AsyncLLM`) through a DeploymentHandle.
@@ -51,7 +51,7 @@ tokens/s is the level's total completion tokens (from `usage`) divided by
 its wall time: the throughput the server delivers.
 
 Placement (`--no-split`, `--pin-vllm`): packserve starts its Ray as `packserve
-serve` does for local.yaml, with the CPU split of serve_apps/cpu_split.py
+serve` does for local.yaml, with the CPU split of serve_apps/host/cpu_split.py
 (vLLM's OpenMP threads on the engine CPUs, every other process of packserve on
 the rest). vLLM's server runs as it ships: on every CPU, with its own auto
 binding of its OpenMP threads (which picks the same engine CPUs);
@@ -93,9 +93,9 @@ from bench.common import (
     redis_server,
 )
 from bench.gateway import Sample, Target, one_stream, wait_http
-from serve_apps.cpu_split import CpuSplit, id_list
-from serve_apps.engines.vllm_engine import VLLM_ENV_DEFAULTS
-from serve_apps.ray_env import OMP_BIND, engine_cpu_split
+from serve_apps.deploy.ray_env import OMP_BIND, engine_cpu_split
+from serve_apps.engines.vllm.engine import VLLM_ENV_DEFAULTS
+from serve_apps.host.cpu_split import CpuSplit, id_list
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_CONFIG = ROOT / "serve_apps" / "configs" / "local.yaml"
@@ -259,10 +259,10 @@ def packserve(data_dir: Path, redis_url: str, streams: int, with_embeddings: boo
     """build_app(local.yaml) on a Ray started here (on `cpus`, as `packserve serve` starts it), stopped at the end."""
     from ray import serve
 
-    from serve_apps import ray_env
-    from serve_apps.catalog_build import SMOLLM_ID
-    from serve_apps.ray_app import APP_NAME, build_app
-    from serve_apps.serving_plan import deployment_name
+    from serve_apps.catalog.build import SMOLLM_ID
+    from serve_apps.deploy import ray_env
+    from serve_apps.deploy.ray_app import APP_NAME, build_app
+    from serve_apps.deploy.serving_plan import deployment_name
 
     port = free_port()
     admin_token = secrets.token_urlsafe(16)
@@ -388,7 +388,7 @@ def print_verdicts(what: str, compared: list[dict[str, Any]]) -> None:
 def run_rounds(args: argparse.Namespace, levels: list[int], data_dir: Path, model_dir: Path,
                placement: Placement) -> list[dict[str, Any]]:
     """`args.rounds` rounds, each measuring both targets; the order alternates so neither always goes first."""
-    from serve_apps.catalog_build import SMOLLM_ID
+    from serve_apps.catalog.build import SMOLLM_ID
 
     results: dict[tuple[str, int], list[tuple[list[Sample], float]]] = {}
 
@@ -461,7 +461,7 @@ def add_model_output_arguments(parser: argparse.ArgumentParser) -> None:
 def embedded_models(args: argparse.Namespace, catalog_ids: Sequence[str]) -> tuple[Path, Path]:
     """The data directory and SmolLM2's converted directory, building `catalog_ids` first if needed."""
     from cluster.settings import default_data_dir
-    from serve_apps.catalog_build import EMBEDDED_MODELS, SMOLLM_ID, build_catalog
+    from serve_apps.catalog.build import EMBEDDED_MODELS, SMOLLM_ID, build_catalog
 
     data_dir: Path = args.data_dir or default_data_dir()
     log(f"building (or reusing) {', '.join(catalog_ids)} in {data_dir}/models")
@@ -482,7 +482,7 @@ def main() -> None:
     args = parser.parse_args()
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
 
-    from serve_apps.catalog_build import MINILM_ID, SMOLLM_ID
+    from serve_apps.catalog.build import MINILM_ID, SMOLLM_ID
 
     data_dir, model_dir = embedded_models(args, (SMOLLM_ID, MINILM_ID))
     where = placement(args.no_split, args.pin_vllm)

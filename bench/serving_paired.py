@@ -124,7 +124,7 @@ def packserve_session(data_dir: Path, redis_url: str, streams: int, cpus: Collec
             base = f"http://127.0.0.1:{port}"
             keys = asyncio.run(create_accounts_one_pack(base, admin_token, streams))
             log(f"packserve: ready in {time.monotonic() - started:.0f} s")
-            from serve_apps.catalog_build import SMOLLM_ID
+            from serve_apps.catalog.build import SMOLLM_ID
 
             target = Target("packserve", f"{base}/v1/chat/completions", SMOLLM_ID, keys, {"session": proc.pid})
             try:
@@ -218,7 +218,7 @@ def main() -> None:
     args = parser.parse_args()
     levels, pairs = parse_levels(args, parser)
 
-    from serve_apps.catalog_build import SMOLLM_ID
+    from serve_apps.catalog.build import SMOLLM_ID
 
     data_dir, model_dir = embedded_models(args, (SMOLLM_ID,))
     everything = frozenset(os.sched_getaffinity(0))

@@ -38,9 +38,3 @@ async def open_store(*, request_unit: int, redis_url: str | None = None, data_di
                          "keep that pack kind in plans.packs or move those accounts first") from None
     return store
 
-
-def describe(redis_url: str | None, data_dir: Path | None) -> str:
-    url = redis_url or redis_url_from_env()
-    if url:
-        return f"redis {url.split('@')[-1]}"  # never echo a password
-    return f"embedded {(data_dir or default_data_dir()) / EMBEDDED_DB}"

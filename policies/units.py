@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 from decimal import ROUND_HALF_UP, Decimal
-from fractions import Fraction
 
 PICO_PER_MICRO = 1_000_000
 PICO_PER_DOLLAR = 1_000_000_000_000
@@ -40,8 +39,3 @@ def format_dollars_pico(pico: int) -> str:
     sign = "-" if cents < 0 else ""
     cents = abs(cents)
     return f"{sign}${int(cents) // 100}.{int(cents) % 100:02d}"
-
-
-def fraction_to_float(value: Fraction, places: int = 6) -> float:
-    """For JSON display only: never fed back into accounting."""
-    return round(float(value), places)

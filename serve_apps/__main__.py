@@ -1,4 +1,4 @@
-from serve_apps.cli import main
+from serve_apps.cli.commands import main
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -88,13 +88,13 @@ class VllmArgs(StrictModel):
     """The vLLM engine settings packserve controls; anything else is a deliberate omission."""
 
     model: str  # a local directory or a builtin:name resolved by the catalog builder
-    served_model_name: str | None = None
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
     max_model_len: int | None = Field(None, ge=128)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     quantization: str | None = None
+    # Always on: prefix-affinity routing and cached-token billing depend on it. Only `true` is accepted.
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     max_num_seqs: int = Field(256, ge=1)
@@ -106,6 +106,18 @@ class VllmArgs(StrictModel):
     reasoning_parser: str | None = None
     trust_remote_code: bool = False
     kv_cache_space_gib: float | None = Field(None, gt=0, description="CPU backend: VLLM_CPU_KVCACHE_SPACE")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_settings_packserve_owns(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if "served_model_name" in data:
+                raise ValueError("served_model_name is not a setting: a model is served under its catalog `id`, "
+                                 "which is the name clients send")
+            if data.get("enable_prefix_caching") is False:
+                raise ValueError("enable_prefix_caching cannot be turned off: prefix-affinity routing and "
+                                 "cached-token billing depend on it")
+        return data
 
 
 class ModelConfig(StrictModel):
@@ -126,7 +138,7 @@ class ModelConfig(StrictModel):
     resources: Resources = Resources()
     max_ongoing_requests: int = Field(64, ge=1)
     # Chat models: "affinity" sends requests sharing a prefix to the replica
-    # that holds it (serve_apps.routing); "default" is Ray's power of two choices.
+    # that holds it (serve_apps.deploy.routing); "default" is Ray's power of two choices.
     routing: Literal["affinity", "default"] = "affinity"
     # The preferred replica is passed over once it has more requests than this in flight.
     affinity_max_queue: int = Field(8, ge=0)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from serve_apps.ray_env import free_port as free_port  # re-exported: tests import it from here
+from serve_apps.host.ports import free_port as free_port  # re-exported: tests import it from here
 
 STARTUP_TIMEOUT_S = 10.0
 
@@ -162,7 +162,7 @@ def call_model(model_id: str, method: str, app_name: str, timeout_s: float) -> A
     """
     from ray import serve
 
-    from serve_apps.serving_plan import deployment_name
+    from serve_apps.deploy.serving_plan import deployment_name
 
     handle = serve.get_deployment_handle(deployment_name(model_id), app_name=app_name)
     try:
@@ -177,11 +177,11 @@ def ray_serve() -> Iterator[RayServe]:
     # Imported here: most test modules never need Ray, and importing it is slow.
     from ray import serve
 
-    from serve_apps import ray_env
+    from serve_apps.deploy import ray_env
 
     port = free_port()
     # The same Ray packserve deploys on (engines at nice 0; HAProxy, direct ingress, gRPC between deployments),
-    # split from vLLM's CPUs as `packserve serve` does for local.yaml (serve_apps/cpu_split.py).
+    # split from vLLM's CPUs as `packserve serve` does for local.yaml (serve_apps/host/cpu_split.py).
     local_ray = ray_env.init_local(ray_env.engine_cpu_split(), num_cpus=2, include_dashboard=False,
                                    log_to_driver=False)
     try:
@@ -192,3 +192,13 @@ def ray_serve() -> Iterator[RayServe]:
             serve.shutdown()  # type: ignore[no-untyped-call]
         finally:
             ray_env.shutdown_local(local_ray)
+
+
+REDIS_FIXTURES = frozenset({"redis_server", "redis_url", "persistent_redis"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The redis tier follows from the fixtures a test uses, so it cannot be forgotten.
+    for item in items:
+        if REDIS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.redis)

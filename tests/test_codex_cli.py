@@ -35,6 +35,8 @@ from tests.agent_recorder import REDACTED, Recorder
 from tests.conftest import free_port
 from tests.live_gateway import LiveGateway
 
+pytestmark = pytest.mark.npm
+
 CODEX_VERSION = "0.171.0"
 FIXTURES = Path(__file__).parent / "fixtures" / "codex"
 MODEL = "hf:packserve/sim-large"

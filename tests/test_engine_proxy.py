@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from serve_apps.engine_proxy import DeploymentEngine, ReplicaWatch, _engine_error
+from serve_apps.deploy.engine_proxy import DeploymentEngine, ReplicaWatch, _engine_error
 from serve_apps.engines.types import (
     EngineError,
     GenerationChunk,
@@ -83,9 +83,21 @@ def request() -> GenerationRequest:
     return GenerationRequest(request_id="r1", model=MODEL, sampling=SamplingParams(max_tokens=2), prompt="hi")
 
 
+CHECK_S = 0.005  # the engine's dispatch check interval, injected short
+
+
 def engine_with(replicas: list[int | None]) -> tuple[DeploymentEngine, FakeHandle]:
     handle = FakeHandle()
-    return DeploymentEngine(handle, [], running=lambda: replicas[0]), handle  # type: ignore[arg-type]
+    engine = DeploymentEngine(handle, [], running=lambda: replicas[0], check_s=CHECK_S)  # type: ignore[arg-type]
+    return engine, handle
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Yield to the loop until `condition()` holds (progress is observed, not waited out by a fixed sleep)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "the condition never held"
+        await asyncio.sleep(CHECK_S / 5)
 
 
 async def test_a_dispatch_that_finds_zero_replicas_raises_model_starting_and_cancels() -> None:
@@ -97,7 +109,7 @@ async def test_a_dispatch_that_finds_zero_replicas_raises_model_starting_and_can
 
     stream = engine.generate(request())
     first = asyncio.ensure_future(stream.__anext__())
-    await asyncio.sleep(0.3)  # past one COLD_DISPATCH_CHECK_S with replicas reported: keeps waiting
+    await until(lambda: engine.dispatch_checks >= 2)  # checked with replicas reported: keeps waiting
     assert not first.done()
     replicas[0] = 0  # the watch's next poll sees the scale-down to zero
     with pytest.raises(ModelStarting) as err:
@@ -127,7 +139,7 @@ async def test_unknown_replica_counts_never_raise_model_starting() -> None:
     engine, handle = engine_with([None])  # the watch has no answer (controller unreachable)
     stream = engine.generate(request())
     first = asyncio.ensure_future(stream.__anext__())
-    await asyncio.sleep(0.3)
+    await until(lambda: engine.dispatch_checks >= 2)
     assert not first.done()
     await handle.remotes[0].queue.put(GenerationChunk(text="late"))
     assert (await asyncio.wait_for(first, 2)).text == "late"
@@ -154,14 +166,14 @@ async def test_the_watch_polls_closely_only_while_a_registrant_needs_it() -> Non
 
     watch.start()
     try:
-        await asyncio.sleep(0.2)
+        await until(lambda: watch.polls >= 1)
+        await asyncio.sleep(5 * watch.poll_s)  # five close intervals pass without a poll: the idle one is in force
         idle_polls = watch.polls
         assert idle_polls == 1  # the first poll happens at once, the next one only after 60 s
         assert watch.running("model-a") == 1 and watch.running("model-b") == 0  # STARTING is not running
         assert watch.running("model-c") == 0
         needed[0] = True  # e.g. a deployment that can scale to zero, or one that has not answered yet
-        await asyncio.sleep(0.2)
-        assert watch.polls >= idle_polls + 5
+        await until(lambda: watch.polls >= idle_polls + 5)
     finally:
         await watch.close()
 

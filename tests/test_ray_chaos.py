@@ -26,10 +26,12 @@ import pytest
 from ray import serve
 
 from serve_apps.config import AppConfig
+from serve_apps.deploy.ray_app import build_app
+from serve_apps.deploy.serving_plan import deployment_name
 from serve_apps.engines.sim import SIM_CARDS, SIM_LARGE
-from serve_apps.ray_app import build_app
-from serve_apps.serving_plan import deployment_name
 from tests.conftest import RayServe, RedisServer
+
+pytestmark = pytest.mark.ray
 
 APP = "replica-chaos"
 ADMIN_TOKEN = "replica-chaos-admin-token"

@@ -1,4 +1,4 @@
-"""serve_apps.ray_env: the environment packserve starts Ray with, and the HAProxy clean-up."""
+"""serve_apps.deploy.ray_env: the environment packserve starts Ray with, and the HAProxy clean-up."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from serve_apps import ray_env
+from serve_apps.deploy import ray_compat, ray_env
+from serve_apps.host import ports as host_ports
 
 
 def test_ray_env_is_the_throughput_mode_unless_the_operator_says_otherwise() -> None:
@@ -28,9 +29,9 @@ def test_a_local_ray_gets_a_short_ingress_drain_and_free_haproxy_side_ports() ->
     ports = [int(env[k]) for k in ray_env.HAPROXY_SIDE_PORTS]
     assert len(set(ports)) == 2 and all(p > 0 for p in ports)
     # Outside the kernel's ephemeral range, which Ray's own port-0 sockets draw from while Ray starts.
-    ephemeral_from = ray_env.ephemeral_range_start()
+    ephemeral_from = host_ports.ephemeral_range_start()
     assert ephemeral_from is not None
-    assert all(ray_env.FIXED_PORTS_FROM <= p < ephemeral_from for p in ports)
+    assert all(host_ports.FIXED_PORTS_FROM <= p < ephemeral_from for p in ports)
     chosen = ray_env.local_runtime_env({"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "30",
                                         "RAY_SERVE_HAPROXY_STATS_PORT": "18404"})["env_vars"]
     assert chosen["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30"
@@ -47,7 +48,7 @@ def test_haproxy_clean_up_stops_only_its_own_nodes_processes() -> None:
 
     def fake_haproxy(node_id: str) -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                                 f"/x/site-packages/{ray_env.HAPROXY_MARK}",
+                                 f"/x/site-packages/{ray_compat.HAPROXY_MARK}",
                                  f"/tmp/haproxy-serve/{node_id}/haproxy.cfg"])
 
     procs = [fake_haproxy(mine), fake_haproxy(theirs)]

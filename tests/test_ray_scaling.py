@@ -1,7 +1,7 @@
 """Prefix-affinity routing and scale-to-zero on real Ray Serve (the session Ray of conftest `ray_serve`).
 
 Routing: two deployments of the simulated engine with 2 replicas each, one
-routed by `serve_apps.routing.PrefixAffinityRouter`, one by Ray's default
+routed by `serve_apps.deploy.routing.PrefixAffinityRouter`, one by Ray's default
 power-of-two-choices router, each driven from this process through its
 DeploymentHandle (the router runs where the handle is, as it does in the
 gateway) with the same multi-turn conversations. The simulated engine's
@@ -36,13 +36,15 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_apps.config import AppConfig
-from serve_apps.engine_proxy import DeploymentEngine
+from serve_apps.deploy.engine_proxy import DeploymentEngine
+from serve_apps.deploy.ray_app import build_app, model_deployment
+from serve_apps.deploy.serving_plan import deployment_name, plan
 from serve_apps.engines.sim import SIM_CARDS, SIM_EMBED, SIM_LARGE, SIM_SMALL, SimulatedEngine
 from serve_apps.engines.types import ChatMessage, Engine, GenerationRequest, SamplingParams
 from serve_apps.gateway.service import COLD_START_RETRY_AFTER_S
-from serve_apps.ray_app import build_app, model_deployment
-from serve_apps.serving_plan import deployment_name, plan
 from tests.conftest import RayServe, RedisServer
+
+pytestmark = pytest.mark.ray
 
 ADMIN_TOKEN = "ray-scaling-admin-token"
 COLD_APP = "cold-start"

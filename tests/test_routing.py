@@ -1,4 +1,4 @@
-"""The prefix-affinity decision as tables, without Ray (serve_apps.routing's pure layer)."""
+"""The prefix-affinity decision as tables, without Ray (serve_apps.deploy.routing's pure layer)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import time
 import pytest
 
 from serve_apps.config import AppConfig
-from serve_apps.engines.sim import SIM_LARGE, SimulatedEngine
-from serve_apps.engines.types import ChatMessage, GenerationRequest, SamplingParams, ToolSpec
-from serve_apps.routing import (
+from serve_apps.deploy.routing import (
     HOME_SLACK,
     Candidate,
     Choice,
@@ -22,7 +20,9 @@ from serve_apps.routing import (
     prefix_text,
     request_blocks,
 )
-from serve_apps.serving_plan import plan
+from serve_apps.deploy.serving_plan import plan
+from serve_apps.engines.sim import SIM_LARGE, SimulatedEngine
+from serve_apps.engines.types import ChatMessage, GenerationRequest, SamplingParams, ToolSpec
 
 C = Candidate
 

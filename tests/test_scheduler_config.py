@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from policies.fairness import SchedulerMode
+from serve_apps.cli.gateway_main import with_command_line
 from serve_apps.config import AppConfig, ConfigError, load_config
 from serve_apps.gateway.app import model_capacity
-from serve_apps.gateway_main import with_command_line
 
 VLLM_MODELS = [
     {"id": "hf:org/chat", "kind": "chat", "vllm": {"model": "/m", "max_num_seqs": 16}},

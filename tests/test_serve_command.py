@@ -23,9 +23,11 @@ import openai
 import pytest
 import yaml
 
-from serve_apps.ray_env import free_port
-from serve_apps.serve_main import CONFIG_DIR, _reason_line
+from serve_apps.cli.serve_main import CONFIG_DIR, _reason_line
+from serve_apps.host.ports import free_port
 from tests.processes import kill_session, session_members
+
+pytestmark = pytest.mark.ray
 
 START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 120.0

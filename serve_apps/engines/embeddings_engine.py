@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from serve_apps.engines.errors import UnknownModel
 from serve_apps.engines.types import (
     ChatMessage,
     EmbeddingRequest,
@@ -76,7 +77,7 @@ class EmbeddingsEngine:
 
     def _check(self, model: str) -> None:
         if model != self.card.id:
-            raise KeyError(model)
+            raise UnknownModel(model)
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         self._check(request.model)
@@ -115,13 +116,12 @@ class EmbeddingsEngine:
         prompt: str | None,
         tools: tuple[ToolSpec, ...],
     ) -> int:
-        # Chat-only method: an embeddings id here is a wrong-kind request (404).
-        raise KeyError(model)
+        # Chat-only method: this engine serves no chat model.
+        raise UnknownModel(model)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        # Like the simulated engine, a chat request for an embeddings model is
-        # an unknown model to the gateway (404), not an engine failure.
-        raise KeyError(f"{request.model} is an embeddings model; it cannot generate text")
+        # This engine serves no chat model: not an engine failure.
+        raise UnknownModel(request.model)
         yield GenerationChunk()  # unreachable; makes this an async generator like every engine's generate
 
     async def abort(self, request_id: str) -> None:

@@ -40,7 +40,7 @@ from serve_apps.engines.types import Engine, ModelCard
 from serve_apps.gateway.admin_routes import build_admin_router, check_admin_token
 from serve_apps.gateway.anthropic_routes import build_anthropic_router
 from serve_apps.gateway.auth_guard import AuthFailureGuard
-from serve_apps.gateway.errors import ApiError, error_response
+from serve_apps.gateway.errors import ApiError, UnknownModel, error_response, not_served
 from serve_apps.gateway.metrics import Metrics
 from serve_apps.gateway.openai_routes import build_openai_router
 from serve_apps.gateway.page_headers import page_headers
@@ -365,6 +365,12 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
             if exc.status_code == 404 else str(exc.detail)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return rejected(request, ApiError(exc.status_code, message, code))
+
+    @app.exception_handler(UnknownModel)
+    async def unknown_model(request: Request, exc: UnknownModel) -> Response:
+        # The catalog knows the id (routes resolve it first) but the engine it reached does not serve it.
+        log.warning("model not served by its engine", extra={"model": exc.model})
+        return error_response(request, not_served(exc))
 
     @app.exception_handler(StoreError)
     async def store_error(request: Request, exc: StoreError) -> Response:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from serve_apps.engines.errors import UnknownModel as UnknownModel  # re-exported: the routes and the service catch it
 from serve_apps.protocols import anthropic_convert, openai_convert
 
 
@@ -37,3 +38,9 @@ def error_response(request: Request, err: ApiError) -> JSONResponse:
     else:
         body = openai_convert.error_body(err.status, err.message, code=err.code, param=err.param)
     return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+
+def not_served(exc: UnknownModel) -> ApiError:
+    """The catalog has the model but the engine it reached does not serve it (a replica built from another catalog)."""
+    return ApiError(404, f"The model '{exc.model}' is not served by its replica right now (a deployment may be "
+                         "updating); GET /v1/models lists the available ones.", "model_not_found", "model")

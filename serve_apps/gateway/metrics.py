@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from serve_apps.engines.types import TokenUsage
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-# A sim replica starts in ~3 s, a small vLLM model in ~40 s, a large one in minutes.
+# A sim replica starts in seconds, a small vLLM model in tens of seconds, a large one in minutes.
 COLD_START_BUCKETS = (1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)
 
 

@@ -37,19 +37,20 @@ def build_openai_router(service: GatewayService, max_body_bytes: int,
     def warm_now() -> Mapping[str, bool] | None:
         return warm() if callable(warm) else warm
 
-    async def check_presented_key(request: Request) -> None:
-        # Listing models needs no key, but a key that is presented and invalid is a 401 (SPEC §2).
+    async def reject_a_wrong_key(request: Request) -> None:
+        # The catalog is public, but a key that is presented must be valid: clients "test the
+        # connection" by listing models, and a 200 would tell a user with a mistyped key all is well.
         if presented_key(request) is not None:
             await service.authenticate(request)
 
     @router.get("/models")
     async def models(request: Request) -> Response:
-        await check_presented_key(request)
+        await reject_a_wrong_key(request)
         return JSONResponse(convert.models_list(service.cards.values(), weights, warm_now()))
 
     @router.get("/models/{model_id:path}")
     async def model(request: Request, model_id: str) -> Response:
-        await check_presented_key(request)
+        await reject_a_wrong_key(request)
         card = service.cards.get(model_id)
         if card is None:
             raise ApiError(404, f"The model '{model_id}' does not exist; GET /v1/models lists the available ones.",

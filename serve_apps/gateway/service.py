@@ -43,7 +43,7 @@ from serve_apps.engines.types import (
     TokenUsage,
 )
 from serve_apps.gateway.auth_guard import AuthFailureGuard
-from serve_apps.gateway.errors import ApiError
+from serve_apps.gateway.errors import ApiError, UnknownModel, not_served
 from serve_apps.gateway.metrics import Metrics
 from serve_apps.gateway.recent import RecentWindow
 from serve_apps.protocols.common import GenerationResult
@@ -337,6 +337,10 @@ class GatewayService:
                 # Not the reason: it can quote the request (a schema), and logs never hold request content.
                 log.info("request rejected by the engine", extra={"request_id": gen.request_id, "model": card.id})
                 raise ApiError(400, f"The model cannot serve this request: {exc}", "invalid_request") from None
+            except UnknownModel as exc:
+                # The catalog has the id but the replica reached does not (one built from another catalog).
+                log.warning("model not served by its engine", extra={"request_id": gen.request_id, "model": exc.model})
+                raise not_served(exc) from None
             except EngineError as exc:
                 log.warning("engine failed before the first token", extra={"error": str(exc)})
                 raise ApiError(502, "The model failed before producing output; this request was not charged.",
@@ -385,7 +389,7 @@ class GatewayService:
                         self.recent.first_token(request.model, ttft_ms)
                     yield chunk
             status = "ok"
-        except EngineError:
+        except (EngineError, UnknownModel):
             status = "error"
             raise
         finally:

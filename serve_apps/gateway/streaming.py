@@ -19,14 +19,6 @@ log = logging.getLogger("packserve.gateway")
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
-class ChunkEncoder:
-    """What both protocols' stream encoders offer: opening lines, per-chunk lines, closing lines."""
-
-    start: Callable[[], list[str]]
-    chunk: Callable[[GenerationChunk], list[str]]
-    finish: Callable[[], list[str]]
-
-
 def sse_response(first: GenerationChunk | None, chunks: AsyncIterator[GenerationChunk],
                  start: Callable[[], list[str]], encode: Callable[[GenerationChunk], list[str]],
                  finish: Callable[[], list[str]], fail: Callable[[str], str],

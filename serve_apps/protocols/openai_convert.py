@@ -202,10 +202,6 @@ def usage_model(usage: TokenUsage) -> Usage:
     )
 
 
-def usage_dict(usage: TokenUsage) -> dict[str, Any]:
-    return usage_model(usage).model_dump(mode="json")
-
-
 def chat_finish_reason(reason: FinishReason | None, has_tool_calls: bool = False) -> ChatFinishReason:
     """OpenAI has no "abort"/"error" finish reason; those streams ended early, so "stop"."""
     if reason == "tool_calls" or (has_tool_calls and reason in (None, "stop")):

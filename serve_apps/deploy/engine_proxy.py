@@ -25,6 +25,7 @@ from ray.exceptions import RayTaskError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from serve_apps.engines.errors import UnknownModel
 from serve_apps.engines.types import (
     ChatMessage,
     EmbeddingRequest,
@@ -46,11 +47,10 @@ _NOT_STARTED = (BackPressureError, DeploymentUnavailableError)
 # replicas (min_replicas 0) or has not answered `ready()` yet: it bounds how
 # long a scale-down to zero goes unnoticed (and so how stale a warm flag is).
 WATCH_POLL_S = 0.5
-# Otherwise. serve.status() is not small: measured ~29 ms of the gateway's CPU
-# per call (it rebuilds every deployment's config, pickling the request router
-# class), plus the controller's share, so polling it twice a second cost the
-# gateway a quarter of its CPU under load for deployments that never scale to
-# zero (bench/RESULTS.md, "Serving").
+# Otherwise. serve.status() is not small: it rebuilds every deployment's config
+# (pickling the request router class) in the gateway and costs the controller
+# too, so polling it twice a second took a large share of the gateway's CPU
+# under load for deployments that never scale to zero (docs/performance.md).
 WATCH_IDLE_POLL_S = 10.0
 # While a dispatched request waits for its first chunk, how often it checks
 # whether its deployment went to zero replicas (ModelStarting).
@@ -144,13 +144,19 @@ class DeploymentEngine:
     """
 
     def __init__(self, handle: DeploymentHandle[Any], cards: list[ModelCard],
-                 running: Callable[[], int | None] | None = None) -> None:
-        """`running` says how many replicas the deployment has (None: unknown), e.g. `ReplicaWatch.counter`."""
+                 running: Callable[[], int | None] | None = None, check_s: float = COLD_DISPATCH_CHECK_S) -> None:
+        """`running` says how many replicas the deployment has (None: unknown), e.g. `ReplicaWatch.counter`.
+
+        `check_s`: how often a request waiting for its first chunk looks at that count.
+        """
         self._handle = handle
         self._stream = handle.options(stream=True)
         self._cards = list(cards)
         self._running: dict[str, DeploymentResponseGenerator[GenerationChunk]] = {}
         self._replicas = running
+        self._check_s = check_s
+        # How many times a waiting request has looked at the replica count (observable progress).
+        self.dispatch_checks = 0
         # True once a replica answered `ready()` (engine loaded) and until the
         # deployment is seen at zero replicas again.
         self._confirmed = False
@@ -256,9 +262,10 @@ class DeploymentEngine:
         nxt: asyncio.Future[GenerationChunk] = asyncio.ensure_future(remote.__anext__())
         try:
             while True:
-                done, _ = await asyncio.wait({nxt}, timeout=COLD_DISPATCH_CHECK_S)
+                done, _ = await asyncio.wait({nxt}, timeout=self._check_s)
                 if done:
                     return nxt.result()
+                self.dispatch_checks += 1
                 if replicas() == 0:
                     self._confirmed = False
                     raise ModelStarting()
@@ -303,8 +310,9 @@ def _engine_error(exc: BaseException, *, before_first_token: bool) -> BaseExcept
         rebuild, args = cause.__reduce__()[:2]
         return cast(BaseException, rebuild(*args))
     if isinstance(cause, KeyError):
-        # The gateway maps KeyError (an id the engine does not serve) to a 404.
-        return KeyError(*cause.args)
+        # An id the replica's engine does not serve (engines.errors; the simulated engine raises a bare
+        # KeyError): the gateway answers 404 model_not_found.
+        return UnknownModel(str(cause.args[0]) if cause.args else "")
     if isinstance(cause, asyncio.CancelledError | RequestCancelledError | TaskCancelledError):
         return asyncio.CancelledError()
     if isinstance(cause, _NOT_STARTED):

@@ -7,9 +7,9 @@ which it leaves for the engine-core process that schedules the steps). It
 keeps nothing else off those CPUs. Every step is a parallel region that ends
 at a barrier, so when any other process (Ray's GCS, raylet and agents, the
 Serve controller, HAProxy, the gateway, the model replicas) is scheduled on
-one of them, the whole step waits for it. On a 2-core machine an idle local
-Ray alone took 7-11% of vLLM's own server's throughput that way
-(bench/ray_floor.py, bench/RESULTS.md).
+one of them, the whole step waits for it: on a small machine an idle local
+Ray alone cost vLLM's own server more throughput than packserve's whole
+budget (bench/ray_floor.py; figures in bench/RESULTS.md).
 
 So on a node whose engines run on CPU, packserve computes the split itself,
 the way vLLM's auto binding does, hands the engine CPUs to vLLM explicitly,

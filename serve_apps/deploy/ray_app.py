@@ -1,7 +1,7 @@
 """The Ray Serve application: the gateway as ingress, one deployment per model.
 
 `build_app(config)` is what `packserve serve`, `ray job submit ... python -m
-serve_apps.serve_main` and KubeRay (`serve_apps.ray_app:app_builder`) deploy.
+serve_apps.cli.serve_main` and KubeRay (`serve_apps.deploy.ray_app:app_builder`) deploy.
 `dry_run(config)` describes the same graph without starting Ray.
 
 Latency choices: the gateway is the ingress deployment (proxy → gateway →
@@ -12,7 +12,7 @@ time-based stream batching; the 50 ms `stream_batching_interval_ms` belongs
 to Ray Serve *LLM*, which packserve does not use), and `max_ongoing_requests`
 is sized per deployment instead of Ray's default of 5, which would queue the
 6th concurrent stream at the proxy. Ray itself runs in the mode of
-`serve_apps.ray_env` (engines at nice 0, HAProxy ingress, gRPC between
+`serve_apps.deploy.ray_env` (engines at nice 0, HAProxy ingress, gRPC between
 deployments), which is why the gateway makes its own model handles.
 """
 
@@ -30,14 +30,14 @@ from ray.serve.deployment import Application, Deployment
 from ray.serve.handle import DeploymentHandle
 
 from cluster.settings import admin_token_from_env, redis_url_from_env
-from serve_apps import routing, serving_plan
 from serve_apps.config import AppConfig, ConfigError, load_config
-from serve_apps.deploy_versions import deployment_version, inherited_environment, job_runtime_env
-from serve_apps.engine_proxy import DeploymentEngine, ReplicaWatch
+from serve_apps.deploy import ray_compat, routing, serving_plan
+from serve_apps.deploy.engine_proxy import DeploymentEngine, ReplicaWatch
+from serve_apps.deploy.model_server import ModelServer
+from serve_apps.deploy.versions import deployment_version, inherited_environment, job_runtime_env
 from serve_apps.engines.types import Engine
 from serve_apps.gateway.app import GatewayRuntime, build_gateway_app, create_runtime
 from serve_apps.logs import setup_logging
-from serve_apps.model_server import ModelServer
 
 APP_NAME = "packserve"
 
@@ -138,14 +138,12 @@ def model_deployment(p: serving_plan.DeploymentPlan, config: AppConfig,
     if environment is None:
         environment = inherited_environment(job_runtime_env())
     version = deployment_version("model", p.model_id, replica_config, p.ray_actor_options, environment)
-    deployment = _deployment(ModelServer).options(
+    # A fixed version keeps the replicas across a redeploy that changed nothing of theirs (ray_compat).
+    deployment = ray_compat.versioned_options(
+        _deployment(ModelServer), version,
         name=p.name, autoscaling_config=p.autoscaling_config, ray_actor_options=p.ray_actor_options,
         max_ongoing_requests=p.max_ongoing_requests, logging_config={"enable_access_log": False},
-        graceful_shutdown_timeout_s=p.graceful_shutdown_timeout_s,
-        # Serve's public API no longer takes versions (it draws a random one per
-        # `serve.run`, restarting every replica); packserve pins Ray 2.60 and
-        # tests/test_job_submit.py checks that replicas survive a redeploy.
-        version=version, _internal=True, **options)
+        graceful_shutdown_timeout_s=p.graceful_shutdown_timeout_s, **options)
     return deployment.bind(p.model_id, replica_config)
 
 
@@ -164,14 +162,14 @@ def build_app(config: AppConfig, *, admin_token: str | None = None) -> serve.App
     gw = config.gateway
     actor_options = serving_plan.gateway_actor_options(config)
     version = deployment_version("gateway", wire, sorted(handles), actor_options, admin_token, environment)
-    gateway = _deployment(GatewayIngress).options(
+    gateway = ray_compat.versioned_options(
+        _deployment(GatewayIngress), version,
         name=serving_plan.GATEWAY_DEPLOYMENT,
         autoscaling_config=serving_plan.autoscaling_config(gw.autoscaling),
         ray_actor_options=actor_options,
         max_ongoing_requests=gw.max_ongoing_requests,
         logging_config={"enable_access_log": gw.access_log},
-        graceful_shutdown_timeout_s=gw.graceful_shutdown_timeout_s,
-        version=version, _internal=True)
+        graceful_shutdown_timeout_s=gw.graceful_shutdown_timeout_s)
     return gateway.bind(wire, handles, admin_token)
 
 
@@ -190,7 +188,7 @@ def _require_shared_store(config: AppConfig) -> None:
 
 
 def app_builder(args: Mapping[str, Any]) -> serve.Application:
-    """Application builder for `serve run` / KubeRay serveConfigV2: `import_path: serve_apps.ray_app:app_builder`.
+    """Application builder for `serve run` / KubeRay serveConfigV2 (`serve_apps.deploy.ray_app:app_builder`).
 
     Validated here, not through the annotation: Ray converts the args to a
     pydantic model only when the annotation is the class itself, and under

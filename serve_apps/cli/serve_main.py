@@ -1,11 +1,11 @@
-"""`packserve serve` (everything on this machine) and `python -m serve_apps.serve_main` (deploy to a cluster).
+"""`packserve serve` (everything on this machine) and `python -m serve_apps.cli.serve_main` (deploy to a cluster).
 
 Local: start Ray here (or join RAY_ADDRESS), deploy the application, wait
 until /health answers and every model deployment answers, create the demo
 account when the config asks for one, print its key and the base URLs, and
 keep running until Ctrl-C, which stops everything this command started.
 
-Cluster: `ray job submit --working-dir . -- python -m serve_apps.serve_main
+Cluster: `ray job submit --working-dir . -- python -m serve_apps.cli.serve_main
 --config FILE` connects to the running cluster, deploys (or updates) the
 application and exits; Serve keeps running it.
 
@@ -34,13 +34,14 @@ from cluster.admin import AdminOps
 from cluster.open_store import open_store
 from cluster.settings import admin_token_from_env, default_data_dir, redis_url_from_env
 from cluster.store import StoreError
-from serve_apps import cpu_split, ray_env, serving_plan
 from serve_apps.config import AppConfig, ConfigError, load_config
+from serve_apps.deploy import ray_env, serving_plan
+from serve_apps.host import cpu_split
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "local.yaml"
 READY_TIMEOUT_S = 900.0  # a cold vLLM compile on CPU takes minutes
 HEALTH_POLL_S = 0.25
@@ -80,7 +81,7 @@ def _build_embedded_catalog(config: AppConfig) -> None:
         return
     if not any(m.vllm is not None and m.vllm.model.startswith("builtin:") for m in config.models):
         return
-    from serve_apps.catalog_build import CatalogBuildError, build_catalog
+    from serve_apps.catalog.build import CatalogBuildError, build_catalog
 
     try:
         build_catalog(config.store.data_dir, progress=True)
@@ -92,7 +93,7 @@ def _start_ray(local: bool, config: AppConfig | None = None) -> str | None:
     """Connect to a cluster (RAY_ADDRESS, or `address="auto"` when deploying) or start one here.
 
     A Ray started here for vLLM engines on CPU keeps to the CPUs the engines
-    do not compute on (serve_apps/cpu_split.py).
+    do not compute on (serve_apps/host/cpu_split.py).
     Returns None when connected to someone else's Ray, else what `_shutdown` needs to stop the one started here.
     """
     import ray
@@ -123,7 +124,7 @@ def _check_fits_here(config: AppConfig, path: Path) -> None:
 def _deploy(config: AppConfig, admin_token: str | None) -> None:
     from ray import serve
 
-    from serve_apps.ray_app import APP_NAME, build_app
+    from serve_apps.deploy.ray_app import APP_NAME, build_app
 
     gw = config.gateway
     names = [d["name"] for d in _graph(config)]
@@ -157,7 +158,7 @@ def _failure_reason(exc: RuntimeError) -> str:
     """
     from ray import serve
 
-    from serve_apps.ray_app import APP_NAME
+    from serve_apps.deploy.ray_app import APP_NAME
 
     reasons: list[str] = []
     with contextlib.suppress(Exception):  # the status is a best effort on top of Ray's own message
@@ -171,7 +172,7 @@ def _failure_reason(exc: RuntimeError) -> str:
 
 
 def _graph(config: AppConfig) -> list[dict[str, Any]]:
-    from serve_apps.ray_app import dry_run
+    from serve_apps.deploy.ray_app import dry_run
 
     return dry_run(config)
 
@@ -217,8 +218,8 @@ async def _models_answer(config: AppConfig) -> None:
     from ray import serve
     from ray.serve.handle import DeploymentResponseGenerator
 
+    from serve_apps.deploy.ray_app import APP_NAME
     from serve_apps.engines.types import ChatMessage, GenerationRequest, SamplingParams
-    from serve_apps.ray_app import APP_NAME
 
     plans = serving_plan.plan(config)
     handles: dict[str, DeploymentHandle[Any]] = {}
@@ -285,7 +286,7 @@ def _shutdown(local_ray: str | None) -> None:
     import ray
     from ray import serve
 
-    from serve_apps.ray_app import APP_NAME
+    from serve_apps.deploy.ray_app import APP_NAME
 
     if not ray.is_initialized():
         return
@@ -380,8 +381,8 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def deploy_main(argv: Sequence[str] | None = None) -> int:
-    """`python -m serve_apps.serve_main --config FILE`: deploy onto the running cluster and exit."""
-    parser = argparse.ArgumentParser(prog="python -m serve_apps.serve_main",
+    """`python -m serve_apps.cli.serve_main --config FILE`: deploy onto the running cluster and exit."""
+    parser = argparse.ArgumentParser(prog="python -m serve_apps.cli.serve_main",
                                      description="Deploy packserve onto a running Ray cluster (ray job submit).")
     parser.add_argument("--config", type=Path, required=True, help="application YAML (e.g. cluster/configs/...)")
     parser.add_argument("--dry-run", action="store_true", help="print the deployment graph and exit")

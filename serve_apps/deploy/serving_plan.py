@@ -243,7 +243,7 @@ def cpu_engines(config: AppConfig) -> bool:
     """True when `config` runs vLLM engines here and all of them compute on CPU in one worker process.
 
     Then the machine's CPUs can be split between the engines' OpenMP threads
-    and everything else (serve_apps/cpu_split.py). A GPU engine (num_gpus > 0)
+    and everything else (serve_apps/host/cpu_split.py). A GPU engine (num_gpus > 0)
     needs no split, and a CPU engine with tensor or pipeline parallelism binds
     one CPU list per worker, which the split does not compute.
     """

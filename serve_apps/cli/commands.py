@@ -27,8 +27,8 @@ from cluster.settings import admin_token_from_env
 from cluster.store import NotFound, StoreError
 from policies.plans import PlanError
 from policies.pricing import UsageError
-from serve_apps import cli_render as render
-from serve_apps.admin_client import AdminApiError, AdminClient
+from serve_apps.cli import render
+from serve_apps.cli.admin_client import AdminApiError, AdminClient
 from serve_apps.config import load_config
 
 EXIT_USAGE = 2
@@ -249,12 +249,12 @@ def _fail(message: str, code: int = EXIT_FAILED) -> int:
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "gateway":
-        from serve_apps.gateway_main import run_gateway
+        from serve_apps.cli.gateway_main import run_gateway
 
         code: int = run_gateway(args)
         return code
     if args.command == "serve":
-        from serve_apps.serve_main import run_serve
+        from serve_apps.cli.serve_main import run_serve
 
         served: int = run_serve(args)
         return served

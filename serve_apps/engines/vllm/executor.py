@@ -6,22 +6,20 @@ queue. While results arrived in the last second, that wait spins on
 `sched_yield()` instead of sleeping: on a GPU node it saves microseconds per
 step and costs one of many cores. On a CPU node it keeps one CPU 100% busy
 for as long as anything is generating, and with packserve's CPU split
-(serve_apps/cpu_split.py) that is the serving CPU: the CPU the gateway,
+(serve_apps/host/cpu_split.py) that is the serving CPU: the CPU the gateway,
 HAProxy, the model replica that streams the tokens out, Redis and often the
 client need for every token. py-spy on a 2-core machine: the engine core
 spent its whole step in `SpinCondition.wait`, and a client on that CPU
 sometimes got its whole answer in one burst at the end (bench/RESULTS.md,
-"Serving", eighth session).
+bench/serving_paired.py).
 
 Instead, the engine core sleeps in a zmq poll until the worker's
 notification arrives (vLLM sends one with every result), and spins only from
-shortly before the result is due (serve_apps/engines/step_pacer.py). A
+shortly before the result is due (serve_apps/engines/vllm/step_pacer.py). A
 sleep for the whole step wakes late: the notification crosses two zmq I/O
-threads and, in a VM, a halted vCPU. One greedy stream on that machine:
-56.0-58.8 ms per token with vLLM's spin, 60.8-61.6 with a whole-step sleep
-(the 5% by which packserve's throughput missed vLLM's own server), 56.8-57.4
-paced; the engine core used 98% of a CPU spinning, under 10% sleeping
-through the step, 8% paced (bench/engine_wait.py).
+threads and, in a VM, a halted vCPU. Paced, a stream runs as fast as with
+vLLM's spin while the engine core uses a small fraction of a CPU instead of
+all of one (bench/engine_wait.py; figures in bench/RESULTS.md).
 
 The notification is not reliable on its own either: with the spin off, an
 engine core on a 2-core machine once waited for ever for a result its worker
@@ -43,9 +41,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+from serve_apps.engines.vllm import compat
+from serve_apps.engines.vllm.step_pacer import StepPacer
 
-from serve_apps.engines.step_pacer import StepPacer
+# vLLM's executor (a private module); compat lists what this subclass relies on.
+MultiprocExecutor = compat.multiproc_executor()
 
 
 def pace_reads(condition: Any, pacer: StepPacer, clock: Callable[[], float] = time.monotonic) -> None:
@@ -75,7 +75,7 @@ def pace_reads(condition: Any, pacer: StepPacer, clock: Callable[[], float] = ti
     condition.record_read = paced_record_read
 
 
-class SleepingMultiprocExecutor(MultiprocExecutor):
+class SleepingMultiprocExecutor(MultiprocExecutor):  # type: ignore[misc,valid-type]
     """`MultiprocExecutor` whose engine core sleeps while a step runs in the workers and spins only near its end."""
 
     def _init_executor(self) -> None:
@@ -86,7 +86,7 @@ class SleepingMultiprocExecutor(MultiprocExecutor):
     def _post_init_executor(self) -> None:
         super()._post_init_executor()
         for queue in self.response_mqs:
-            pace_reads(queue._spin_condition, self._pacer)
+            pace_reads(compat.spin_condition(queue), self._pacer)
 
     def collective_rpc(self, method: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         # One call in flight at a time on CPU (vLLM turns async scheduling off there). With several

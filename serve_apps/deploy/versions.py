@@ -29,7 +29,7 @@ from typing import Any
 # The import packages replicas run (serve_apps, cluster, policies), i.e. what
 # `ray job submit --working-dir .` ships.
 PACKAGES = ("serve_apps", "cluster", "policies")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 @functools.lru_cache(maxsize=1)

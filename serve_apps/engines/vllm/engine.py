@@ -1,8 +1,9 @@
 """The `Engine` protocol on vLLM's async engine (`AsyncLLM`), for one base model and its LoRA adapters.
 
-This is the only module that imports vllm, and only inside methods, so the
-rest of packserve (and the simulated engine's tests) import fine on machines
-without it; constructing a `VllmEngine` there fails with a clear message.
+vllm is imported only inside methods (here and in `compat`, which holds every
+name vLLM does not promise to keep), so the rest of packserve imports fine on
+machines without it; constructing a `VllmEngine` there fails with a clear
+message.
 
 Prompts are rendered and tokenized here, with the model's own tokenizer and
 chat template, and handed to vLLM as token ids: the same ids are what
@@ -22,6 +23,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from serve_apps.engines.errors import UnknownModel
 from serve_apps.engines.forced_tools import forced_tool_format, parse_forced_calls
 from serve_apps.engines.types import (
     ChatMessage,
@@ -38,6 +40,7 @@ from serve_apps.engines.types import (
     ToolCall,
     ToolSpec,
 )
+from serve_apps.engines.vllm import compat
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
@@ -53,12 +56,6 @@ VLLM_ENV_DEFAULTS = {
     "TRANSFORMERS_OFFLINE": "1",
     "VLLM_USE_AOT_COMPILE": "0",
 }
-
-
-def _on_cpu() -> bool:
-    from vllm.platforms import current_platform
-
-    return bool(current_platform.is_cpu())
 
 
 @dataclass(frozen=True)
@@ -166,7 +163,6 @@ class VllmEngine:
         from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.lora.request import LoRARequest
-        from vllm.v1.engine.async_llm import AsyncLLM
 
         for key, value in VLLM_ENV_DEFAULTS.items():
             # Engine-core and worker processes inherit os.environ when spawned.
@@ -176,8 +172,8 @@ class VllmEngine:
         if s.max_model_len is not None:
             # Unset, vLLM derives it from the model's config.
             optional["max_model_len"] = s.max_model_len
-        if _on_cpu():
-            from serve_apps.engines.vllm_executor import SleepingMultiprocExecutor
+        if compat.on_cpu():
+            from serve_apps.engines.vllm.executor import SleepingMultiprocExecutor
 
             optional["distributed_executor_backend"] = SleepingMultiprocExecutor
         args = AsyncEngineArgs(
@@ -213,7 +209,7 @@ class VllmEngine:
                 backend="guidance", disable_any_whitespace=True, reasoning_parser=s.reasoning_parser or ""),
             **optional,
         )
-        engine = AsyncLLM.from_engine_args(args)
+        engine: AsyncLLM = compat.async_llm().from_engine_args(args)
         for int_id, adapter in enumerate(self._adapters, start=1):
             self._lora_requests[adapter.card.id] = LoRARequest(
                 lora_name=adapter.card.id, lora_int_id=int_id, lora_path=adapter.path
@@ -243,10 +239,7 @@ class VllmEngine:
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.shutdown()
-            # AsyncLLM.__del__ calls shutdown() again; when that happens at
-            # interpreter exit, vLLM's module globals are already gone and it
-            # prints a traceback. The work is done, so make the repeat a no-op.
-            engine.shutdown = _already_shut_down  # type: ignore[method-assign]
+            compat.make_shutdown_idempotent(engine)
 
     # -- Engine protocol -----------------------------------------------------
 
@@ -256,8 +249,7 @@ class VllmEngine:
     def _chat_card(self, model: str) -> ModelCard:
         card = self._cards.get(model)
         if card is None:
-            # The gateway maps KeyError to 404, as for the simulated engine.
-            raise KeyError(model)
+            raise UnknownModel(model)
         return card
 
     async def count_tokens(
@@ -281,7 +273,7 @@ class VllmEngine:
             return _render(tokenizer, messages, prompt, tools)
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
-        raise KeyError(request.model)
+        raise UnknownModel(request.model)
 
     def unfinished_requests(self) -> int:
         """Requests vLLM is still running or holding (0 when idle or not started)."""
@@ -294,8 +286,6 @@ class VllmEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         self._chat_card(request.model)
-        from vllm.inputs.engine import tokens_input
-
         await self.start()
         engine = self._engine
         if engine is None:
@@ -326,7 +316,7 @@ class VllmEngine:
         params = _sampling_params(constrained, skip_special_tokens=parser.skip_special_tokens)
         rid = request.request_id
         outputs = engine.generate(
-            tokens_input(prompt_ids, prompt=prompt_text),
+            compat.tokens_input(prompt_ids, prompt=prompt_text),
             params,
             rid,
             lora_request=self._lora_requests.get(request.model),
@@ -393,10 +383,6 @@ class VllmEngine:
 # -- helpers -------------------------------------------------------------------
 
 
-def _already_shut_down(timeout: float | None = None) -> None:
-    return None
-
-
 def _finish_reason(raw: str | None) -> FinishReason:
     if raw == "length":
         return "length"
@@ -409,9 +395,7 @@ def _finish_reason(raw: str | None) -> FinishReason:
 
 def _is_client_error(exc: BaseException) -> bool:
     """vLLM's own verdict that the request, not the engine, is at fault (its server answers 4xx)."""
-    from vllm.exceptions import VLLMClientError
-
-    return isinstance(exc, VLLMClientError)
+    return isinstance(exc, compat.client_error())
 
 
 def _sampling_params(request: GenerationRequest, *, skip_special_tokens: bool = True) -> Any:
@@ -525,15 +509,11 @@ class _OutputParser:
         self._held = ""
         self.skip_special_tokens = True
         if reasoning_parser:
-            from vllm.reasoning import ReasoningParserManager
-
-            self._reasoning = ReasoningParserManager.get_reasoning_parser(reasoning_parser)(tokenizer)
+            self._reasoning = compat.reasoning_parser(reasoning_parser)(tokenizer)
             self._reasoning.adjust_initial_state_from_prompt(prompt_ids)
         if tool_call_parser and request.tools and request.tool_choice != "none" and not forced_tools:
-            from vllm.tool_parsers import ToolParserManager
-
             self._tool_request = _openai_request(request)
-            self._tools = ToolParserManager.get_tool_parser(tool_call_parser)(tokenizer, self._tool_request.tools)
+            self._tools = compat.tool_parser(tool_call_parser)(tokenizer, self._tool_request.tools)
             # Some parsers need their markup tokens kept in the text (they are
             # "special" in e.g. Qwen's vocabulary); they say so by adjusting
             # the request, exactly as they do in vLLM's own server.
@@ -585,12 +565,10 @@ class _OutputParser:
 
 def _openai_request(request: GenerationRequest) -> Any:
     """The OpenAI-shaped request vLLM's tool parsers read the tool list and choice from."""
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-
     choice: Any = request.tool_choice
     if isinstance(choice, dict) and "name" in choice and "function" not in choice:
         choice = {"type": "function", "function": {"name": choice["name"]}}
-    return ChatCompletionRequest(
+    return compat.chat_completion_request(
         # Parsers read only the tools and the choice; a placeholder message keeps
         # the request's own validation of chat history from failing a generation.
         messages=[{"role": "user", "content": ""}],

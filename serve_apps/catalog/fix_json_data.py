@@ -11,7 +11,7 @@ breakages.
 
 Generation is deterministic (one `random.Random` per split, fixed seeds),
 and the files under `serve_apps/data/` are exactly what
-`python -m serve_apps.fix_json_data` writes; a test checks that. The
+`python -m serve_apps.catalog.fix_json_data` writes; a test checks that. The
 held-out split uses other seeds and shares no broken text and no fixed
 object with the training split.
 """
@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 TRAIN_FILE = DATA_DIR / "fix_json_train.jsonl"
 HELDOUT_FILE = DATA_DIR / "fix_json_heldout.jsonl"
 TRAIN_SIZE = 480

@@ -1,13 +1,12 @@
 """When a vLLM engine core should spin for its workers' result, and how long it may sleep before that.
 
 A CPU engine core that spins for the whole of every step takes a CPU from
-everything else on it (serve_apps/engines/vllm_executor.py). One that sleeps
+everything else on it (serve_apps/engines/vllm/executor.py). One that sleeps
 for the whole step wakes late: the worker's zmq notification crosses two I/O
-threads, and in a VM a halted vCPU first has to be woken by the host.
-Measured on the 2-core VM (one greedy stream of SmolLM2-135M, 1270 tokens
-per run): 56.0-58.8 ms per token spinning, 60.8-61.6 ms sleeping, 60.0 ms
-sleeping with the vCPU kept out of its halt state; that gap was the whole 5%
-by which packserve's throughput missed vLLM's own server.
+threads, and in a VM a halted vCPU first has to be woken by the host. On a
+small CPU machine that lateness was the whole gap between packserve's
+single-stream throughput and vLLM's own server's (bench/RESULTS.md,
+bench/engine_wait.py).
 
 Calls of one kind last about as long as the last few did (a forward pass of
 a given number of tokens costs about the same each time), so the engine core
@@ -15,8 +14,8 @@ sleeps until `spin_before_s` before the result is due and spins from then
 on, for at most `spin_after_s` past the due time (a longer step than
 predicted: the notification wakes it then). 2 ms before, because zmq polls
 in whole milliseconds and a wake-up can come a millisecond late; paced this
-way the same stream ran at 56.8-57.4 ms per token. Pure policy: the caller
-passes the time in.
+way a stream runs as fast as with the spin. Pure policy: the caller passes
+the time in.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-# Longest single sleep: the notification is not reliable (serve_apps/engines/vllm_executor.py),
+# Longest single sleep: the notification is not reliable (serve_apps/engines/vllm/executor.py),
 # so a sleeper re-reads the queue at least this often.
 POLL_MS = 2
 

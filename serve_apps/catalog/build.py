@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cluster.settings import default_data_dir
-from serve_apps import lora_train
+from serve_apps.catalog import lora_train
 
 SMOLLM_ID = "hf:HuggingFaceTB/SmolLM2-135M-Instruct"
 MINILM_ID = "hf:sentence-transformers/all-MiniLM-L6-v2"
@@ -276,12 +276,12 @@ def _build_minilm(package_dir: Path, out: Path, progress: _Progress) -> None:
 
 
 def _build_fix_json(package_dir: Path, out: Path, progress: _Progress) -> None:
-    """Train the fix-json LoRA adapter (serve_apps.lora_train) on the SmolLM2 built just before it."""
+    """Train the fix-json LoRA adapter (serve_apps.catalog.lora_train) on the SmolLM2 built just before it."""
     smollm = EMBEDDED_MODELS[0]
     base = out.parent / smollm.dir_name
     if not is_built(base, _marker(smollm, _package_version(smollm.source))):
         raise CatalogBuildError("the fix-json adapter is trained on the converted SmolLM2; build it first "
-                                "(python -m serve_apps.catalog_build builds both)")
+                                "(python -m serve_apps.catalog.build builds both)")
     _require_modules(lora_train.TRAINING_DEPS)
     _offline()
     progress.step("fix-json LoRA adapter: loading SmolLM2 and the training data")

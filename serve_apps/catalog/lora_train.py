@@ -1,6 +1,6 @@
 """Train the project's fix-json LoRA adapter on the embedded SmolLM2-135M-Instruct, on CPU, in a few minutes.
 
-The adapter repairs broken JSON (the shipped data of `serve_apps.fix_json_data`).
+The adapter repairs broken JSON (the shipped data of `serve_apps.catalog.fix_json_data`).
 Its prompt format is fixed, and is what clients send through the gateway:
 
     one user message:   "Fix this JSON. Reply with the corrected JSON only.\\n" + <broken text>
@@ -17,9 +17,11 @@ callback. The output directory is an ordinary PEFT adapter
 (`adapter_config.json` + `adapter_model.safetensors`) that vLLM loads as a
 `LoRARequest`, plus `training.json` with the measured loss and time.
 
-`catalog_build` runs this once as a build step after converting SmolLM2 and
-caches the result in `<data_dir>/models/fix-json-lora/`; `python -m
-serve_apps.lora_train --data-dir DIR` does the same from the command line.
+`serve_apps.catalog.build` runs this once as a build step after converting
+SmolLM2 and caches the result in `<data_dir>/models/fix-json-lora/`;
+`python -m serve_apps.catalog.lora_train --base-dir MODEL --out DIR` trains
+into a directory of your choice (this module never imports the build, so the
+two do not import each other).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serve_apps import fix_json_data
+from serve_apps.catalog import fix_json_data
 
 FIX_JSON_ID = "hf:packserve/SmolLM2-135M-fix-json"
 ADAPTER_DIR_NAME = "fix-json-lora"
@@ -237,28 +239,15 @@ def _bar_printer(stream: Any) -> StepCallback:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Train on a model directory into `--out` (always retrains); the catalog build caches its own copy."""
     import argparse
 
-    from serve_apps.catalog_build import CatalogBuildError, build_catalog
-
-    parser = argparse.ArgumentParser(description="Build (once) the fix-json LoRA adapter and print where it is.")
-    parser.add_argument("--data-dir", type=Path, default=None, help="default: $PACKSERVE_DATA_DIR")
-    parser.add_argument("--base-dir", type=Path, default=None,
-                        help="train on this model directory into --out instead (no catalog, always retrains)")
-    parser.add_argument("--out", type=Path, default=None)
+    parser = argparse.ArgumentParser(description="Train the fix-json LoRA adapter on a model directory.")
+    parser.add_argument("--base-dir", type=Path, required=True, help="a Hugging Face model directory (SmolLM2)")
+    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    if args.base_dir is not None:
-        if args.out is None:
-            parser.error("--base-dir needs --out")
-        report = train_adapter(args.base_dir, args.out, on_step=_bar_printer(sys.stderr))
-        print(json.dumps(asdict(report)))
-        return 0
-    try:
-        built = build_catalog(args.data_dir, progress=True)
-    except CatalogBuildError as exc:
-        print(f"packserve: {exc}", file=sys.stderr)
-        return 1
-    print(f"{FIX_JSON_ID}\t{built[FIX_JSON_ID]}")
+    report = train_adapter(args.base_dir, args.out, on_step=_bar_printer(sys.stderr))
+    print(json.dumps(asdict(report)))
     return 0
 
 

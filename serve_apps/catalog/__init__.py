@@ -1,0 +1,1 @@
+"""The embedded default catalog: model conversion, the fix-json LoRA adapter and its data."""

@@ -1,0 +1,1 @@
+"""Tuning for the machine the engines run on: which CPUs compute and which serve."""
