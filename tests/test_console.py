@@ -5,13 +5,16 @@ As a customer: log in with Enter, bars read in whole requests, costs are not $0.
 a full bar says so, the bars move after requests, a 429 shows up, a bad key clears the previous
 account's data, a 390 px phone has no sideways scroll. As the operator: labelled stats, models with
 capacity, accounts in one request, suspend an account from the page and see its next request refused.
-No console message of level error or warning and no page error anywhere. The same run writes the
-screenshots in docs/console/.
+No console message of level error or warning and no page error anywhere. The same run takes the
+screenshots; with PACKSERVE_CONSOLE_SCREENSHOTS=1 it writes them to docs/console/ (the committed ones),
+else to a temporary folder, so a test run leaves the checkout as it was.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,9 @@ from tests.live_gateway import ADMIN_TOKEN, LiveGateway
 CHROMIUM = Path("/usr/bin/chromium")
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                "--disable-sync", "--no-first-run"]
-SHOTS = Path(__file__).resolve().parent.parent / "docs" / "console"
+SHOTS = (Path(__file__).resolve().parent.parent / "docs" / "console"
+         if os.environ.get("PACKSERVE_CONSOLE_SCREENSHOTS") == "1"
+         else Path(tempfile.gettempdir()) / "packserve-console-screenshots")
 MODEL = "hf:packserve/sim-large"
 # What the gateway is expected to send with its pages (the CSP issue): no inline script or style, nothing
 # from elsewhere, no eval. Set here too so the test fails if the console needs any of them.
