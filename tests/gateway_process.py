@@ -6,6 +6,7 @@ data directory is the test's own, and `kill()` is SIGKILL.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -67,6 +68,13 @@ class GatewayProcess:
                          headers=self.admin_headers, timeout=30)
         assert key.status_code == 201, key.text
         return str(account.json()["id"]), str(key.json()["key"])
+
+    def usage_events(self, account_id: str) -> list[dict[str, Any]]:
+        """The account's usage events as the admin export gives them, oldest first."""
+        r = httpx.get(f"{self.base_url}/admin/v1/accounts/{account_id}/usage/export", headers=self.admin_headers,
+                      timeout=30)
+        assert r.status_code == 200, r.text
+        return [json.loads(line) for line in r.text.splitlines() if line.strip()]
 
     def stop(self) -> None:
         """SIGTERM: a graceful stop (settlements drained, logs flushed)."""

@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 
 from tests.agent_clis import agent_clis
 from tests.agent_recorder import REDACTED, Recorder
-from tests.conftest import free_port
+from tests.gateway_process import GatewayProcess
 from tests.live_gateway import LiveGateway
 
 pytestmark = pytest.mark.npm
@@ -40,7 +38,6 @@ pytestmark = pytest.mark.npm
 CODEX_VERSION = "0.171.0"
 FIXTURES = Path(__file__).parent / "fixtures" / "codex"
 MODEL = "hf:packserve/sim-large"
-ADMIN_TOKEN = "codex-test-admin"
 TOOL = "exec_command"  # Codex 0.171's shell tool, as its requests list it
 EVENT = pydantic.TypeAdapter(ResponseStreamEvent)
 CODEX_TIMEOUT_S = 180
@@ -50,54 +47,27 @@ RECORD = os.environ.get("PACKSERVE_RECORD_CODEX") == "1"
 # -- the gateway process ------------------------------------------------------------------------
 
 @dataclass
-class GatewayProcess:
-    base_url: str
+class CodexAccount:
+    """The gateway process and the one account the Codex runs use."""
+
+    gateway: GatewayProcess
     key: str
     account_id: str
 
+    @property
+    def base_url(self) -> str:
+        return self.gateway.base_url
+
     def usage_events(self) -> list[dict[str, Any]]:
-        r = httpx.get(f"{self.base_url}/admin/v1/accounts/{self.account_id}/usage/export",
-                      headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10)
-        r.raise_for_status()
-        return [json.loads(line) for line in r.text.splitlines() if line.strip()]
+        return self.gateway.usage_events(self.account_id)
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CodexAccount]:
     """`packserve gateway --engine sim` as its own process (embedded store), with one fresh account."""
-    port = free_port()
-    data = tmp_path_factory.mktemp("codex-gw")
-    env = {**os.environ, "PACKSERVE_ADMIN_TOKEN": ADMIN_TOKEN, "PACKSERVE_DATA_DIR": str(data)}
-    env.pop("PACKSERVE_REDIS_URL", None)
-    log = (data / "gateway.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "serve_apps", "gateway", "--engine", "sim", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=0.5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the gateway did not start; see {data / 'gateway.log'}")
-            time.sleep(0.1)
-        admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
-        account = httpx.post(f"{base}/admin/v1/accounts", headers=admin, timeout=10,
-                             json={"name": "codex", "plan": "subscription", "packs": ["standard"]}).json()
-        key = httpx.post(f"{base}/admin/v1/accounts/{account['id']}/keys", headers=admin, timeout=10).json()["key"]
-        yield GatewayProcess(base, key, account["id"])
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        log.close()
+    with GatewayProcess(tmp_path_factory.mktemp("codex-gw")) as gw:
+        account_id, key = gw.new_key(["standard"])
+        yield CodexAccount(gw, key, account_id)
 
 
 # -- codex ----------------------------------------------------------------------------------------
@@ -184,7 +154,7 @@ def save_fixture(name: str, recorder: Recorder) -> None:
 
 # -- the live client ------------------------------------------------------------------------------
 
-def test_codex_exec_plain_prompt(codex: Path, gateway: GatewayProcess, tmp_path: Path) -> None:
+def test_codex_exec_plain_prompt(codex: Path, gateway: CodexAccount, tmp_path: Path) -> None:
     with Recorder(gateway.base_url) as recorder:
         done = run_codex(codex, tmp_path, recorder.base_url, gateway.key, "Say hello to packserve.")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -208,7 +178,7 @@ def test_codex_exec_plain_prompt(codex: Path, gateway: GatewayProcess, tmp_path:
         save_fixture("plain", recorder)
 
 
-def test_codex_exec_runs_a_tool_the_model_calls(codex: Path, gateway: GatewayProcess, tmp_path: Path) -> None:
+def test_codex_exec_runs_a_tool_the_model_calls(codex: Path, gateway: CodexAccount, tmp_path: Path) -> None:
     marker = f"packserve-{uuid.uuid4().hex[:8]}"
     # "think": the large simulated model reasons first, so Codex also gets (and sends back) a reasoning item.
     prompt = f"Think, then print the marker.\n@sim-call {TOOL} {json.dumps({'cmd': f'echo {marker}'})}"

@@ -25,12 +25,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +40,11 @@ from serve_apps.engines.sim import SIM_LARGE, SIM_SMALL
 from tests.agent_clis import agent_clis
 from tests.agent_recorder import REDACTED, Recorder
 from tests.conftest import RedisServer
-from tests.live_gateway import LiveGateway, free_port
-from tests.processes import kill_session
+from tests.gateway_process import GatewayProcess
+from tests.live_gateway import LiveGateway
 
 pytestmark = pytest.mark.npm
 
-ADMIN_TOKEN = "agents-admin-token"
 AGENT_TIMEOUT_S = 300.0
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "agents"
 RECORD = os.environ.get("PACKSERVE_RECORD_AGENT_FIXTURES") == "1"
@@ -56,66 +52,17 @@ MARKER = "packserve-tool-ok"
 TOOL_PROMPT = "Run the shell command that prints the marker, then report.\n@sim-call {tool} {args}"
 
 
-@dataclass
-class GatewayProcess:
-    base_url: str
-    redis_url: str
-    admin: httpx.Client
-
-    def new_key(self) -> tuple[str, str]:
-        r = self.admin.post("/admin/v1/accounts", json={"name": "agent", "plan": "subscription",
-                                                         "packs": ["standard"]})
-        assert r.status_code == 201, r.text
-        account_id = r.json()["id"]
-        k = self.admin.post(f"/admin/v1/accounts/{account_id}/keys")
-        assert k.status_code == 201, k.text
-        return account_id, str(k.json()["key"])
-
-    def usage_events(self, account_id: str) -> list[dict[str, Any]]:
-        r = self.admin.get(f"/admin/v1/accounts/{account_id}/usage/export")
-        assert r.status_code == 200, r.text
-        return [json.loads(line) for line in r.text.splitlines() if line.strip()]
-
-
 @pytest.fixture(scope="module")
 def gateway(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     """`packserve gateway --engine sim` as its own process on 127.0.0.1, on the session's Redis."""
     redis_server.flushall()
-    port = free_port()
-    data_dir = tmp_path_factory.mktemp("agents-gateway")
-    env = {**os.environ, "PACKSERVE_ADMIN_TOKEN": ADMIN_TOKEN, "PACKSERVE_REDIS_URL": redis_server.url,
-           "PACKSERVE_DATA_DIR": str(data_dir)}
-    log = (data_dir / "gateway.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "serve_apps", "gateway", "--engine", "sim", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    base_url = f"http://127.0.0.1:{port}"
-    admin = httpx.Client(base_url=base_url, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the gateway did not start; see {data_dir / 'gateway.log'}")
-            time.sleep(0.1)
-        yield GatewayProcess(base_url, redis_server.url, admin)
-    finally:
-        admin.close()
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            kill_session(proc.pid)
-            proc.wait()
-        log.close()
+    with GatewayProcess(tmp_path_factory.mktemp("agents-gateway"), redis_url=redis_server.url) as gw:
+        yield gw
 
 
-def bar_levels(redis_url: str, account_id: str) -> tuple[int, int, int, int]:
+def bar_levels(redis_url: str | None, account_id: str) -> tuple[int, int, int, int]:
     """(request level, request capacity, weekly level, weekly capacity), exact, from the store."""
+    assert redis_url is not None, "the agents' gateway runs on Redis"
     async def read() -> tuple[int, int, int, int]:
         unit = AppConfig.model_validate({}).admission.weight_policy.unit
         store = await RedisStore.connect(redis_url, request_unit=unit)
