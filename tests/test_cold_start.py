@@ -51,7 +51,8 @@ class ColdEngine:
         self.started: asyncio.Event | None = None
         self.start_requests = 0
         # Models a warm flag one replica-watch poll stale: is_warm says yes
-        # once while the model is at zero, and the dispatch then finds it cold
+        # while the model is at zero, to every reader (the admission path,
+        # /admin/v1/stats, /v1/models), until a dispatch finds it cold
         # (DeploymentEngine raises ModelStarting when it sees zero replicas).
         self.stale_warm_flags = 0
 
@@ -74,10 +75,7 @@ class ColdEngine:
         return self.started
 
     def is_warm(self, model: str) -> bool:
-        if self.stale_warm_flags > 0 and not self._event().is_set():
-            self.stale_warm_flags -= 1
-            return True
-        return self._event().is_set()
+        return self._event().is_set() or self.stale_warm_flags > 0
 
     async def ensure_ready(self, model: str, timeout_s: float) -> bool:
         event = self._event()
@@ -94,6 +92,8 @@ class ColdEngine:
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         if not self._event().is_set():
+            # The dispatch found zero replicas: the flag is fresh again.
+            self.stale_warm_flags = max(0, self.stale_warm_flags - 1)
             return self._found_cold()
         return self.engine.generate(request)
 

@@ -19,7 +19,7 @@ from cluster.admin import AdminOps
 from cluster.store import NotFound
 from policies.plans import PlanError
 from serve_apps.gateway.body import read_json
-from serve_apps.gateway.errors import ApiError
+from serve_apps.gateway.errors import ApiError, model_not_found
 
 
 def _str_list(body: dict[str, Any], field: str) -> list[str] | None:
@@ -236,8 +236,7 @@ def build_admin_router(ops: AdminOps, token: str | None, max_body_bytes: int,
             guard(request)
             warm = await starter(model_id)
             if warm is None:
-                raise ApiError(404, f"The model '{model_id}' does not exist; GET /v1/models lists the available "
-                                    "ones.", "model_not_found", "model")
+                raise model_not_found(model_id)
             return JSONResponse({"model": model_id, "warm": warm, "status": "warm" if warm else "starting"},
                                 status_code=200 if warm else 202)
 

@@ -40,7 +40,7 @@ from serve_apps.engines.types import Engine, ModelCard
 from serve_apps.gateway.admin_routes import build_admin_router, check_admin_token
 from serve_apps.gateway.anthropic_routes import build_anthropic_router
 from serve_apps.gateway.auth_guard import AuthFailureGuard
-from serve_apps.gateway.errors import ApiError, UnknownModel, error_response, not_served
+from serve_apps.gateway.errors import ApiError, UnknownModel, error_response, not_served, store_unavailable
 from serve_apps.gateway.metrics import Metrics
 from serve_apps.gateway.openai_routes import build_openai_router
 from serve_apps.gateway.page_headers import page_headers
@@ -253,10 +253,10 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
     app.include_router(build_admin_router(rt.admin, rt.admin_token, max_body, rt.full_stats, service.start_model,
                                        rt.account_loads))
 
-    @app.api_route("/anthropic", methods=["GET", "HEAD"])
-    @app.api_route("/anthropic/v1", methods=["GET", "HEAD"])
-    @app.api_route("/openai/v1", methods=["GET", "HEAD"])
-    @app.api_route("/v1", methods=["GET", "HEAD"])
+    @app.api_route("/anthropic", methods=["GET", "HEAD"], include_in_schema=False)
+    @app.api_route("/anthropic/v1", methods=["GET", "HEAD"], include_in_schema=False)
+    @app.api_route("/openai/v1", methods=["GET", "HEAD"], include_in_schema=False)
+    @app.api_route("/v1", methods=["GET", "HEAD"], include_in_schema=False)
     async def base_url(request: Request) -> Response:
         """The base URLs answer, unauthenticated: Claude Code opens each run with `HEAD /anthropic`
         (a reachability check) and a person pasting the base URL into a browser sees what it is."""
@@ -370,13 +370,12 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
     async def unknown_model(request: Request, exc: UnknownModel) -> Response:
         # The catalog knows the id (routes resolve it first) but the engine it reached does not serve it.
         log.warning("model not served by its engine", extra={"model": exc.model})
-        return error_response(request, not_served(exc))
+        return rejected(request, not_served(exc))
 
     @app.exception_handler(StoreError)
     async def store_error(request: Request, exc: StoreError) -> Response:
         log.error("store unavailable", extra={"error": str(exc)})
-        return rejected(request, ApiError(503, "the quota store is unavailable, retry shortly",
-                                          "store_unavailable", headers={"retry-after": "5"}))
+        return rejected(request, store_unavailable())
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:

@@ -16,6 +16,9 @@ from starlette.responses import JSONResponse
 from serve_apps.engines.errors import UnknownModel as UnknownModel  # re-exported: the routes and the service catch it
 from serve_apps.protocols import anthropic_convert, openai_convert
 
+# How long a client waits before retrying when the store is away (it usually comes back within seconds).
+STORE_RETRY_AFTER_S = 5
+
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
@@ -38,6 +41,18 @@ def error_response(request: Request, err: ApiError) -> JSONResponse:
     else:
         body = openai_convert.error_body(err.status, err.message, code=err.code, param=err.param)
     return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+
+def store_unavailable() -> ApiError:
+    """The quota store did not answer: nothing was charged, and the client may retry shortly."""
+    return ApiError(503, "the quota store is unavailable, retry shortly", "store_unavailable",
+                    headers={"retry-after": str(STORE_RETRY_AFTER_S)})
+
+
+def model_not_found(model: str) -> ApiError:
+    """An id that is not in the catalog (ids are matched exactly)."""
+    return ApiError(404, f"The model '{model}' does not exist. Model ids are exact and case-sensitive "
+                         "(e.g. 'hf:org/model'); GET /v1/models lists the available ones.", "model_not_found", "model")
 
 
 def not_served(exc: UnknownModel) -> ApiError:

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, Response
 
 from serve_apps.engines.types import EngineError, GenerationRequest
 from serve_apps.gateway.body import parse
-from serve_apps.gateway.errors import ApiError
+from serve_apps.gateway.errors import ApiError, model_not_found
 from serve_apps.gateway.service import GatewayService, new_request_id, presented_key
 from serve_apps.gateway.streaming import sse_response
 from serve_apps.protocols import openai_convert as convert
@@ -53,8 +53,7 @@ def build_openai_router(service: GatewayService, max_body_bytes: int,
         await reject_a_wrong_key(request)
         card = service.cards.get(model_id)
         if card is None:
-            raise ApiError(404, f"The model '{model_id}' does not exist; GET /v1/models lists the available ones.",
-                           "model_not_found", "model")
+            raise model_not_found(model_id)
         return JSONResponse(convert.models_list([card], weights, warm_now())["data"][0])
 
     async def generate(request: Request, body: ChatCompletionRequest | CompletionRequest, rid: str,

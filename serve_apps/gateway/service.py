@@ -43,7 +43,7 @@ from serve_apps.engines.types import (
     TokenUsage,
 )
 from serve_apps.gateway.auth_guard import AuthFailureGuard
-from serve_apps.gateway.errors import ApiError, UnknownModel, not_served
+from serve_apps.gateway.errors import ApiError, UnknownModel, model_not_found, not_served, store_unavailable
 from serve_apps.gateway.metrics import Metrics
 from serve_apps.gateway.recent import RecentWindow
 from serve_apps.protocols.common import GenerationResult
@@ -125,8 +125,7 @@ class GatewayService:
             raise ApiError(401, str(exc), "invalid_api_key") from None
         except StoreError as exc:
             log.error("store unavailable during auth", extra={"error": str(exc)})
-            raise ApiError(503, "the quota store is unavailable, retry shortly", "store_unavailable",
-                           headers={"retry-after": "5"}) from None
+            raise store_unavailable() from None
         # Read by the gateway's rejection log: a request refused later still names its account.
         request.state.account_id = principal.account.id
         return principal
@@ -134,9 +133,7 @@ class GatewayService:
     def resolve(self, model: str, *, kind: str) -> ModelCard:
         card = self.cards.get(model)
         if card is None:
-            raise ApiError(404, f"The model '{model}' does not exist. Model ids are exact and case-sensitive "
-                                "(e.g. 'hf:org/model'); GET /v1/models lists the available ones.",
-                           "model_not_found", "model")
+            raise model_not_found(model)
         kinds = {"chat": ("chat", "lora"), "embeddings": ("embeddings",)}[kind]
         if card.kind not in kinds:
             raise ApiError(400, f"The model '{model}' is a {card.kind} model and cannot serve this endpoint.",
@@ -224,8 +221,7 @@ class GatewayService:
             raise ApiError(401, "invalid API key", "invalid_api_key") from None
         except StoreError as exc:
             log.error("store unavailable during admission", extra={"error": str(exc)})
-            raise ApiError(503, "the quota store is unavailable, retry shortly", "store_unavailable",
-                           headers={"retry-after": "5"}) from None
+            raise store_unavailable() from None
         if ticket.queued_s > 0.001:
             self.metrics.queue_wait.observe(time.monotonic() - started)
         return ticket
@@ -273,8 +269,7 @@ class GatewayService:
         except StoreError as exc:
             self._unserved(ticket, "error")  # never dispatched: refunded like a failure before the first token
             log.error("store unavailable while waiting for capacity", extra={"error": str(exc)})
-            raise ApiError(503, "the quota store is unavailable, retry shortly", "store_unavailable",
-                           headers={"retry-after": "5"}) from None
+            raise store_unavailable() from None
         ticket.capacity = hold
         ticket.capacity_wait_s = hold.waited_s
         self.metrics.capacity_wait.labels(model, "dispatched").observe(hold.waited_s)
