@@ -138,6 +138,40 @@ def test_a_client_that_hangs_up_while_waiting_leaves_the_queue_uncharged(redis_s
             holder.close()
 
 
+def test_a_waiting_request_is_checkpointed_so_a_dead_gateway_still_leaves_its_record(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    """While it waits for capacity the request is checkpointed with nothing generated: were this gateway
+    killed, another one's sweep would settle it (refunded, with a usage record). Its own end drops it."""
+    with LiveGateway(redis_url=redis_server.url, data_dir=tmp_path, tokens_per_s=50, sim_max_seqs=1,
+                     scheduler={"queue_timeout_s": 30, "poll_interval_s": 0.05}) as g:
+        assert g.runtime is not None
+        store = g.runtime.store
+        far_future_ms = 2**52  # every checkpoint is due by then
+
+        def owed(account_id: str) -> list[Any]:
+            return [s for s in g.run(store.due_checkpoints(far_future_ms, limit=1000))
+                    if s.event.account_id == account_id]
+
+        holder = Holder(g)
+        try:
+            account_id, key = g.new_key(["standard"])
+            body = json.dumps({"model": LARGE, "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]})
+            sock = socket.create_connection(("127.0.0.1", g.port))
+            sock.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                          f"authorization: Bearer {key}\r\ncontent-type: application/json\r\n"
+                          f"content-length: {len(body)}\r\n\r\n{body}").encode())
+            wait_for(lambda: capacity(g)["waiting"] == 1, "the request to wait for the model")
+            wait_for(lambda: len(owed(account_id)) == 1, "the waiting request's checkpoint")
+            [settlement] = owed(account_id)
+            event = settlement.event
+            assert (event.prompt_tokens, event.completion_tokens, event.status) == (0, 0, "interrupted")
+            sock.close()
+            wait_for(lambda: g.quotas(key)["rollingFiveHourLimit"]["remaining"] == 500, "the refund")
+            wait_for(lambda: owed(account_id) == [], "the checkpoint to be dropped at settlement")
+        finally:
+            holder.close()
+
+
 def test_queue_time_header_stats_and_metrics(redis_server: RedisServer, tmp_path: Path) -> None:
     with LiveGateway(redis_url=redis_server.url, data_dir=tmp_path, tokens_per_s=100, sim_max_seqs=1,
                      scheduler={"queue_timeout_s": 30, "poll_interval_s": 0.05, "charge_interval_s": 0.05}) as g:

@@ -51,6 +51,8 @@ from serve_apps.protocols.common import GenerationResult
 log = logging.getLogger("packserve.gateway")
 
 T = TypeVar("T")
+# What a request that has not started generating owes, checkpointed while it waits or embeds.
+NOTHING_YET = Progress(0, 0, 0, False, None)
 DEFAULT_COLD_START_TIMEOUT_S = 600.0
 # After a cold-start timeout the replica keeps starting; this is when to come back.
 COLD_START_RETRY_AFTER_S = 30
@@ -277,12 +279,17 @@ class GatewayService:
 
     async def _wait_queued(self, request: Request, ticket: Ticket, attempt: CapacityAttempt,
                            model: str) -> CapacityHold:
-        """The queued case: wait, renewing the slot lease, unless the client hangs up first."""
+        """The queued case: wait, renewing the slot lease, unless the client hangs up first.
+
+        The wait is checkpointed like a stream with nothing generated yet: if
+        this process dies while the request waits, another gateway's sweep
+        settles it (request-bar charge refunded, a usage record kept).
+        """
         assert self.scheduler is not None
         waiting = asyncio.ensure_future(attempt.wait())
         gone = asyncio.ensure_future(_disconnected(request))
         try:
-            async with self.controller.renewing(ticket):
+            async with self.controller.renewing(ticket, lambda: NOTHING_YET):
                 done, _ = await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
@@ -422,11 +429,10 @@ class GatewayService:
         """Embeddings: same lease and settlement path as generations."""
         status = "error"
         prompt_tokens = 0
-        nothing_yet = Progress(0, 0, 0, False, None)
         ticket.api = protocol
         try:
             # Renewed and checkpointed like a stream: a gateway that dies meanwhile still leaves its usage record.
-            async with self.controller.renewing(ticket, lambda: nothing_yet):
+            async with self.controller.renewing(ticket, lambda: NOTHING_YET):
                 result = await self.engine(self.cards[request.model]).embed(request)
             prompt_tokens = result.prompt_tokens
             status = "ok"
