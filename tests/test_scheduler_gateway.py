@@ -73,6 +73,16 @@ def capacity(gw: LiveGateway) -> dict[str, Any]:
     return next(m for m in stats["capacity"] if m["model"] == LARGE)
 
 
+def raw_request(gw: LiveGateway, key: str) -> socket.socket:
+    """A short chat request on a raw socket: the test decides exactly when the client hangs up."""
+    body = json.dumps({"model": LARGE, "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]})
+    sock = socket.create_connection(("127.0.0.1", gw.port))
+    sock.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                  f"authorization: Bearer {key}\r\ncontent-type: application/json\r\n"
+                  f"content-length: {len(body)}\r\n\r\n{body}").encode())
+    return sock
+
+
 def wait_for(check: Any, what: str, attempts: int = 500) -> None:
     for _ in range(attempts):
         if check():
@@ -121,12 +131,7 @@ def test_a_client_that_hangs_up_while_waiting_leaves_the_queue_uncharged(redis_s
         holder = Holder(g)
         try:
             account_id, key = g.new_key(["standard"])
-            body = json.dumps({"model": LARGE, "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]})
-            # A raw socket: the test decides exactly when the client hangs up.
-            sock = socket.create_connection(("127.0.0.1", g.port))
-            sock.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
-                          f"authorization: Bearer {key}\r\ncontent-type: application/json\r\n"
-                          f"content-length: {len(body)}\r\n\r\n{body}").encode())
+            sock = raw_request(g, key)
             wait_for(lambda: capacity(g)["waiting"] == 1, "the request to wait for the model")
             assert g.quotas(key)["rollingFiveHourLimit"]["remaining"] == 499  # admitted: charged while it waits
             sock.close()  # hang up
@@ -155,11 +160,7 @@ def test_a_waiting_request_is_checkpointed_so_a_dead_gateway_still_leaves_its_re
         holder = Holder(g)
         try:
             account_id, key = g.new_key(["standard"])
-            body = json.dumps({"model": LARGE, "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]})
-            sock = socket.create_connection(("127.0.0.1", g.port))
-            sock.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
-                          f"authorization: Bearer {key}\r\ncontent-type: application/json\r\n"
-                          f"content-length: {len(body)}\r\n\r\n{body}").encode())
+            sock = raw_request(g, key)
             wait_for(lambda: capacity(g)["waiting"] == 1, "the request to wait for the model")
             wait_for(lambda: len(owed(account_id)) == 1, "the waiting request's checkpoint")
             [settlement] = owed(account_id)
