@@ -175,5 +175,5 @@ class Accounts:
         return principal
 
     def forget_cached(self) -> None:
-        """Called when another process may have changed keys (admin API on another gateway)."""
+        """Forget every cached key now rather than within AUTH_CACHE_S (a key or account changed in the store)."""
         self._cache.clear()

@@ -157,10 +157,6 @@ class SubscriptionLimits:
         return self.concurrency_small if size is SizeClass.SMALL else self.concurrency_standard
 
 
-def subscription_limits(packs: Sequence[str], catalog: PlanCatalog = DEFAULT_CATALOG) -> SubscriptionLimits:
-    return catalog.limits(packs)
-
-
 def request_unit(reference_price_micro: int) -> int:
     """Units of the request bar that one weight-1.0 request costs."""
     if reference_price_micro <= 0:

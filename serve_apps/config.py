@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -20,6 +20,7 @@ from cluster.settings import AdmissionSettings, PriceSettings, SchedulerSettings
 from policies.plans import SizeClass
 from policies.pricing import ModelPrice, WeightBasis
 from serve_apps.engines.types import ModelCard
+from serve_apps.engines.vllm_args import VllmArgs
 
 MIB = 1024 * 1024
 
@@ -84,40 +85,9 @@ class Resources(StrictModel):
     accelerator_type: str | None = None
 
 
-class VllmArgs(StrictModel):
-    """The vLLM engine settings packserve controls; anything else is a deliberate omission."""
-
-    model: str  # a local directory or a builtin:name resolved by the catalog builder
-    tensor_parallel_size: int = Field(1, ge=1)
-    pipeline_parallel_size: int = Field(1, ge=1)
-    max_model_len: int | None = Field(None, ge=128)
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    quantization: str | None = None
-    # Always on: prefix-affinity routing and cached-token billing depend on it. Only `true` is accepted.
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False
-    max_num_seqs: int = Field(256, ge=1)
-    max_num_batched_tokens: int | None = Field(None, ge=16)
-    enable_lora: bool = False
-    max_lora_rank: int = Field(16, ge=1)
-    max_loras: int = Field(4, ge=1)
-    tool_call_parser: str | None = None
-    reasoning_parser: str | None = None
-    trust_remote_code: bool = False
-    kv_cache_space_gib: float | None = Field(None, gt=0, description="CPU backend: VLLM_CPU_KVCACHE_SPACE")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_settings_packserve_owns(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            if "served_model_name" in data:
-                raise ValueError("served_model_name is not a setting: a model is served under its catalog `id`, "
-                                 "which is the name clients send")
-            if data.get("enable_prefix_caching") is False:
-                raise ValueError("enable_prefix_caching cannot be turned off: prefix-affinity routing and "
-                                 "cached-token billing depend on it")
-        return data
+# What a LoRA adapter takes from its base model: it is served by the base model's deployment.
+BASE_DEPLOYMENT_FIELDS = frozenset({"vllm", "autoscaling", "resources", "max_ongoing_requests", "routing",
+                                    "affinity_max_queue", "max_inflight", "graceful_shutdown_timeout_s"})
 
 
 class ModelConfig(StrictModel):
@@ -162,6 +132,24 @@ class ModelConfig(StrictModel):
             raise ValueError(f"{self.id}: a lora model needs base_model")
         if self.kind == "embeddings" and self.size_class is not SizeClass.UNMETERED:
             raise ValueError(f"{self.id}: embeddings models are unmetered (size_class: unmetered)")
+        # A setting nothing reads is refused: an operator who writes it expects it to work. Compared with
+        # the defaults (not the fields given), so a config dumped and validated again (a replica's) passes.
+        if self.kind == "lora":
+            taken = sorted(f for f in BASE_DEPLOYMENT_FIELDS if _differs_from_default(self, f))
+            if taken:
+                raise ValueError(f"{self.id}: a LoRA adapter runs on the replicas of its base model "
+                                 f"{self.base_model}, which sets {', '.join(taken)}; set them there")
+        else:
+            for name, value in (("base_model", self.base_model), ("adapter_path", self.adapter_path)):
+                if value is not None:
+                    raise ValueError(f"{self.id}: {name} is a setting of LoRA adapters (kind: lora), "
+                                     f"not of {self.kind} models")
+        if self.kind == "embeddings" and self.vllm is not None:
+            vllm = self.vllm
+            unread = sorted(f for f in type(vllm).model_fields if f != "model" and _differs_from_default(vllm, f))
+            if unread:
+                raise ValueError(f"{self.id}: embeddings models run on transformers, which read only vllm.model "
+                                 f"of the vllm section, not {', '.join(unread)}")
         return self
 
     def price(self) -> ModelPrice:
@@ -174,6 +162,11 @@ class ModelConfig(StrictModel):
                          input_price_micro=price.input_micro, output_price_micro=price.output_micro,
                          context_length=self.context_length, max_output_tokens=self.max_output_tokens,
                          owned_by=self.owned_by, features=self.features, base_model=self.base_model)
+
+
+def _differs_from_default(model: StrictModel, name: str) -> bool:
+    default = type(model).model_fields[name].get_default(call_default_factory=True)
+    return bool(getattr(model, name) != default)
 
 
 class SimConfig(StrictModel):
@@ -208,6 +201,11 @@ class AppConfig(StrictModel):
 
     @model_validator(mode="after")
     def _unique(self) -> AppConfig:
+        if self.engine == "sim":
+            with_vllm = [m.id for m in self.models if m.vllm is not None]
+            if with_vllm:
+                raise ValueError(f"engine is sim, so the vllm sections of {', '.join(with_vllm)} would be ignored; "
+                                 "set engine: vllm or remove them")
         ids = [m.id for m in self.models]
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:

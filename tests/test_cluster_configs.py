@@ -256,3 +256,32 @@ def test_vllm_settings_packserve_owns_are_refused_not_ignored(setting: dict[str,
     chat["vllm"]["enable_prefix_caching"] = True  # what it always is: accepted
     chat["vllm"].pop("served_model_name", None)
     AppConfig.model_validate(raw)
+
+
+@pytest.mark.parametrize("kind, change, message", [
+    ("lora", {"autoscaling": {"min_replicas": 0}}, "runs on the replicas of its base model .* sets autoscaling"),
+    ("lora", {"vllm": {"model": "/m"}, "max_inflight": 2}, "sets max_inflight, vllm; set them there"),
+    ("chat", {"adapter_path": "/a"}, "adapter_path is a setting of LoRA adapters"),
+    ("embeddings", {"vllm": {"model": "builtin:all-MiniLM-L6-v2", "max_model_len": 512, "enforce_eager": True}},
+     "read only vllm.model of the vllm section, not enforce_eager, max_model_len"),
+])
+def test_model_settings_nothing_reads_are_refused_not_ignored(kind: str, change: dict[str, Any],
+                                                              message: str) -> None:
+    raw = yaml.safe_load((ROOT / "serve_apps" / "configs" / "local.yaml").read_text())
+    next(m for m in raw["models"] if m["kind"] == kind).update(change)
+    with pytest.raises(ValidationError, match=message):
+        AppConfig.model_validate(raw)
+
+
+def test_a_config_dumped_and_validated_again_is_the_same() -> None:
+    """What the gateway and every replica do with the config they are sent (JSON-mode data)."""
+    for path in APP_CONFIGS:
+        config = load_config(path)
+        assert AppConfig.model_validate(config.model_dump(mode="json")) == config
+
+
+def test_a_sim_config_refuses_vllm_sections() -> None:
+    raw = yaml.safe_load((ROOT / "serve_apps" / "configs" / "local.yaml").read_text())
+    raw["engine"] = "sim"
+    with pytest.raises(ValidationError, match="engine is sim, so the vllm sections of hf:HuggingFaceTB"):
+        AppConfig.model_validate(raw)

@@ -1,9 +1,9 @@
 """Cold starts through the gateway, in process: the wait happens before admission.
 
-A `ColdEngine` wraps the simulated engine with the optional `WarmableEngine`
-methods and a start the test releases by hand, so every step of a cold start
-(waiting, timing out, another model served meanwhile, the admin warm call)
-is observed deterministically. tests/test_ray_cold_start.py does the same
+A `ColdEngine` wraps the simulated engine with the `Engine` cold-start
+methods (`is_warm`, `ensure_ready`) and a start the test releases by hand, so
+every step of a cold start (waiting, timing out, another model served
+meanwhile, the admin warm call) is observed deterministically. tests/test_ray_scaling.py does the same
 against real Ray Serve scaling from zero.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from serve_apps.engines.types import (
     ToolSpec,
 )
 from serve_apps.gateway.app import build_gateway_app, create_runtime
-from serve_apps.gateway.service import COLD_START_RETRY_AFTER_S
+from serve_apps.gateway.errors import COLD_START_RETRY_AFTER_S
 from tests.live_gateway import ADMIN_TOKEN, LiveGateway
 
 LARGE = "hf:packserve/sim-large"  # the cold model
@@ -43,7 +43,7 @@ SMALL = "hf:packserve/sim-small"  # always warm
 FULL_BAR = 500  # one standard pack; sim-large weighs exactly 1 request at the $3.40 reference
 
 
-class ColdEngine:
+class ColdEngine(Engine):
     """The simulated engine behind a start the test controls (one Event per gateway loop)."""
 
     def __init__(self, engine: SimulatedEngine) -> None:
@@ -90,14 +90,14 @@ class ColdEngine:
             return False
         return True
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         if not self._event().is_set():
             # The dispatch found zero replicas: the flag is fresh again.
             self.stale_warm_flags = max(0, self.stale_warm_flags - 1)
             return self._found_cold()
         return self.engine.generate(request)
 
-    async def _found_cold(self) -> AsyncIterator[GenerationChunk]:
+    async def _found_cold(self) -> AsyncGenerator[GenerationChunk, None]:
         raise ModelStarting()
         yield  # pragma: no cover  (makes this an async generator)
 

@@ -27,7 +27,7 @@ import pytest
 import pytest_asyncio
 
 from serve_apps.catalog import fix_json_data
-from serve_apps.catalog.lora_train import ADAPTER_DIR_NAME, FIX_JSON_ID, read_report, user_message
+from serve_apps.catalog.lora_train import ADAPTER_DIR_NAME, FIX_JSON_ID, REPORT_FILE, TrainReport, user_message
 from serve_apps.config import AppConfig, load_config
 
 pytestmark = [
@@ -100,7 +100,7 @@ def test_adapter_is_a_vllm_loadable_peft_dir(built: dict[str, Path]) -> None:
     assert config["peft_type"] == "LORA"
     assert config["r"] <= 16
     assert {"q_proj", "k_proj", "v_proj", "o_proj"} <= set(config["target_modules"])
-    report = read_report(adapter)
+    report = TrainReport(**json.loads((adapter / REPORT_FILE).read_text()))
     # The loss really went down (it is per answer token, so it starts low: most
     # of a repair is a copy of the input).
     assert report.loss_end < report.loss_start / 2, report
@@ -138,13 +138,14 @@ def served_dtype(config: AppConfig) -> Any:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine(built: dict[str, Path], config: AppConfig) -> AsyncIterator[Any]:
     from serve_apps.catalog.build import SMOLLM_ID
-    from serve_apps.engines.vllm.engine import LoraAdapter, VllmEngine, VllmSettings
+    from serve_apps.engines.vllm.engine import LoraAdapter, VllmEngine
+    from serve_apps.engines.vllm_args import VllmArgs
 
     cards = {m.id: m.card() for m in config.models}
-    settings = VllmSettings(model_dir=str(built[SMOLLM_ID]), max_model_len=2048, dtype=served_dtype(config),
-                            enforce_eager=True, kv_cache_space_gib=1, max_num_seqs=16, enable_lora=True,
-                            max_lora_rank=16, max_loras=1)
-    eng = VllmEngine(cards[SMOLLM_ID], settings, [LoraAdapter(cards[FIX_JSON_ID], str(built[FIX_JSON_ID]))])
+    args = VllmArgs(model=str(built[SMOLLM_ID]), max_model_len=2048, dtype=served_dtype(config),
+                    enforce_eager=True, kv_cache_space_gib=1, max_num_seqs=16, enable_lora=True,
+                    max_lora_rank=16, max_loras=1)
+    eng = VllmEngine(cards[SMOLLM_ID], args, [LoraAdapter(cards[FIX_JSON_ID], str(built[FIX_JSON_ID]))])
     await eng.start()
     yield eng
     eng.shutdown()
@@ -320,10 +321,10 @@ async def test_lora_needs_a_valid_key(gateway: Gateway) -> None:
 
 @on_module_loop
 async def test_lora_is_concurrency_limited(gateway: Gateway) -> None:
-    from policies.plans import PackKind, SizeClass, subscription_limits
+    from policies.plans import DEFAULT_CATALOG, PackKind, SizeClass
 
     # An unmetered id still gets a concurrency limit: the standard one (1 for one standard pack).
-    assert subscription_limits((PackKind.STANDARD,)).concurrency(SizeClass.UNMETERED) == 1
+    assert DEFAULT_CATALOG.limits((PackKind.STANDARD,)).concurrency(SizeClass.UNMETERED) == 1
     _, key = await gateway.new_key()
     # A long repair (a 40-item array) keeps the first request streaming for a while.
     broken = "{'ids': [" + ", ".join(str(i) for i in range(100, 140)) + "], 'ok': True"

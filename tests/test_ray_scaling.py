@@ -41,7 +41,7 @@ from serve_apps.deploy.ray_app import build_app, model_deployment
 from serve_apps.deploy.serving_plan import deployment_name, plan
 from serve_apps.engines.sim import SIM_CARDS, SIM_EMBED, SIM_LARGE, SIM_SMALL, SimulatedEngine
 from serve_apps.engines.types import ChatMessage, Engine, GenerationRequest, SamplingParams
-from serve_apps.gateway.service import COLD_START_RETRY_AFTER_S
+from serve_apps.gateway.errors import COLD_START_RETRY_AFTER_S
 from tests.conftest import RayServe, RedisServer
 
 pytestmark = pytest.mark.ray

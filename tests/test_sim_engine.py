@@ -9,6 +9,7 @@ import math
 
 import pytest
 
+from serve_apps.engines.errors import UnknownModel
 from serve_apps.engines.sim import (
     FAIL_BEFORE_FIRST_TOKEN,
     FAIL_MID_STREAM,
@@ -420,15 +421,15 @@ async def test_failure_injection() -> None:
     assert engine.aborted == []
 
 
-async def test_unknown_or_wrong_kind_model_is_key_error() -> None:
+async def test_unknown_or_wrong_kind_model_is_unknown_model() -> None:
     engine = SimulatedEngine()
-    with pytest.raises(KeyError):
+    with pytest.raises(UnknownModel):
         await run(engine, chat("x", model="hf:packserve/nope"))
-    with pytest.raises(KeyError):
+    with pytest.raises(UnknownModel):
         await run(engine, chat("x", model="HF:packserve/sim-large"))
-    with pytest.raises(KeyError):
+    with pytest.raises(UnknownModel):
         await engine.embed(EmbeddingRequest("e", SIM_LARGE, ("x",)))
-    with pytest.raises(KeyError):
+    with pytest.raises(UnknownModel):
         await engine.count_tokens("nope", (), "x", ())
 
 

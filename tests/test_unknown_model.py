@@ -2,9 +2,9 @@
 
 That happens when a replica was built from another catalog than the gateway's
 (a redeploy in progress, an adapter not loaded there). The engine raises
-`UnknownModel` (or, the simulated engine, a bare KeyError that the replica
-boundary turns into one); the client gets `model_not_found`, nothing is
-charged and no slot is kept.
+`UnknownModel` (a bare KeyError crossing the replica boundary is read as one
+too); the client gets `model_not_found`, nothing is charged and no slot is
+kept.
 """
 
 from __future__ import annotations
@@ -114,6 +114,6 @@ def test_a_replica_refuses_an_id_outside_its_catalog_and_the_boundary_keeps_the_
     with pytest.raises(UnknownModel) as err:
         asyncio.run(server.count_tokens(LARGE, (ChatMessage(role="user", content="hi"),), None, ()))
     assert err.value.model == LARGE
-    for raised in (err.value, KeyError(LARGE)):  # the simulated engine raises a bare KeyError
+    for raised in (err.value, KeyError(LARGE)):
         mapped = _engine_error(RayTaskError("generate", "tb", raised), before_first_token=True)  # type: ignore[no-untyped-call]
         assert type(mapped) is UnknownModel and mapped.model == LARGE

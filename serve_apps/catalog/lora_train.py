@@ -217,11 +217,6 @@ def _tidy_adapter_config(out_dir: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def read_report(adapter_dir: Path) -> TrainReport:
-    raw = json.loads((adapter_dir / REPORT_FILE).read_text())
-    return TrainReport(**raw)
-
-
 def _bar_printer(stream: Any) -> StepCallback:
     tty = stream.isatty()
 

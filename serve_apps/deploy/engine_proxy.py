@@ -1,14 +1,15 @@
-"""`DeploymentEngine`: the `Engine` protocol over a Ray Serve DeploymentHandle.
+"""`DeploymentEngine`: an `Engine` over a Ray Serve DeploymentHandle.
 
 The gateway holds a mapping model id → Engine. Under uvicorn those are local
 engines; under Ray Serve each is one of these, calling the model's
 `ModelServer` deployment, so the gateway code is identical in both.
 
 A model deployment may be at zero replicas (`autoscaling.min_replicas: 0`);
-`DeploymentEngine.is_warm` / `ensure_ready` (the optional `WarmableEngine`
-methods) let the gateway wait for a cold start before admission, and
-`ReplicaWatch` tells it how many replicas each deployment has without ever
-putting a controller call on the request path.
+`DeploymentEngine.is_warm` / `ensure_ready` (the `Engine` lifecycle methods
+an in-process engine leaves at their always-warm defaults) let the gateway
+wait for a cold start before admission, and `ReplicaWatch` tells it how many
+replicas each deployment has without ever putting a controller call on the
+request path.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, cast
 
 from ray import serve
@@ -30,6 +31,7 @@ from serve_apps.engines.types import (
     ChatMessage,
     EmbeddingRequest,
     EmbeddingResult,
+    Engine,
     EngineError,
     GenerationChunk,
     GenerationRequest,
@@ -133,7 +135,7 @@ class ReplicaWatch:
             await asyncio.sleep(self.poll_s)
 
 
-class DeploymentEngine:
+class DeploymentEngine(Engine):
     """An `Engine` whose work runs in a model deployment's replicas.
 
     Cancellation is the abort path: the gateway cancels or closes this
@@ -165,7 +167,7 @@ class DeploymentEngine:
     def cards(self) -> list[ModelCard]:
         return list(self._cards)
 
-    # -- cold starts (the optional WarmableEngine methods) --------------------
+    # -- cold starts ------------------------------------------------------------
 
     def settled(self) -> bool:
         """A replica answered `ready()` and the deployment has not been seen at zero since.
@@ -224,7 +226,7 @@ class DeploymentEngine:
         self._confirmed = True
         return True
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         remote = cast(DeploymentResponseGenerator[GenerationChunk], self._stream.generate.remote(request))
         self._running[request.request_id] = remote
         first = True
@@ -310,8 +312,8 @@ def _engine_error(exc: BaseException, *, before_first_token: bool) -> BaseExcept
         rebuild, args = cause.__reduce__()[:2]
         return cast(BaseException, rebuild(*args))
     if isinstance(cause, KeyError):
-        # An id the replica's engine does not serve (engines.errors; the simulated engine raises a bare
-        # KeyError): the gateway answers 404 model_not_found.
+        # An id the replica's engine does not serve (engines.errors.UnknownModel, a KeyError; a bare one is
+        # read the same way): the gateway answers 404 model_not_found.
         return UnknownModel(str(cause.args[0]) if cause.args else "")
     if isinstance(cause, asyncio.CancelledError | RequestCancelledError | TaskCancelledError):
         return asyncio.CancelledError()

@@ -32,7 +32,7 @@ from serve_apps.engines.types import (
     ModelCard,
     ToolSpec,
 )
-from serve_apps.engines.vllm.engine import LoraAdapter, VllmEngine, VllmSettings
+from serve_apps.engines.vllm.engine import LoraAdapter, VllmEngine
 
 log = logging.getLogger("packserve.model_server")
 
@@ -64,17 +64,7 @@ def make_engine(model_cfg: ModelConfig, config: AppConfig) -> Engine:
     # Adapter paths resolve like model paths: `builtin:fix-json-lora` is the catalog build's adapter.
     adapters = [LoraAdapter(m.card(), resolve_model_dir(m.adapter_path or "", config))
                 for m in served[1:]]
-    settings = VllmSettings(
-        model_dir=model_dir, max_model_len=args.max_model_len, dtype=args.dtype, enforce_eager=args.enforce_eager,
-        kv_cache_space_gib=args.kv_cache_space_gib, tensor_parallel_size=args.tensor_parallel_size,
-        pipeline_parallel_size=args.pipeline_parallel_size, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        # Catalog adapters imply LoRA on the base (serving_plan does the same in the dry run).
-        enable_lora=args.enable_lora or bool(adapters), max_lora_rank=args.max_lora_rank,
-        max_loras=max(args.max_loras, len(adapters)), tool_call_parser=args.tool_call_parser,
-        reasoning_parser=args.reasoning_parser, gpu_memory_utilization=args.gpu_memory_utilization,
-        quantization=args.quantization, trust_remote_code=args.trust_remote_code)
-    return VllmEngine(model_cfg.card(), settings, adapters)
+    return VllmEngine(model_cfg.card(), args.for_replica(model_dir, len(adapters)), adapters)
 
 
 def resolve_model_dir(model: str, config: AppConfig) -> str:
@@ -97,9 +87,12 @@ class ModelServer:
     gateway cancels its `DeploymentResponseGenerator`, Ray cancels the task
     running `generate` here, and the engine's generator is closed inside it,
     which is how both engines stop work. `abort(request_id)` exists for the
-    Engine protocol but only reaches this replica, so the proxy never relies
+    Engine interface but only reaches this replica, so the proxy never relies
     on it alone.
     """
+
+    # Until __init__ has built the engine there is nothing for __del__ to shut down.
+    _closed = True
 
     def __init__(self, model_id: str, config: Mapping[str, Any]) -> None:
         # The config travels as JSON-mode data: it must survive `serve deploy`
@@ -144,10 +137,8 @@ class ModelServer:
                 # Cancelled (client gone) or closed early: make sure the engine
                 # frees the sequence, even if the cancel landed between chunks.
                 self._aborted.append(rid)
-                aclose = getattr(agen, "aclose", None)
-                if aclose is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(aclose())
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(agen.aclose())
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         self._check(request.model)
@@ -165,9 +156,7 @@ class ModelServer:
 
     async def ready(self) -> list[str]:
         """The ids this replica serves, once the engine has loaded (vLLM loads lazily, in a worker thread)."""
-        start = getattr(self._engine, "start", None)
-        if start is not None:
-            await start()
+        await self._engine.start()
         return sorted(self._served)
 
     async def stats(self) -> dict[str, Any]:
@@ -177,30 +166,23 @@ class ModelServer:
         waiting sequences), or None for engines that do not report it; after a
         client disconnect it must drop back, or the abort did not reach vLLM.
         """
-        unfinished = getattr(self._engine, "unfinished_requests", None)
         return {"model": self._model_id, "in_flight": sorted(self._in_flight), "aborted": list(self._aborted),
                 "started": self._started, "finished": self._finished,
-                "unfinished": unfinished() if unfinished is not None else None, "replica": _replica_id()}
+                "unfinished": self._engine.unfinished_requests(), "replica": _replica_id()}
 
     async def check_health(self) -> None:
         """Ray Serve's periodic probe; delegated so a wedged vLLM engine gets its replica restarted."""
-        probe = getattr(self._engine, "check_health", None)
-        if probe is not None:
-            result = probe()
-            if asyncio.iscoroutine(result):
-                await result
+        await self._engine.check_health()
 
     def __del__(self) -> None:
         # vLLM holds worker processes and shared memory; free them when Serve stops the replica.
-        if getattr(self, "_closed", True):
+        if self._closed:
             return
         self._closed = True
-        shutdown = getattr(self._engine, "shutdown", None)
-        if shutdown is not None:
-            try:
-                shutdown()
-            except Exception:
-                log.exception("engine shutdown failed", extra={"model": self._model_id})
+        try:
+            self._engine.shutdown()
+        except Exception:
+            log.exception("engine shutdown failed", extra={"model": self._model_id})
 
     def _check(self, model: str) -> None:
         if model not in self._served:

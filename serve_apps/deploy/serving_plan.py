@@ -189,7 +189,8 @@ def _engine_args(config: AppConfig, m: ModelConfig, adapters: tuple[ModelConfig,
         return config.sim.model_dump(mode="json")
     if m.vllm is None:
         raise ConfigError(f"{m.id}: engine is vllm but the model has no 'vllm' section")
-    args = m.vllm.model_dump(mode="json", exclude_none=True)
+    # As the replica builds its engine (model_server.make_engine), LoRA on for the catalog's adapters.
+    args = m.vllm.with_adapters(len(adapters)).model_dump(mode="json", exclude_none=True)
     gpus = m.resources.num_gpus
     ranks = m.vllm.tensor_parallel_size * m.vllm.pipeline_parallel_size
     # A single rank may share a GPU (num_gpus < 1); more ranks need a GPU each.
@@ -201,10 +202,6 @@ def _engine_args(config: AppConfig, m: ModelConfig, adapters: tuple[ModelConfig,
     if adapters:
         if m.kind != "chat":
             raise ConfigError(f"{m.id}: only chat models can serve LoRA adapters")
-        # Adapters in the catalog imply LoRA on the base; forgetting the flag
-        # would only show up as a vLLM error on the first adapter request.
-        args["enable_lora"] = True
-        args["max_loras"] = max(m.vllm.max_loras, len(adapters))
         args["lora_modules"] = {a.id: a.adapter_path for a in adapters}
     return args
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from serve_apps.engines.types import (
     ChatMessage,
     EmbeddingRequest,
     EmbeddingResult,
+    Engine,
     GenerationChunk,
     GenerationRequest,
     ModelCard,
@@ -30,7 +31,7 @@ from serve_apps.engines.types import (
 _DEFAULT_MAX_SEQ_LENGTH = 256
 
 
-class EmbeddingsEngine:
+class EmbeddingsEngine(Engine):
     """`Engine` for one embeddings model directory; text generation is refused."""
 
     def __init__(self, card: ModelCard, model_dir: str | Path, batch_size: int = 32) -> None:
@@ -119,7 +120,7 @@ class EmbeddingsEngine:
         # Chat-only method: this engine serves no chat model.
         raise UnknownModel(model)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         # This engine serves no chat model: not an engine failure.
         raise UnknownModel(request.model)
         yield GenerationChunk()  # unreachable; makes this an async generator like every engine's generate

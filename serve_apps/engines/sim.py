@@ -37,10 +37,12 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, Iterable, Sequence
 from typing import Any
 
+from serve_apps.engines.errors import UnknownModel
 from serve_apps.engines.types import (
     ChatMessage,
     EmbeddingRequest,
     EmbeddingResult,
+    Engine,
     EngineError,
     FinishReason,
     GenerationChunk,
@@ -200,7 +202,7 @@ class _PrefixCache:
         return len(self._blocks)
 
 
-class SimulatedEngine:
+class SimulatedEngine(Engine):
     """Deterministic simulated engine implementing `Engine`, for tests and benchmarks.
 
     `ttft_s` is slept before the first chunk and `1 / tokens_per_s` between
@@ -273,8 +275,8 @@ class SimulatedEngine:
         card = self._cards.get(model)
         if card is None or card.kind != kind:
             # A chat request for the embeddings model (or the reverse) is as
-            # unusable as an unknown id; the gateway maps KeyError to 404.
-            raise KeyError(model)
+            # unusable as an unknown id: the gateway answers 404 model_not_found.
+            raise UnknownModel(model)
         return card
 
     def _prompt_text(self, request: GenerationRequest) -> str:

@@ -1,15 +1,16 @@
-"""Engine-neutral request, chunk and usage types.
+"""Engine-neutral request, chunk and usage types, and `Engine`, the one interface every engine implements.
 
-Both protocol front-ends (OpenAI, Anthropic) convert into these, and every
-engine (the simulated one, vLLM) speaks only these, so neither side knows the
-other's wire format.
+The protocol front-ends (OpenAI, Responses, Anthropic) convert into these, and
+every engine (simulated, vLLM, embeddings, the Ray Serve handle) speaks only
+these, so neither side knows the other's wire format.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "tool_calls", "abort", "error"]
@@ -138,7 +139,6 @@ class ModelCard:
     owned_by: str = "packserve"
     features: tuple[str, ...] = ()  # e.g. "tools", "reasoning", "streaming"
     base_model: str | None = None  # for LoRA adapters
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class EngineError(Exception):
@@ -189,7 +189,7 @@ class ModelStarting(EngineError):
     """The model's deployment was found at zero replicas after dispatch: nothing ran.
 
     Raised before the first chunk by engines that can scale to zero (see
-    `WarmableEngine`), so the gateway can give the slot and the charge back,
+    `Engine.is_warm`), so the gateway can give the slot and the charge back,
     wait for the cold start, and dispatch again.
     """
 
@@ -198,33 +198,61 @@ class ModelStarting(EngineError):
         super().__init__(message, before_first_token=True)
 
 
-class Engine(Protocol):
-    """What the gateway needs from a model server, at the request/chunk level."""
+class Engine(ABC):
+    """What the gateway and a model replica need from an engine: requests and chunks in, and its lifecycle.
 
+    Every engine (simulated, vLLM, embeddings, the Ray Serve handle) subclasses
+    this. The request methods are each engine's own; the lifecycle methods
+    default to an engine that is always warm, loads on its first request, has
+    no health probe and holds nothing to free, and each engine overrides what
+    it has.
+    """
+
+    # -- requests ---------------------------------------------------------------
+
+    @abstractmethod
     def cards(self) -> list[ModelCard]: ...
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
+    @abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        """The generation's chunks; closing the generator early aborts it in the engine."""
 
+    @abstractmethod
     async def count_tokens(
         self, model: str, messages: tuple[ChatMessage, ...], prompt: str | None, tools: tuple[ToolSpec, ...]
     ) -> int: ...
 
+    @abstractmethod
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult: ...
 
+    @abstractmethod
     async def abort(self, request_id: str) -> None: ...
 
+    # -- lifecycle --------------------------------------------------------------
 
-class WarmableEngine(Engine, Protocol):
-    """Optional extra of an Engine whose model can be at zero replicas (a Ray Serve deployment).
-
-    The gateway looks these methods up with getattr: an engine without them
-    (the simulated engine, any in-process engine) is always warm.
-    """
+    async def start(self) -> None:
+        """Load the model (once); returns when requests can be served. Requests start the engine themselves."""
+        return None
 
     def is_warm(self, model: str) -> bool:
-        """Whether a request would be served without a cold start; must not wait."""
-        ...
+        """Whether a request for `model` would be served without a cold start; must not wait."""
+        return True
 
     async def ensure_ready(self, model: str, timeout_s: float) -> bool:
-        """Start the model if needed and wait up to `timeout_s` for it; False if it is not ready by then."""
-        ...
+        """Start `model` if needed and wait up to `timeout_s` for it; False if it is not ready by then.
+
+        `timeout_s <= 0` only starts it and says whether it was warm already.
+        """
+        return True
+
+    def unfinished_requests(self) -> int | None:
+        """Requests the engine itself still runs or holds; None for an engine that does not report it."""
+        return None
+
+    async def check_health(self) -> None:
+        """Raise if the engine is wedged (the replica is then restarted)."""
+        return None
+
+    def shutdown(self) -> None:
+        """Free what the engine holds (worker processes, memory); it serves nothing afterwards."""
+        return None

@@ -40,7 +40,14 @@ from serve_apps.engines.types import Engine, ModelCard
 from serve_apps.gateway.admin_routes import build_admin_router, check_admin_token
 from serve_apps.gateway.anthropic_routes import build_anthropic_router
 from serve_apps.gateway.auth_guard import AuthFailureGuard
-from serve_apps.gateway.errors import ApiError, UnknownModel, error_response, not_served, store_unavailable
+from serve_apps.gateway.errors import (
+    ApiError,
+    UnknownModel,
+    error_response,
+    invalid_api_key,
+    not_served,
+    store_unavailable,
+)
 from serve_apps.gateway.metrics import Metrics
 from serve_apps.gateway.openai_routes import build_openai_router
 from serve_apps.gateway.page_headers import page_headers
@@ -103,7 +110,7 @@ class GatewayRuntime:
                                       cold_start_timeout=config.cold_start_timeout, scheduler=self.scheduler,
                                       recent=self.recent)
         self.metrics.bind(lambda: self.controller.queue.depth, lambda: self.controller.active,
-                          lambda: len(self.controller.outbox), lambda: self.service.cold_starts_waiting)
+                          lambda: len(self.controller.outbox), lambda: self.service.cold_starts.waiting)
         self.admin = AdminOps(store, self.accounts, self.controller.policy.unit)
         self.alerts = build_alerts(config, store, clock)
         if self.alerts is not None:
@@ -114,7 +121,7 @@ class GatewayRuntime:
         return {"in_flight": self.controller.active, "queue_depth": self.controller.queue.depth,
                 "queued_total": self.controller.queue.waited_total,
                 "settlements_pending": len(self.controller.outbox), "models": sorted(self.service.cards),
-                "cold_starts_waiting": self.service.cold_starts_waiting}
+                "cold_starts_waiting": self.service.cold_starts.waiting}
 
     def scheduled_models(self) -> list[str]:
         """The models with a capacity queue (LoRA adapters share their base model's)."""
@@ -149,12 +156,11 @@ class GatewayRuntime:
 
     def model_states(self) -> list[dict[str, Any]]:
         """Each model: warm (serves now), starting (cold, requests wait for it) or cold; its replicas if known."""
-        flags = self.warm_flags() if self.warm_flags is not None else {
-            cid: self.service.is_warm(card) for cid, card in self.service.cards.items()}
+        flags = self.warm_flags() if self.warm_flags is not None else self.service.cold_starts.warm_flags()
         out = []
         for cid, card in sorted(self.service.cards.items()):
             warm = flags.get(cid, True)
-            state = "warm" if warm else "starting" if self.service.starting[cid] > 0 else "cold"
+            state = "warm" if warm else "starting" if self.service.cold_starts.starting[cid] > 0 else "cold"
             out.append({"model": cid, "kind": card.kind, "state": state,
                         "replicas": self.replicas(cid) if self.replicas is not None else None,
                         "queue_model": self.config.queue_model(cid)})
@@ -238,7 +244,7 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
     def warm_flags() -> dict[str, bool]:
         # Per request: a model's replicas come and go (scale to zero), so a
         # snapshot taken when the app was built would soon be wrong.
-        return warm() if warm else {cid: service.is_warm(card) for cid, card in service.cards.items()}
+        return warm() if warm else service.cold_starts.warm_flags()
 
     rt.warm_flags = warm_flags
     openai_router = build_openai_router(service, max_body, warm_flags)
@@ -250,7 +256,7 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
     # "/anthropic" too: AI-SDK clients (opencode) append "/messages" to the base URL they are given.
     for prefix in ("/anthropic/v1", "/anthropic", "/v1"):
         app.include_router(anthropic_router, prefix=prefix)
-    app.include_router(build_admin_router(rt.admin, rt.admin_token, max_body, rt.full_stats, service.start_model,
+    app.include_router(build_admin_router(rt.admin, rt.admin_token, max_body, rt.full_stats, service.cold_starts.start,
                                        rt.account_loads))
 
     @app.api_route("/anthropic", methods=["GET", "HEAD"], include_in_schema=False)
@@ -271,7 +277,7 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
         try:
             snap = await rt.controller.snapshot(principal.account.id)
         except NotFound:
-            raise ApiError(401, "invalid API key", "invalid_api_key") from None
+            raise invalid_api_key() from None
         return JSONResponse(quotas_body(snap, service.unit))
 
     @app.get("/v2/usage")

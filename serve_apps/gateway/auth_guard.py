@@ -20,7 +20,7 @@ from starlette.requests import Request
 from cluster.store import Store, StoreError
 from policies.auth_failures import DEFAULT_WINDOW_MS
 from policies.bars import ceil_seconds
-from serve_apps.gateway.errors import ApiError
+from serve_apps.gateway.errors import ApiError, invalid_api_key, too_many_auth_failures
 
 log = logging.getLogger("packserve.gateway")
 
@@ -46,13 +46,11 @@ class AuthFailureGuard:
         except StoreError as exc:
             # The count is protection, not a gate: without the store the request is still a plain 401.
             log.warning("auth failure not counted: store unavailable", extra={"error": str(exc)})
-            return ApiError(401, message, "invalid_api_key")
+            return invalid_api_key(message)
         if not verdict.refused:
-            return ApiError(401, message, "invalid_api_key")
+            return invalid_api_key(message)
         if verdict.failures == self.limit + 1:
             log.warning("source refused after repeated invalid API keys",
                         extra={"source": source, "failures": verdict.failures, "limit": self.limit})
         retry_s = max(1, ceil_seconds(verdict.retry_after_ms))
-        return ApiError(429, f"Too many requests with an invalid API key from this address ({verdict.failures} "
-                             f"this minute; the limit is {self.limit}); retry in {retry_s} s with a valid key.",
-                        "too_many_auth_failures", headers={"retry-after": str(retry_s)})
+        return too_many_auth_failures(verdict.failures, self.limit, retry_s)

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import pydantic
 from starlette.requests import ClientDisconnect, Request
 
-from serve_apps.gateway.errors import ApiError
+from serve_apps.gateway.errors import ApiError, client_closed
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 
@@ -50,7 +50,7 @@ async def read_json(request: Request, max_bytes: int) -> Any:
                 raise ApiError(413, f"Request body exceeds the limit of {max_bytes} bytes.", "request_too_large")
             chunks.append(chunk)
     except ClientDisconnect:
-        raise ApiError(499, "client closed the request", "client_closed") from None
+        raise client_closed() from None
     raw = b"".join(chunks)
     if not raw.strip():
         raise ApiError(400, "Request body is empty; expected a JSON object.", "invalid_json")

@@ -1,22 +1,22 @@
-"""OpenAI-compatible routes (thin: parse, convert, hand to the service, encode)."""
+"""OpenAI-compatible routes (thin: parse, hand to the service's request story, encode)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from serve_apps.engines.types import EngineError, GenerationRequest
+from serve_apps.engines.types import EmbeddingRequest, EmbeddingResult, GenerationRequest, ModelCard
 from serve_apps.gateway.body import parse
-from serve_apps.gateway.errors import ApiError, model_not_found
+from serve_apps.gateway.errors import model_not_found
 from serve_apps.gateway.service import GatewayService, new_request_id, presented_key
-from serve_apps.gateway.streaming import sse_response
+from serve_apps.gateway.streaming import SseEvents
 from serve_apps.protocols import openai_convert as convert
-from serve_apps.protocols.common import InvalidRequest
+from serve_apps.protocols.common import GenerationResult
 from serve_apps.protocols.openai_models import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -26,6 +26,50 @@ from serve_apps.protocols.openai_models import (
 from serve_apps.protocols.openai_stream import OpenAIChatStreamEncoder, OpenAICompletionStreamEncoder, error_event
 
 PROTOCOL = "openai"
+
+
+@dataclass(frozen=True)
+class OpenAIGeneration:
+    """A chat or text completion: they differ only in their converters and encoders."""
+
+    req: ChatCompletionRequest | CompletionRequest
+    rid: str
+    to_generation: Callable[..., GenerationRequest]
+    encoder: type[OpenAIChatStreamEncoder | OpenAICompletionStreamEncoder]
+    respond: Callable[..., dict[str, Any]]
+
+    @property
+    def model(self) -> str:
+        return self.req.model
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.req.stream)
+
+    def generation(self, card: ModelCard) -> GenerationRequest:
+        return self.to_generation(self.req, self.rid, card)
+
+    def events(self, created: int) -> SseEvents:
+        enc = self.encoder(self.rid, self.req.model, created)
+        return SseEvents(enc.start, enc.chunk, lambda: enc.finish(include_usage=self.req.include_usage), error_event)
+
+    def answer(self, result: GenerationResult, created: int) -> dict[str, Any]:
+        return self.respond(result, response_id=self.rid, model=self.req.model, created=created)
+
+
+@dataclass(frozen=True)
+class OpenAIEmbedding:
+    req: EmbeddingsRequest
+
+    @property
+    def model(self) -> str:
+        return self.req.model
+
+    def embedding(self) -> EmbeddingRequest:
+        return convert.embeddings_to_request(self.req, new_request_id("emb"))
+
+    def answer(self, result: EmbeddingResult) -> dict[str, Any]:
+        return convert.embeddings_response(result, model=self.req.model, encoding_format=self.req.encoding_format)
 
 
 def build_openai_router(service: GatewayService, max_body_bytes: int,
@@ -56,58 +100,29 @@ def build_openai_router(service: GatewayService, max_body_bytes: int,
             raise model_not_found(model_id)
         return JSONResponse(convert.models_list([card], weights, warm_now())["data"][0])
 
-    async def generate(request: Request, body: ChatCompletionRequest | CompletionRequest, rid: str,
-                       to_generation: Callable[..., GenerationRequest],
-                       encoder: type[OpenAIChatStreamEncoder | OpenAICompletionStreamEncoder],
-                       respond: Callable[..., dict[str, Any]]) -> Response:
-        """Chat and text completions share everything but their converters and encoders."""
-        principal = await service.authenticate(request)
-        card = service.resolve(body.model, kind="chat")
-        try:
-            gen = to_generation(body, rid, card)
-        except InvalidRequest as exc:
-            raise ApiError(400, exc.message, "invalid_request", exc.param) from None
-        dispatched = await service.dispatch(request, principal, card, gen, PROTOCOL)
-        headers = service.headers(dispatched.ticket)
-        created = int(time.time())
-        if body.stream:
-            enc = encoder(rid, body.model, created)
-            return sse_response(dispatched.first, dispatched.chunks, enc.start, enc.chunk,
-                                lambda: enc.finish(include_usage=body.include_usage), error_event, headers)
-        try:
-            result = await service.collect_from(dispatched)
-        except EngineError:
-            raise ApiError(502, "The model failed while generating.", "engine_error") from None
-        return JSONResponse(respond(result, response_id=rid, model=body.model, created=created), headers=headers)
-
     @router.post("/chat/completions")
     async def chat(request: Request) -> Response:
-        body = await parse(request, ChatCompletionRequest, max_body_bytes, validation_message)
-        return await generate(request, body, new_request_id("chatcmpl"), convert.chat_to_generation,
-                              OpenAIChatStreamEncoder, convert.chat_response)
+        async def read() -> OpenAIGeneration:
+            body = await parse(request, ChatCompletionRequest, max_body_bytes, validation_message)
+            return OpenAIGeneration(body, new_request_id("chatcmpl"), convert.chat_to_generation,
+                                    OpenAIChatStreamEncoder, convert.chat_response)
+
+        return await service.generate(request, PROTOCOL, read)
 
     @router.post("/completions")
     async def completions(request: Request) -> Response:
-        body = await parse(request, CompletionRequest, max_body_bytes, validation_message)
-        return await generate(request, body, new_request_id("cmpl"), convert.completion_to_generation,
-                              OpenAICompletionStreamEncoder, convert.completion_response)
+        async def read() -> OpenAIGeneration:
+            body = await parse(request, CompletionRequest, max_body_bytes, validation_message)
+            return OpenAIGeneration(body, new_request_id("cmpl"), convert.completion_to_generation,
+                                    OpenAICompletionStreamEncoder, convert.completion_response)
+
+        return await service.generate(request, PROTOCOL, read)
 
     @router.post("/embeddings")
     async def embeddings(request: Request) -> Response:
-        body = await parse(request, EmbeddingsRequest, max_body_bytes, validation_message)
-        principal = await service.authenticate(request)
-        card = service.resolve(body.model, kind="embeddings")
-        try:
-            req = convert.embeddings_to_request(body, new_request_id("emb"))
-        except InvalidRequest as exc:
-            raise ApiError(400, exc.message, "invalid_request", exc.param) from None
-        ticket = await service.admit(request, principal, card)
-        headers = service.headers(ticket)
-        try:
-            result = await service.embed(ticket, req, PROTOCOL)
-        except EngineError:
-            raise ApiError(502, "The embeddings model failed.", "engine_error") from None
-        return JSONResponse(convert.embeddings_response(result, model=body.model,
-                                                        encoding_format=body.encoding_format), headers=headers)
+        async def read() -> OpenAIEmbedding:
+            return OpenAIEmbedding(await parse(request, EmbeddingsRequest, max_body_bytes, validation_message))
+
+        return await service.embeddings(request, PROTOCOL, read)
 
     return router

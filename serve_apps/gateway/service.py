@@ -1,24 +1,25 @@
-"""The protocol-neutral core of every metered request.
+"""The protocol-neutral core of every metered request: one story, whichever API it came through.
 
-auth → model → admission (queueing) → wait for model capacity → dispatch →
-settlement, shared by the OpenAI and Anthropic routes, streaming or not, so
-there is exactly one settlement path for every kind of response (no "$0 for
-streams" bugs).
+`GatewayService.generate` reads top to bottom as auth → model → cold start →
+admit → wait for capacity → dispatch → stream → settle; `embeddings` is the
+same story without the capacity wait and the stream. The OpenAI, Anthropic
+and Responses routes each call one of them once, so there is exactly one
+settlement path for every kind of response (no "$0 for streams" bugs).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
 from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from cluster.accounts import Accounts, AuthError, Principal
 from cluster.controller import AdmissionController, AdmissionRefused, Progress, Ticket
@@ -42,20 +43,24 @@ from serve_apps.engines.types import (
     RequestRejected,
     TokenUsage,
 )
+from serve_apps.gateway import errors
 from serve_apps.gateway.auth_guard import AuthFailureGuard
-from serve_apps.gateway.errors import ApiError, UnknownModel, model_not_found, not_served, store_unavailable
+from serve_apps.gateway.calls import EmbeddingCall, GenerationCall, TokenCountCall
+from serve_apps.gateway.cold_start import ColdStarts
+from serve_apps.gateway.disconnect import disconnected
+from serve_apps.gateway.errors import ApiError, UnknownModel
 from serve_apps.gateway.metrics import Metrics
 from serve_apps.gateway.recent import RecentWindow
-from serve_apps.protocols.common import GenerationResult
+from serve_apps.gateway.streaming import sse_response
+from serve_apps.protocols.common import GenerationResult, InvalidRequest
 
 log = logging.getLogger("packserve.gateway")
 
-T = TypeVar("T")
+C = TypeVar("C")
 # What a request that has not started generating owes, checkpointed while it waits or embeds.
 NOTHING_YET = Progress(0, 0, 0, False, None)
-DEFAULT_COLD_START_TIMEOUT_S = 600.0
-# After a cold-start timeout the replica keeps starting; this is when to come back.
-COLD_START_RETRY_AFTER_S = 30
+# A dispatch that finds its model gone to zero replicas waits for the cold start and goes again, once.
+DISPATCHES = 2
 QUEUE_MS_HEADER = "x-packserve-queue-ms"
 
 
@@ -66,20 +71,6 @@ class Dispatched:
     ticket: Ticket
     first: GenerationChunk | None
     chunks: AsyncIterator[GenerationChunk]
-
-
-def prompt_too_long(exc: PromptTooLong, protocol: str, param: str) -> ApiError:
-    """A 400 worded as each provider words it: coding agents match these texts to compact their history."""
-    if protocol == "anthropic":
-        return ApiError(400, f"prompt is too long: {exc.prompt_tokens} tokens > {exc.limit} maximum",
-                        "context_length_exceeded")
-    if protocol == "responses":
-        return ApiError(400, f"Your input exceeds the context window of this model ({exc.prompt_tokens} tokens > "
-                             f"{exc.limit}). Please adjust your input and try again.", "context_length_exceeded",
-                        "input")
-    return ApiError(400, f"This model's maximum context length is {exc.limit} tokens. However, your "
-                         f"{param} resulted in {exc.prompt_tokens} tokens. "
-                         f"Please reduce the length of the {param}.", "context_length_exceeded", param)
 
 
 def presented_key(request: Request) -> str | None:
@@ -110,13 +101,78 @@ class GatewayService:
         self.cards = dict(cards)
         self.metrics = metrics
         self.unit = controller.policy.unit
-        self.cold_start_timeout = cold_start_timeout or (lambda _model: DEFAULT_COLD_START_TIMEOUT_S)
-        self.cold_starts_waiting = 0
-        # Requests waiting for each model's cold start: a cold model with waiters is starting.
-        self.starting: collections.Counter[str] = collections.Counter()
+        self.cold_starts = ColdStarts(self.engines, self.cards, metrics, cold_start_timeout)
         self._closers: set[asyncio.Task[None]] = set()
 
-    # -- steps ----------------------------------------------------------------
+    # -- the stories ------------------------------------------------------------
+
+    async def generate(self, request: Request, protocol: str, read: Callable[[], Awaitable[GenerationCall]], *,
+                       authenticate_first: bool = False) -> Response:
+        """One generation: auth → model → cold start → admit → wait for capacity → dispatch → stream → settle.
+
+        `read` parses the body (after the key, with `authenticate_first`: Anthropic's order). A dispatch
+        that finds the model gone to zero replicas after admission (its warm flag was up to one watch
+        poll stale) was settled as refunded with its slot freed; it goes round once more, now waiting
+        out the cold start uncharged.
+        """
+        principal, call = await self._authenticated(request, read, authenticate_first)
+        card = self.resolve(call.model, kind="chat")
+        gen = _converted(lambda: call.generation(card))
+        dispatched: Dispatched | None = None
+        for attempt in range(DISPATCHES):
+            self._check_key(principal, card)
+            await self.cold_starts.wait(request, card)
+            ticket = await self.admit(request, principal, card)
+            await self.wait_for_capacity(request, ticket, card, protocol)
+            dispatched = await self.dispatch(ticket, gen, protocol, attempt)
+            if dispatched is not None:
+                break
+        if dispatched is None:
+            raise errors.cold_twice(card.id)
+        headers = self.headers(dispatched.ticket)
+        created = int(time.time())
+        if call.stream:
+            # Settled when the stream ends, however it ends (`metered`).
+            return sse_response(dispatched.first, dispatched.chunks, call.events(created), headers)
+        try:
+            result = await self.collect(dispatched)
+        except EngineError:
+            raise errors.failed_while_generating() from None
+        return JSONResponse(call.answer(result, created), headers=headers)
+
+    async def embeddings(self, request: Request, protocol: str,
+                         read: Callable[[], Awaitable[EmbeddingCall]]) -> Response:
+        """auth → model → cold start → admit → embed → settle."""
+        principal, call = await self._authenticated(request, read, False)
+        card = self.resolve(call.model, kind="embeddings")
+        embedding = _converted(call.embedding)
+        self._check_key(principal, card)
+        await self.cold_starts.wait(request, card)
+        ticket = await self.admit(request, principal, card)
+        headers = self.headers(ticket)
+        try:
+            result = await self.embed(ticket, embedding, protocol)
+        except EngineError:
+            raise errors.embeddings_failed() from None
+        return JSONResponse(call.answer(result), headers=headers)
+
+    async def count_tokens(self, request: Request, read: Callable[[], Awaitable[TokenCountCall]]) -> int:
+        """auth → model → count: free, neither bar is charged and no slot is taken."""
+        _, call = await self._authenticated(request, read, True)
+        card = self.resolve(call.model, kind="chat")
+        messages, tools = _converted(call.prompt)
+        return await self.engine(card).count_tokens(card.id, messages, None, tools)
+
+    # -- steps ------------------------------------------------------------------
+
+    async def _authenticated(self, request: Request, read: Callable[[], Awaitable[C]],
+                             authenticate_first: bool) -> tuple[Principal, C]:
+        if authenticate_first:
+            # As Anthropic does, so a refused body is logged under its account.
+            principal = await self.authenticate(request)
+            return principal, await read()
+        call = await read()
+        return await self.authenticate(request), call
 
     async def authenticate(self, request: Request) -> Principal:
         try:
@@ -124,10 +180,10 @@ class GatewayService:
         except AuthError as exc:
             if self.auth_guard is not None:
                 raise await self.auth_guard.failed(request, str(exc)) from None
-            raise ApiError(401, str(exc), "invalid_api_key") from None
+            raise errors.invalid_api_key(str(exc)) from None
         except StoreError as exc:
             log.error("store unavailable during auth", extra={"error": str(exc)})
-            raise store_unavailable() from None
+            raise errors.store_unavailable() from None
         # Read by the gateway's rejection log: a request refused later still names its account.
         request.state.account_id = principal.account.id
         return principal
@@ -135,64 +191,27 @@ class GatewayService:
     def resolve(self, model: str, *, kind: str) -> ModelCard:
         card = self.cards.get(model)
         if card is None:
-            raise model_not_found(model)
+            raise errors.model_not_found(model)
         kinds = {"chat": ("chat", "lora"), "embeddings": ("embeddings",)}[kind]
         if card.kind not in kinds:
-            raise ApiError(400, f"The model '{model}' is a {card.kind} model and cannot serve this endpoint.",
-                           "model_not_supported", "model")
+            raise errors.wrong_kind(model, card.kind)
         return card
 
     def engine(self, card: ModelCard) -> Engine:
         return self.engines[card.id]
 
-    def is_warm(self, card: ModelCard) -> bool:
-        is_warm = getattr(self.engine(card), "is_warm", None)
-        return True if is_warm is None else bool(is_warm(card.id))
-
-    async def start_model(self, model: str) -> bool | None:
-        """Start `model` ahead of traffic: True if it was warm already, False if starting, None if unknown."""
-        card = self.cards.get(model)
-        if card is None:
-            return None
-        ensure = getattr(self.engine(card), "ensure_ready", None)
-        return True if ensure is None else bool(await ensure(card.id, 0))
-
-    async def wait_ready(self, request: Request, card: ModelCard) -> None:
-        """Wait for a cold model before admission: the wait is never charged and holds no slot or queue place."""
-        ensure = getattr(self.engine(card), "ensure_ready", None)
-        if ensure is None or self.is_warm(card):
-            return
-        timeout_s = self.cold_start_timeout(card.id)
-        started = time.monotonic()
-        self.cold_starts_waiting += 1
-        self.starting[card.id] += 1
-        try:
-            ready = await _unless_disconnected(request, ensure(card.id, timeout_s))
-        finally:
-            self.cold_starts_waiting -= 1
-            self.starting[card.id] -= 1
-        waited_s = time.monotonic() - started
-        outcome = "client_closed" if ready is None else "ready" if ready else "timeout"
-        self.metrics.cold_start_wait.labels(card.id, outcome).observe(waited_s)
-        log.info("cold start wait", extra={"model": card.id, "ready": ready, "waited_ms": int(waited_s * 1000)})
-        if ready is None:
-            raise ApiError(499, "client closed the request while the model was starting", "client_closed")
-        if not ready:
-            raise ApiError(503, f"The model '{card.id}' is starting from zero replicas and was not ready within "
-                                f"{timeout_s:g} s; it keeps starting, retry in {COLD_START_RETRY_AFTER_S} s.",
-                           "model_cold_start_timeout", headers={"retry-after": str(COLD_START_RETRY_AFTER_S)})
+    def _check_key(self, principal: Principal, card: ModelCard) -> None:
+        """The key may be disabled, expired or limited to other models."""
+        refusal = check_key_access(principal.key, card.id, time.time_ns() // 1_000_000)
+        if refusal is not None:
+            self.recent.refused(principal.account.id, principal.key.id, card.id, refusal.code, refusal.status)
+            raise errors.key_refused(refusal)
 
     async def admit(self, request: Request, principal: Principal, card: ModelCard) -> Ticket:
-        """Wait out a cold start, then reserve a slot, waiting in the account's queue; give up if the client leaves."""
-        denied = check_key_access(principal.key, card.id, time.time_ns() // 1_000_000)
-        if denied is not None:
-            self.recent.refused(principal.account.id, principal.key.id, card.id, denied.code, denied.status)
-            raise ApiError(denied.status, denied.message, denied.code, "model" if denied.code == "model_not_allowed"
-                           else None)
-        await self.wait_ready(request, card)
+        """Reserve a slot, waiting in the account's queue; give up if the client leaves."""
         started = time.monotonic()
         reserve = asyncio.ensure_future(self.controller.reserve(principal.account, principal.key.id, card.id))
-        gone = asyncio.ensure_future(_disconnected(request))
+        gone = asyncio.ensure_future(disconnected(request))
         try:
             done, _ = await asyncio.wait({reserve, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -204,7 +223,7 @@ class GatewayService:
                 # Admitted in the same instant the client left: give the slot straight back.
                 self.controller.settle(ticket, prompt_tokens=0, cached_tokens=0, completion_tokens=0,
                                        status="aborted", first_token=False, ttft_ms=None)
-            raise ApiError(499, "client closed the request while it was queued", "client_closed")
+            raise errors.client_closed("while it was queued")
         try:
             ticket = reserve.result()
         except AdmissionRefused as refused:
@@ -220,10 +239,10 @@ class GatewayService:
                                           self.controller.settings.dashboard_url)
             raise ApiError(status, message, refused.reason.value, headers=headers) from None
         except NotFound:
-            raise ApiError(401, "invalid API key", "invalid_api_key") from None
+            raise errors.invalid_api_key() from None
         except StoreError as exc:
             log.error("store unavailable during admission", extra={"error": str(exc)})
-            raise store_unavailable() from None
+            raise errors.store_unavailable() from None
         if ticket.queued_s > 0.001:
             self.metrics.queue_wait.observe(time.monotonic() - started)
         return ticket
@@ -258,20 +277,17 @@ class GatewayService:
             self.metrics.capacity_wait.labels(model, "overloaded").observe(waited_s)
             self.metrics.overloaded.labels(model).inc()
             self.recent.refused(ticket.account.id, ticket.key_id, card.id, "overloaded",
-                                529 if protocol == "anthropic" else 503)
+                                errors.overloaded_status(protocol))
             log.info("refused as overloaded", extra={"model": model, "account": ticket.account.id,
                                                      "waited_ms": int(waited_s * 1000)})
             headers = {**quota_headers(ticket.snapshot, self.unit), "retry-after": str(exc.retry_after_s),
                        QUEUE_MS_HEADER: str(int(waited_s * 1000))}
-            # Anthropic's overload status is 529 (its SDK retries it); OpenAI's is 503 with Retry-After.
-            raise ApiError(529 if protocol == "anthropic" else 503,
-                           f"The model '{card.id}' is at capacity and no sequence freed up within "
-                           f"{self.scheduler.timeout_s:g} s; this request was not charged. Retry after "
-                           f"{exc.retry_after_s} s.", "overloaded", headers=headers) from None
+            raise errors.overloaded(card.id, protocol, self.scheduler.timeout_s, exc.retry_after_s,
+                                    headers) from None
         except StoreError as exc:
             self._unserved(ticket, "error")  # never dispatched: refunded like a failure before the first token
             log.error("store unavailable while waiting for capacity", extra={"error": str(exc)})
-            raise store_unavailable() from None
+            raise errors.store_unavailable() from None
         ticket.capacity = hold
         ticket.capacity_wait_s = hold.waited_s
         self.metrics.capacity_wait.labels(model, "dispatched").observe(hold.waited_s)
@@ -287,7 +303,7 @@ class GatewayService:
         """
         assert self.scheduler is not None
         waiting = asyncio.ensure_future(attempt.wait())
-        gone = asyncio.ensure_future(_disconnected(request))
+        gone = asyncio.ensure_future(disconnected(request))
         try:
             async with self.controller.renewing(ticket, lambda: NOTHING_YET):
                 done, _ = await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -301,56 +317,46 @@ class GatewayService:
             self.scheduler.release(await waiting, 0)
         self._unserved(ticket, "client_closed")
         self.metrics.capacity_wait.labels(model, "client_closed").observe(attempt.waited_s())
-        raise ApiError(499, "client closed the request while it waited for the model", "client_closed")
+        raise errors.client_closed("while it waited for the model")
 
     def _unserved(self, ticket: Ticket, status: str) -> None:
         self.controller.settle(ticket, prompt_tokens=0, cached_tokens=0, completion_tokens=0, status=status,
                                first_token=False, ttft_ms=None)
 
-    async def dispatch(self, request: Request, principal: Principal, card: ModelCard, gen: GenerationRequest,
-                       protocol: str) -> Dispatched:
-        """Admit, start the generation and pull its first chunk (an engine failure here is an HTTP error).
+    async def dispatch(self, ticket: Ticket, gen: GenerationRequest, protocol: str,
+                       attempt: int) -> Dispatched | None:
+        """Start the generation and pull its first chunk: an engine failure here is an HTTP error.
 
-        A dispatch that finds the model gone to zero replicas after admission
-        (ModelStarting: its warm flag was up to one watch poll stale) has
-        already been settled as refunded with its slot freed by `metered`;
-        it goes back through `admit`, which now waits out the cold start
-        uncharged, and is dispatched once more.
+        None: the model's deployment was found at zero replicas (ModelStarting), and `metered` has
+        settled the ticket as refunded with its slot freed.
         """
-        for attempt in range(2):
-            ticket = await self.admit(request, principal, card)
-            await self.wait_for_capacity(request, ticket, card, protocol)
-            chunks = self.metered(ticket, gen, protocol)
-            try:
-                first: GenerationChunk | None = await chunks.__anext__()
-            except StopAsyncIteration:
-                first = None
-            except ModelStarting:
-                self.metrics.cold_redispatches.labels(card.id).inc()
-                log.info("model at zero replicas after admission; waiting for it uncharged",
-                         extra={"request_id": gen.request_id, "model": card.id, "attempt": attempt})
-                continue
-            except PromptTooLong as exc:
-                log.info("prompt longer than the model's context", extra={
-                    "request_id": gen.request_id, "model": card.id, "prompt_tokens": exc.prompt_tokens,
-                    "limit": exc.limit})
-                raise prompt_too_long(exc, protocol, "prompt" if gen.prompt is not None else "messages") from None
-            except RequestRejected as exc:
-                # Not the reason: it can quote the request (a schema), and logs never hold request content.
-                log.info("request rejected by the engine", extra={"request_id": gen.request_id, "model": card.id})
-                raise ApiError(400, f"The model cannot serve this request: {exc}", "invalid_request") from None
-            except UnknownModel as exc:
-                # The catalog has the id but the replica reached does not (one built from another catalog).
-                log.warning("model not served by its engine", extra={"request_id": gen.request_id, "model": exc.model})
-                raise not_served(exc) from None
-            except EngineError as exc:
-                log.warning("engine failed before the first token", extra={"error": str(exc)})
-                raise ApiError(502, "The model failed before producing output; this request was not charged.",
-                               "engine_error") from None
-            return Dispatched(ticket, first, chunks)
-        raise ApiError(503, f"The model '{card.id}' went to zero replicas twice while this request was "
-                            f"dispatched; retry in {COLD_START_RETRY_AFTER_S} s.", "model_cold_start_timeout",
-                       headers={"retry-after": str(COLD_START_RETRY_AFTER_S)})
+        chunks = self.metered(ticket, gen, protocol)
+        try:
+            first: GenerationChunk | None = await chunks.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except ModelStarting:
+            self.metrics.cold_redispatches.labels(gen.model).inc()
+            log.info("model at zero replicas after admission; waiting for it uncharged",
+                     extra={"request_id": gen.request_id, "model": gen.model, "attempt": attempt})
+            return None
+        except PromptTooLong as exc:
+            log.info("prompt longer than the model's context", extra={
+                "request_id": gen.request_id, "model": gen.model, "prompt_tokens": exc.prompt_tokens,
+                "limit": exc.limit})
+            raise errors.prompt_too_long(exc, protocol, "prompt" if gen.prompt is not None else "messages") from None
+        except RequestRejected as exc:
+            # Not the reason: it can quote the request (a schema), and logs never hold request content.
+            log.info("request rejected by the engine", extra={"request_id": gen.request_id, "model": gen.model})
+            raise errors.rejected_by_engine(exc) from None
+        except UnknownModel as exc:
+            # The catalog has the id but the replica reached does not (one built from another catalog).
+            log.warning("model not served by its engine", extra={"request_id": gen.request_id, "model": exc.model})
+            raise errors.not_served(exc) from None
+        except EngineError as exc:
+            log.warning("engine failed before the first token", extra={"error": str(exc)})
+            raise errors.failed_before_output() from None
+        return Dispatched(ticket, first, chunks)
 
     # -- the metered stream ---------------------------------------------------
 
@@ -416,7 +422,7 @@ class GatewayService:
         return self.scheduler.holding(ticket.capacity, service)
 
     @staticmethod
-    async def collect_from(dispatched: Dispatched) -> GenerationResult:
+    async def collect(dispatched: Dispatched) -> GenerationResult:
         """Fold a whole (metered) generation for a non-streaming response."""
         result = GenerationResult()
         if dispatched.first is not None:
@@ -448,35 +454,19 @@ class GatewayService:
         task.add_done_callback(self._closers.discard)
 
 
-async def _abort(engine: Engine, agen: AsyncIterator[GenerationChunk], request_id: str) -> None:
+async def _abort(engine: Engine, agen: AsyncGenerator[GenerationChunk, None], request_id: str) -> None:
     with contextlib.suppress(Exception):
         await engine.abort(request_id)
-    aclose = getattr(agen, "aclose", None)
-    if aclose is not None:
-        with contextlib.suppress(Exception):
-            await aclose()
+    with contextlib.suppress(Exception):
+        await agen.aclose()
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
-    """`work`'s result, or None (with `work` cancelled) if the client goes away first."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request))
+def _converted(convert: Callable[[], C]) -> C:
+    """The engine-neutral request of a call; what the converters refuse is the client's 400."""
     try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if not task.done():
-        task.cancel()
-        return None
-    return task.result()
-
-
-async def _disconnected(request: Request) -> None:
-    """Return when the client goes away (the body has been read already)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+        return convert()
+    except InvalidRequest as exc:
+        raise errors.invalid_request(exc) from None
 
 
 def new_request_id(prefix: str, sep: str = "-") -> str:

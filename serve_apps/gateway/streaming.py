@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from starlette.responses import StreamingResponse
 
@@ -19,25 +20,33 @@ log = logging.getLogger("packserve.gateway")
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
-def sse_response(first: GenerationChunk | None, chunks: AsyncIterator[GenerationChunk],
-                 start: Callable[[], list[str]], encode: Callable[[GenerationChunk], list[str]],
-                 finish: Callable[[], list[str]], fail: Callable[[str], str],
+@dataclass(frozen=True)
+class SseEvents:
+    """One API's events of one streamed answer (lines of `data:` / `event:` text)."""
+
+    start: Callable[[], list[str]]
+    chunk: Callable[[GenerationChunk], list[str]]
+    finish: Callable[[], list[str]]
+    fail: Callable[[str], str]
+
+
+def sse_response(first: GenerationChunk | None, chunks: AsyncIterator[GenerationChunk], events: SseEvents,
                  headers: dict[str, str]) -> StreamingResponse:
     async def body() -> AsyncIterator[str]:
-        for line in start():
+        for line in events.start():
             yield line
         try:
             if first is not None:
-                for line in encode(first):
+                for line in events.chunk(first):
                     yield line
             async for chunk in chunks:
-                for line in encode(chunk):
+                for line in events.chunk(chunk):
                     yield line
         except EngineError as exc:
             log.warning("engine failed mid-stream", extra={"error": str(exc)})
-            yield fail("The model failed while generating; you are charged only for tokens produced.")
+            yield events.fail("The model failed while generating; you are charged only for tokens produced.")
             return
-        for line in finish():
+        for line in events.finish():
             yield line
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})

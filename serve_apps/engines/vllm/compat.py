@@ -44,6 +44,7 @@ ASYNC_LLM_GENERATE = VendorName("vllm.v1.engine.async_llm", "AsyncLLM.generate",
 ASYNC_LLM_ABORT = VendorName("vllm.v1.engine.async_llm", "AsyncLLM.abort", params=("request_id",))
 ASYNC_LLM_SHUTDOWN = VendorName("vllm.v1.engine.async_llm", "AsyncLLM.shutdown")
 ASYNC_LLM_UNFINISHED = VendorName("vllm.v1.engine.async_llm", "AsyncLLM.get_num_unfinished_requests")
+ASYNC_LLM_CHECK_HEALTH = VendorName("vllm.v1.engine.async_llm", "AsyncLLM.check_health", params=("self",))
 # Engine arguments packserve sets by name (engine.VllmEngine._create_engine).
 ENGINE_ARGS = VendorName("vllm.engine.arg_utils", "AsyncEngineArgs", fields=(
     "model", "tokenizer", "served_model_name", "dtype", "enforce_eager", "enable_prefix_caching",
@@ -70,8 +71,9 @@ PARSE_ID_LIST = VendorName("vllm.utils.cpu_resource_utils", "parse_id_list", par
 VENDOR_NAMES: tuple[VendorName, ...] = (
     MULTIPROC_EXECUTOR, EXECUTOR_INIT, EXECUTOR_POST_INIT, EXECUTOR_RPC, MESSAGE_QUEUE, SPIN_CONDITION, SPIN_WAIT,
     SPIN_RECORD_READ, ASYNC_LLM, ASYNC_LLM_FROM_ARGS, ASYNC_LLM_GENERATE, ASYNC_LLM_ABORT, ASYNC_LLM_SHUTDOWN,
-    ASYNC_LLM_UNFINISHED, ENGINE_ARGS, STRUCTURED_OUTPUTS_CONFIG, TOKENS_INPUT, CLIENT_ERROR, CURRENT_PLATFORM,
-    REASONING_PARSERS, TOOL_PARSERS, CHAT_COMPLETION_REQUEST, AUTOBIND_RULE, PARSE_ID_LIST,
+    ASYNC_LLM_UNFINISHED, ASYNC_LLM_CHECK_HEALTH, ENGINE_ARGS, STRUCTURED_OUTPUTS_CONFIG, TOKENS_INPUT,
+    CLIENT_ERROR, CURRENT_PLATFORM, REASONING_PARSERS, TOOL_PARSERS, CHAT_COMPLETION_REQUEST, AUTOBIND_RULE,
+    PARSE_ID_LIST,
 )
 
 

