@@ -57,11 +57,12 @@ imports: $(STAMP)
 unit: $(STAMP) redis-server browser
 	$(BIN)/pytest
 
-# The tests that start neither Ray nor a real model (markers in pyproject.toml).
+# The tests that start neither Ray, a real model, an agent CLI from npm, nor anything slow (markers in
+# pyproject.toml); `make test` runs them all.
 unit-fast: $(STAMP) redis-server browser
-	$(BIN)/pytest -q -m "not ray and not vllm"
+	$(BIN)/pytest -q -m "not ray and not vllm and not slow and not npm"
 
-# The fast tier: lint, types, import contracts and the tests that need neither Ray nor vLLM.
+# The fast tier: lint, types, import contracts and the fast tests.
 check: lint typecheck imports unit-fast
 
 # The whole suite (what .ci/run calls).

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from cluster.controller import CHECKPOINT_GRACE_MS, AdmissionController
 from cluster.records import UsageEvent
@@ -99,6 +100,7 @@ def chat_once(gw: GatewayProcess, key: str) -> httpx.Response:
                       timeout=30)
 
 
+@pytest.mark.slow
 def test_redis_restarted_under_50_streams(persistent_redis: RedisServer, tmp_path: Path) -> None:
     gw = GatewayProcess(tmp_path / "gw", redis_url=persistent_redis.url,
                         extra_args=["--sim-tokens-per-s", "10"])
@@ -157,6 +159,7 @@ def test_redis_restarted_under_50_streams(persistent_redis: RedisServer, tmp_pat
     print(f"redis restart: {succeeded}/{STREAMS} streams succeeded, recovered {recovered_s:.1f} s after restart")
 
 
+@pytest.mark.slow
 def test_one_of_two_gateways_killed_under_load(redis_url: str, tmp_path: Path) -> None:
     ttl_s = 1.5
     config = {"admission": {"lease_ttl_s": ttl_s, "queue_timeout_s": 0}}

@@ -25,6 +25,7 @@ def backend(request: pytest.FixtureRequest) -> str | None:
     return None if request.param == "embedded" else str(request.getfixturevalue("redis_url"))
 
 
+@pytest.mark.slow
 def test_account_lifecycle(tmp_path: Path, backend: str | None) -> None:
     made = cli("--json", "accounts", "create", "acme", "--packs", "standard", "founder", data_dir=tmp_path,
                redis_url=backend)
@@ -61,6 +62,7 @@ def test_account_lifecycle(tmp_path: Path, backend: str | None) -> None:
     (("keys", "revoke", "key_missing"), "no active key 'key_missing'"),
     (("usage", "acct_missing"), "no account"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_nonzero(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
     result = cli(*args, data_dir=tmp_path)
     assert result.returncode != 0
@@ -70,6 +72,7 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path: Path, args: tuple[str, ...]
     assert cli("--json", "accounts", "list", data_dir=tmp_path).stdout.strip() == "[]"  # nothing half-written
 
 
+@pytest.mark.slow
 def test_malformed_and_unreachable_redis(tmp_path: Path) -> None:
     bad = cli("accounts", "list", data_dir=tmp_path, redis_url="http://nope")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "redis" in bad.stderr.lower()
@@ -78,6 +81,7 @@ def test_malformed_and_unreachable_redis(tmp_path: Path) -> None:
     assert len(down.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_embedded_store_survives_restart(tmp_path: Path) -> None:
     made = json.loads(cli("--json", "accounts", "create", "a", "--packs", "standard", data_dir=tmp_path).stdout)
     key = json.loads(cli("--json", "keys", "create", made["id"], data_dir=tmp_path).stdout)
@@ -87,6 +91,7 @@ def test_embedded_store_survives_restart(tmp_path: Path) -> None:
     assert (tmp_path / "packserve.db").exists()
 
 
+@pytest.mark.slow
 def test_server_mode_uses_the_admin_api(tmp_path: Path) -> None:
     from tests.live_gateway import ADMIN_TOKEN, LiveGateway
 

@@ -114,6 +114,7 @@ def shoot(page: Any, name: str, full_page: bool = True) -> None:
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=full_page)
 
 
+@pytest.mark.slow
 def test_console_customer_and_operator(browser: Any, redis_url: str, tmp_path: Path) -> None:
     with LiveGateway(redis_url=redis_url, data_dir=tmp_path, sim_max_seqs=4, ttft_s=0.02,
                      tokens_per_s=2000) as gw:

@@ -108,6 +108,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         gw.close()
 
 
+@pytest.mark.slow
 def test_every_surface_has_routes(world: World) -> None:
     surfaces = {op.surface for op in world.operations}
     assert surfaces == {"openai", "anthropic", "v2", "admin"}
@@ -212,6 +213,7 @@ def send_and_check(world: World, req: dict[str, Any]) -> None:
         assert gw.usage_events(world.account_id) == events + 1, "a served request leaves exactly one usage event"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("surface", ["openai", "anthropic", "v2"])
 def test_fuzz_customer_surface(world: World, surface: str) -> None:
     sent: list[str] = []
@@ -226,6 +228,7 @@ def test_fuzz_customer_surface(world: World, surface: str) -> None:
     assert len(sent) >= FUZZ_EXAMPLES
 
 
+@pytest.mark.slow
 def test_fuzz_admin_with_token(world: World) -> None:
     sent: list[str] = []
 
@@ -239,6 +242,7 @@ def test_fuzz_admin_with_token(world: World) -> None:
     assert len(sent) >= FUZZ_EXAMPLES
 
 
+@pytest.mark.slow
 def test_fuzz_admin_without_token_is_always_401(world: World) -> None:
     sent: list[str] = []
 

@@ -264,6 +264,7 @@ def start_gateway_process(redis_url: str, data_dir: Path) -> tuple[subprocess.Po
     raise RuntimeError("gateway process did not start")
 
 
+@pytest.mark.slow
 def test_two_gateways_share_concurrency_and_queue_in_order(redis_url: str, tmp_path: Path) -> None:
     procs = [start_gateway_process(redis_url, tmp_path / f"gw{i}") for i in range(2)]
     try:

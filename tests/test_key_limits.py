@@ -231,6 +231,7 @@ def test_key_refusals_through_both_sdks_charge_nothing(gw: LiveGateway) -> None:
     assert len(events) == 1  # refused requests left no usage
 
 
+@pytest.mark.slow
 def test_cli_creates_and_updates_a_limited_key(tmp_path: Path) -> None:
     env = {**os.environ, "PACKSERVE_DATA_DIR": str(tmp_path)}
     env.pop("PACKSERVE_REDIS_URL", None)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 import yaml
 
 from cluster.accounts import Accounts
@@ -70,6 +71,7 @@ async def test_settlement_survives_an_outage_and_a_gateway_restart(persistent_re
 
 
 
+@pytest.mark.slow
 def test_a_killed_gateway_still_records_what_it_streamed(redis_url: str, tmp_path: Path) -> None:
     """SIGKILL mid-stream: the checkpoint of its last lease renewal is settled by another gateway's sweep."""
     # A short lease: renewals (and checkpoints) every 0.5 s, so the test streams for a few seconds only.
@@ -79,6 +81,7 @@ def test_a_killed_gateway_still_records_what_it_streamed(redis_url: str, tmp_pat
     assert weekly_paid
 
 
+@pytest.mark.slow
 def test_a_gateway_killed_before_its_first_renewal_still_leaves_the_usage_record(redis_url: str,
                                                                                  tmp_path: Path) -> None:
     """SIGKILL a second into a stream, long before the first renewal (10 s with the default 30 s lease)."""

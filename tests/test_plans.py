@@ -228,6 +228,7 @@ async def test_a_store_opened_without_applying_plans_writes_nothing(redis_url: s
         await raw.aclose()
 
 
+@pytest.mark.slow
 def test_the_gateway_starts_with_the_synthetic_2026_config(tmp_path: Path) -> None:
     """`packserve gateway --engine sim --config cluster/configs/plans-synthetic-2026.yaml`, as a process."""
     port = free_port()
@@ -266,6 +267,7 @@ def test_the_gateway_starts_with_the_synthetic_2026_config(tmp_path: Path) -> No
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_the_local_cli_reads_the_plans_of_its_config(tmp_path: Path) -> None:
     env = {**os.environ, "PACKSERVE_DATA_DIR": str(tmp_path)}
     env.pop("PACKSERVE_REDIS_URL", None)

@@ -95,6 +95,7 @@ async def live_redis_values(url: str) -> bytes:
     return b"\n".join(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("store", ["redis", "embedded"])
 def test_the_canary_is_nowhere(tmp_path: Path, store: str) -> None:
     canary = "CANARY" + secrets.token_hex(12)

@@ -129,6 +129,7 @@ def admitted(outcome: ReserveOutcome) -> Admitted:
 # -- atomicity across clients ----------------------------------------------
 
 
+@pytest.mark.slow
 async def test_200_queued_reserves_from_8_clients_never_share_a_slot(stores: StoreFactory, raw: Redis) -> None:
     pool = [await stores() for _ in range(8)]
     await pool[0].create_account(standard_account())

@@ -136,6 +136,7 @@ def arrivals(redis: Redis) -> int:
     return int(redis.hget(f"packserve:cap:{{{LARGE}}}:meta", "seq") or 0)
 
 
+@pytest.mark.slow
 def test_two_gateways_share_capacity_and_dispatch_by_counter(gateways: list[Gateway], redis_url: str) -> None:
     heavy = gateways[0].key(plan="payg", concurrency=8)
     lights = [gateways[0].key(plan="subscription", packs=["standard"]) for _ in range(2)]
@@ -183,6 +184,7 @@ def test_two_gateways_share_capacity_and_dispatch_by_counter(gateways: list[Gate
         assert running <= 2, events
 
 
+@pytest.mark.slow
 def test_a_sigkilled_gateways_capacity_comes_back_within_the_lease_ttl(gateways: list[Gateway]) -> None:
     doomed, survivor = gateways
     holders = [Stream(doomed, doomed.key(plan="subscription", packs=["standard"]), 2000, f"K{i}") for i in range(2)]
