@@ -177,7 +177,7 @@ async def _run_admin(args: argparse.Namespace) -> int:
     finally:
         if store is not None:
             await store.close()
-        elif hasattr(ops, "close"):
+        if isinstance(ops, AdminClient):
             await ops.close()
 
 
