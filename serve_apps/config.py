@@ -144,6 +144,9 @@ class ModelConfig(StrictModel):
                 if value is not None:
                     raise ValueError(f"{self.id}: {name} is a setting of LoRA adapters (kind: lora), "
                                      f"not of {self.kind} models")
+        if self.kind == "embeddings" and self.max_inflight is not None:
+            raise ValueError(f"{self.id}: embeddings requests do not wait for model capacity; max_inflight is a "
+                             "setting of chat models")
         if self.kind == "embeddings" and self.vllm is not None:
             vllm = self.vllm
             unread = sorted(f for f in type(vllm).model_fields if f != "model" and _differs_from_default(vllm, f))

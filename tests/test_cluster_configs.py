@@ -264,6 +264,7 @@ def test_vllm_settings_packserve_owns_are_refused_not_ignored(setting: dict[str,
     ("chat", {"adapter_path": "/a"}, "adapter_path is a setting of LoRA adapters"),
     ("embeddings", {"vllm": {"model": "builtin:all-MiniLM-L6-v2", "max_model_len": 512, "enforce_eager": True}},
      "read only vllm.model of the vllm section, not enforce_eager, max_model_len"),
+    ("embeddings", {"max_inflight": 4}, "embeddings requests do not wait for model capacity"),
 ])
 def test_model_settings_nothing_reads_are_refused_not_ignored(kind: str, change: dict[str, Any],
                                                               message: str) -> None:
