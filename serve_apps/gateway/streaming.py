@@ -24,20 +24,24 @@ def sse_response(first: GenerationChunk | None, chunks: AsyncIterator[Generation
                  finish: Callable[[], list[str]], fail: Callable[[str], str],
                  headers: dict[str, str]) -> StreamingResponse:
     async def body() -> AsyncIterator[str]:
-        for line in start():
-            yield line
+        # What one engine chunk produces goes out as one write: a Responses delta is preceded by up to four
+        # framing events, and a send per event costs the event loop more than the encoding does.
+        opening = start()
         try:
             if first is not None:
-                for line in encode(first):
-                    yield line
+                opening += encode(first)
+            if opening:
+                yield "".join(opening)
             async for chunk in chunks:
-                for line in encode(chunk):
-                    yield line
+                lines = encode(chunk)
+                if lines:
+                    yield "".join(lines)
         except EngineError as exc:
             log.warning("engine failed mid-stream", extra={"error": str(exc)})
             yield fail("The model failed while generating; you are charged only for tokens produced.")
             return
-        for line in finish():
-            yield line
+        closing = finish()
+        if closing:
+            yield "".join(closing)
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
