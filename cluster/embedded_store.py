@@ -322,6 +322,7 @@ class EmbeddedStore:
                     conn.execute(f"DELETE FROM {table} WHERE account_id = ?", (account_id,))
                 return cur.rowcount > 0
 
+        self._capacity.forget_account(account_id)
         return await self._run(_delete)
 
     # -- keys -------------------------------------------------------------

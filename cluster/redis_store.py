@@ -121,7 +121,7 @@ SCRIPTS: Final = (
     "auth_failures",
 )
 CAPACITY_LIBRARIES: Final = ("bars", "store", "fairness", "capacity")
-CAPACITY_SCRIPTS: Final = ("cap_acquire", "cap_renew", "cap_release", "cap_stats")
+CAPACITY_SCRIPTS: Final = ("cap_acquire", "cap_renew", "cap_release", "cap_stats", "cap_forget")
 CAPACITY_KEYS: Final = ("run", "owner", "wait", "wexp", "act", "vtc", "meta", "paid")
 SETTLED_MEMORY_MS: Final = DAY_MS
 USAGE_PAGE: Final = 1000
@@ -680,7 +680,17 @@ class RedisStore:
             ],
             [account_id, k.base, k.wake_base],
         )
+        await self._forget_counters(account_id)
         return bool(existed)
+
+    async def _forget_counters(self, account_id: str) -> None:
+        """Drop the account's scheduler counters on every model it used (one hash slot per model)."""
+        head, tail = f"{self._prefix}cap:{{", "}:vtc"
+        with self._errors():
+            async for raw in self._client.scan_iter(match=f"{self._prefix}cap:*:vtc", count=500):
+                key = _text(raw)
+                if key.startswith(head) and key.endswith(tail):
+                    await self._run("cap_forget", self._capacity_keys(key[len(head):-len(tail)]), [account_id])
 
     # -- keys -------------------------------------------------------------
 
