@@ -23,7 +23,6 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,16 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pydantic
 import uvicorn
 from fastapi import FastAPI, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from serve_apps.engines.sim import SimulatedEngine
 from serve_apps.engines.types import EngineError, GenerationChunk
+from serve_apps.gateway.streaming import SseEvents, sse_response
 from serve_apps.protocols import openai_convert as convert
 from serve_apps.protocols.common import GenerationResult, InvalidRequest
 from serve_apps.protocols.openai_models import ChatCompletionRequest, validation_message
 from serve_apps.protocols.openai_stream import OpenAIChatStreamEncoder, error_event
-
-SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
 def _error(status: int, message: str, code: str | None = None, param: str | None = None) -> JSONResponse:
@@ -97,23 +95,9 @@ def build_app(engine: SimulatedEngine) -> FastAPI:
         except EngineError:
             return _error(502, "The model failed before producing output.", "engine_error")
 
-        async def sse() -> AsyncIterator[str]:
-            for line in enc.start():
-                yield line
-            try:
-                if first is not None:
-                    for line in enc.chunk(first):
-                        yield line
-                async for chunk in chunks:
-                    for line in enc.chunk(chunk):
-                        yield line
-            except EngineError:
-                yield error_event("The model failed while generating.")
-                return
-            for line in enc.finish(include_usage=include_usage):
-                yield line
-
-        return StreamingResponse(sse(), media_type="text/event-stream", headers=SSE_HEADERS)
+        # The gateway's own SSE writer, so the bare server frames and writes a stream exactly as packserve does.
+        events = SseEvents(enc.start, enc.chunk, lambda: enc.finish(include_usage=include_usage), error_event)
+        return sse_response(first, chunks, events, {})
 
     return app
 

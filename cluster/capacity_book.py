@@ -101,6 +101,12 @@ class CapacityBook:
         loads = [AccountLoad(a, m.vtc.get(a, 0), running.get(a, 0), waiting.get(a, 0)) for a in m.act]
         return CapacityStats(terms.model, terms.capacity, len(m.run), len(m.wait), _by_counter(loads))
 
+    def forget_account(self, account_id: str) -> None:
+        """A deleted account's counters go; one with entries still waiting or running keeps them until they leave."""
+        for m in self._models.values():
+            if account_id not in m.act:
+                m.vtc.pop(account_id, None)
+
     # -- the steps of capacity.lua ------------------------------------------------
 
     @staticmethod

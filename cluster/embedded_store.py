@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from cluster.capacity_book import CapacityBook
 from cluster.key_limits import key_bar_specs
+from cluster.observations_memory import MemoryObservations
 from cluster.records import Account, ApiKey, UsageEvent
 from cluster.store import (
     Admitted,
@@ -152,6 +153,8 @@ class EmbeddedStore:
         self._capacity_waiters: dict[tuple[str, str], set[asyncio.Event]] = {}
         self._capacity = CapacityBook(self._wake_capacity)
         self._auth_failures: dict[str, AuthFailures] = {}
+        # Heartbeats, refusals and latency samples: in memory, like the capacity (one process).
+        self._observations = MemoryObservations(clock)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -182,6 +185,10 @@ class EmbeddedStore:
     @property
     def plans(self) -> PlanCatalog:
         return self._plans
+
+    @property
+    def observations(self) -> MemoryObservations:
+        return self._observations
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -322,6 +329,8 @@ class EmbeddedStore:
                     conn.execute(f"DELETE FROM {table} WHERE account_id = ?", (account_id,))
                 return cur.rowcount > 0
 
+        self._capacity.forget_account(account_id)
+        await self._observations.forget_account(account_id)
         return await self._run(_delete)
 
     # -- keys -------------------------------------------------------------

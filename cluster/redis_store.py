@@ -27,6 +27,8 @@ strings; times in ms, request bar in request units, money in picodollars.
   packserve:alerts:event       hash    alert id -> JSON payload
   packserve:alerts:tries       hash    alert id -> delivery attempts
   packserve:{A}:revoked        set     revoked key ids
+  packserve:{A}:refusals       list    the account's recent refusals (cluster/observations_redis.py,
+                                       with the gateways' heartbeats and the latency samples)
   packserve:{A}:settled        zset    lease_id -> settle ms, kept 1 day (idempotent settle)
   packserve:{A}:usage          stream  field e = msgpack UsageEvent; id ms >= the event's ts
   packserve:{A}:spend          hash    UTC month start ms -> payg spend
@@ -69,6 +71,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from cluster.observations_redis import RedisObservations
 from cluster.records import Account, ApiKey, UsageEvent
 from cluster.store import (
     AccountLoad,
@@ -119,9 +122,11 @@ SCRIPTS: Final = (
     "alert_claim",
     "alert_take",
     "auth_failures",
+    "gateway_beat",
+    "gateways",
 )
 CAPACITY_LIBRARIES: Final = ("bars", "store", "fairness", "capacity")
-CAPACITY_SCRIPTS: Final = ("cap_acquire", "cap_renew", "cap_release", "cap_stats")
+CAPACITY_SCRIPTS: Final = ("cap_acquire", "cap_renew", "cap_release", "cap_stats", "cap_forget")
 CAPACITY_KEYS: Final = ("run", "owner", "wait", "wexp", "act", "vtc", "meta", "paid")
 SETTLED_MEMORY_MS: Final = DAY_MS
 USAGE_PAGE: Final = 1000
@@ -484,6 +489,7 @@ class RedisStore:
         for name in CAPACITY_SCRIPTS:
             self._scripts[name] = self._client.register_script(lua_source(name, CAPACITY_LIBRARIES))
         self._listener = _WakeListener(self._url, f"{key_prefix}wake:*")
+        self._observations = RedisObservations(self._client, key_prefix, self._errors, self._run, clock)
         self._closed = False
 
     @classmethod
@@ -506,6 +512,11 @@ class RedisStore:
     @property
     def plans(self) -> PlanCatalog:
         return self._plans
+
+    @property
+    def observations(self) -> RedisObservations:
+        """Live gateways, refusals and latency samples (cluster/observations_redis.py)."""
+        return self._observations
 
     async def sync_plans(self, apply: bool = True) -> int:
         """Refresh every subscription's stored pack sums from the plans; returns how many differ.
@@ -680,7 +691,17 @@ class RedisStore:
             ],
             [account_id, k.base, k.wake_base],
         )
+        await self._forget_counters(account_id)
         return bool(existed)
+
+    async def _forget_counters(self, account_id: str) -> None:
+        """Drop the account's scheduler counters on every model it used (one hash slot per model)."""
+        head, tail = f"{self._prefix}cap:{{", "}:vtc"
+        with self._errors():
+            async for raw in self._client.scan_iter(match=f"{self._prefix}cap:*:vtc", count=500):
+                key = _text(raw)
+                if key.startswith(head) and key.endswith(tail):
+                    await self._run("cap_forget", self._capacity_keys(key[len(head):-len(tail)]), [account_id])
 
     # -- keys -------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import msgpack
 
+from cluster.observations import Observations
 from cluster.records import Account, ApiKey, UsageEvent
 from policies.admission import Reason
 from policies.auth_failures import AuthVerdict
@@ -179,6 +180,11 @@ class Store(Protocol):
     def plans(self) -> PlanCatalog: ...
 
     async def now_ms(self) -> int: ...
+
+    # What the gateways saw lately, for the console: live gateways, refusals,
+    # latency samples (cluster/observations.py), shared like everything else.
+    @property
+    def observations(self) -> Observations: ...
 
     # accounts
     async def create_account(self, account: Account) -> Account: ...

@@ -15,6 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from cluster.alerts import AlertSettings
+from cluster.observations import ObservationSettings
 from cluster.plan_settings import PlansSettings
 from cluster.settings import AdmissionSettings, PriceSettings, SchedulerSettings, StrictModel
 from policies.plans import SizeClass
@@ -195,6 +196,7 @@ class AppConfig(StrictModel):
     demo_account: bool = Field(False, description="create a demo account with one standard pack at start")
     plans: PlansSettings = PlansSettings()
     alerts: AlertSettings = AlertSettings()
+    console: ObservationSettings = ObservationSettings()
 
     @field_validator("scheduler", mode="before")
     @classmethod

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -33,6 +34,7 @@ AGENTS_DIR = Path(__file__).resolve().parent.parent / "agents"
 NPM_INSTALL_TIMEOUT_S = 900.0
 NPM_PING_TIMEOUT_S = 60.0
 VERSION_TIMEOUT_S = 60.0
+AGENT_TIMEOUT_S = 300.0
 # npm's own codes for a registry it could not reach (DNS, refused, reset, timed out, offline).
 _NETWORK_ERRORS = ("ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "ENETUNREACH",
                    "EHOSTUNREACH", "ERR_SOCKET_TIMEOUT", "network request", "npm ERR! network", "ENOTCACHED")
@@ -153,3 +155,37 @@ def agent_clis() -> AgentClis:
     _installed = AgentClis(claude=paths["claude"], opencode=paths["opencode"], codex=paths["codex"],
                            versions=versions)
     return _installed
+
+
+# -- running an agent ---------------------------------------------------------------------------
+
+def isolated_env(home: Path, **extra: str) -> dict[str, str]:
+    """A bare environment: the agent's HOME, config and caches in `home`, nothing non-essential on."""
+    for sub in (".config", ".cache", ".local/share", ".local/state"):
+        (home / sub).mkdir(parents=True, exist_ok=True)
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "TERM": "dumb",
+            "XDG_CONFIG_HOME": str(home / ".config"), "XDG_CACHE_HOME": str(home / ".cache"),
+            "XDG_DATA_HOME": str(home / ".local/share"), "XDG_STATE_HOME": str(home / ".local/state"),
+            "TMPDIR": str(home), **extra}
+
+
+def claude_env(home: Path, base_url: str, key: str, model: str, small_model: str) -> dict[str, str]:
+    """Claude Code pointed at a packserve gateway (docs/agents.md), with no telemetry or background calls."""
+    return isolated_env(
+        home,
+        ANTHROPIC_BASE_URL=f"{base_url}/anthropic", ANTHROPIC_API_KEY=key,
+        ANTHROPIC_MODEL=model, ANTHROPIC_SMALL_FAST_MODEL=small_model,
+        ANTHROPIC_DEFAULT_HAIKU_MODEL=small_model,
+        DISABLE_TELEMETRY="1", DISABLE_ERROR_REPORTING="1", DISABLE_AUTOUPDATER="1",
+        CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", DISABLE_NON_ESSENTIAL_MODEL_CALLS="1",
+        CLAUDE_CONFIG_DIR=str(home / ".claude"),
+    )
+
+
+def run_agent(argv: list[str], env: dict[str, str], cwd: Path, stdin: str = "",
+              timeout_s: float = AGENT_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout_s,
+                              input=stdin, check=False)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{argv[0]} did not finish within {timeout_s:.0f} s; stderr: {exc.stderr!r}")

@@ -75,7 +75,7 @@ class LiveGateway:
     async def _serve(self) -> None:
         self.loop = asyncio.get_running_loop()
         cards = {c.id: c for c in self.engine.cards()}
-        kwargs: dict[str, Any] = {"admin_token": ADMIN_TOKEN}
+        kwargs: dict[str, Any] = {"admin_token": ADMIN_TOKEN, "address": f"127.0.0.1:{self.port}"}
         if self.clock is not None:
             kwargs["clock"] = self.clock
         self.runtime = await create_runtime(self.config, {cid: self.engine for cid in cards}, cards, **kwargs)

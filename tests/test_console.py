@@ -4,7 +4,8 @@
 As a customer: log in with Enter, bars read in whole requests, costs are not $0.00, countdowns tick,
 a full bar says so, the bars move after requests, a 429 shows up, a bad key clears the previous
 account's data, a 390 px phone has no sideways scroll. As the operator: labelled stats, models with
-capacity, accounts in one request, suspend an account from the page and see its next request refused.
+capacity, accounts in one request, suspend an account from the page and see its next request refused,
+edit a key's limits and an account's packs (chosen from the plans API) in their dialogs.
 No console message of level error or warning and no page error anywhere. The same run takes the
 screenshots; with PACKSERVE_CONSOLE_SCREENSHOTS=1 it writes them to docs/console/ (the committed ones),
 else to a temporary folder, so a test run leaves the checkout as it was.
@@ -124,8 +125,7 @@ def test_console_customer_and_operator(browser: Any, redis_url: str, tmp_path: P
         assert capped.status_code == 201, capped.text
         capped_key = capped.json()["key"]
         bob_id, bob_key = gw.new_key(["standard"], name="Bob's agents")
-        for n in range(3):
-            gw.new_key(["standard"], name=f"team {n:02d}")
+        team_ids = [gw.new_key(["standard"], name=f"team {n:02d}")[0] for n in range(3)]
         ada = openai.OpenAI(base_url=f"{gw.base_url}/v1", api_key=ada_key, max_retries=0)
         for _ in range(3):
             chat(ada)
@@ -218,8 +218,14 @@ def test_console_customer_and_operator(browser: Any, redis_url: str, tmp_path: P
         summary = page.locator("#o-summary").inner_text()
         assert "Requests in flight here" in summary and "Settlements not yet stored" in summary
         assert "_" not in summary, f"raw keys on the operator page: {summary!r}"
+        assert re.search(r"1\s*Gateways live", summary), summary
+        assert f"127.0.0.1:{gw.port}" in page.locator("#o-gateways").inner_text()
+        assert "(this one)" in page.locator("#o-gateways").inner_text()
         large = page.locator(f"#o-models tr[data-model='{MODEL}']")
-        assert "warm" in large.inner_text() and "of 4" in large.inner_text()
+        assert "warm" in large.inner_text() and "0 of 4" in large.inner_text()
+        in_use = large.get_by_role("meter")
+        assert in_use.get_attribute("aria-label").endswith("sequences in use")
+        assert in_use.get_attribute("aria-valuenow") == "0", "nothing in flight: the bar's filled part is empty"
         assert page.locator("#o-accounts tbody tr").count() == 5
         assert "Ada Lovelace" in page.locator("#o-accounts").inner_text()
         assert not [u for u in c.fetched if "/quota" in u], "the accounts table reads bars in one request"
@@ -251,6 +257,36 @@ def test_console_customer_and_operator(browser: Any, redis_url: str, tmp_path: P
         listed = gw.admin.get(f"/admin/v1/accounts/{ada_id}/keys").json()["data"]
         made = next(k for k in listed if secret.startswith(k["prefix"]))
         assert made["max_requests"] == 7
+
+        # Its limits edited in the key dialog from the keyboard: Enter saves after a confirmation.
+        page.get_by_role("button", name=f"Edit limits of key {made['prefix']}").click()
+        assert page.locator("#key-edit").is_visible() and page.input_value("#key-requests") == "7"
+        assert page.evaluate("document.activeElement.id") == "key-requests"
+        page.fill("#key-requests", "3")
+        page.keyboard.press("Tab")
+        page.keyboard.type("1.5")
+        page.keyboard.press("Enter")
+        assert "3 requests / 5 h · $1.50 / week" in page.locator("#key-confirm-text").inner_text()
+        assert page.evaluate("document.activeElement.id") == "key-yes"
+        shoot(page, "operator-key-dialog", full_page=False)
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#o-notice >> text=limits saved")
+        assert not page.locator("#key-edit").is_visible() and page.locator("#act").is_visible()
+        keys = gw.admin.get(f"/admin/v1/accounts/{ada_id}/keys").json()["data"]
+        assert next((k["max_requests"], k["max_weekly_usd"]) for k in keys if k["id"] == made["id"]) == (3, 1.5)
+        assert "3 requests / 5 h · $1.50 / week" in page.locator("#act-keys").inner_text()
+        # Emptying a field removes that limit; Cancel first changes nothing.
+        page.get_by_role("button", name=f"Edit limits of key {made['prefix']}").click()
+        page.fill("#key-dollars", "")
+        page.press("#key-dollars", "Enter")
+        assert "no max weekly usd limit" in page.locator("#key-confirm-text").inner_text()
+        page.click("#key-no")
+        assert page.locator("#key-confirm").is_hidden()
+        page.press("#key-dollars", "Enter")
+        page.click("#key-yes")
+        page.wait_for_selector("#o-notice >> text=no max weekly usd limit")
+        keys = gw.admin.get(f"/admin/v1/accounts/{ada_id}/keys").json()["data"]
+        assert next((k["max_requests"], k["max_weekly_usd"]) for k in keys if k["id"] == made["id"]) == (3, None)
         page.get_by_role("button", name=f"Disable key {made['prefix']}").click()
         page.click("#act-yes")
         page.wait_for_selector("#o-notice >> text=disabled")
@@ -262,6 +298,23 @@ def test_console_customer_and_operator(browser: Any, redis_url: str, tmp_path: P
         assert httpx.get(f"{gw.base_url}/v2/quotas", headers={"authorization": f"Bearer {secret}"}).status_code == 401
         page.keyboard.press("Escape")
         assert not page.locator("#act").is_visible()
+
+        # Packs chosen per kind from GET /admin/v1/plans, with what they add up to, after a confirmation.
+        assert c.fetched.count(f"{gw.base_url}/admin/v1/plans") == 1, "the plans are read once per login"
+        page.locator(f"#o-accounts tr[data-account='{team_ids[0]}']").get_by_role("button", name="Manage").click()
+        assert (page.input_value("#act-pack-standard"), page.input_value("#act-pack-founder")) == ("1", "0")
+        assert page.locator("#act-pack-founder option").count() == 6, "0 to 5 packs of a kind"
+        page.select_option("#act-pack-founder", "2")
+        assert "2,000 requests / 5 h, $96 / week, $90.00 / month" in page.locator("#act-pack-sum").inner_text()
+        page.select_option("#act-pack-standard", "4")
+        assert page.locator("#act-set-packs").is_disabled(), "6 packs: more than an account may hold"
+        page.select_option("#act-pack-standard", "1")
+        page.click("#act-set-packs")
+        assert "1 × Standard, 2 × Founder's Edition" in page.locator("#act-confirm-text").inner_text()
+        page.click("#act-yes")
+        page.wait_for_selector("#o-notice >> text=packs set")
+        team = gw.admin.get(f"/admin/v1/accounts/{team_ids[0]}").json()
+        assert team["packs"] == ["standard", "founder", "founder"] and team["limits"]["requests_per_5h"] == 2000
         page.click("#o-refresh")
         page.wait_for_selector("#o-models >> text=Account suspended: 1")
         shoot(page, "operator-laptop-light")

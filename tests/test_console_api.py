@@ -9,7 +9,6 @@ import httpx
 import openai
 import pytest
 
-from serve_apps.gateway.recent import RecentWindow, percentile
 from tests.live_gateway import LiveGateway
 
 MODEL = "hf:packserve/sim-large"
@@ -18,34 +17,6 @@ MODEL = "hf:packserve/sim-large"
 def chat(base_url: str, key: str) -> None:
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0)
     client.chat.completions.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "hi"}])
-
-
-def test_percentile_is_nearest_rank() -> None:
-    assert percentile([], 50) is None
-    assert percentile([7], 95) == 7
-    assert percentile([5, 1, 4, 2, 3], 50) == 3
-    assert percentile(list(range(1, 101)), 95) == 95
-    assert percentile(list(range(1, 101)), 0) == 1
-
-
-def test_recent_window_forgets_old_events_and_keeps_accounts_apart() -> None:
-    now = [1_000_000]
-    recent = RecentWindow(lambda: now[0], window_ms=60_000)
-    recent.refused("a", "k1", "m", "request_bar_empty", 429)
-    recent.waited("m", 10)
-    recent.first_token("m", 200)
-    now[0] += 30_000
-    recent.refused("b", "k2", "m", "concurrency_limit", 429)
-    recent.first_token("m", 400)
-    assert [r["reason"] for r in recent.account_refusals("a")] == ["request_bar_empty"]
-    summary = recent.model_summary()["m"]
-    assert summary["refusals"] == {"concurrency_limit": 1, "request_bar_empty": 1}
-    assert (summary["ttft_p50_ms"], summary["ttft_p95_ms"], summary["wait_p50_ms"]) == (200, 400, 10)
-    now[0] += 45_000  # the first events are now older than the window
-    assert recent.account_refusals("a") == []
-    summary = recent.model_summary()["m"]
-    assert summary["refusals"] == {"concurrency_limit": 1} and summary["ttft_p50_ms"] == 400
-    assert summary["wait_p50_ms"] is None
 
 
 def test_customer_keys_and_refusals(redis_url: str, tmp_path: Path) -> None:
@@ -125,6 +96,37 @@ def test_stats_carry_model_states_store_health_and_percentiles(tmp_path: Path) -
         large = stats["recent"]["models"][MODEL]
         assert large["served"] == 1 and large["ttft_p50_ms"] is not None and large["wait_p95_ms"] is not None
         assert next(c for c in stats["capacity"] if c["model"] == MODEL)["capacity"] == 3
+        # The live gateways, from their heartbeats in the store: here, this one.
+        assert stats["gateways"]["count"] == 1
+        (me,) = stats["gateways"]["data"]
+        assert me["gateway_id"] == stats["gateway_id"] and me["address"] == f"127.0.0.1:{gw.port}"
+        assert me["version"] and me["in_flight"] == 0 and me["expires_ms"] > me["seen_ms"] >= me["started_ms"]
+
+
+PLANS = {"packs": [
+    {"id": "standard", "name": "Standard", "monthly_price": "30.00", "requests": 500, "weekly_credit": 24},
+    {"id": "team", "name": "Team", "monthly_price": "99.50", "requests": 2000, "weekly_credit": 80,
+     "concurrency": {"standard": 3, "small": 6}}],
+    "request_bar": {"tick_percent": 10, "tick_minutes": 30}, "cache_read_discount_percent": 50}
+
+
+def test_plans_list_the_configured_pack_kinds(tmp_path: Path) -> None:
+    with LiveGateway(redis_url=None, data_dir=tmp_path, extra={"plans": PLANS}) as gw:
+        body = gw.admin.get("/admin/v1/plans").json()
+        assert [p["id"] for p in body["packs"]] == ["standard", "team"]
+        assert body["packs"][1] == {"id": "team", "name": "Team", "monthly_price_usd": "99.50",
+                                    "monthly_price_cents": 9950, "requests": 2000, "weekly_credit_usd": 80,
+                                    "concurrency": {"standard": 3, "small": 6}}
+        assert body["request_bar"] == {"tick_percent": 10, "tick_minutes": 30, "tick_ms": 1_800_000}
+        assert body["weekly_bar"] == {"tick_percent": 2, "tick_minutes": 180, "tick_ms": 10_800_000}
+        assert body["max_packs"] == 5 and body["cache_read_discount_percent"] == 50
+        assert body["weights"] == {"basis": "output", "reference_price_micro": 3_400_000}
+        # What it lists is what the admin API accepts, and adds up as listed.
+        account = gw.create_account(["team", "standard"])
+        assert account["limits"]["requests_per_5h"] == 2500
+        r = gw.admin.put(f"/admin/v1/accounts/{account['id']}/packs", json={"packs": ["founder"]})
+        assert r.status_code == 400 and "known: standard, team" in r.text
+        assert httpx.get(f"{gw.base_url}/admin/v1/plans").status_code == 401
 
 
 def test_console_files_are_served(tmp_path: Path) -> None:

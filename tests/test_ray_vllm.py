@@ -35,6 +35,7 @@ from serve_apps.cli.serve_main import DEFAULT_CONFIG
 from serve_apps.config import AppConfig, load_config
 from serve_apps.deploy import ray_env
 from serve_apps.deploy.ray_app import APP_NAME, build_app
+from tests.agent_clis import agent_clis, claude_env, run_agent
 from tests.conftest import RayServe, RedisServer, call_model
 
 pytestmark = [
@@ -48,6 +49,9 @@ ADMIN_TOKEN = "ray-vllm-test-admin-token"
 CHAT_WEIGHT = 100
 REQUESTS_PER_STANDARD_PACK = 500
 READY_TIMEOUT_S = 300
+# Claude Code on a 2048-token model: bare mode (its short system prompt) and no tool definitions (docs/agents.md).
+CLAUDE_SMALL_CONTEXT_FLAGS = ("--bare", "--tools", "")
+CLAUDE_TIMEOUT_S = 300.0
 # The Anthropic SDK no longer takes `temperature` as an argument; the API (and the gateway) still do.
 GREEDY = {"temperature": 0}
 # Long enough for two full 128-token prefix-cache blocks before the question.
@@ -62,13 +66,23 @@ class VllmApp:
     base_url: str
     admin: httpx.Client
 
-    def new_key(self) -> str:
+    def new_account(self) -> tuple[str, str]:
+        """(account id, API key) of a new 1-pack account."""
         r = self.admin.post("/admin/v1/accounts",
                             json={"name": "ray-vllm-test", "plan": "subscription", "packs": ["standard"]})
         assert r.status_code == 201, r.text
-        r = self.admin.post(f"/admin/v1/accounts/{r.json()['id']}/keys")
+        account_id = str(r.json()["id"])
+        r = self.admin.post(f"/admin/v1/accounts/{account_id}/keys")
         assert r.status_code == 201, r.text
-        return str(r.json()["key"])
+        return account_id, str(r.json()["key"])
+
+    def new_key(self) -> str:
+        return self.new_account()[1]
+
+    def usage_events(self, account_id: str) -> list[dict[str, Any]]:
+        r = self.admin.get(f"/admin/v1/accounts/{account_id}/usage/export")
+        assert r.status_code == 200, r.text
+        return [json.loads(line) for line in r.text.splitlines() if line.strip()]
 
     def openai(self, key: str) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=key, max_retries=0, timeout=120)
@@ -243,6 +257,37 @@ def test_prompt_over_the_context_is_a_400_in_each_api(vllm_app: VllmApp) -> None
                                                 messages=[{"role": "user", "content": text}])
     assert message.value.status_code == 400 and "prompt is too long: " in message.value.message
     assert "tokens > 2048 maximum" in message.value.message
+
+
+@pytest.mark.npm
+def test_claude_code_answers_through_vllm(vllm_app: VllmApp, tmp_path: Path) -> None:
+    """`claude -p` against the real stack, with the settings docs/agents.md gives for a small-context model.
+
+    Claude Code's default request (system prompt and every tool definition) is
+    over twenty thousand tokens; the embedded model's context is 2048, so the
+    run drops the tool definitions. Its full default request gets the
+    provider-worded 400 (test_prompt_over_the_context_is_a_400_in_each_api).
+    """
+    clis = agent_clis()
+    account_id, key = vllm_app.new_account()
+    workdir = tmp_path / "project"
+    workdir.mkdir()
+    argv = [str(clis.claude), "-p", "Say hello", "--output-format", "json", *CLAUDE_SMALL_CONTEXT_FLAGS]
+    done = run_agent(argv, claude_env(tmp_path / "home", vllm_app.base_url, key, SMOLLM_ID, SMOLLM_ID), workdir,
+                     timeout_s=CLAUDE_TIMEOUT_S)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    out = json.loads(done.stdout)
+    assert out["type"] == "result" and out["is_error"] is False and out["subtype"] == "success", out
+    assert isinstance(out["result"], str) and out["result"].strip()
+    print(f"claude -p through vLLM: {out['num_turns']} turn(s), {out['duration_ms']} ms, "
+          f"input tokens {out['usage']['input_tokens']}, answer {out['result']!r}")
+    # Every generation it asked for was served by vLLM and recorded (settlement runs after the answer).
+    deadline = time.monotonic() + 30
+    while not (events := vllm_app.usage_events(account_id)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(events) == out["num_turns"], events
+    assert all(e["status"] == "ok" and e["model"] == SMOLLM_ID and 0 < e["prompt_tokens"] <= 2048
+               and e["completion_tokens"] > 0 for e in events), events
 
 
 def test_response_format_constrains_the_answer(vllm_app: VllmApp) -> None:

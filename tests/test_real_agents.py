@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +36,7 @@ import pytest
 from cluster.redis_store import RedisStore
 from serve_apps.config import AppConfig
 from serve_apps.engines.sim import SIM_LARGE, SIM_SMALL
-from tests.agent_clis import agent_clis
+from tests.agent_clis import agent_clis, claude_env, isolated_env, run_agent
 from tests.agent_recorder import REDACTED, Recorder
 from tests.conftest import RedisServer
 from tests.gateway_process import GatewayProcess
@@ -45,7 +44,6 @@ from tests.live_gateway import LiveGateway
 
 pytestmark = pytest.mark.npm
 
-AGENT_TIMEOUT_S = 300.0
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "agents"
 RECORD = os.environ.get("PACKSERVE_RECORD_AGENT_FIXTURES") == "1"
 MARKER = "packserve-tool-ok"
@@ -74,24 +72,6 @@ def bar_levels(redis_url: str | None, account_id: str) -> tuple[int, int, int, i
         return snap.request.level, snap.request_spec.capacity, snap.weekly.level, snap.weekly_spec.capacity
 
     return asyncio.run(read())
-
-
-def isolated_env(home: Path, **extra: str) -> dict[str, str]:
-    """A bare environment: the agent's HOME, config and caches in `home`, nothing non-essential on."""
-    for sub in (".config", ".cache", ".local/share", ".local/state"):
-        (home / sub).mkdir(parents=True, exist_ok=True)
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "TERM": "dumb",
-            "XDG_CONFIG_HOME": str(home / ".config"), "XDG_CACHE_HOME": str(home / ".cache"),
-            "XDG_DATA_HOME": str(home / ".local/share"), "XDG_STATE_HOME": str(home / ".local/state"),
-            "TMPDIR": str(home), **extra}
-
-
-def run_agent(argv: list[str], env: dict[str, str], cwd: Path, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=AGENT_TIMEOUT_S,
-                              input=stdin, check=False)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{argv[0]} did not finish within {AGENT_TIMEOUT_S:.0f} s; stderr: {exc.stderr!r}")
 
 
 def generation_paths(exchanges: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -127,18 +107,6 @@ def save_fixture(recorder: Recorder, name: str, client: str) -> None:
 
 # -- Claude Code ------------------------------------------------------------------------------
 
-def claude_env(home: Path, base_url: str, key: str) -> dict[str, str]:
-    return isolated_env(
-        home,
-        ANTHROPIC_BASE_URL=f"{base_url}/anthropic", ANTHROPIC_API_KEY=key,
-        ANTHROPIC_MODEL=SIM_LARGE, ANTHROPIC_SMALL_FAST_MODEL=SIM_SMALL,
-        ANTHROPIC_DEFAULT_HAIKU_MODEL=SIM_SMALL,
-        DISABLE_TELEMETRY="1", DISABLE_ERROR_REPORTING="1", DISABLE_AUTOUPDATER="1",
-        CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", DISABLE_NON_ESSENTIAL_MODEL_CALLS="1",
-        CLAUDE_CONFIG_DIR=str(home / ".claude"),
-    )
-
-
 @pytest.mark.parametrize("with_tool", [False, True], ids=["plain", "tool"])
 def test_claude_code_print_mode(gateway: GatewayProcess, tmp_path: Path, with_tool: bool) -> None:
     clis = agent_clis()
@@ -154,7 +122,7 @@ def test_claude_code_print_mode(gateway: GatewayProcess, tmp_path: Path, with_to
     else:
         argv = [str(clis.claude), "-p", "Say hello", "--output-format", "json"]
     with Recorder(gateway.base_url) as recorder:
-        done = run_agent(argv, claude_env(tmp_path / "home", recorder.base_url, key), workdir)
+        done = run_agent(argv, claude_env(tmp_path / "home", recorder.base_url, key, SIM_LARGE, SIM_SMALL), workdir)
     assert done.returncode == 0, (done.stdout, done.stderr)
     out = json.loads(done.stdout)
     assert out["type"] == "result" and out["is_error"] is False and out["subtype"] == "success", out

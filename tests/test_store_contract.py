@@ -651,6 +651,22 @@ async def test_counters_grow_at_renewals_by_running_totals(h: Harness) -> None:
     assert [(a.account_id, a.counter) for a in loads] == [("acct", 250)]
 
 
+async def test_deleting_an_account_drops_its_scheduler_counters(h: Harness) -> None:
+    gone, stays = await h.account(["standard"]), await h.account(["standard"])
+    for model in (LARGE, "hf:test/other"):
+        terms = _terms(2, model=model)
+        assert isinstance(await _acquire(h, terms, gone.id, f"{model}-g1"), CapacityGranted)
+        assert isinstance(await _acquire(h, terms, stays.id, f"{model}-s1"), CapacityGranted)
+        await h.store.capacity_release(terms, f"{model}-g1", 50_000, h.clock.now)  # idle, counter 50_000
+    await h.accounts.delete(gone.id)
+    for model in (LARGE, "hf:test/other"):
+        terms = _terms(2, model=model)
+        # The same id coming back (nothing of the account is left) starts at the active floor, not at 50_000.
+        assert isinstance(await _acquire(h, terms, gone.id, f"{model}-g2"), CapacityGranted)
+        loads = {a.account_id: a.counter for a in (await h.store.capacity_stats(terms, h.clock.now)).accounts}
+        assert loads == {stays.id: 0, gone.id: 0}, model
+
+
 async def test_a_dead_gateways_capacity_comes_back_when_its_lease_expires(h: Harness) -> None:
     terms = _terms(1, ttl_ms=3_000)
     assert isinstance(await _acquire(h, terms, "dead", "d1"), CapacityGranted)

@@ -32,6 +32,7 @@ for _, model in ipairs(redis.call('SMEMBERS', KEYS[4])) do
   redis.call('PUBLISH', ARGV[3] .. model, 'deleted')
 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
-redis.call('DEL', ARGV[2] .. 'keybars', ARGV[2] .. 'alerts')  -- per-key bars, alert states: same hash slot
+-- Per-key bars, alert states, refusal history: same hash slot.
+redis.call('DEL', ARGV[2] .. 'keybars', ARGV[2] .. 'alerts', ARGV[2] .. 'refusals')
 redis.call('ZREM', KEYS[8], ARGV[1])
 return existed

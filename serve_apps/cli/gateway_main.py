@@ -33,7 +33,8 @@ async def serve_gateway(config: AppConfig, host: str, port: int, ttft_ms: float 
                         tokens_per_s: float | None = None) -> None:
     engine = sim_engine(config, ttft_ms, tokens_per_s)
     cards = {c.id: c for c in engine.cards()}
-    runtime = await create_runtime(config, {cid: engine for cid in cards}, cards, admin_token=admin_token_from_env())
+    runtime = await create_runtime(config, {cid: engine for cid in cards}, cards, admin_token=admin_token_from_env(),
+                                   address=f"{host}:{port}")
     app = build_gateway_app(runtime)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, access_log=config.gateway.access_log,
                                            log_level="warning", lifespan="on"))

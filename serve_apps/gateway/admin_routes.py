@@ -87,7 +87,8 @@ def check_admin_token(request: Request, token: str | None) -> None:
 def build_admin_router(ops: AdminOps, token: str | None, max_body_bytes: int,
                        stats: Callable[[], dict[str, Any] | Awaitable[dict[str, Any]]],
                        start_model: Callable[[str], Awaitable[bool | None]] | None = None,
-                       loads: Callable[[], Awaitable[dict[str, list[dict[str, Any]]]]] | None = None) -> APIRouter:
+                       loads: Callable[[], Awaitable[dict[str, list[dict[str, Any]]]]] | None = None,
+                       plans: Callable[[], dict[str, Any]] | None = None) -> APIRouter:
     async def require_token(request: Request) -> None:
         # A router dependency runs before FastAPI validates path and query parameters, so a
         # caller without the token learns nothing from a 400 about a parameter.
@@ -226,6 +227,15 @@ def build_admin_router(ops: AdminOps, token: str | None, max_body_bytes: int,
         guard(request)
         result = stats()
         return JSONResponse(await result if inspect.isawaitable(result) else result)
+
+    if plans is not None:
+        listing = plans
+
+        @router.get("/plans")
+        async def list_plans(request: Request) -> Response:
+            """The configured pack kinds (prices, bar sizes, concurrency) and both bars' schedules."""
+            guard(request)
+            return JSONResponse(listing())
 
     if start_model is not None:
         starter = start_model

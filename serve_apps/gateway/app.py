@@ -27,6 +27,7 @@ from cluster.alerts import Alerts
 from cluster.controller import AdmissionController, Clock, store_clock
 from cluster.open_store import open_store
 from cluster.outbox import SettleOutbox
+from cluster.plans_body import plans_body
 from cluster.quotas import quotas_body
 from cluster.retention import purge_forever
 from cluster.scheduler import Scheduler
@@ -48,6 +49,7 @@ from serve_apps.gateway.errors import (
     not_served,
     store_unavailable,
 )
+from serve_apps.gateway.heartbeat import Heartbeat
 from serve_apps.gateway.metrics import Metrics
 from serve_apps.gateway.openai_routes import build_openai_router
 from serve_apps.gateway.page_headers import page_headers
@@ -91,7 +93,7 @@ class GatewayRuntime:
 
     def __init__(self, config: AppConfig, store: Store, engines: Mapping[str, Engine], cards: Mapping[str, ModelCard],
                  clock: Clock, admin_token: str | None, outbox_spool: Path | None = None,
-                 replicas: Replicas | None = None) -> None:
+                 replicas: Replicas | None = None, address: str | None = None) -> None:
         self.config = config
         self.store = store
         self.admin_token = admin_token
@@ -101,7 +103,8 @@ class GatewayRuntime:
                                               outbox=SettleOutbox(store, outbox_spool))
         self.accounts = Accounts(store)
         self.metrics = Metrics()
-        self.recent = RecentWindow(lambda: clock() or time.time_ns() // 1_000_000)
+        self.recent = RecentWindow(lambda: clock() or time.time_ns() // 1_000_000, store.observations, config.console)
+        self.heartbeat = Heartbeat(store.observations, config.console, lambda: self.controller.active, clock, address)
         self.replicas = replicas
         # Set by build_gateway_app: which models serve without a cold start (Ray Serve's view under `serve`).
         self.warm_flags: Callable[[], dict[str, bool]] | None = None
@@ -150,8 +153,11 @@ class GatewayRuntime:
                               "waiting": a.waiting} for a in s.accounts[:TOP_ACCOUNTS]],
         } for s in await self.capacity_stats()]
         out["model_states"] = self.model_states()
-        out["recent"] = {"window_s": self.recent.window_ms // 1000, "models": self.recent.model_summary()}
+        out["recent"] = {"window_s": self.recent.window_ms // 1000, "models": await self.recent.model_summary()}
         out["store"] = await self.store_health()
+        out["gateway_id"] = self.heartbeat.gateway_id
+        live = await self.store.observations.gateways(self.clock())
+        out["gateways"] = {"count": len(live), "data": [b.to_json() for b in live]}
         return out
 
     def model_states(self) -> list[dict[str, Any]]:
@@ -191,6 +197,8 @@ class GatewayRuntime:
         return out
 
     async def close(self) -> None:
+        await self.heartbeat.stop()
+        await self.recent.close()
         await self.scheduler.drain()
         await self.controller.drain()
         if self.alerts is not None:
@@ -232,10 +240,12 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
             rt.alerts.start()
         retention = asyncio.get_running_loop().create_task(
             purge_forever(rt.store, rt.config.admission.retention_ms, rt.clock))
+        heartbeat = asyncio.get_running_loop().create_task(rt.heartbeat.run_forever())
         if rt.admin_token is None:
             log.warning("admin API disabled: PACKSERVE_ADMIN_TOKEN is not set")
         yield
         retention.cancel()
+        heartbeat.cancel()
         await rt.close()
 
     app = FastAPI(title="packserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -257,7 +267,8 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
     for prefix in ("/anthropic/v1", "/anthropic", "/v1"):
         app.include_router(anthropic_router, prefix=prefix)
     app.include_router(build_admin_router(rt.admin, rt.admin_token, max_body, rt.full_stats, service.cold_starts.start,
-                                       rt.account_loads))
+                                       rt.account_loads,
+                                       lambda: plans_body(rt.store.plans, rt.config.admission.weight_policy)))
 
     @app.api_route("/anthropic", methods=["GET", "HEAD"], include_in_schema=False)
     @app.api_route("/anthropic/v1", methods=["GET", "HEAD"], include_in_schema=False)
@@ -313,10 +324,10 @@ def build_gateway_app(rt: GatewayRuntime, warm: Callable[[], dict[str, bool]] | 
 
     @app.get("/v2/refusals")
     async def refusals(request: Request) -> Response:
-        """The caller's account's refusals (429/403/503) seen by this gateway in the last minutes."""
+        """The caller's account's refusals (429/403/503) on every gateway within the retention, newest first."""
         principal = await service.authenticate(request)
-        return JSONResponse({"window_s": rt.recent.window_ms // 1000,
-                             "data": rt.recent.account_refusals(principal.account.id)})
+        return JSONResponse({"window_s": rt.recent.bounds.retention_ms // 1000,
+                             "data": await rt.recent.account_refusals(principal.account.id)})
 
     @app.get("/dashboard")
     async def dashboard() -> Response:
@@ -404,7 +415,8 @@ def _status_code_name(status: int) -> str:
 
 async def create_runtime(config: AppConfig, engines: Mapping[str, Engine], cards: Mapping[str, ModelCard], *,
                          clock: Clock = store_clock, admin_token: str | None = None,
-                         store: Store | None = None, replicas: Replicas | None = None) -> GatewayRuntime:
+                         store: Store | None = None, replicas: Replicas | None = None,
+                         address: str | None = None) -> GatewayRuntime:
     data_dir = config.store.data_dir or default_data_dir()
     if store is None:
         store = await open_store(request_unit=config.admission.weight_policy.unit,
@@ -412,4 +424,4 @@ async def create_runtime(config: AppConfig, engines: Mapping[str, Engine], cards
                                  plans=config.plans.catalog())
     spool = data_dir / "settlements.pending"
     data_dir.mkdir(parents=True, exist_ok=True)
-    return GatewayRuntime(config, store, engines, cards, clock, admin_token, spool, replicas)
+    return GatewayRuntime(config, store, engines, cards, clock, admin_token, spool, replicas, address)

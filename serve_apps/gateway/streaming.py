@@ -33,20 +33,24 @@ class SseEvents:
 def sse_response(first: GenerationChunk | None, chunks: AsyncIterator[GenerationChunk], events: SseEvents,
                  headers: dict[str, str]) -> StreamingResponse:
     async def body() -> AsyncIterator[str]:
-        for line in events.start():
-            yield line
+        # What one engine chunk produces goes out as one write: a Responses delta is preceded by up to four
+        # framing events, and a send per event costs the event loop more than the encoding does.
+        opening = events.start()
         try:
             if first is not None:
-                for line in events.chunk(first):
-                    yield line
+                opening += events.chunk(first)
+            if opening:
+                yield "".join(opening)
             async for chunk in chunks:
-                for line in events.chunk(chunk):
-                    yield line
+                lines = events.chunk(chunk)
+                if lines:
+                    yield "".join(lines)
         except EngineError as exc:
             log.warning("engine failed mid-stream", extra={"error": str(exc)})
             yield events.fail("The model failed while generating; you are charged only for tokens produced.")
             return
-        for line in events.finish():
-            yield line
+        closing = events.finish()
+        if closing:
+            yield "".join(closing)
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})

@@ -73,9 +73,11 @@ function h(tag, attrs = {}, ...children) {
 }
 
 // A bar: the fill's width is set through the CSSOM (allowed under a strict CSP; a style attribute is not).
-function meter(fraction, mini = false, label = "") {
+// A bar of what is left warns as it empties; a bar of what is in use (`inUse`) as it fills.
+function meter(fraction, mini = false, label = "", inUse = false) {
   const f = Math.max(0, Math.min(1, Number(fraction) || 0));
-  const fill = h("div", {class: `fill${f < 0.1 ? " low" : f < 0.3 ? " mid" : ""}`});
+  const tone = inUse ? (f > 0.9 ? " low" : f > 0.7 ? " mid" : "") : (f < 0.1 ? " low" : f < 0.3 ? " mid" : "");
+  const fill = h("div", {class: `fill${tone}`});
   fill.style.width = `${(f * 100).toFixed(2)}%`;
   return h("div", {class: `track${mini ? " mini" : ""}`, role: "meter", "aria-valuemin": 0, "aria-valuemax": 100,
                    "aria-valuenow": Math.round(f * 100), "aria-label": label}, fill);
@@ -272,7 +274,9 @@ function renderKeys(keys) {
 }
 
 function renderRefusals(r) {
-  $("c-refusals-note").textContent = `Seen by this gateway in the last ${Math.round(r.window_s / 60)} minutes.`;
+  const hours = r.window_s / 3600;
+  $("c-refusals-note").textContent = `On every server, the last ${hours >= 1 ? `${Math.round(hours)} hour${Math.round(hours) === 1 ? "" : "s"}`
+    : `${Math.round(r.window_s / 60)} minutes`}, newest first.`;
   const rows = r.data.map((x) => h("tr", {}, h("td", {text: when(x.ts_ms)}),
     h("td", {}, h("span", {text: reasonLabel(x.reason)}), h("span", {class: "muted small", text: ` ${x.status}`})),
     h("td", {text: x.model})));
@@ -332,7 +336,8 @@ const STAT_LABELS = [
   ["capacity_waiting_here", "Waiting for a model here"], ["cold_starts_waiting", "Waiting for a cold start"],
   ["settlements_pending", "Settlements not yet stored"], ["overloaded_here", "Refused as overloaded here"],
 ];
-const op = {token: "", generation: 0, q: "", sort: "name", order: "asc", offset: 0, account: null, pending: null};
+const op = {token: "", generation: 0, q: "", sort: "name", order: "asc", offset: 0, account: null, pending: null,
+            plans: null, key: null, keyPending: null};
 
 function tile(label, value, tone = "") {
   return h("div", {class: `tile ${tone}`}, h("div", {class: "v", text: value}), h("div", {class: "k", text: label}));
@@ -340,17 +345,33 @@ function tile(label, value, tone = "") {
 
 function renderSummary(s) {
   const store = s.store || {};
+  const gateways = s.gateways || {count: 0, data: []};
   $("o-summary").replaceChildren(
+    tile("Gateways live", int(gateways.count), gateways.count ? "" : "bad"),
     tile(`Store (${store.kind || "?"})`, store.ok ? `up · ${store.latency_ms < 1 ? "<1" : Math.round(store.latency_ms)} ms` : "down", store.ok ? "good" : "bad"),
     tile("Scheduler", s.scheduler === "fair" ? "fair share" : s.scheduler),
     ...STAT_LABELS.filter(([k]) => k in s).map(([k, label]) =>
       tile(label, int(s[k]), k === "settlements_pending" && s[k] > 0 ? "bad" : "")));
 }
 
+// Each live gateway's last heartbeat (the store's list; a gateway that stops beating drops out after its TTL).
+function renderGateways(s) {
+  const gateways = (s.gateways && s.gateways.data) || [];
+  $("o-gateways-note").textContent = `${int(gateways.length)} live · this page is served by ${s.gateway_id || "?"}`;
+  $("o-gateways").tBodies[0].replaceChildren(...(gateways.length ? gateways.map((g) => h("tr", {"data-gateway": g.gateway_id},
+    h("td", {}, h("div", {text: g.address}), h("div", {class: "id", text: g.gateway_id + (g.gateway_id === s.gateway_id ? " (this one)" : "")})),
+    h("td", {text: g.version}),
+    h("td", {text: duration((g.seen_ms - g.started_ms) / 1000)}),
+    h("td", {class: "num", text: int(g.in_flight)}),
+    h("td", {text: when(g.seen_ms)})))
+    : [h("tr", {}, h("td", {colspan: 5, class: "empty", text: "No heartbeat in the store."}))]));
+  labelCells($("o-gateways"));
+}
+
 function renderModelTable(s) {
   const cap = new Map((s.capacity || []).map((c) => [c.model, c]));
   const recent = (s.recent && s.recent.models) || {};
-  $("o-models-note").textContent = `Percentiles and refusals: this gateway, last ${Math.round(
+  $("o-models-note").textContent = `Percentiles and refusals: all gateways, last ${Math.round(
     ((s.recent && s.recent.window_s) || 600) / 60)} minutes. Capacity: all gateways (the store).`;
   const rows = (s.model_states || []).map((m) => {
     const c = cap.get(m.queue_model);
@@ -362,7 +383,7 @@ function renderModelTable(s) {
       h("td", {}, h("div", {text: m.model}), h("div", {class: "id", text: `${m.kind}${shared}`})),
       h("td", {}, h("span", {class: `badge ${m.state}`, text: m.state}), h("span", {class: "muted small", text: replicas})),
       h("td", {}, c ? [h("div", {class: "small", text: `${int(c.in_flight)} of ${int(c.capacity)}`}),
-                       meter(c.capacity ? 1 - c.in_flight / c.capacity : 1, true, `${m.model} free sequences`)]
+                       meter(c.capacity ? c.in_flight / c.capacity : 0, true, `${m.model} sequences in use`, true)]
                     : h("span", {class: "muted small", text: "not capacity-scheduled"})),
       h("td", {class: "num", text: c ? int(c.waiting) : "–"}),
       h("td", {class: "num", text: `${ms(r.wait_p50_ms)} / ${ms(r.wait_p95_ms)}`}),
@@ -419,6 +440,7 @@ async function loadAccounts() {
 async function loadOperator(fromForm) {
   if (fromForm) {
     op.token = $("token").value.trim();
+    op.plans = null;
     sessionStorage.setItem("packserve-admin", op.token);
     $("o-data").hidden = true;
   }
@@ -428,7 +450,9 @@ async function loadOperator(fromForm) {
     const stats = await api("/admin/v1/stats", op.token);
     if (generation !== op.generation) return;
     renderSummary(stats);
+    renderGateways(stats);
     renderModelTable(stats);
+    if (!op.plans) op.plans = await api("/admin/v1/plans", op.token);
     await loadAccounts();
     if (generation !== op.generation) return;
     showError("o-error", "");
@@ -496,6 +520,8 @@ async function renderAccountKeys(a) {
   $("act-keys").replaceChildren(...(keys.length ? keys.map((k) => h("li", {},
     h("span", {}, h("code", {text: `${k.prefix}…`}), h("span", {class: "muted small", text: ` ${keyLimits(k)}`})),
     h("span", {class: "chips"},
+    h("button", {type: "button", class: "ghost", text: "Edit", "aria-label": `Edit limits of key ${k.prefix}`,
+      onclick: () => openKeyEditor(a, k)}),
     h("button", {type: "button", class: "ghost", text: k.disabled ? "Enable" : "Disable",
       "aria-label": `${k.disabled ? "Enable" : "Disable"} key ${k.prefix}`,
       onclick: () => confirmAction(`${k.disabled ? "Enable" : "Disable"} key ${k.prefix}…?`, async () => {
@@ -517,8 +543,7 @@ function openAccount(a) {
   op.pending = null;
   $("act-title").textContent = a.name;
   $("act-sub").textContent = `${a.id} · ${a.plan === "payg" ? "pay as you go" : "subscription"}`;
-  $("act-packs").value = a.packs.join(", ");
-  $("act-packs").disabled = $("act-set-packs").disabled = a.plan !== "subscription";
+  renderPackKinds(a);
   $("act-suspend").textContent = a.suspended ? "Resume" : "Suspend";
   $("act-suspend").className = a.suspended ? "" : "danger";
   $("act-secret").hidden = true;
@@ -530,17 +555,129 @@ function openAccount(a) {
   $("act").showModal();
 }
 
+// Packs: one count per configured kind (GET /admin/v1/plans), with what they add up to.
+function chosenPacks() {
+  return [...document.querySelectorAll("#act-pack-kinds select")].flatMap((sel) =>
+    Array(Number(sel.value)).fill(sel.dataset.kind));
+}
+function packSummary(packs) {
+  const byId = new Map(op.plans.packs.map((p) => [p.id, p]));
+  const counts = new Map();
+  for (const id of packs) counts.set(id, (counts.get(id) || 0) + 1);
+  const names = [...counts].map(([id, n]) => `${n} × ${byId.get(id).name}`).join(", ");
+  const sum = (f) => packs.reduce((t, id) => t + f(byId.get(id)), 0);
+  const cents = sum((p) => p.monthly_price_cents);
+  return {names, limits: `${int(sum((p) => p.requests))} requests / 5 h, $${int(sum((p) => p.weekly_credit_usd))} / week, ` +
+                         `$${int(Math.floor(cents / 100))}.${String(cents % 100).padStart(2, "0")} / month`};
+}
+function renderPackSum() {
+  const packs = chosenPacks();
+  const max = op.plans.max_packs;
+  $("act-pack-sum").textContent = !packs.length ? "No pack chosen: a subscription needs at least one."
+    : packs.length > max ? `${packs.length} packs: at most ${max}.` : `${packSummary(packs).limits}.`;
+  $("act-set-packs").disabled = op.account.plan !== "subscription" || !packs.length || packs.length > max;
+}
+function renderPackKinds(a) {
+  const held = new Map();
+  for (const id of a.packs) held.set(id, (held.get(id) || 0) + 1);
+  $("act-pack-kinds").replaceChildren(...op.plans.packs.flatMap((p) => {
+    const id = `act-pack-${p.id}`;
+    const select = h("select", {id, "data-kind": p.id, disabled: a.plan !== "subscription",
+      onchange: renderPackSum}, ...Array.from({length: op.plans.max_packs + 1}, (_, n) =>
+        h("option", {value: n, selected: n === (held.get(p.id) || 0), text: String(n)})));
+    return [h("label", {for: id}, h("span", {text: p.name}), h("span", {class: "muted small",
+      text: ` $${p.monthly_price_usd} / month · ${int(p.requests)} requests / 5 h · $${int(p.weekly_credit_usd)} / week`})),
+      select];
+  }));
+  renderPackSum();
+}
+
 $("act-set-packs").addEventListener("click", () => {
   const a = op.account;
-  const packs = $("act-packs").value.split(",").map((p) => p.trim()).filter(Boolean);
-  confirmAction(`Set ${a.name}'s packs to ${packs.join(", ") || "none"}?`, async () => {
+  const packs = chosenPacks();
+  const {names, limits} = packSummary(packs);
+  confirmAction(`Set ${a.name}'s packs to ${names} (${limits})?`, async () => {
     op.account = await api(`/admin/v1/accounts/${encodeURIComponent(a.id)}/packs`, op.token,
                            {method: "PUT", body: JSON.stringify({packs})});
-    notice(`${a.name}: packs set to ${packs.join(", ")}.`);
+    notice(`${a.name}: packs set to ${names}.`);
     $("act").close();
     await loadOperator(false);
   });
 });
+
+// -- the key editor: a key's own limits (PATCH /admin/v1/accounts/{id}/keys/{key_id}), after a confirmation
+
+const KEY_FIELDS = [["key-requests", "max_requests"], ["key-dollars", "max_weekly_usd"], ["key-models", "models"],
+                    ["key-expires", "expires"]];
+
+function openKeyEditor(a, k) {
+  op.key = {account: a, key: k};
+  op.keyPending = null;
+  $("key-title").textContent = `Limits of key ${k.prefix}…`;
+  $("key-requests").value = k.max_requests ?? "";
+  $("key-dollars").value = k.max_weekly_usd === null ? "" : Number(k.max_weekly_usd).toFixed(2);
+  $("key-models").value = k.models.join(", ");
+  $("key-expires").value = k.expires_ms === null ? "" : new Date(k.expires_ms).toISOString().slice(0, 10);
+  $("key-confirm").hidden = true;
+  showError("key-error", "");
+  $("key-edit").showModal();
+  $("key-requests").focus();
+}
+
+// The PATCH body: filled fields are set; a limit the key had whose field was emptied is cleared.
+function keyChanges(k) {
+  const body = {}, clear = [];
+  const had = {max_requests: k.max_requests !== null, max_weekly_usd: k.max_weekly_usd !== null,
+               models: k.models.length > 0, expires: k.expires_ms !== null};
+  for (const [id, field] of KEY_FIELDS) {
+    const raw = $(id).value.trim();
+    if (!raw) { if (had[field]) clear.push(field); continue; }
+    if (field === "max_requests") body[field] = Number(raw);
+    else if (field === "models") body[field] = raw.split(",").map((m) => m.trim()).filter(Boolean);
+    else body[field] = raw;
+  }
+  if (clear.length) body.clear = clear;
+  return body;
+}
+
+function describeKeyChanges(body) {
+  const parts = [];
+  if (body.max_requests !== undefined) parts.push(`${int(body.max_requests)} requests / 5 h`);
+  if (body.max_weekly_usd !== undefined) parts.push(`$${Number(body.max_weekly_usd).toFixed(2)} / week`);
+  if (body.models) parts.push(`models ${body.models.join(", ")}`);
+  if (body.expires) parts.push(`expires ${body.expires}`);
+  for (const field of body.clear || []) parts.push(`no ${field.replaceAll("_", " ")} limit`);
+  return parts.join(" · ");
+}
+
+$("key-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const {account: a, key: k} = op.key;
+  const body = keyChanges(k);
+  showError("key-error", "");
+  op.keyPending = async () => {
+    await api(`/admin/v1/accounts/${encodeURIComponent(a.id)}/keys/${encodeURIComponent(k.id)}`, op.token,
+              {method: "PATCH", body: JSON.stringify(body)});
+    $("key-edit").close();
+    await renderAccountKeys(a);
+    const again = [...document.querySelectorAll("#act-keys button")].find((x) =>
+      x.getAttribute("aria-label") === `Edit limits of key ${k.prefix}`);
+    if (again) again.focus();  // the list was redrawn: keep the keyboard where it was
+    notice(`Key ${k.prefix}… limits saved: ${describeKeyChanges(body) || "unchanged"}.`);
+  };
+  $("key-confirm-text").textContent = `Set key ${k.prefix}…'s limits: ${describeKeyChanges(body) || "no change"}?`;
+  $("key-confirm").hidden = false;
+  $("key-yes").focus();
+});
+$("key-yes").addEventListener("click", async () => {
+  const action = op.keyPending;
+  op.keyPending = null;
+  $("key-confirm").hidden = true;
+  if (!action) return;
+  try { await action(); } catch (e) { showError("key-error", e.message); }
+});
+$("key-no").addEventListener("click", () => { op.keyPending = null; $("key-confirm").hidden = true; $("key-requests").focus(); });
+$("key-close").addEventListener("click", () => $("key-edit").close());
 $("act-suspend").addEventListener("click", () => {
   const a = op.account;
   const verb = a.suspended ? "resume" : "suspend";
