@@ -61,6 +61,14 @@ class GatewayConfig(StrictModel):
     # gateways in the store) before it is answered 429 instead of 401.
     auth_failures_per_minute: int = Field(30, ge=1)
     access_log: bool = False
+    # `packserve gateway` (uvicorn): a connection that has not sent a complete
+    # request's headers this long after it opened, or after its previous
+    # response, is closed (408 if part of a request came). Under Ray Serve the
+    # HTTP proxy is Ray's (docs/survives.md).
+    header_timeout_s: float = Field(10, gt=0)
+    # How long an idle keep-alive connection is kept; None: the server's own
+    # default (uvicorn 5 s, Ray Serve 90 s, which suits a cloud load balancer in front).
+    keep_alive_timeout_s: int | None = Field(None, ge=1)
     # Under Ray Serve (`packserve serve`): the gateway is the ingress deployment.
     # Every open stream is an ongoing request, and the gateway queues by
     # account itself, so Ray's default cap of 5 would throttle it for nothing.
