@@ -90,6 +90,18 @@ class Resources(StrictModel):
     num_cpus: float = Field(1, ge=0)
     num_gpus: float = Field(0, ge=0)
     accelerator_type: str | None = None
+    # Ray custom resources a replica needs, e.g. {"model_node": 1}: nodes started with
+    # `ray start --resources '{"model_node": 4}'` take it (placement across a cluster's nodes).
+    custom: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("custom")
+    @classmethod
+    def _custom(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if name in ("CPU", "GPU", "memory") or not name or amount < 0:
+                raise ValueError(f"custom resource {name!r}: a name other than CPU, GPU and memory, "
+                                 "with an amount of 0 or more")
+        return value
 
 
 class VllmArgs(StrictModel):
