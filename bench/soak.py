@@ -16,8 +16,15 @@ own) and the gateway's RSS and CPU sampled from /proc:
 
 At the end: RSS after the run against its plateau (the median of phase 1's
 second half), leases and queue entries left in Redis once every client has
-gone, p50/p99 TTFT, gateway CPU seconds per request, and /health latency
-(max and p99) per phase.
+gone, p50/p99 TTFT, gateway CPU seconds per request, /health latency
+(p50, p99 and max) per phase, the connections the gateway still held at the
+end of phases 2 and 3 (its established sockets, from /proc/net/tcp), and
+the gateway's warning and error log lines by message.
+
+The load generators (the stream processes and phases 2 and 3) run at nice
+19: on a small machine they stand in for clients on other machines, and at
+the gateway's priority they would take the CPU it needs and show up as its
+latency. The /health prober stays at the gateway's priority.
 
     python -m bench.soak                 # the full run: 10 minutes of streams
     python -m bench.soak --minutes 2 --json
@@ -31,6 +38,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -58,6 +66,7 @@ from bench.common import (
 ADMIN = "soak-admin-token"
 MODEL = "hf:packserve/sim-small"
 SLOTS_PER_ACCOUNT = 10  # 5 founder packs: 2 sim-small streams each
+CLIENT_NICE = 19
 
 
 def rss_mb(pid: int) -> float:
@@ -116,6 +125,23 @@ async def stream_loop(client: httpx.AsyncClient, key: str, deadline: float, max_
             await asyncio.sleep(1)
 
 
+def gateway_log_lines(pid: int) -> dict[str, int]:
+    """The gateway's warning and error log lines by level and message (its stdout is the log file)."""
+    counts: Counter[str] = Counter()
+    with contextlib.suppress(OSError), open(os.readlink(f"/proc/{pid}/fd/1"), errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                counts[f"(not JSON) {line.strip()[:80]}"] += 1
+                continue
+            if isinstance(record, dict) and record.get("level") in ("warning", "error", "critical"):
+                # The error's text, numbers (ports, ids, counts) left out so that like errors count together.
+                error = re.sub(r"\d+", "N", str(record.get("error", "")))[:100]
+                counts[f"{record['level']}: {record.get('msg')}" + (f" ({error})" if error else "")] += 1
+    return dict(counts)
+
+
 def read_samples(path: Path) -> list[dict[str, Any]]:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     path.unlink()
@@ -125,6 +151,7 @@ def read_samples(path: Path) -> list[dict[str, Any]]:
 def stream_worker(base: str, keys: list[str], streams: int, deadline_wall: float,
                   max_tokens: int) -> tuple[list[float], dict[str, int]]:
     """One load-generating process: `streams` concurrent stream loops over `keys`' slots."""
+    os.nice(CLIENT_NICE - os.nice(0))
     async def go() -> tuple[list[float], dict[str, int]]:
         ttfts: list[float] = []
         outcomes: Counter[str] = Counter()
@@ -137,8 +164,33 @@ def stream_worker(base: str, keys: list[str], streams: int, deadline_wall: float
     return asyncio.run(go())
 
 
-async def idle_connections(host: str, port: int, n: int, hold_s: float) -> int:
-    """n keep-alive connections, each after one request; how many the server still held at the end."""
+def established(port: int) -> int:
+    """Established TCP sockets whose local port is `port`: the server's side of its connections."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                count += int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01"
+    return count
+
+
+async def read_response(reader: asyncio.StreamReader) -> None:
+    """One whole response with a Content-Length (headers and body may arrive in separate segments)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    await reader.readexactly(length)
+
+
+async def idle_connections(host: str, port: int, n: int, hold_s: float) -> tuple[int, int]:
+    """n keep-alive connections, each after one whole response, left idle for hold_s.
+
+    Returns how many the server still held at the end (its established
+    sockets, less those it held before) and how many the client saw open (no EOF).
+    """
+    before = established(port)
     writers: list[asyncio.StreamWriter] = []
     readers: list[asyncio.StreamReader] = []
     for _ in range(n):
@@ -150,8 +202,9 @@ async def idle_connections(host: str, port: int, n: int, hold_s: float) -> int:
         readers.append(reader)
         writers.append(writer)
     await asyncio.gather(*(w.drain() for w in writers), return_exceptions=True)
-    await asyncio.gather(*(r.read(1024) for r in readers), return_exceptions=True)
+    await asyncio.gather(*(read_response(r) for r in readers), return_exceptions=True)
     await asyncio.sleep(hold_s)
+    server_held = max(0, established(port) - before)
     still_open = 0
     for reader, writer in zip(readers, writers, strict=True):
         # A connection the server closed reads EOF at once; an open one times out.
@@ -163,11 +216,16 @@ async def idle_connections(host: str, port: int, n: int, hold_s: float) -> int:
             eof = True
         still_open += not eof
         writer.close()
-    return still_open
+    return server_held, still_open
 
 
-async def slow_headers(host: str, port: int, n: int, hold_s: float) -> int:
-    """n clients trickling one header byte every 2 s; how many connections the server still held."""
+async def slow_headers(host: str, port: int, n: int, hold_s: float) -> tuple[int, int]:
+    """n clients trickling one header byte every 2 s for hold_s.
+
+    Returns how many connections the server held at the end (established
+    sockets, less those it held before) and how many still took a byte.
+    """
+    before = established(port)
     request = b"GET /health HTTP/1.1\r\nHost: soak\r\nX-Slow: " + b"a" * 1000
     conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     for _ in range(n):
@@ -189,9 +247,10 @@ async def slow_headers(host: str, port: int, n: int, hold_s: float) -> int:
                 writer.close()
         i += 1
         await asyncio.sleep(2)
+    server_held = max(0, established(port) - before)
     for _, writer in conns:
         writer.close()
-    return open_now
+    return server_held, open_now
 
 
 async def leftovers(redis_url: str) -> dict[str, int]:
@@ -233,6 +292,8 @@ async def run(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
         samples_path = os.path.join(tempfile.gettempdir(), f"soak-samples-{port}.jsonl")
         prober = ctx.Process(target=sampler, args=(gw.pid, base, samples_path, stop), daemon=True)
         prober.start()
+        # From here on this process only generates load (phases 2 and 3) and starts the stream processes.
+        os.nice(CLIENT_NICE - os.nice(0))
         phases: list[tuple[str, float]] = []
 
         log(f"phase 1: {args.streams} streams for {args.minutes} min, from {args.clients} client processes")
@@ -258,10 +319,10 @@ async def run(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
 
         phases.append(("idle", time.time()))
         log(f"phase 2: {args.idle} idle keep-alive connections for {args.abuse_s} s")
-        idle_held = await idle_connections("127.0.0.1", port, args.idle, args.abuse_s)
+        idle_held, idle_open = await idle_connections("127.0.0.1", port, args.idle, args.abuse_s)
         phases.append(("slow", time.time()))
         log(f"phase 3: {args.slow} slow-header clients for {args.abuse_s} s")
-        slow_held = await slow_headers("127.0.0.1", port, args.slow, args.abuse_s)
+        slow_held, slow_open = await slow_headers("127.0.0.1", port, args.slow, args.abuse_s)
         phases.append(("after", time.time()))
         await asyncio.sleep(5)
         stop.set()
@@ -269,6 +330,7 @@ async def run(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
         end_rss = rss_mb(gw.pid)
         left = await leftovers(redis_url)
         await admin.aclose()
+        log_lines = gateway_log_lines(gw.pid)
 
     rows = await asyncio.to_thread(read_samples, Path(samples_path))
 
@@ -284,6 +346,7 @@ async def run(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
     done = outcomes.get("ok", 0)
     health: dict[str, Any] = {}
     for phase, values in health_ms.items():
+        health[f"health_{phase}_p50_ms"] = round(percentile(values, 50), 1)
         health[f"health_{phase}_p99_ms"] = round(percentile(values, 99), 1)
         health[f"health_{phase}_max_ms"] = round(max(values), 1)
     return {
@@ -293,7 +356,9 @@ async def run(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
         "cpu_ms_per_request": round(stream_cpu / max(done, 1) * 1000, 2),
         "rss_plateau_mb": round(plateau, 1), "rss_end_mb": round(end_rss, 1),
         "rss_end_vs_plateau_pct": round((end_rss / plateau - 1) * 100, 1),
-        "idle_connections_held_after_s": idle_held, "slow_header_clients_held": slow_held,
+        "idle_connections_held_by_server": idle_held, "idle_connections_open_to_client": idle_open,
+        "slow_header_connections_held_by_server": slow_held, "slow_header_clients_still_sending": slow_open,
+        "gateway_log": log_lines,
         "leftover_leases": left["leases"], "leftover_queue_entries": left["queue_entries"],
         **health, "health_failures": sum(row["health_ms"] is None for row in rows),
         "health_over_100ms": sum(1 for v in health_ms.values() for x in v if x > 100),
