@@ -38,6 +38,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import random
 import re
 import statistics
 import sys
@@ -69,6 +70,17 @@ SLOTS_PER_ACCOUNT = 10  # 5 founder packs: 2 sim-small streams each
 CLIENT_NICE = 19
 
 
+def schedstat(pid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of all the process's threads so far."""
+    on_cpu = waiting = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/schedstat") as f:
+            fields = f.read().split()
+            on_cpu += int(fields[0])
+            waiting += int(fields[1])
+    return on_cpu / 1e9, waiting / 1e9
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -94,10 +106,11 @@ def sampler(pid: int, base: str, out_path: str, stop: Any) -> None:
             stop.wait(max(0.0, 1.0 - latency / 1000))
 
 
-async def stream_loop(client: httpx.AsyncClient, key: str, deadline: float, max_tokens: int,
+async def stream_loop(client: httpx.AsyncClient, key: str, deadline: float, max_tokens: int, start_s: float,
                       ttfts: list[float], outcomes: Counter[str]) -> None:
     body = {"model": MODEL, "stream": True, "max_tokens": max_tokens,
             "messages": [{"role": "user", "content": "soak"}]}
+    await asyncio.sleep(start_s)
     while time.monotonic() < deadline:
         t0 = time.perf_counter()
         first = True
@@ -149,8 +162,14 @@ def read_samples(path: Path) -> list[dict[str, Any]]:
 
 
 def stream_worker(base: str, keys: list[str], streams: int, deadline_wall: float,
-                  max_tokens: int) -> tuple[list[float], dict[str, int]]:
-    """One load-generating process: `streams` concurrent stream loops over `keys`' slots."""
+                  max_tokens: int, ramp_s: float) -> tuple[list[float], dict[str, int]]:
+    """One load-generating process: `streams` concurrent stream loops over `keys`' slots.
+
+    Each loop starts at a random moment of the first `ramp_s`: the streams all
+    last as long, so loops started together would stay in step, and the
+    gateway would see every stream end and 1,000 requests arrive in the same
+    second, over and over, which no set of independent clients does.
+    """
     os.nice(CLIENT_NICE - os.nice(0))
     async def go() -> tuple[list[float], dict[str, int]]:
         ttfts: list[float] = []
@@ -158,8 +177,8 @@ def stream_worker(base: str, keys: list[str], streams: int, deadline_wall: float
         deadline = time.monotonic() + (deadline_wall - time.time())
         limits = httpx.Limits(max_connections=streams + 10, max_keepalive_connections=streams + 10)
         async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
-            await asyncio.gather(*(stream_loop(client, keys[i // SLOTS_PER_ACCOUNT], deadline, max_tokens, ttfts,
-                                               outcomes) for i in range(streams)))
+            await asyncio.gather(*(stream_loop(client, keys[i // SLOTS_PER_ACCOUNT], deadline, max_tokens,
+                                               random.uniform(0, ramp_s), ttfts, outcomes) for i in range(streams)))
         return ttfts, dict(outcomes)
     return asyncio.run(go())
 
@@ -299,15 +318,17 @@ async def run(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
         log(f"phase 1: {args.streams} streams for {args.minutes} min, from {args.clients} client processes")
         phases.append(("streams", time.time()))
         cpu0 = cpu_seconds([gw.pid])
+        sched0 = schedstat(gw.pid)
         t0 = time.monotonic()
         deadline_wall = time.time() + args.minutes * 60
         per_client = -(-args.streams // args.clients)
+        ramp_s = args.max_tokens / args.tokens_per_s if args.ramp_s is None else args.ramp_s
         jobs = []
         for c in range(args.clients):
             n = min(per_client, args.streams - c * per_client)
             first_key = c * per_client // SLOTS_PER_ACCOUNT
             jobs.append((base, keys[first_key:first_key + -(-n // SLOTS_PER_ACCOUNT)], n, deadline_wall,
-                         args.max_tokens))
+                         args.max_tokens, ramp_s))
         with ctx.Pool(args.clients) as pool:
             results = await asyncio.to_thread(pool.starmap, stream_worker, jobs)
         ttfts = [t for r in results for t in r[0]]
@@ -316,6 +337,7 @@ async def run(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
             outcomes.update(r[1])
         stream_s = time.monotonic() - t0
         stream_cpu = cpu_seconds([gw.pid]) - cpu0
+        sched1 = schedstat(gw.pid)
 
         phases.append(("idle", time.time()))
         log(f"phase 2: {args.idle} idle keep-alive connections for {args.abuse_s} s")
@@ -351,9 +373,14 @@ async def run(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
         health[f"health_{phase}_max_ms"] = round(max(values), 1)
     return {
         "streams": args.streams, "minutes": args.minutes, "tokens_per_s": args.tokens_per_s,
+        "ramp_s": args.max_tokens / args.tokens_per_s if args.ramp_s is None else args.ramp_s,
         "max_tokens": args.max_tokens, "requests_ok": done, "outcomes": dict(outcomes),
         "ttft_p50_ms": round(percentile(ttfts, 50), 1), "ttft_p99_ms": round(percentile(ttfts, 99), 1),
         "cpu_ms_per_request": round(stream_cpu / max(done, 1) * 1000, 2),
+        # Phase 1, as shares of its wall time: the gateway on a CPU, and runnable but waiting for one
+        # (the machine's other processes had it).
+        "gateway_on_cpu_share": round((sched1[0] - sched0[0]) / stream_s, 3),
+        "gateway_runqueue_wait_share": round((sched1[1] - sched0[1]) / stream_s, 3),
         "rss_plateau_mb": round(plateau, 1), "rss_end_mb": round(end_rss, 1),
         "rss_end_vs_plateau_pct": round((end_rss / plateau - 1) * 100, 1),
         "idle_connections_held_by_server": idle_held, "idle_connections_open_to_client": idle_open,
@@ -377,6 +404,9 @@ def main() -> None:
     parser.add_argument("--tokens-per-s", type=float, default=2.0, help="simulated decode speed per stream")
     parser.add_argument("--max-tokens", type=int, default=20, help="tokens per stream (20 at 2/s: 10 s streams)")
     parser.add_argument("--clients", type=int, default=4, help="load-generating processes for the streams")
+    parser.add_argument("--ramp-s", type=float, default=None,
+                        help="streams start at random over this many seconds (default: one stream's length; "
+                             "0: all at once, in step)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON line at the end")
     args = parser.parse_args()
     with redis_server() as url:
