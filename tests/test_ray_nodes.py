@@ -7,8 +7,9 @@ stays on the head) each offer the custom resource `sim_node` (2 on the head,
 (`resources.custom`), which Serve's SPREAD scheduling puts one on each
 node. Under load (streams that have streamed, and streams still waiting for
 their first token) the worker node's whole process session is SIGKILLed,
-raylet and replica alike: every stream ends at once with an error in the
-OpenAI shape (no hang); the ones without a first token are refunded (the
+raylet and replica alike: every stream on its replica ends at once with an
+error in the OpenAI shape (no hang), those on the head's run to the end;
+the ones without a first token are refunded (the
 request bar and the usage ledger agree exactly with what the clients saw);
 Ray starts the lost replica on the head and serving resumes with no
 operator action. The time to recovery is printed.
