@@ -16,8 +16,15 @@ own) and the gateway's RSS and CPU sampled from /proc:
 
 At the end: RSS after the run against its plateau (the median of phase 1's
 second half), leases and queue entries left in Redis once every client has
-gone, p50/p99 TTFT, gateway CPU seconds per request, and /health latency
-(max and p99) per phase.
+gone, p50/p99 TTFT, gateway CPU seconds per request, /health latency
+(p50, p99 and max) per phase, the connections the gateway still held at the
+end of phases 2 and 3 (its established sockets, from /proc/net/tcp), and
+the gateway's warning and error log lines by message.
+
+The load generators (the stream processes and phases 2 and 3) run at nice
+19: on a small machine they stand in for clients on other machines, and at
+the gateway's priority they would take the CPU it needs and show up as its
+latency. The /health prober stays at the gateway's priority.
 
     python -m bench.soak                 # the full run: 10 minutes of streams
     python -m bench.soak --minutes 2 --json
@@ -31,6 +38,8 @@ import contextlib
 import json
 import multiprocessing
 import os
+import random
+import re
 import statistics
 import sys
 import tempfile
@@ -58,6 +67,18 @@ from bench.common import (
 ADMIN = "soak-admin-token"
 MODEL = "hf:packserve/sim-small"
 SLOTS_PER_ACCOUNT = 10  # 5 founder packs: 2 sim-small streams each
+CLIENT_NICE = 19
+
+
+def schedstat(pid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of all the process's threads so far."""
+    on_cpu = waiting = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/schedstat") as f:
+            fields = f.read().split()
+            on_cpu += int(fields[0])
+            waiting += int(fields[1])
+    return on_cpu / 1e9, waiting / 1e9
 
 
 def rss_mb(pid: int) -> float:
@@ -85,10 +106,11 @@ def sampler(pid: int, base: str, out_path: str, stop: Any) -> None:
             stop.wait(max(0.0, 1.0 - latency / 1000))
 
 
-async def stream_loop(client: httpx.AsyncClient, key: str, deadline: float, max_tokens: int,
+async def stream_loop(client: httpx.AsyncClient, key: str, deadline: float, max_tokens: int, start_s: float,
                       ttfts: list[float], outcomes: Counter[str]) -> None:
     body = {"model": MODEL, "stream": True, "max_tokens": max_tokens,
             "messages": [{"role": "user", "content": "soak"}]}
+    await asyncio.sleep(start_s)
     while time.monotonic() < deadline:
         t0 = time.perf_counter()
         first = True
@@ -116,6 +138,23 @@ async def stream_loop(client: httpx.AsyncClient, key: str, deadline: float, max_
             await asyncio.sleep(1)
 
 
+def gateway_log_lines(pid: int) -> dict[str, int]:
+    """The gateway's warning and error log lines by level and message (its stdout is the log file)."""
+    counts: Counter[str] = Counter()
+    with contextlib.suppress(OSError), open(os.readlink(f"/proc/{pid}/fd/1"), errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                counts[f"(not JSON) {line.strip()[:80]}"] += 1
+                continue
+            if isinstance(record, dict) and record.get("level") in ("warning", "error", "critical"):
+                # The error's text, numbers (ports, ids, counts) left out so that like errors count together.
+                error = re.sub(r"\d+", "N", str(record.get("error", "")))[:100]
+                counts[f"{record['level']}: {record.get('msg')}" + (f" ({error})" if error else "")] += 1
+    return dict(counts)
+
+
 def read_samples(path: Path) -> list[dict[str, Any]]:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     path.unlink()
@@ -123,22 +162,54 @@ def read_samples(path: Path) -> list[dict[str, Any]]:
 
 
 def stream_worker(base: str, keys: list[str], streams: int, deadline_wall: float,
-                  max_tokens: int) -> tuple[list[float], dict[str, int]]:
-    """One load-generating process: `streams` concurrent stream loops over `keys`' slots."""
+                  max_tokens: int, ramp_s: float) -> tuple[list[float], dict[str, int]]:
+    """One load-generating process: `streams` concurrent stream loops over `keys`' slots.
+
+    Each loop starts at a random moment of the first `ramp_s`: the streams all
+    last as long, so loops started together would stay in step, and the
+    gateway would see every stream end and 1,000 requests arrive in the same
+    second, over and over, which no set of independent clients does.
+    """
+    os.nice(CLIENT_NICE - os.nice(0))
     async def go() -> tuple[list[float], dict[str, int]]:
         ttfts: list[float] = []
         outcomes: Counter[str] = Counter()
         deadline = time.monotonic() + (deadline_wall - time.time())
         limits = httpx.Limits(max_connections=streams + 10, max_keepalive_connections=streams + 10)
         async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
-            await asyncio.gather(*(stream_loop(client, keys[i // SLOTS_PER_ACCOUNT], deadline, max_tokens, ttfts,
-                                               outcomes) for i in range(streams)))
+            await asyncio.gather(*(stream_loop(client, keys[i // SLOTS_PER_ACCOUNT], deadline, max_tokens,
+                                               random.uniform(0, ramp_s), ttfts, outcomes) for i in range(streams)))
         return ttfts, dict(outcomes)
     return asyncio.run(go())
 
 
-async def idle_connections(host: str, port: int, n: int, hold_s: float) -> int:
-    """n keep-alive connections, each after one request; how many the server still held at the end."""
+def established(port: int) -> int:
+    """Established TCP sockets whose local port is `port`: the server's side of its connections."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                count += int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01"
+    return count
+
+
+async def read_response(reader: asyncio.StreamReader) -> None:
+    """One whole response with a Content-Length (headers and body may arrive in separate segments)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    await reader.readexactly(length)
+
+
+async def idle_connections(host: str, port: int, n: int, hold_s: float) -> tuple[int, int]:
+    """n keep-alive connections, each after one whole response, left idle for hold_s.
+
+    Returns how many the server still held at the end (its established
+    sockets, less those it held before) and how many the client saw open (no EOF).
+    """
+    before = established(port)
     writers: list[asyncio.StreamWriter] = []
     readers: list[asyncio.StreamReader] = []
     for _ in range(n):
@@ -150,8 +221,9 @@ async def idle_connections(host: str, port: int, n: int, hold_s: float) -> int:
         readers.append(reader)
         writers.append(writer)
     await asyncio.gather(*(w.drain() for w in writers), return_exceptions=True)
-    await asyncio.gather(*(r.read(1024) for r in readers), return_exceptions=True)
+    await asyncio.gather(*(read_response(r) for r in readers), return_exceptions=True)
     await asyncio.sleep(hold_s)
+    server_held = max(0, established(port) - before)
     still_open = 0
     for reader, writer in zip(readers, writers, strict=True):
         # A connection the server closed reads EOF at once; an open one times out.
@@ -163,11 +235,16 @@ async def idle_connections(host: str, port: int, n: int, hold_s: float) -> int:
             eof = True
         still_open += not eof
         writer.close()
-    return still_open
+    return server_held, still_open
 
 
-async def slow_headers(host: str, port: int, n: int, hold_s: float) -> int:
-    """n clients trickling one header byte every 2 s; how many connections the server still held."""
+async def slow_headers(host: str, port: int, n: int, hold_s: float) -> tuple[int, int]:
+    """n clients trickling one header byte every 2 s for hold_s.
+
+    Returns how many connections the server held at the end (established
+    sockets, less those it held before) and how many still took a byte.
+    """
+    before = established(port)
     request = b"GET /health HTTP/1.1\r\nHost: soak\r\nX-Slow: " + b"a" * 1000
     conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     for _ in range(n):
@@ -189,9 +266,10 @@ async def slow_headers(host: str, port: int, n: int, hold_s: float) -> int:
                 writer.close()
         i += 1
         await asyncio.sleep(2)
+    server_held = max(0, established(port) - before)
     for _, writer in conns:
         writer.close()
-    return open_now
+    return server_held, open_now
 
 
 async def leftovers(redis_url: str) -> dict[str, int]:
@@ -233,20 +311,24 @@ async def run(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
         samples_path = os.path.join(tempfile.gettempdir(), f"soak-samples-{port}.jsonl")
         prober = ctx.Process(target=sampler, args=(gw.pid, base, samples_path, stop), daemon=True)
         prober.start()
+        # From here on this process only generates load (phases 2 and 3) and starts the stream processes.
+        os.nice(CLIENT_NICE - os.nice(0))
         phases: list[tuple[str, float]] = []
 
         log(f"phase 1: {args.streams} streams for {args.minutes} min, from {args.clients} client processes")
         phases.append(("streams", time.time()))
         cpu0 = cpu_seconds([gw.pid])
+        sched0 = schedstat(gw.pid)
         t0 = time.monotonic()
         deadline_wall = time.time() + args.minutes * 60
         per_client = -(-args.streams // args.clients)
+        ramp_s = args.max_tokens / args.tokens_per_s if args.ramp_s is None else args.ramp_s
         jobs = []
         for c in range(args.clients):
             n = min(per_client, args.streams - c * per_client)
             first_key = c * per_client // SLOTS_PER_ACCOUNT
             jobs.append((base, keys[first_key:first_key + -(-n // SLOTS_PER_ACCOUNT)], n, deadline_wall,
-                         args.max_tokens))
+                         args.max_tokens, ramp_s))
         with ctx.Pool(args.clients) as pool:
             results = await asyncio.to_thread(pool.starmap, stream_worker, jobs)
         ttfts = [t for r in results for t in r[0]]
@@ -255,13 +337,14 @@ async def run(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
             outcomes.update(r[1])
         stream_s = time.monotonic() - t0
         stream_cpu = cpu_seconds([gw.pid]) - cpu0
+        sched1 = schedstat(gw.pid)
 
         phases.append(("idle", time.time()))
         log(f"phase 2: {args.idle} idle keep-alive connections for {args.abuse_s} s")
-        idle_held = await idle_connections("127.0.0.1", port, args.idle, args.abuse_s)
+        idle_held, idle_open = await idle_connections("127.0.0.1", port, args.idle, args.abuse_s)
         phases.append(("slow", time.time()))
         log(f"phase 3: {args.slow} slow-header clients for {args.abuse_s} s")
-        slow_held = await slow_headers("127.0.0.1", port, args.slow, args.abuse_s)
+        slow_held, slow_open = await slow_headers("127.0.0.1", port, args.slow, args.abuse_s)
         phases.append(("after", time.time()))
         await asyncio.sleep(5)
         stop.set()
@@ -269,6 +352,7 @@ async def run(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
         end_rss = rss_mb(gw.pid)
         left = await leftovers(redis_url)
         await admin.aclose()
+        log_lines = gateway_log_lines(gw.pid)
 
     rows = await asyncio.to_thread(read_samples, Path(samples_path))
 
@@ -284,16 +368,24 @@ async def run(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
     done = outcomes.get("ok", 0)
     health: dict[str, Any] = {}
     for phase, values in health_ms.items():
+        health[f"health_{phase}_p50_ms"] = round(percentile(values, 50), 1)
         health[f"health_{phase}_p99_ms"] = round(percentile(values, 99), 1)
         health[f"health_{phase}_max_ms"] = round(max(values), 1)
     return {
         "streams": args.streams, "minutes": args.minutes, "tokens_per_s": args.tokens_per_s,
+        "ramp_s": args.max_tokens / args.tokens_per_s if args.ramp_s is None else args.ramp_s,
         "max_tokens": args.max_tokens, "requests_ok": done, "outcomes": dict(outcomes),
         "ttft_p50_ms": round(percentile(ttfts, 50), 1), "ttft_p99_ms": round(percentile(ttfts, 99), 1),
         "cpu_ms_per_request": round(stream_cpu / max(done, 1) * 1000, 2),
+        # Phase 1, as shares of its wall time: the gateway on a CPU, and runnable but waiting for one
+        # (the machine's other processes had it).
+        "gateway_on_cpu_share": round((sched1[0] - sched0[0]) / stream_s, 3),
+        "gateway_runqueue_wait_share": round((sched1[1] - sched0[1]) / stream_s, 3),
         "rss_plateau_mb": round(plateau, 1), "rss_end_mb": round(end_rss, 1),
         "rss_end_vs_plateau_pct": round((end_rss / plateau - 1) * 100, 1),
-        "idle_connections_held_after_s": idle_held, "slow_header_clients_held": slow_held,
+        "idle_connections_held_by_server": idle_held, "idle_connections_open_to_client": idle_open,
+        "slow_header_connections_held_by_server": slow_held, "slow_header_clients_still_sending": slow_open,
+        "gateway_log": log_lines,
         "leftover_leases": left["leases"], "leftover_queue_entries": left["queue_entries"],
         **health, "health_failures": sum(row["health_ms"] is None for row in rows),
         "health_over_100ms": sum(1 for v in health_ms.values() for x in v if x > 100),
@@ -312,6 +404,9 @@ def main() -> None:
     parser.add_argument("--tokens-per-s", type=float, default=2.0, help="simulated decode speed per stream")
     parser.add_argument("--max-tokens", type=int, default=20, help="tokens per stream (20 at 2/s: 10 s streams)")
     parser.add_argument("--clients", type=int, default=4, help="load-generating processes for the streams")
+    parser.add_argument("--ramp-s", type=float, default=None,
+                        help="streams start at random over this many seconds (default: one stream's length; "
+                             "0: all at once, in step)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON line at the end")
     args = parser.parse_args()
     with redis_server() as url:

@@ -216,16 +216,26 @@ class AdmissionController:
         does both, so a checkpoint never overtakes a later one.
         """
 
+        def _written(write: asyncio.Future[None]) -> None:
+            # Its outcome is read here, not where it is awaited: once the response has ended (the loop
+            # cancelled, the write shielded) nothing awaits it, and asyncio would print the failure
+            # ("Task exception was never retrieved") instead of this structured line.
+            exc = None if write.cancelled() else write.exception()
+            if isinstance(exc, StoreError | UsageError):
+                # Best effort: the renewal, which keeps the slot, must go on.
+                log.warning("checkpoint failed", extra={"lease": ticket.lease.lease_id, "error": str(exc)})
+            elif exc is not None:
+                log.error("checkpoint raised", extra={"lease": ticket.lease.lease_id}, exc_info=exc)
+
         async def _checkpoint() -> None:
             if progress is None:
                 return
-            try:
-                # Shielded: a response that ends while its first checkpoint is being written must not
-                # cancel the write (redis-py drops a connection whose command is cancelled mid-flight).
-                await asyncio.shield(self.checkpoint(ticket, progress()))
-            except (StoreError, UsageError) as exc:
-                # Best effort: the renewal, which keeps the slot, must go on.
-                log.warning("checkpoint failed", extra={"lease": ticket.lease.lease_id, "error": str(exc)})
+            # Shielded: a response that ends while its first checkpoint is being written must not
+            # cancel the write (redis-py drops a connection whose command is cancelled mid-flight).
+            write = asyncio.ensure_future(self.checkpoint(ticket, progress()))
+            write.add_done_callback(_written)
+            with contextlib.suppress(StoreError, UsageError):
+                await asyncio.shield(write)
 
         async def _loop() -> None:
             period = self.settings.lease_ttl_s / 3

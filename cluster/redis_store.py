@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any, Final, cast
 from urllib.parse import SplitResult, urlsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
@@ -100,6 +100,10 @@ from policies.units import DAY_MS, PICO_PER_DOLLAR
 log = logging.getLogger("packserve.redis")
 
 Clock = Callable[[], int | None]
+
+# Connections one store (one gateway process) opens to Redis at most. Redis runs one command at a
+# time, so more add no throughput; a command past them waits for one to come free.
+MAX_CONNECTIONS: Final = 128
 
 LUA_DIR: Final = Path(__file__).parent / "lua"
 STORE_LIBRARIES: Final = ("bars", "store")
@@ -462,6 +466,7 @@ class RedisStore:
         request_unit: int,
         key_prefix: str = "packserve:",
         socket_timeout_s: float = 5.0,
+        max_connections: int = MAX_CONNECTIONS,
         clock: Clock | None = None,
         plans: PlanCatalog = DEFAULT_CATALOG,
     ) -> None:
@@ -475,12 +480,17 @@ class RedisStore:
         self._config = bar_config(request_unit, plans)
         try:
             # Retrying is safe: reserve is idempotent per lease id, settle per lease id.
-            self._client = Redis.from_url(
+            # A blocking pool: a command waits (up to the socket timeout) for a free connection. redis-py's
+            # default pool refuses the 101st concurrent command ("Too many connections"), which under 1,000
+            # streams turned a busy gateway into 503 store_unavailable with Redis itself idle.
+            self._client = Redis.from_pool(BlockingConnectionPool.from_url(
                 self._url,
+                max_connections=max_connections,
+                timeout=socket_timeout_s,
                 socket_timeout=socket_timeout_s,
                 socket_connect_timeout=socket_timeout_s,
                 retry=Retry(ExponentialBackoff(cap=0.25, base=0.025), 2),
-            )
+            ))
         except (ValueError, TypeError) as exc:
             raise ValueError(f"Redis URL for {self._where} is malformed: {exc}") from None
         self._scripts: dict[str, AsyncScript] = {

@@ -63,6 +63,14 @@ class GatewayConfig(StrictModel):
     # gateways in the store) before it is answered 429 instead of 401.
     auth_failures_per_minute: int = Field(30, ge=1)
     access_log: bool = False
+    # `packserve gateway` (uvicorn): a connection that has not sent a complete
+    # request's headers this long after it opened, or after its previous
+    # response, is closed (408 if part of a request came). Under Ray Serve the
+    # HTTP proxy is Ray's (docs/survives.md).
+    header_timeout_s: float = Field(10, gt=0)
+    # How long an idle keep-alive connection is kept; None: the server's own
+    # default (uvicorn 5 s, Ray Serve 90 s, which suits a cloud load balancer in front).
+    keep_alive_timeout_s: int | None = Field(None, ge=1)
     # Under Ray Serve (`packserve serve`): the gateway is the ingress deployment.
     # Every open stream is an ongoing request, and the gateway queues by
     # account itself, so Ray's default cap of 5 would throttle it for nothing.
@@ -84,6 +92,18 @@ class Resources(StrictModel):
     num_cpus: float = Field(1, ge=0)
     num_gpus: float = Field(0, ge=0)
     accelerator_type: str | None = None
+    # Ray custom resources a replica needs, e.g. {"model_node": 1}: nodes started with
+    # `ray start --resources '{"model_node": 4}'` take it (placement across a cluster's nodes).
+    custom: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("custom")
+    @classmethod
+    def _custom(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if name in ("CPU", "GPU", "memory") or not name or amount < 0:
+                raise ValueError(f"custom resource {name!r}: a name other than CPU, GPU and memory, "
+                                 "with an amount of 0 or more")
+        return value
 
 
 # What a LoRA adapter takes from its base model: it is served by the base model's deployment.

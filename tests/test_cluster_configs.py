@@ -286,3 +286,21 @@ def test_a_sim_config_refuses_vllm_sections() -> None:
     raw["engine"] = "sim"
     with pytest.raises(ValidationError, match="engine is sim, so the vllm sections of hf:HuggingFaceTB"):
         AppConfig.model_validate(raw)
+
+
+def test_custom_resources_reach_the_replicas_actor_options() -> None:
+    raw = yaml.safe_load((ROOT / "serve_apps" / "configs" / "local-sim.yaml").read_text())
+    raw["models"][0]["resources"] = {"num_cpus": 0, "custom": {"sim_node": 1}}
+    raw["models"][0]["autoscaling"] = {"min_replicas": 2, "max_replicas": 2}
+    config = AppConfig.model_validate(raw)
+    model = next(d for d in dry_run(config) if d.get("model") == raw["models"][0]["id"])
+    assert model["ray_actor_options"] == {"num_cpus": 0, "num_gpus": 0, "resources": {"sim_node": 1}}
+    # Ray would leave a replica pending for ever on a machine without the resource: refused up front.
+    assert local_shortfalls(config, {"CPU": 2.0, "sim_node": 2.0}) == []
+    assert local_shortfalls(config, {"CPU": 2.0, "sim_node": 1.0}) == [
+        "the deployments need 2 of the custom resource 'sim_node' (resources.custom) at their starting replicas "
+        "and this machine has 1"]
+    for bad in ({"CPU": 1}, {"": 1}, {"sim_node": -1}):
+        raw["models"][0]["resources"]["custom"] = bad
+        with pytest.raises(ValidationError, match="custom resource"):
+            AppConfig.model_validate(raw)

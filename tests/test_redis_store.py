@@ -646,3 +646,16 @@ async def test_auth_failures_are_counted_across_gateways(redis_url: str) -> None
     finally:
         await a.close()
         await b.close()
+
+
+async def test_more_concurrent_commands_than_connections_wait_for_one(redis_url: str) -> None:
+    # redis-py's default pool refused the 101st concurrent command ("Too many connections"): under
+    # 1,000 streams (bench/soak.py) a gateway answered 503 store_unavailable with Redis idle.
+    store = RedisStore(redis_url, request_unit=UNIT, max_connections=4)
+    try:
+        await store.load_scripts()
+        await store.create_account(standard_account("acct-pool"))
+        snapshots = await asyncio.gather(*(store.snapshot("acct-pool") for _ in range(300)))
+        assert [s.account.id for s in snapshots] == ["acct-pool"] * 300
+    finally:
+        await store.close()

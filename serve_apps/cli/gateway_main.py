@@ -19,6 +19,7 @@ from policies.fairness import SchedulerMode
 from serve_apps.config import AppConfig, ConfigError, load_config
 from serve_apps.engines.sim import SimulatedEngine
 from serve_apps.gateway.app import build_gateway_app, create_runtime
+from serve_apps.host.uvicorn_compat import UVICORN_KEEP_ALIVE_S, header_timeout_protocol
 from serve_apps.logs import setup_logging
 
 
@@ -36,8 +37,11 @@ async def serve_gateway(config: AppConfig, host: str, port: int, ttft_ms: float 
     runtime = await create_runtime(config, {cid: engine for cid in cards}, cards, admin_token=admin_token_from_env(),
                                    address=f"{host}:{port}")
     app = build_gateway_app(runtime)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, access_log=config.gateway.access_log,
-                                           log_level="warning", lifespan="on"))
+    gw = config.gateway
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=host, port=port, access_log=gw.access_log, log_level="warning", lifespan="on",
+        http=header_timeout_protocol(gw.header_timeout_s),
+        timeout_keep_alive=gw.keep_alive_timeout_s or UVICORN_KEEP_ALIVE_S))
     print(f"packserve gateway (simulated engine) on http://{host}:{port}  "
           f"OpenAI: http://{host}:{port}/v1  Anthropic: http://{host}:{port}/anthropic", file=sys.stderr, flush=True)
     await server.serve()

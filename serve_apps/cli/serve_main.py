@@ -130,7 +130,10 @@ def _deploy(config: AppConfig, admin_token: str | None) -> None:
     names = [d["name"] for d in _graph(config)]
     _say(f"deploying {len(names)} deployments: {', '.join(names)}")
     try:
-        serve.start(http_options={"host": gw.host, "port": gw.port},
+        http: dict[str, Any] = {"host": gw.host, "port": gw.port}
+        if gw.keep_alive_timeout_s is not None:
+            http["keep_alive_timeout_s"] = gw.keep_alive_timeout_s
+        serve.start(http_options=http,
                     logging_config={"enable_access_log": gw.access_log})
     except RuntimeError as exc:
         # e.g. HAProxy cannot bind its port: its log's ALERT line says which.

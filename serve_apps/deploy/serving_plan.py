@@ -132,6 +132,8 @@ def ray_actor_options(r: Resources) -> dict[str, Any]:
     out: dict[str, Any] = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
     if r.accelerator_type:
         out["accelerator_type"] = r.accelerator_type
+    if r.custom:
+        out["resources"] = dict(r.custom)
     return out
 
 
@@ -226,6 +228,11 @@ def local_shortfalls(config: AppConfig, available: Mapping[str, float]) -> list[
         accelerator = options.get("accelerator_type")
         if accelerator and available.get(f"accelerator_type:{accelerator}", 0) <= 0:
             out.append(f"{name} needs an {accelerator} GPU (resources.accelerator_type) and this machine has none")
+    for resource in sorted({r for _, _, options in demand for r in options.get("resources", {})}):
+        needed = sum(count * float(options.get("resources", {}).get(resource, 0)) for _, count, options in demand)
+        if needed > available.get(resource, 0) + 1e-9:
+            out.append(f"the deployments need {needed:g} of the custom resource {resource!r} (resources.custom) "
+                       f"at their starting replicas and this machine has {available.get(resource, 0):g}")
     for key, resource, unit in (("num_cpus", "CPU", "CPUs"), ("num_gpus", "GPU", "GPUs")):
         parts = [(name, count, float(options.get(key) or 0)) for name, count, options in demand]
         needed = sum(count * each for _, count, each in parts)
