@@ -52,11 +52,14 @@ scheduler's capacity is 16), started twice, once per scheduler (fifo, then
 fair), never two engines at once. On each: a light account (1 pack) sends
 short streamed requests one after another (--vllm-light-tokens), first alone
 (--vllm-window-s), then while a payg account runs --vllm-heavy-streams
-streams (more than max_num_seqs) of --vllm-heavy-tokens answers: the light
+streams (more than max_num_seqs) of answers from half to one and a half
+times --vllm-heavy-tokens (seeded, as the heavy account's in (a)): the light
 account's p50/p95 TTFT alone and under the flood, and the total output
-tokens/s under the flood. Minutes per scheduler (two vLLM starts):
+tokens/s under the flood. The window should hold several heavy answers (one
+64-token answer takes ~15 s with 16 sequences on 2 CPU cores). About 13
+minutes in all (two vLLM starts):
 
-    .venv/bin/python bench/fairness.py --vllm [--vllm-window-s 45] [--json]
+    .venv/bin/python bench/fairness.py --vllm --vllm-heavy-tokens 64 --vllm-window-s 120 --json
 
 Caveat: the load generator (this process: asyncio + httpx) shares the
 machine's cores with the gateways and redis-server (and with --vllm, the
@@ -448,7 +451,7 @@ async def vllm_scenario(target: Target, mode: str, args: argparse.Namespace) -> 
     for flood in (False, True):
         workers: list[Worker] = [pausing(light, args.vllm_light_tokens, 0.0)]
         if flood:
-            workers += [flooding(heavy, args.vllm_heavy_tokens) for _ in range(args.vllm_heavy_streams)]
+            workers += [flooding(heavy, args.vllm_heavy_tokens, i) for i in range(args.vllm_heavy_streams)]
         window = argparse.Namespace(warmup_s=args.warmup_s, window_s=args.vllm_window_s)
         seconds = await run_phase(target, workers, window, sample=False)
         rows.append({"scheduler": mode if flood else f"{mode}, light alone", "light_requests": len(light.ttfts),
