@@ -144,7 +144,7 @@ class CapacityBook:
     def _fill(self, m: _Model, terms: CapacityTerms, now: int, caller: str | None = None) -> None:
         m.capacity = terms.capacity
         while dispatch_allows(len(m.run), terms.capacity) and m.wait:
-            chosen = pick((Waiting(seq, m.owner[e]) for e, seq in m.wait.items()), m.vtc, terms.mode)
+            chosen = pick((Waiting(seq, m.owner[e]) for e, seq in m.wait.items()), m.vtc, terms.mode, m.act)
             assert chosen is not None
             entry = next(e for e, seq in m.wait.items() if seq == chosen.seq)
             del m.wait[entry]

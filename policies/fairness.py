@@ -103,17 +103,26 @@ class Waiting:
     account_id: str
 
 
-def pick(waiting: Iterable[Waiting], counters: Mapping[str, int], mode: SchedulerMode) -> Waiting | None:
+def pick(waiting: Iterable[Waiting], counters: Mapping[str, int], mode: SchedulerMode,
+         active: Mapping[str, int] | None = None) -> Waiting | None:
     """The request to dispatch next, or None when nothing waits.
 
     fair: the oldest request of the account with the lowest counter (an
-    account with no counter yet counts 0); fifo: the oldest request.
+    account with no counter yet counts 0); at equal counters, the account
+    with fewer requests waiting or running on the model (`active`, absent =
+    0), then the older request. The middle rule matters when an account
+    comes back: it is lifted to the lowest active counter, so it ties with
+    an account that kept requests queued, and the tie goes to the one
+    holding less of the model instead of to the older queue. fifo: the
+    oldest request.
     """
+    fair = mode is SchedulerMode.FAIR
+    held = active or {}
     best: Waiting | None = None
-    best_key: tuple[int, int, str] | None = None
+    best_key: tuple[int, int, int, str] | None = None
     for w in waiting:
-        counter = counters.get(w.account_id, 0) if mode is SchedulerMode.FAIR else 0
-        key = (counter, w.seq, w.account_id)
+        counter = counters.get(w.account_id, 0) if fair else 0
+        key = (counter, held.get(w.account_id, 0) if fair else 0, w.seq, w.account_id)
         if best_key is None or key < best_key:
             best, best_key = w, key
     return best

@@ -92,7 +92,7 @@ def test_lift_python(case: dict[str, Any]) -> None:
 @pytest.mark.parametrize("case", PICKS, ids=[c["name"] for c in PICKS])
 def test_pick_python(case: dict[str, Any]) -> None:
     chosen = pick([Waiting(seq, acct) for seq, acct in case["waiting"]], case["counters"],
-                  SchedulerMode(case["mode"]))
+                  SchedulerMode(case["mode"]), case.get("active"))
     assert (None if chosen is None else chosen.seq) == case["expect"]
 
 
@@ -124,7 +124,9 @@ if ARGV[2] == 'lift' then
 end
 local waiting = {}
 for _, w in ipairs(case.waiting) do waiting[#waiting + 1] = {seq = w[1], account = w[2]} end
-local chosen = pick(waiting, case.counters, case.mode)
+local active = case.active
+if active == nil then active = {} end
+local chosen = pick(waiting, case.counters, case.mode, active)
 if chosen == nil then return '' end
 return fmt(chosen.seq)
 """

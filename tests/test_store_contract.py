@@ -686,6 +686,18 @@ async def test_counters_grow_at_renewals_by_running_totals(h: Harness) -> None:
     assert [(a.account_id, a.counter) for a in loads] == [("acct", 250)]
 
 
+async def test_a_returning_account_ties_and_goes_before_the_older_queue_of_a_busier_one(h: Harness) -> None:
+    terms = _terms(1)
+    assert isinstance(await _acquire(h, terms, "busy", "b1"), CapacityGranted)
+    for entry in ("b2", "b3"):
+        assert isinstance(await _acquire(h, terms, "busy", entry), CapacityWaiting)
+    # Lifted to the busy account's counter: a tie, and "busy" holds three requests to its one.
+    assert isinstance(await _acquire(h, terms, "back", "r1"), CapacityWaiting)
+    await h.store.capacity_release(terms, "b1", 0, h.clock.now)
+    assert isinstance(await _acquire(h, terms, "back", "r1"), CapacityGranted)
+    assert isinstance(await _acquire(h, terms, "busy", "b2"), CapacityWaiting)
+
+
 async def test_deleting_an_account_drops_its_scheduler_counters(h: Harness) -> None:
     gone, stays = await h.account(["standard"]), await h.account(["standard"])
     for model in (LARGE, "hf:test/other"):

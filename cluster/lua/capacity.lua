@@ -84,13 +84,16 @@ local function fill(a, caller)
   while redis.call('ZCARD', KEYS[1]) < a.capacity do
     local flat = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
     if #flat == 0 then return end
-    local waiting, counters = {}, {}
+    local waiting, counters, active = {}, {}, {}
     for i = 1, #flat, 2 do
       local account = redis.call('HGET', KEYS[2], flat[i]) or ''
       waiting[#waiting + 1] = {entry = flat[i], seq = tonumber(flat[i + 1]), account = account}
-      if counters[account] == nil then counters[account] = counter_of(account) end
+      if counters[account] == nil then
+        counters[account] = counter_of(account)
+        active[account] = tonumber(redis.call('HGET', KEYS[5], account) or '0')
+      end
     end
-    local w = pick(waiting, counters, a.mode)
+    local w = pick(waiting, counters, a.mode, active)
     redis.call('ZREM', KEYS[3], w.entry)
     redis.call('ZREM', KEYS[4], w.entry)
     redis.call('ZADD', KEYS[1], fmt(a.now + a.ttl), w.entry)

@@ -20,15 +20,20 @@ local function lift(counter, active, last)
 end
 
 -- policies.fairness.pick: `waiting` is a list of {seq=, account=, ...};
--- `counters` maps account -> counter (absent = 0); mode 'fair' or 'fifo'.
+-- `counters` maps account -> counter (absent = 0); mode 'fair' or 'fifo';
+-- `active` maps account -> requests waiting or running (absent = 0).
 -- Returns the chosen element or nil.
-local function pick(waiting, counters, mode)
-  local best, bc, bs, ba = nil, nil, nil, nil
+local function pick(waiting, counters, mode, active)
+  local best, bc, bh, bs, ba = nil, nil, nil, nil, nil
   for _, w in ipairs(waiting) do
-    local c = 0
-    if mode == 'fair' then c = counters[w.account] or 0 end
-    local better = best == nil or c < bc or (c == bc and (w.seq < bs or (w.seq == bs and w.account < ba)))
-    if better then best, bc, bs, ba = w, c, w.seq, w.account end
+    local c, h = 0, 0
+    if mode == 'fair' then
+      c = counters[w.account] or 0
+      h = active[w.account] or 0
+    end
+    local better = best == nil or c < bc or (c == bc and (h < bh or (h == bh and
+      (w.seq < bs or (w.seq == bs and w.account < ba)))))
+    if better then best, bc, bh, bs, ba = w, c, h, w.seq, w.account end
   end
   return best
 end
