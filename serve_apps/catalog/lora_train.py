@@ -124,6 +124,26 @@ def _batches(examples: Sequence[tuple[list[int], int]], settings: TrainSettings)
     return out[: settings.steps]
 
 
+# CPU flags of a native bfloat16 matrix multiply (Intel AMX, AVX-512 BF16); without them torch emulates it.
+NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+def native_bf16(flags: frozenset[str]) -> bool:
+    return not NATIVE_BF16_FLAGS.isdisjoint(flags)
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """This CPU's feature flags (Linux); none where /proc/cpuinfo is absent, which trains in float32."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
 def train_adapter(
     base_dir: Path,
     out_dir: Path,
@@ -143,9 +163,11 @@ def train_adapter(
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
     tokenizer: Any = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
-    # The frozen base in bfloat16 (the dtype it was converted to; CPU bf16 matmuls run about twice as fast
-    # as float32 steps here), the LoRA weights in float32: peft casts adapters of a bf16 model up to float32.
-    model: Any = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.bfloat16, local_files_only=True)
+    # The frozen base in bfloat16 where the CPU computes it natively (about twice float32's speed), else in
+    # float32 (emulated bf16 runs several times slower than float32); the LoRA weights in float32 either way:
+    # peft casts adapters of a bf16 model up to float32.
+    dtype = torch.bfloat16 if native_bf16(cpu_flags()) else torch.float32
+    model: Any = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype, local_files_only=True)
     model.config.use_cache = False
     lora = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=list(settings.target_modules),
                       lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
@@ -160,7 +182,7 @@ def train_adapter(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     params = [p for p in peft_model.parameters() if p.requires_grad]
     if any(p.dtype != torch.float32 for p in params):
-        raise RuntimeError("expected float32 LoRA weights on the bfloat16 base (check the peft version)")
+        raise RuntimeError("expected float32 LoRA weights (check the peft version)")
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
 
     def lr_factor(step: int) -> float:
