@@ -11,13 +11,18 @@ TORCH_INDEX ?=
 # uv installs the lock; it does not read pip's configuration, so pip's find-links (where a machine keeps
 # torch's CPU build on disk) are passed on.
 FIND_LINKS ?= $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^.*find-links='\(.*\)'$$/\1/p" | head -n 1)
-UV_INSTALL = $(BIN)/uv pip install --quiet --no-deps --python $(BIN)/python $(if $(FIND_LINKS),--find-links=$(FIND_LINKS)) $(TORCH_INDEX)
+UV_INSTALL = $(BIN)/uv pip install --quiet --no-deps --compile-bytecode --python $(BIN)/python $(if $(FIND_LINKS),--find-links=$(FIND_LINKS)) $(TORCH_INDEX)
+
+# Bytecode caches on, whatever the environment says: with PYTHONDONTWRITEBYTECODE set and an install that
+# wrote no .pyc, every process recompiles what it imports (importing vllm takes three times as long; Ray and vLLM
+# start many processes), and pytest rewrites every test module again on each run.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: test check run lint typecheck imports unit unit-fast venv serving redis-server browser catalog bench lock clean
 
 # Every package of the .venv comes from requirements.lock, at its pinned version and hash, and nothing
 # else (--no-deps: the lock is the whole set). pip installs the installer (uv, from the lock, by hash),
-# uv installs the rest (a tenth of pip's time). A changed lock rebuilds the .venv from nothing, so no
+# uv installs the rest (a tenth of pip's time) and compiles them to bytecode once. A changed lock rebuilds the .venv from nothing, so no
 # package of an older lock stays behind.
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(None if sys.version_info[:2] == (3, 11) else "requirements.lock is for Python 3.11; run make PYTHON=/path/to/python3.11")'
@@ -58,9 +63,10 @@ unit: $(STAMP) redis-server browser
 	$(BIN)/pytest
 
 # The tests that start neither Ray, a real model, an agent CLI from npm, nor anything slow (markers in
-# pyproject.toml); `make test` runs them all.
+# pyproject.toml), spread over the machine's cores (each worker starts its own Redis and browser);
+# `make test` runs them all, one at a time, as the Ray and vLLM tests need the whole machine.
 unit-fast: $(STAMP) redis-server browser
-	$(BIN)/pytest -q -m "not ray and not vllm and not slow and not npm"
+	$(BIN)/pytest -q -n auto --maxprocesses=4 -m "not ray and not vllm and not slow and not npm"
 
 # The fast tier: lint, types, import contracts and the fast tests.
 check: lint typecheck imports unit-fast
