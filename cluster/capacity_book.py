@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from cluster.store import (
     AccountLoad,
+    CapacityGone,
     CapacityGranted,
     CapacityOutcome,
     CapacityStats,
@@ -48,11 +49,13 @@ class CapacityBook:
         return self._models.setdefault(name, _Model())
 
     def acquire(self, terms: CapacityTerms, account_id: str, entry_id: str, wait_ttl_ms: int,
-                now: int) -> CapacityOutcome:
+                now: int, *, join: bool = True) -> CapacityOutcome:
         m = self._model(terms.model)
         self._expire(m, now)
         if entry_id in m.run:
             return CapacityGranted(m.run[entry_id])
+        if entry_id not in m.wait and not join:
+            return CapacityGone()
         if entry_id not in m.wait:
             self._activate(m, account_id)
             m.owner[entry_id] = account_id

@@ -717,8 +717,8 @@ class EmbeddedStore:
     # -- model capacity (in memory, on the event loop: each call is one step) ----
 
     async def capacity_acquire(self, terms: CapacityTerms, account_id: str, entry_id: str, wait_ttl_ms: int,
-                               now_ms: int | None = None) -> CapacityOutcome:
-        return self._capacity.acquire(terms, account_id, entry_id, wait_ttl_ms, self._time(now_ms))
+                               now_ms: int | None = None, *, join: bool = True) -> CapacityOutcome:
+        return self._capacity.acquire(terms, account_id, entry_id, wait_ttl_ms, self._time(now_ms), join=join)
 
     async def capacity_renew(self, terms: CapacityTerms, entry_id: str, counter_total: int,
                              now_ms: int | None = None) -> bool:

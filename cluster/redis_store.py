@@ -76,6 +76,7 @@ from cluster.records import Account, ApiKey, UsageEvent
 from cluster.store import (
     AccountLoad,
     Admitted,
+    CapacityGone,
     CapacityGranted,
     CapacityOutcome,
     CapacityStats,
@@ -921,13 +922,16 @@ class RedisStore:
                 self._capacity_wake(terms.model)]
 
     async def capacity_acquire(self, terms: CapacityTerms, account_id: str, entry_id: str, wait_ttl_ms: int,
-                               now_ms: int | None = None) -> CapacityOutcome:
+                               now_ms: int | None = None, *, join: bool = True) -> CapacityOutcome:
         # A dispatch published before the subscription is live would be lost.
         await self._listener.wait_ready(LISTENER_READY_TIMEOUT_S)
         reply = await self._run("cap_acquire", self._capacity_keys(terms.model),
-                                [*self._capacity_args(terms, now_ms), account_id, entry_id, wait_ttl_ms])
+                                [*self._capacity_args(terms, now_ms), account_id, entry_id, wait_ttl_ms,
+                                 1 if join else 0])
         if _text(reply[0]) == "granted":
             return CapacityGranted(_int(reply[1]))
+        if _text(reply[0]) == "gone":
+            return CapacityGone()
         return CapacityWaiting(_int(reply[1]), _opt_int(reply[2]))
 
     async def capacity_renew(self, terms: CapacityTerms, entry_id: str, counter_total: int,

@@ -31,6 +31,7 @@ from cluster.accounts import new_id
 from cluster.records import Account
 from cluster.settings import AdmissionSettings, SchedulerSettings
 from cluster.store import (
+    CapacityGone,
     CapacityGranted,
     CapacityOutcome,
     CapacityStats,
@@ -111,17 +112,17 @@ class CapacityAttempt:
         return CapacityHold(self.terms, self.entry, self._account.id, self._s.weight(self._account),
                             time.monotonic() - self._started)
 
-    async def _ask(self) -> CapacityOutcome:
+    async def _ask(self, *, join: bool) -> CapacityOutcome:
         remaining = self._timeout_s - (time.monotonic() - self._started)
         # A waiter that stops asking (its gateway died) is dropped a lease TTL after its deadline.
         wait_ttl_ms = int(max(remaining, 0) * 1000) + self._s.lease_ttl_ms
         return await self._s.store.capacity_acquire(self.terms, self._account.id, self.entry, wait_ttl_ms,
-                                                    self._s.clock())
+                                                    self._s.clock(), join=join)
 
     async def try_now(self) -> CapacityHold | None:
         """Dispatched at once (a hold), or None: queued, `wait()` next."""
         try:
-            outcome = await self._ask()
+            outcome = await self._ask(join=True)
         except BaseException:
             await self.close()
             raise
@@ -149,7 +150,12 @@ class CapacityAttempt:
                     # A dead holder never releases: re-check when its lease can expire.
                     wait_s = min(wait_s, max(0.005, (outcome.wake_at_ms - s.now_ms()) / 1000 + 0.005))
                 await self._waiter.wait(wait_s)
-                outcome = await self._ask()
+                # Never a join here: were this wait cancelled with the ask in flight, the ask could reach
+                # the store after close()'s release and would queue a waiter nobody serves.
+                outcome = await self._ask(join=False)
+                if isinstance(outcome, CapacityGone):
+                    # Dropped as a dead waiter while this process stalled past its wait TTL: join again.
+                    outcome = await self._ask(join=True)
                 if isinstance(outcome, CapacityGranted):
                     return self._granted()
         finally:

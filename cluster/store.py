@@ -143,7 +143,12 @@ class CapacityWaiting:
     wake_at_ms: int | None  # earliest lease expiry: re-check then even without a wake-up
 
 
-CapacityOutcome = CapacityGranted | CapacityWaiting
+@dataclass(frozen=True)
+class CapacityGone:
+    """Asked again (not joining) for an entry the model no longer holds: it left or its wait expired."""
+
+
+CapacityOutcome = CapacityGranted | CapacityWaiting | CapacityGone
 
 
 @dataclass(frozen=True)
@@ -227,14 +232,17 @@ class Store(Protocol):
 
     # model capacity (SPEC §4): one atomic step per decision, shared by every gateway.
     # `capacity_acquire` joins the model's wait (or is dispatched at once) and,
-    # asked again with the same entry id, returns the grant once the entry has
-    # one; `capacity_renew` extends a dispatched entry's lease and grows its
+    # asked again with the same entry id and `join=False`, returns the grant
+    # once the entry has one, or CapacityGone if the entry is no longer there
+    # (released, or dropped as a dead waiter): a late ask from a wait that was
+    # cancelled must never put back an entry its release took out;
+    # `capacity_renew` extends a dispatched entry's lease and grows its
     # account's counter to `counter_total` (a running total for the entry);
     # `capacity_release` takes the entry out (finished or gave up), counting
     # `counter_total`. Every one of them first drops expired leases and dead
     # waiters and dispatches waiting entries onto free sequences.
     async def capacity_acquire(self, terms: CapacityTerms, account_id: str, entry_id: str, wait_ttl_ms: int,
-                               now_ms: int | None = None) -> CapacityOutcome: ...
+                               now_ms: int | None = None, *, join: bool = True) -> CapacityOutcome: ...
     async def capacity_renew(self, terms: CapacityTerms, entry_id: str, counter_total: int,
                              now_ms: int | None = None) -> bool: ...
     async def capacity_release(self, terms: CapacityTerms, entry_id: str, counter_total: int,

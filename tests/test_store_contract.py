@@ -22,7 +22,17 @@ from cluster.records import Account, UsageEvent
 from cluster.retention import purge_once
 from cluster.scheduler import Overloaded, Scheduler
 from cluster.settings import AdmissionSettings, SchedulerSettings
-from cluster.store import CapacityGranted, CapacityTerms, CapacityWaiting, NotFound, Settlement, Store, StoreError
+from cluster.store import (
+    CapacityGone,
+    CapacityGranted,
+    CapacityOutcome,
+    CapacityTerms,
+    CapacityWaiting,
+    NotFound,
+    Settlement,
+    Store,
+    StoreError,
+)
 from policies.admission import Reason
 from policies.fairness import SchedulerMode, counter_units, service_units
 from policies.plans import SizeClass
@@ -607,7 +617,7 @@ def _terms(capacity: int = 2, mode: str = "fair", model: str = LARGE, ttl_ms: in
 
 
 async def _acquire(h: Harness, terms: CapacityTerms, account: str, entry: str,
-                   wait_ttl_ms: int = 60_000) -> CapacityGranted | CapacityWaiting:
+                   wait_ttl_ms: int = 60_000) -> CapacityOutcome:
     return await h.store.capacity_acquire(terms, account, entry, wait_ttl_ms, h.clock.now)
 
 
@@ -739,6 +749,62 @@ async def test_a_waiter_that_stops_asking_is_dropped_and_a_leaver_at_once(h: Har
     stats = await h.store.capacity_stats(terms, h.clock.now)
     assert (stats.in_flight, stats.waiting) == (1, 0)
     assert [a.account_id for a in stats.accounts] == ["a"]
+
+
+async def test_a_late_ask_after_the_release_does_not_queue_the_entry_again(h: Harness) -> None:
+    """A wait cancelled with its ask in flight: the ask may reach the store after the release (another
+    connection). Asked again without joining, a released entry is gone, not a new waiter nobody serves."""
+    terms = _terms(1)
+    assert isinstance(await _acquire(h, terms, "a", "run"), CapacityGranted)
+    assert isinstance(await _acquire(h, terms, "b", "w1"), CapacityWaiting)
+    again = await h.store.capacity_acquire(terms, "b", "w1", 60_000, h.clock.now, join=False)
+    assert isinstance(again, CapacityWaiting)  # still waiting: asking again keeps its place
+    assert await h.store.capacity_release(terms, "w1", 0, h.clock.now)
+    late = await h.store.capacity_acquire(terms, "b", "w1", 60_000, h.clock.now, join=False)
+    assert isinstance(late, CapacityGone)
+    stats = await h.store.capacity_stats(terms, h.clock.now)
+    assert (stats.in_flight, stats.waiting) == (1, 0)
+    assert await h.store.capacity_release(terms, "run", 0, h.clock.now)
+    stats = await h.store.capacity_stats(terms, h.clock.now)
+    assert (stats.in_flight, stats.waiting) == (0, 0)  # nothing dispatched onto the freed sequence
+    # A running entry asked again is still its grant.
+    assert isinstance(await _acquire(h, terms, "c", "r2"), CapacityGranted)
+    assert isinstance(await h.store.capacity_acquire(terms, "c", "r2", 60_000, h.clock.now, join=False),
+                      CapacityGranted)
+
+
+async def test_a_waiter_dropped_while_its_process_stalled_joins_again(h: Harness) -> None:
+    """Its wait TTL passed while it still waits (the process stalled): the next ask finds it gone and
+    joins again instead of waiting on an entry nobody will dispatch."""
+    settings = SchedulerSettings(poll_interval_s=0.01, lease_ttl_s=10)
+    sched = Scheduler(h.store, settings, AdmissionSettings(queue_timeout_s=5), lambda _m: 1, h.clock)
+    holder = await h.account(["standard"])
+    waiter = await h.account(["standard"])
+    hold = await sched.acquire(holder, LARGE)
+    assert hold is not None
+    terms = sched.terms(LARGE)
+    assert terms is not None
+    attempt = sched.attempt(waiter, LARGE, timeout_s=30)
+    assert attempt is not None and await attempt.try_now() is None  # queued
+    # Before its wait starts, the store's clock moves past the waiter's TTL (its wait bound plus a lease
+    # TTL) while the holder renews: a stats call drops the waiter as dead.
+    for _ in range(9):
+        h.clock.advance(5_000)
+        assert await h.store.capacity_renew(terms, hold.entry_id, 0, h.clock.now)
+    assert (await h.store.capacity_stats(terms, h.clock.now)).waiting == 0
+    task = asyncio.ensure_future(attempt.wait())
+    for _ in range(2000):  # its first ask finds it gone and joins again
+        if (await h.store.capacity_stats(terms, h.clock.now)).waiting == 1:
+            break
+        await asyncio.sleep(0.005)
+    assert (await h.store.capacity_stats(terms, h.clock.now)).waiting == 1
+    sched.release(hold, 0)
+    granted = await asyncio.wait_for(task, timeout=10)
+    assert granted is not None
+    sched.release(granted, 0)
+    await sched.drain()
+    stats = await h.store.capacity_stats(terms, h.clock.now)
+    assert (stats.in_flight, stats.waiting) == (0, 0)
 
 
 async def test_scheduler_refuses_past_the_wait_bound_and_leaves_no_waiter(h: Harness) -> None:
