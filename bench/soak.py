@@ -1,7 +1,9 @@
 """Soak and connection abuse against one `packserve gateway --engine sim` process (Redis store).
 
 Phases, with /health timed once a second throughout (from a process of its
-own) and the gateway's RSS and CPU sampled from /proc:
+own), on the API port (answered by the event loop) and on the health port
+(`--health-port`: its own thread, which also reports the loop's lag), and the
+gateway's RSS and CPU sampled from /proc:
 
 1. `--streams` (1,000) concurrent chat streams for `--minutes` (10): each
    client streams, reads to the end, and starts again, until time is up;
@@ -16,8 +18,8 @@ own) and the gateway's RSS and CPU sampled from /proc:
 
 At the end: RSS after the run against its plateau (the median of phase 1's
 second half), leases and queue entries left in Redis once every client has
-gone, p50/p99 TTFT, gateway CPU seconds per request, /health latency
-(p50, p99 and max) per phase, the connections the gateway still held at the
+gone, p50/p99 TTFT, gateway CPU seconds per request, /health latency on
+both ports and the loop lag (p50, p99 and max) per phase, the connections the gateway still held at the
 end of phases 2 and 3 (its established sockets, from /proc/net/tcp), and
 the gateway's warning and error log lines by message.
 
@@ -89,21 +91,30 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def sampler(pid: int, base: str, out_path: str, stop: Any) -> None:
+def timed_get(client: httpx.Client, url: str) -> tuple[float | None, dict[str, Any]]:
+    """(milliseconds, JSON body) of one GET on a fresh connection; None for a failure or a non-200."""
+    t0 = time.perf_counter()
+    try:
+        r = client.get(url, headers={"connection": "close"})
+    except httpx.HTTPError:
+        return None, {}
+    latency = (time.perf_counter() - t0) * 1000
+    return (latency, r.json()) if r.status_code == 200 else (None, {})
+
+
+def sampler(pid: int, base: str, health_base: str, out_path: str, stop: Any) -> None:
     """In its own process (so the load generators' busy loops never delay it): once a second, the
-    gateway's RSS and how long /health takes on a fresh connection, as JSON lines."""
+    gateway's RSS, how long /health takes on a fresh connection on the API port (answered by the event
+    loop) and on the health port (its own thread), and the loop lag the latter reports, as JSON lines."""
     with open(out_path, "w") as out, httpx.Client(timeout=10) as client:
         while not stop.is_set():
             t0 = time.perf_counter()
-            try:
-                ok = client.get(f"{base}/health", headers={"connection": "close"}).status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            latency = (time.perf_counter() - t0) * 1000
-            out.write(json.dumps({"t": time.time(), "rss_mb": rss_mb(pid), "health_ms": latency if ok else None})
-                      + "\n")
+            api_ms, _ = timed_get(client, f"{base}/health")
+            port_ms, body = timed_get(client, f"{health_base}/health")
+            out.write(json.dumps({"t": time.time(), "rss_mb": rss_mb(pid), "health_ms": api_ms,
+                                  "health_port_ms": port_ms, "loop_lag_ms": body.get("loop_lag_ms")}) + "\n")
             out.flush()
-            stop.wait(max(0.0, 1.0 - latency / 1000))
+            stop.wait(max(0.0, 1.0 - (time.perf_counter() - t0)))
 
 
 async def stream_loop(client: httpx.AsyncClient, key: str, deadline: float, max_tokens: int, start_s: float,
@@ -161,9 +172,9 @@ def read_samples(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def stream_worker(base: str, keys: list[str], streams: int, deadline_wall: float,
+def stream_worker(base: str, stream_keys: list[str], deadline_wall: float,
                   max_tokens: int, ramp_s: float) -> tuple[list[float], dict[str, int]]:
-    """One load-generating process: `streams` concurrent stream loops over `keys`' slots.
+    """One load-generating process: a stream loop per entry of `stream_keys`, each with that key.
 
     Each loop starts at a random moment of the first `ramp_s`: the streams all
     last as long, so loops started together would stay in step, and the
@@ -175,10 +186,11 @@ def stream_worker(base: str, keys: list[str], streams: int, deadline_wall: float
         ttfts: list[float] = []
         outcomes: Counter[str] = Counter()
         deadline = time.monotonic() + (deadline_wall - time.time())
+        streams = len(stream_keys)
         limits = httpx.Limits(max_connections=streams + 10, max_keepalive_connections=streams + 10)
         async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
-            await asyncio.gather(*(stream_loop(client, keys[i // SLOTS_PER_ACCOUNT], deadline, max_tokens,
-                                               random.uniform(0, ramp_s), ttfts, outcomes) for i in range(streams)))
+            await asyncio.gather(*(stream_loop(client, key, deadline, max_tokens, random.uniform(0, ramp_s),
+                                               ttfts, outcomes) for key in stream_keys))
         return ttfts, dict(outcomes)
     return asyncio.run(go())
 
@@ -290,10 +302,10 @@ async def leftovers(redis_url: str) -> dict[str, int]:
 
 
 async def run(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
-    port = free_port()
+    port, health_port = free_port(), free_port()
     base = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "serve_apps", "--redis-url", redis_url, "gateway", "--engine", "sim",
-            "--port", str(port), "--sim-tokens-per-s", str(args.tokens_per_s)]
+            "--port", str(port), "--sim-tokens-per-s", str(args.tokens_per_s), "--health-port", str(health_port)]
     env = {"PACKSERVE_ADMIN_TOKEN": ADMIN, "PYTHONPATH": str(ROOT)}
     with process("soak-gateway", argv, env=env, ready="packserve gateway", unset=("PACKSERVE_REDIS_URL",)) as gw:
         admin = httpx.AsyncClient(base_url=base, headers={"authorization": f"Bearer {ADMIN}"}, timeout=30)
@@ -309,7 +321,8 @@ async def run(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
         ctx = multiprocessing.get_context("spawn")
         stop = ctx.Event()
         samples_path = os.path.join(tempfile.gettempdir(), f"soak-samples-{port}.jsonl")
-        prober = ctx.Process(target=sampler, args=(gw.pid, base, samples_path, stop), daemon=True)
+        prober = ctx.Process(target=sampler, args=(gw.pid, base, f"http://127.0.0.1:{health_port}", samples_path,
+                                                   stop), daemon=True)
         prober.start()
         # From here on this process only generates load (phases 2 and 3) and starts the stream processes.
         os.nice(CLIENT_NICE - os.nice(0))
@@ -326,9 +339,10 @@ async def run(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
         jobs = []
         for c in range(args.clients):
             n = min(per_client, args.streams - c * per_client)
-            first_key = c * per_client // SLOTS_PER_ACCOUNT
-            jobs.append((base, keys[first_key:first_key + -(-n // SLOTS_PER_ACCOUNT)], n, deadline_wall,
-                         args.max_tokens, ramp_s))
+            # Each stream its own slot: stream g (over all clients) uses account g // SLOTS_PER_ACCOUNT, so no
+            # account gets more streams than slots when a client's share is not a multiple of them.
+            stream_keys = [keys[g // SLOTS_PER_ACCOUNT] for g in range(c * per_client, c * per_client + n)]
+            jobs.append((base, stream_keys, deadline_wall, args.max_tokens, ramp_s))
         with ctx.Pool(args.clients) as pool:
             results = await asyncio.to_thread(pool.starmap, stream_worker, jobs)
         ttfts = [t for r in results for t in r[0]]
@@ -359,18 +373,21 @@ async def run(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
     def phase_of(t: float) -> str:
         return [name for name, start in phases if start <= t][-1] if t >= phases[0][1] else "setup"
 
-    health_ms: dict[str, list[float]] = {}
+    by_phase: dict[str, dict[str, list[float]]] = {"health": {}, "health_port": {}, "loop_lag": {}}
     for row in rows:
-        if row["health_ms"] is not None:
-            health_ms.setdefault(phase_of(row["t"]), []).append(row["health_ms"])
+        for name, field in (("health", "health_ms"), ("health_port", "health_port_ms"), ("loop_lag", "loop_lag_ms")):
+            if row[field] is not None:
+                by_phase[name].setdefault(phase_of(row["t"]), []).append(row[field])
     stream_rss = [row["rss_mb"] for row in rows if phase_of(row["t"]) == "streams"]
     plateau = statistics.median(stream_rss[len(stream_rss) // 2:]) if stream_rss else float("nan")
     done = outcomes.get("ok", 0)
     health: dict[str, Any] = {}
-    for phase, values in health_ms.items():
-        health[f"health_{phase}_p50_ms"] = round(percentile(values, 50), 1)
-        health[f"health_{phase}_p99_ms"] = round(percentile(values, 99), 1)
-        health[f"health_{phase}_max_ms"] = round(max(values), 1)
+    for name, phases_values in by_phase.items():
+        for phase, values in phases_values.items():
+            health[f"{name}_{phase}_p50_ms"] = round(percentile(values, 50), 1)
+            health[f"{name}_{phase}_p99_ms"] = round(percentile(values, 99), 1)
+            health[f"{name}_{phase}_max_ms"] = round(max(values), 1)
+    health_ms, port_ms = by_phase["health"], by_phase["health_port"]
     return {
         "streams": args.streams, "minutes": args.minutes, "tokens_per_s": args.tokens_per_s,
         "ramp_s": args.max_tokens / args.tokens_per_s if args.ramp_s is None else args.ramp_s,
@@ -389,6 +406,8 @@ async def run(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
         "leftover_leases": left["leases"], "leftover_queue_entries": left["queue_entries"],
         **health, "health_failures": sum(row["health_ms"] is None for row in rows),
         "health_over_100ms": sum(1 for v in health_ms.values() for x in v if x > 100),
+        "health_port_failures": sum(row["health_port_ms"] is None for row in rows),
+        "health_port_over_100ms": sum(1 for v in port_ms.values() for x in v if x > 100),
         "health_samples": sum(len(v) for v in health_ms.values()), "stream_phase_s": round(stream_s, 1),
         "machine": machine(), "load_avg_1m": round(os.getloadavg()[0], 2),
     }

@@ -71,6 +71,11 @@ class GatewayConfig(StrictModel):
     # How long an idle keep-alive connection is kept; None: the server's own
     # default (uvicorn 5 s, Ray Serve 90 s, which suits a cloud load balancer in front).
     keep_alive_timeout_s: int | None = Field(None, ge=1)
+    # `packserve gateway`: a second port answering GET /health from a thread of its own, so a probe is
+    # answered at once while the event loop is saturated; 503 once the loop has not run for
+    # `health_stall_s` (wedged, not busy). None: only /health on the API port.
+    health_port: int | None = Field(None, ge=0, le=65535)
+    health_stall_s: float = Field(10, gt=0)
     # Under Ray Serve (`packserve serve`): the gateway is the ingress deployment.
     # Every open stream is an ongoing request, and the gateway queues by
     # account itself, so Ray's default cap of 5 would throttle it for nothing.

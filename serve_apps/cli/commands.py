@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: config, else unlimited)")
     gw.add_argument("--scheduler", choices=["fair", "fifo"],
                     help="dispatch order when a model is saturated (default: config, else fair)")
+    gw.add_argument("--health-port", type=int,
+                    help="also answer GET /health on this port, from a thread of its own (default: config, else "
+                         "off; 0 picks a free port)")
 
     serve = sub.add_parser("serve", help="the full Ray Serve application on this machine")
     serve.add_argument("--config", type=Path)
