@@ -1,1 +1,2 @@
-"""Tuning for the machine the engines run on: which CPUs compute and which serve."""
+"""The process and the machine it runs on: which CPUs compute and which serve, ports, the HTTP server's
+connection deadlines, and the health port."""
