@@ -236,6 +236,11 @@ class AppConfig(StrictModel):
             if with_vllm:
                 raise ValueError(f"engine is sim, so the vllm sections of {', '.join(with_vllm)} would be ignored; "
                                  "set engine: vllm or remove them")
+        else:
+            with_sim = [f"sim.{name}" for name in SimConfig.model_fields if _differs_from_default(self.sim, name)]
+            if with_sim:
+                raise ValueError(f"engine is vllm, so {', '.join(with_sim)} would be ignored (they set up the "
+                                 "simulated engine); set engine: sim or remove them")
         ids = [m.id for m in self.models]
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:

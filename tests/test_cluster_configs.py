@@ -288,6 +288,14 @@ def test_a_sim_config_refuses_vllm_sections() -> None:
         AppConfig.model_validate(raw)
 
 
+def test_a_vllm_config_refuses_a_sim_section() -> None:
+    raw = yaml.safe_load((ROOT / "serve_apps" / "configs" / "local.yaml").read_text())
+    assert raw["engine"] == "vllm"
+    AppConfig.model_validate({**raw, "sim": {}})  # the defaults are nothing set
+    with pytest.raises(ValidationError, match=r"engine is vllm, so sim\.tokens_per_s, sim\.max_seqs would be ignored"):
+        AppConfig.model_validate({**raw, "sim": {"tokens_per_s": 50, "max_seqs": 4}})
+
+
 def test_custom_resources_reach_the_replicas_actor_options() -> None:
     raw = yaml.safe_load((ROOT / "serve_apps" / "configs" / "local-sim.yaml").read_text())
     raw["models"][0]["resources"] = {"num_cpus": 0, "custom": {"sim_node": 1}}
