@@ -207,13 +207,17 @@ class AdmissionController:
         return await self.store.renew(ticket.lease, self.settings.lease_ttl_ms, self._clock())
 
     @contextlib.asynccontextmanager
-    async def renewing(self, ticket: Ticket, progress: Callable[[], Progress] | None = None) -> AsyncIterator[None]:
+    async def renewing(self, ticket: Ticket,
+                       progress: Callable[[], Progress] | None = None) -> AsyncIterator[asyncio.Event]:
         """Keep the lease alive while a response streams (renews at a third of the TTL).
 
         With `progress` (the response's counts so far), what to settle if
         this process dies before it settles is checkpointed at once (so a
         short response is covered too) and again at each renewal. One task
-        does both, so a checkpoint never overtakes a later one.
+        does both, so a checkpoint never overtakes a later one. Yields an
+        event set once the first checkpoint has been written (or has failed):
+        a response waits for it before its first chunk leaves, so a process
+        killed the moment a client sees output still leaves the record.
         """
 
         def _written(write: asyncio.Future[None]) -> None:
@@ -237,9 +241,14 @@ class AdmissionController:
             with contextlib.suppress(StoreError, UsageError):
                 await asyncio.shield(write)
 
+        first_written = asyncio.Event()
+
         async def _loop() -> None:
             period = self.settings.lease_ttl_s / 3
-            await _checkpoint()
+            try:
+                await _checkpoint()
+            finally:
+                first_written.set()
             while True:
                 await asyncio.sleep(period)
                 try:
@@ -251,7 +260,7 @@ class AdmissionController:
 
         task = asyncio.get_running_loop().create_task(_loop())
         try:
-            yield
+            yield first_written
         finally:
             task.cancel()
 

@@ -386,7 +386,7 @@ class GatewayService:
             return service_units(usage.prompt_tokens, usage.completion_tokens)
 
         try:
-            async with self.controller.renewing(ticket, progress), self._holding(ticket, service):
+            async with self.controller.renewing(ticket, progress) as checkpointed, self._holding(ticket, service):
                 async for chunk in agen:
                     if chunk.usage is not None:
                         usage = chunk.usage
@@ -395,6 +395,10 @@ class GatewayService:
                         ttft_ms = int((time.monotonic() - started) * 1000)
                         self.metrics.ttft.labels(request.model).observe(ttft_ms / 1000)
                         self.recent.first_token(request.model, ttft_ms)
+                    if not checkpointed.is_set():
+                        # Usually written during the engine's prefill already; were this process killed
+                        # right after the client saw a chunk, the record must be in the store.
+                        await checkpointed.wait()
                     yield chunk
             status = "ok"
         except (EngineError, UnknownModel):
