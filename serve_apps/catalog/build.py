@@ -247,8 +247,8 @@ def ask_converted_model(model_dir: Path, question: str, max_new_tokens: int = 24
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer: Any = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    dtype = torch.bfloat16 if lora_train.native_bf16(lora_train.cpu_flags()) else torch.float32
-    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=lora_train.cpu_dtype(),
+                                                      local_files_only=True)
     inputs: Any = tokenizer.apply_chat_template(
         [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
     )

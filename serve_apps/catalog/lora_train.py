@@ -144,6 +144,14 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     return frozenset()
 
 
+def cpu_dtype() -> Any:
+    """The torch dtype to run the chat model in on this CPU: bfloat16 where it computes it natively (about
+    twice float32's speed), else float32 (emulated bfloat16 runs several times slower than float32)."""
+    import torch
+
+    return torch.bfloat16 if native_bf16(cpu_flags()) else torch.float32
+
+
 def train_adapter(
     base_dir: Path,
     out_dir: Path,
@@ -163,11 +171,9 @@ def train_adapter(
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
     tokenizer: Any = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
-    # The frozen base in bfloat16 where the CPU computes it natively (about twice float32's speed), else in
-    # float32 (emulated bf16 runs several times slower than float32); the LoRA weights in float32 either way:
-    # peft casts adapters of a bf16 model up to float32.
-    dtype = torch.bfloat16 if native_bf16(cpu_flags()) else torch.float32
-    model: Any = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype, local_files_only=True)
+    # The frozen base in the CPU's dtype; the LoRA weights in float32 either way: peft casts adapters of a
+    # bf16 model up to float32.
+    model: Any = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=cpu_dtype(), local_files_only=True)
     model.config.use_cache = False
     lora = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=list(settings.target_modules),
                       lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")

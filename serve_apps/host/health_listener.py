@@ -34,11 +34,7 @@ class LoopTicker:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.last_tick = self.clock()
-        self._handle = loop.call_later(self.tick_s, self._tick, loop)
-
-    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.last_tick = self.clock()
-        self._handle = loop.call_later(self.tick_s, self._tick, loop)
+        self._handle = loop.call_later(self.tick_s, self.start, loop)
 
     def stop(self) -> None:
         if self._handle is not None:
@@ -63,8 +59,6 @@ class HealthListener:
 
     def __init__(self, host: str, port: int, ticker: LoopTicker, stall_s: float,
                  details: Callable[[], dict[str, Any]]) -> None:
-        answer = health_answer
-
         class Handler(BaseHTTPRequestHandler):
             timeout = 5  # a probe that never finishes its request must not hold a thread for ever
 
@@ -76,7 +70,7 @@ class HealthListener:
                 if self.path.split("?", 1)[0] != "/health":
                     status, body = 404, b'{"error": "not found"}'
                 else:
-                    status, body = answer(ticker, stall_s, details)
+                    status, body = health_answer(ticker, stall_s, details)
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(body)))
