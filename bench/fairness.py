@@ -1,4 +1,4 @@
-"""Fair dispatch on a saturated model: `fifo` vs `fair` in one run, on the simulated engine.
+"""Fair dispatch on a saturated model: `fifo` vs `fair` (with and without preemption) in one run.
 
 Rerun (from the repository root; a few minutes with the defaults):
 
@@ -7,10 +7,12 @@ Rerun (from the repository root; a few minutes with the defaults):
         --ttft-ms 20 --heavy-tokens 256 --light-tokens 32 --interactive-tokens 16 --pause-s 0.5 \\
         --overhead-requests 100 --overhead-tokens 2 --overhead-rounds 3 --json
 
-Three `packserve gateway --engine sim` processes on one redis-server (each on
+Four `packserve gateway --engine sim` processes on one redis-server (each on
 its own Redis database, so their queues never mix), all up for the whole run:
-`--scheduler fifo --sim-max-seqs N`, `--scheduler fair --sim-max-seqs N`, and
-one without --sim-max-seqs (the model is not capacity-scheduled at all).
+`--scheduler fifo`, `--scheduler fair --no-preempt` and `--scheduler fair
+--preempt` (the default), each with `--sim-max-seqs N`, and one without
+--sim-max-seqs (the model is not capacity-scheduled at all). Phases (a) and
+(b) run on the three scheduled ones, one after another.
 
 The model is the simulated small one, on which a pack holds 2 concurrency
 slots. Accounts on each gateway: one heavy account with 5 standard packs
@@ -48,16 +50,17 @@ long answers end at different times, as real ones do.
 `--vllm`: instead, the Ray Serve + vLLM stack with the embedded model
 (`build_app` of serve_apps/configs/local.yaml with its chat model alone, as
 bench/serving.py deploys it: SmolLM2-135M on CPU, max_num_seqs 16, so the
-scheduler's capacity is 16), started twice, once per scheduler (fifo, then
-fair), never two engines at once. On each: a light account (1 pack) sends
+scheduler's capacity is 16), started once per scheduler (fifo, then
+fair without preemption, then fair; --vllm-schedulers picks some), never two
+engines at once. On each: a light account (1 pack) sends
 short streamed requests one after another (--vllm-light-tokens), first alone
 (--vllm-window-s), then while a payg account runs --vllm-heavy-streams
 streams (more than max_num_seqs) of answers from half to one and a half
 times --vllm-heavy-tokens (seeded, as the heavy account's in (a)): the light
 account's p50/p95 TTFT alone and under the flood, and the total output
 tokens/s under the flood. The window should hold several heavy answers (one
-64-token answer takes ~15 s with 16 sequences on 2 CPU cores). About 13
-minutes in all (two vLLM starts):
+64-token answer takes ~15 s with 16 sequences on 2 CPU cores). About 6
+minutes per scheduler (one vLLM start each):
 
     .venv/bin/python bench/fairness.py --vllm --vllm-heavy-tokens 64 --vllm-window-s 120 --json
 
@@ -132,11 +135,16 @@ class Target:
             a.ttfts.clear()
 
 
-def gateway_argv(port: int, redis_url: str, args: argparse.Namespace, mode: str | None) -> list[str]:
+# The schedulers compared: (label, mode, preempt). "fair" is the default (preemption on).
+SCHEDULERS = (("fifo", "fifo", False), (NO_PREEMPT := "fair, no preemption", "fair", False), ("fair", "fair", True))
+
+
+def gateway_argv(port: int, redis_url: str, args: argparse.Namespace, mode: str | None,
+                 preempt: bool = False) -> list[str]:
     argv = [sys.executable, "-m", "serve_apps", "gateway", "--engine", "sim", "--port", str(port),
             "--redis-url", redis_url, "--sim-tokens-per-s", str(args.tokens_per_s), "--sim-ttft-ms", str(args.ttft_ms)]
     if mode is not None:
-        argv += ["--scheduler", mode, "--sim-max-seqs", str(args.max_seqs)]
+        argv += ["--scheduler", mode, "--sim-max-seqs", str(args.max_seqs), "--preempt" if preempt else "--no-preempt"]
     return argv
 
 
@@ -327,19 +335,22 @@ async def overhead_phase(target: Target, args: argparse.Namespace) -> dict[str, 
 
 
 async def measure(targets: dict[str, Target], args: argparse.Namespace) -> dict[str, Any]:
-    fifo, fair, plain = targets["fifo"], targets["fair"], targets["unscheduled"]
+    fair, plain = targets["fair"], targets["unscheduled"]
+    compared = [targets[label] for label, _, _ in SCHEDULERS]
     figures: dict[str, Any] = {}
     if "a" in args.phases:
         log("(a) everyone backlogged ...")
-        figures["backlogged"] = [await backlogged_phase(t, args) for t in (fifo, fair)]
+        figures["backlogged"] = [await backlogged_phase(t, args) for t in compared]
     if "b" in args.phases:
         log("(b) interactive lights under a heavy flood ...")
-        inter = [await interactive_phase(t, args, flood=True) for t in (fifo, fair)]
+        inter = [await interactive_phase(t, args, flood=True) for t in compared]
         inter.append(await interactive_phase(fair, args, flood=False))
         figures["interactive"] = inter
-        fifo_p95, fair_p95 = inter[0]["light_ttft_p95_ms"], inter[1]["light_ttft_p95_ms"]
-        figures["fair_vs_fifo_light_p95"] = fair_p95 / fifo_p95 if fifo_p95 else float("nan")
-        figures["fair_vs_fifo_tokens_per_s"] = inter[1]["tokens_per_s"] / inter[0]["tokens_per_s"]
+        by = {row["scheduler"]: row for row in inter}
+        fifo_p95 = by["fifo"]["light_ttft_p95_ms"]
+        for label, key in (("fair", "fair_vs_fifo"), (NO_PREEMPT, "no_preemption_vs_fifo")):
+            figures[f"{key}_light_p95"] = by[label]["light_ttft_p95_ms"] / fifo_p95 if fifo_p95 else float("nan")
+            figures[f"{key}_tokens_per_s"] = by[label]["tokens_per_s"] / by["fifo"]["tokens_per_s"]
     if "c" in args.phases:
         log("(c) scheduler overhead, model unsaturated ...")
         figures["overhead"] = await overhead(fair, plain, args)
@@ -387,7 +398,7 @@ async def overhead(fair: Target, plain: Target, args: argparse.Namespace) -> lis
 
 
 @contextlib.contextmanager
-def vllm_stack(data_dir: Path, redis_url: str, mode: str) -> Any:
+def vllm_stack(data_dir: Path, redis_url: str, mode: str, preempt: bool) -> Any:
     """local.yaml's chat model on Ray Serve + vLLM (bench/serving.py's deployment) with scheduler `mode`.
 
     Yields (gateway base URL, admin token, model id).
@@ -408,7 +419,7 @@ def vllm_stack(data_dir: Path, redis_url: str, mode: str) -> Any:
     from policies.fairness import SchedulerMode
 
     config = config.model_copy(
-        update={"scheduler": config.scheduler.model_copy(update={"mode": SchedulerMode(mode)})})
+        update={"scheduler": config.scheduler.model_copy(update={"mode": SchedulerMode(mode), "preempt": preempt})})
     log(f"vllm ({mode}): starting Ray and Serve on port {port}")
     node = ray_env.init_local(ray_env.engine_cpu_split(), include_dashboard=False, log_to_driver=False)
     try:
@@ -471,14 +482,20 @@ def run_vllm(args: argparse.Namespace) -> dict[str, Any]:
     data_dir, _ = embedded_models(args, (SMOLLM_ID,))
     rows: list[dict[str, Any]] = []
     with redis_server() as url:
-        for db, mode in enumerate(("fifo", "fair")):
-            with vllm_stack(data_dir, f"{url[:-1]}{db}", mode) as (base, token, model):
-                target = vllm_accounts(base, token, model, mode, args)
-                rows += asyncio.run(vllm_scenario(target, mode, args))
-    fifo = next(r for r in rows if r["scheduler"] == "fifo")
-    fair = next(r for r in rows if r["scheduler"] == "fair")
-    return {"vllm": rows, "fair_vs_fifo_light_p95": fair["light_ttft_p95_ms"] / fifo["light_ttft_p95_ms"],
-            "fair_vs_fifo_tokens_per_s": fair["tokens_per_s"] / fifo["tokens_per_s"]}
+        for db, (label, mode, preempt) in enumerate(SCHEDULERS):
+            if label not in args.vllm_schedulers.split("|"):
+                continue
+            with vllm_stack(data_dir, f"{url[:-1]}{db}", mode, preempt) as (base, token, model):
+                target = vllm_accounts(base, token, model, label, args)
+                rows += asyncio.run(vllm_scenario(target, label, args))
+    by = {r["scheduler"]: r for r in rows}
+    figures: dict[str, Any] = {"vllm": rows}
+    if "fifo" in by:
+        for label, key in (("fair", "fair_vs_fifo"), (NO_PREEMPT, "no_preemption_vs_fifo")):
+            if label in by:
+                figures[f"{key}_light_p95"] = by[label]["light_ttft_p95_ms"] / by["fifo"]["light_ttft_p95_ms"]
+                figures[f"{key}_tokens_per_s"] = by[label]["tokens_per_s"] / by["fifo"]["tokens_per_s"]
+    return figures
 
 
 def main() -> None:
@@ -502,6 +519,8 @@ def main() -> None:
     parser.add_argument("--vllm-heavy-tokens", type=int, default=256)
     parser.add_argument("--vllm-light-tokens", type=int, default=16)
     parser.add_argument("--vllm-window-s", type=float, default=45.0)
+    parser.add_argument("--vllm-schedulers", default="|".join(label for label, _, _ in SCHEDULERS),
+                        help="--vllm: which schedulers to start, '|'-separated (one vLLM start each)")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="--vllm: where the embedded model is built (default: PACKSERVE_DATA_DIR or "
                              "~/.local/share)")
@@ -516,8 +535,7 @@ def main() -> None:
                     "(max_num_seqs 16)", vllm_figures["vllm"],
                     ["scheduler", "light_requests", "light_ttft_p50_ms", "light_ttft_p95_ms", "tokens_per_s",
                      "errors"])
-        print(f"\nfair/fifo light p95 TTFT under the flood: {vllm_figures['fair_vs_fifo_light_p95']:.3f}; "
-              f"fair/fifo total tokens/s: {vllm_figures['fair_vs_fifo_tokens_per_s']:.3f}")
+        print_ratios(vllm_figures)
         if args.json:
             emit_json({"benchmark": "fairness-vllm", "machine": machine(), **vars(args),
                        "data_dir": str(args.data_dir), **vllm_figures})
@@ -528,15 +546,17 @@ def main() -> None:
     with ExitStack() as stack:
         url = stack.enter_context(redis_server())
         targets: dict[str, Target] = {}
-        for db, (name, mode) in enumerate((("fifo", "fifo"), ("fair", "fair"), ("unscheduled", None))):
+        gateways = [*SCHEDULERS, ("unscheduled", None, False)]
+        for db, (name, mode, preempt) in enumerate(gateways):
             port = free_port()
             data_dir = stack.enter_context(_tempdir())
-            stack.enter_context(process(f"gateway-{name}", gateway_argv(port, f"{url[:-1]}{db}", args, mode),
+            argv = gateway_argv(port, f"{url[:-1]}{db}", args, mode, preempt)
+            stack.enter_context(process(f"gateway-{name.replace(', ', '-').replace(' ', '-')}", argv,
                                         env={**env, "PACKSERVE_DATA_DIR": data_dir}))
             base = f"http://127.0.0.1:{port}"
             wait_up(base)
             targets[name] = make_accounts(name, base)
-        args.redis_url = f"{url[:-1]}3"
+        args.redis_url = f"{url[:-1]}{len(gateways)}"
         figures = asyncio.run(measure(targets, args))
     # A shared machine: how busy it was says how far to trust the figures.
     figures["load_average_before"], figures["load_average_after"] = load_before, os.getloadavg()
@@ -560,8 +580,7 @@ def main() -> None:
         print_table("(c) one light stream, model unsaturated (median of rounds)", figures["overhead"],
                 ["gateway", "requests", "ttft_p50_ms", "ttft_p95_ms"])
     if "interactive" in figures:
-        print(f"\nfair/fifo lights' p95 TTFT under the flood: {figures['fair_vs_fifo_light_p95']:.3f}; "
-              f"fair/fifo total tokens/s: {figures['fair_vs_fifo_tokens_per_s']:.3f}")
+        print_ratios(figures)
     if "overhead" in figures:
         step = figures["store_step"]
         print(f"p50 TTFT the scheduler adds, model unsaturated: {figures['scheduler_added_p50_ms']:+.2f} ms; "
@@ -569,6 +588,14 @@ def main() -> None:
               f"{step['acquire_p50_ms']:.3f} ms, p95 {step['acquire_p95_ms']:.3f} ms")
     if args.json:
         emit_json({"benchmark": "fairness", "machine": machine(), "cpus": os.cpu_count(), **vars(args), **figures})
+
+
+def print_ratios(figures: dict[str, Any]) -> None:
+    print()
+    for key, label in (("fair_vs_fifo", "fair"), ("no_preemption_vs_fifo", NO_PREEMPT)):
+        if f"{key}_light_p95" in figures:
+            print(f"{label} / fifo: lights' p95 TTFT under the flood {figures[f'{key}_light_p95']:.3f}, "
+                  f"total tokens/s {figures[f'{key}_tokens_per_s']:.3f}")
 
 
 @contextlib.contextmanager

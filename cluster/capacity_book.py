@@ -21,7 +21,7 @@ from cluster.store import (
     CapacityTerms,
     CapacityWaiting,
 )
-from policies.fairness import Waiting, dispatch_allows, lift, pick
+from policies.fairness import SchedulerMode, Waiting, dispatch_allows, lift, pick, preemption_victim
 
 
 @dataclass
@@ -33,6 +33,7 @@ class _Model:
     act: dict[str, int] = field(default_factory=dict)  # account -> entries waiting or running
     vtc: dict[str, int] = field(default_factory=dict)  # account -> counter
     paid: dict[str, int] = field(default_factory=dict)  # entry -> counter units added
+    pre: dict[str, str] = field(default_factory=dict)  # entry -> account whose sequence is paused for it
     seq: int = 0
     last: int | None = None
     capacity: int = 0
@@ -53,7 +54,7 @@ class CapacityBook:
         m = self._model(terms.model)
         self._expire(m, now)
         if entry_id in m.run:
-            return CapacityGranted(m.run[entry_id])
+            return CapacityGranted(m.run[entry_id], m.pre.get(entry_id))
         if entry_id not in m.wait and not join:
             return CapacityGone()
         if entry_id not in m.wait:
@@ -64,7 +65,7 @@ class CapacityBook:
         m.wexp[entry_id] = now + wait_ttl_ms
         self._fill(m, terms, now, caller=entry_id)
         if entry_id in m.run:
-            return CapacityGranted(m.run[entry_id])
+            return CapacityGranted(m.run[entry_id], m.pre.get(entry_id))
         return CapacityWaiting(len(m.wait), min(m.run.values()) if m.run else None)
 
     def renew(self, terms: CapacityTerms, entry_id: str, counter_total: int, now: int) -> bool:
@@ -129,6 +130,7 @@ class CapacityBook:
     def _forget(m: _Model, entry: str) -> None:
         account = m.owner.pop(entry, None)
         m.paid.pop(entry, None)
+        m.pre.pop(entry, None)
         if account is not None:
             m.act[account] -= 1
             if m.act[account] <= 0:
@@ -146,10 +148,22 @@ class CapacityBook:
 
     def _fill(self, m: _Model, terms: CapacityTerms, now: int, caller: str | None = None) -> None:
         m.capacity = terms.capacity
-        while dispatch_allows(len(m.run), terms.capacity) and m.wait:
+        preempt = terms.preempt and terms.mode is SchedulerMode.FAIR
+        while m.wait:
+            full = not dispatch_allows(len(m.run), terms.capacity)
+            if full and (not preempt or len(m.run) > terms.capacity):
+                return
             chosen = pick((Waiting(seq, m.owner[e]) for e, seq in m.wait.items()), m.vtc, terms.mode, m.act)
             assert chosen is not None
             entry = next(e for e, seq in m.wait.items() if seq == chosen.seq)
+            if full:
+                running: dict[str, int] = {}
+                for held in m.run:
+                    running[m.owner[held]] = running.get(m.owner[held], 0) + 1
+                victim = preemption_victim(chosen.account_id, m.vtc, m.act, running)
+                if victim is None:
+                    return
+                m.pre[entry] = victim
             del m.wait[entry]
             m.wexp.pop(entry, None)
             m.run[entry] = now + terms.lease_ttl_ms

@@ -132,7 +132,7 @@ SCRIPTS: Final = (
 )
 CAPACITY_LIBRARIES: Final = ("bars", "store", "fairness", "capacity")
 CAPACITY_SCRIPTS: Final = ("cap_acquire", "cap_renew", "cap_release", "cap_stats", "cap_forget")
-CAPACITY_KEYS: Final = ("run", "owner", "wait", "wexp", "act", "vtc", "meta", "paid")
+CAPACITY_KEYS: Final = ("run", "owner", "wait", "wexp", "act", "vtc", "meta", "paid", "pre")
 SETTLED_MEMORY_MS: Final = DAY_MS
 USAGE_PAGE: Final = 1000
 PURGE_BATCH: Final = 500
@@ -919,7 +919,7 @@ class RedisStore:
 
     def _capacity_args(self, terms: CapacityTerms, now_ms: int | None) -> list[str | int]:
         return [self._now_arg(now_ms), terms.capacity, terms.mode.value, terms.lease_ttl_ms,
-                self._capacity_wake(terms.model)]
+                self._capacity_wake(terms.model), 1 if terms.preempt else 0]
 
     async def capacity_acquire(self, terms: CapacityTerms, account_id: str, entry_id: str, wait_ttl_ms: int,
                                now_ms: int | None = None, *, join: bool = True) -> CapacityOutcome:
@@ -929,7 +929,7 @@ class RedisStore:
                                 [*self._capacity_args(terms, now_ms), account_id, entry_id, wait_ttl_ms,
                                  1 if join else 0])
         if _text(reply[0]) == "granted":
-            return CapacityGranted(_int(reply[1]))
+            return CapacityGranted(_int(reply[1]), _text(reply[2]) or None)
         if _text(reply[0]) == "gone":
             return CapacityGone()
         return CapacityWaiting(_int(reply[1]), _opt_int(reply[2]))

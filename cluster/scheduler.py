@@ -6,7 +6,9 @@ one queue per model. Contract:
 - A model with a capacity (sequences at once) never runs more than that many
   requests dispatched through packserve; the others wait, and when a sequence
   frees the store dispatches the next one in `fair` (policies.fairness) or
-  `fifo` order. A waiting request is woken when it is dispatched (pub/sub on
+  `fifo` order; with `preempt`, one request more may be dispatched over a
+  full model, whose engine pauses a sequence of the account the grant names
+  (policies.fairness.preemption_victim). A waiting request is woken when it is dispatched (pub/sub on
   Redis, an event embedded) and re-checks every `poll_interval_s` and at the
   earliest lease expiry in case a wake-up was lost or a holder died.
 - A model without a capacity (None: the engine takes everything) is not
@@ -69,6 +71,7 @@ class CapacityHold:
     account_id: str
     weight: int
     waited_s: float
+    preempt: str | None = None  # dispatched over a full model: the engine pauses a sequence of this account
     charged: int = 0  # counter units sent so far
     released: bool = False
 
@@ -106,11 +109,11 @@ class CapacityAttempt:
     def waited_s(self) -> float:
         return time.monotonic() - self._started
 
-    def _granted(self) -> CapacityHold:
+    def _granted(self, outcome: CapacityGranted) -> CapacityHold:
         self._done = True
         self._waiter.close()
         return CapacityHold(self.terms, self.entry, self._account.id, self._s.weight(self._account),
-                            time.monotonic() - self._started)
+                            time.monotonic() - self._started, outcome.preempt)
 
     async def _ask(self, *, join: bool) -> CapacityOutcome:
         remaining = self._timeout_s - (time.monotonic() - self._started)
@@ -127,7 +130,7 @@ class CapacityAttempt:
             await self.close()
             raise
         if isinstance(outcome, CapacityGranted):
-            return self._granted()
+            return self._granted(outcome)
         self._last = outcome
         return None
 
@@ -157,7 +160,7 @@ class CapacityAttempt:
                     # Dropped as a dead waiter while this process stalled past its wait TTL: join again.
                     outcome = await self._ask(join=True)
                 if isinstance(outcome, CapacityGranted):
-                    return self._granted()
+                    return self._granted(outcome)
         finally:
             s.load.waiting[model] -= 1
             await self.close()
@@ -189,7 +192,7 @@ class Scheduler:
         capacity = self.capacity(model)
         if capacity is None:
             return None
-        return CapacityTerms(model, capacity, self.settings.mode, self.lease_ttl_ms)
+        return CapacityTerms(model, capacity, self.settings.mode, self.lease_ttl_ms, self.settings.preempt)
 
     def weight(self, account: Account) -> int:
         packs = len(account.packs) if account.plan is PlanKind.SUBSCRIPTION else None

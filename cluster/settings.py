@@ -66,6 +66,9 @@ class SchedulerSettings(StrictModel):
     # A waiting request re-checks this often even without a wake-up (a lost pub/sub message).
     poll_interval_s: float = Field(1.0, gt=0, le=60)
     payg_weight: int = Field(1, ge=1, le=MAX_WEIGHT, description="the fairness weight of a payg account")
+    # Fair mode: a full model dispatches a request of an account with nothing running at once, and its
+    # engine pauses a sequence of an account holding several (it resumes at the next free sequence).
+    preempt: bool = True
     overload_retry_after_s: int = Field(5, ge=1, le=3600)
 
     def timeout_s(self, admission: AdmissionSettings) -> float:

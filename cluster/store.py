@@ -122,19 +122,30 @@ class Settlement:
 
 @dataclass(frozen=True)
 class CapacityTerms:
-    """How the calling gateway sees one model: sequences it can run at once, the order, the lease TTL."""
+    """How the calling gateway sees one model: sequences it can run at once, the order, the lease TTL.
+
+    `preempt` (fair mode only): a full model may dispatch one request more
+    than its capacity, for an account with nothing running, while the engine
+    pauses a sequence of the account named in the grant (policies.fairness).
+    """
 
     model: str
     capacity: int
     mode: SchedulerMode
     lease_ttl_ms: int
+    preempt: bool = False
 
 
 @dataclass(frozen=True)
 class CapacityGranted:
-    """Dispatched: the request holds one of the model's sequences until `expires_ms` unless renewed."""
+    """Dispatched: the request holds one of the model's sequences until `expires_ms` unless renewed.
+
+    `preempt`: dispatched over a full model; the engine makes room by pausing
+    a running sequence of this account.
+    """
 
     expires_ms: int
+    preempt: str | None = None
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,16 @@ the lowest counter. Contract and invariants:
 - `fifo` (for comparison) dispatches in arrival order only; counters still grow.
 - Work-conserving: a request is held back only while the model runs
   `capacity` sequences (see `dispatch_allows`).
+- Preemption (opt-in, fair only): when the model is full and the next request
+  in fair order belongs to an account with nothing running on it, one
+  sequence of an account that holds at least MIN_VICTIM_RUNNING of them and
+  stands after the waiter in fair order is paused in the engine and resumes
+  at the next free sequence (see `preemption_victim`). Without it a returning
+  account waits for the next running answer to end, however far below the
+  others its counter is.
 
-cluster/lua/fairness.lua implements `lift` and `pick`; tests/test_fairness.py
-runs one table against both.
+cluster/lua/fairness.lua implements `lift`, `pick` and `preemption_victim`;
+tests/test_fairness.py runs one table against both.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ OUTPUT_WEIGHT = 2
 MAX_WEIGHT = 10
 WEIGHT_SCALE = lcm(*range(1, MAX_WEIGHT + 1))  # 2520
 MAX_PACK_WEIGHT = 5
+# An account running a single sequence is never paused: it would stop making progress altogether.
+MIN_VICTIM_RUNNING = 2
 
 
 class SchedulerMode(StrEnum):
@@ -131,3 +140,32 @@ def pick(waiting: Iterable[Waiting], counters: Mapping[str, int], mode: Schedule
 def dispatch_allows(in_flight: int, capacity: int) -> bool:
     """A free sequence on the model."""
     return in_flight < capacity
+
+
+def preemption_victim(waiter: str, counters: Mapping[str, int], active: Mapping[str, int],
+                      running: Mapping[str, int]) -> str | None:
+    """The account one of whose running sequences is paused for `waiter`'s request, or None.
+
+    Called only when the model is full and `waiter`'s request is next in
+    fair order. `running` maps accounts to their sequences running on the
+    model, `active` to their requests waiting or running (absent = 0). The
+    waiter must have nothing running; a victim runs at least
+    MIN_VICTIM_RUNNING sequences and stands strictly after the waiter by
+    `pick`'s key (counter, then requests held). Of those, the one furthest
+    behind in fair order: highest counter, then most requests held, then the
+    highest account id, so every store picks the same.
+    """
+    if running.get(waiter, 0) > 0:
+        return None
+    own = (counters.get(waiter, 0), active.get(waiter, 0))
+    best: str | None = None
+    best_key: tuple[int, int, str] | None = None
+    for account, n in running.items():
+        if account == waiter or n < MIN_VICTIM_RUNNING:
+            continue
+        key = (counters.get(account, 0), active.get(account, 0))
+        if key <= own:
+            continue
+        if best_key is None or (*key, account) > best_key:
+            best, best_key = account, (*key, account)
+    return best

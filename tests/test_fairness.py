@@ -23,6 +23,7 @@ from policies.fairness import (
     dispatch_allows,
     lift,
     pick,
+    preemption_victim,
     service_units,
 )
 
@@ -30,6 +31,7 @@ TABLES = json.loads((Path(__file__).resolve().parents[1] / "policies" / "vectors
                      "ordering.json").read_text(encoding="utf-8"))
 LIFTS = TABLES["lift"]
 PICKS = TABLES["pick"]
+PREEMPTS = TABLES["preempt"]
 
 
 # -- counter growth and weights -----------------------------------------------------------------
@@ -96,6 +98,11 @@ def test_pick_python(case: dict[str, Any]) -> None:
     assert (None if chosen is None else chosen.seq) == case["expect"]
 
 
+@pytest.mark.parametrize("case", PREEMPTS, ids=[c["name"] for c in PREEMPTS])
+def test_preemption_victim_python(case: dict[str, Any]) -> None:
+    assert preemption_victim(case["waiter"], case["counters"], case["active"], case["running"]) == case["expect"]
+
+
 def test_a_backlogged_heavy_account_cannot_starve_a_light_one() -> None:
     """Replay: one sequence, a heavy account with 5 packs and a light one with 1, both always waiting.
 
@@ -117,6 +124,9 @@ def test_a_backlogged_heavy_account_cannot_starve_a_light_one() -> None:
 
 PROBE = lua_source("fairness", ("bars",)) + """
 local case = cjson.decode(ARGV[1])
+if ARGV[2] == 'preempt' then
+  return preemption_victim(case.waiter, case.counters, case.active, case.running) or ''
+end
 if ARGV[2] == 'lift' then
   local last = case.last
   if last == cjson.null then last = nil end
@@ -148,3 +158,9 @@ async def test_lift_lua(redis: Redis, case: dict[str, Any]) -> None:
 async def test_pick_lua(redis: Redis, case: dict[str, Any]) -> None:
     raw = (await redis.eval(PROBE, 0, json.dumps(case), "pick")).decode()
     assert (None if raw == "" else int(raw)) == case["expect"]
+
+
+@pytest.mark.parametrize("case", PREEMPTS, ids=[c["name"] for c in PREEMPTS])
+async def test_preemption_victim_lua(redis: Redis, case: dict[str, Any]) -> None:
+    raw = (await redis.eval(PROBE, 0, json.dumps(case), "preempt")).decode()
+    assert (None if raw == "" else raw) == case["expect"]

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from policies.fairness import SchedulerMode
 from serve_apps.cli.gateway_main import with_command_line
-from serve_apps.config import AppConfig, ConfigError, load_config
+from serve_apps.config import AppConfig, ConfigError, ModelConfig, load_config
 from serve_apps.gateway.app import model_capacity
 
-VLLM_MODELS = [
+VLLM_MODELS: list[dict[str, Any]] = [
     {"id": "hf:org/chat", "kind": "chat", "vllm": {"model": "/m", "max_num_seqs": 16}},
     {"id": "hf:org/capped", "kind": "chat", "max_inflight": 3, "vllm": {"model": "/m", "max_num_seqs": 16}},
     {"id": "hf:org/adapter", "kind": "lora", "base_model": "hf:org/chat"},
@@ -67,3 +68,24 @@ def test_vllm_capacity_follows_live_replicas_and_max_inflight() -> None:
     replicas["hf:org/chat"] = 0  # scaled to zero: requests wait for its cold start before admission
     assert capacity("hf:org/chat") == 16
     assert model_capacity(config)("hf:org/chat") == 16  # replicas unknown: one
+
+
+@pytest.mark.parametrize(("scheduler", "headroom"), [({}, 1), ({"preempt": False}, 0), ({"mode": "fifo"}, 0)])
+def test_ray_admits_one_request_more_per_chat_replica_when_the_scheduler_preempts(
+        scheduler: dict[str, object], headroom: int) -> None:
+    from serve_apps.deploy.serving_plan import plan
+
+    models = [m for m in VLLM_MODELS if m["kind"] == "chat"]
+    config = AppConfig.model_validate({"engine": "vllm", "models": models, "scheduler": scheduler})
+    ongoing = {p.model_id: p.max_ongoing_requests for p in plan(config)}
+    assert ongoing["hf:org/wide"] == 64 + headroom
+    assert ongoing["hf:org/chat"] == ModelConfig.model_fields["max_ongoing_requests"].default + headroom
+    # The scheduler still counts the configured figure: the extra request is the preempting one.
+    assert model_capacity(config)("hf:org/wide") == 64
+
+
+def test_preemption_is_on_by_default_and_the_command_line_switches_it() -> None:
+    assert AppConfig().scheduler.preempt
+    assert not with_command_line(AppConfig(), None, None, preempt=False).scheduler.preempt
+    assert with_command_line(AppConfig.model_validate({"scheduler": {"preempt": False}}), None, None,
+                             preempt=True).scheduler.preempt

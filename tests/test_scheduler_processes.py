@@ -7,6 +7,10 @@ SIGKILLed gateway's sequences back when their leases expire (a short lease TTL
 from the config file; the waiting request's wait bound is a few TTLs while the
 dead gateway's streams would run for a minute, so it is served only if the
 capacity came back by expiry).
+
+Preemption is off here: it pauses a sequence in the engine that runs it, and
+these stand-in engines are one per process, not one shared model (the
+single-process tests in tests/test_preemption_gateway.py cover it).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ class Gateway:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "serve_apps", "gateway", "--engine", "sim", "--port", str(self.port),
              "--redis-url", redis_url, "--config", str(config), "--sim-max-seqs", "2",
-             "--sim-tokens-per-s", str(TOKENS_PER_S), "--scheduler", "fair"],
+             "--sim-tokens-per-s", str(TOKENS_PER_S), "--scheduler", "fair", "--no-preempt"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.admin = httpx.Client(base_url=self.base, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10)
 

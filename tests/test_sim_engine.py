@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import math
+from typing import Any
 
 import pytest
 
@@ -499,6 +500,62 @@ async def test_max_seqs_runs_at_most_n_and_the_rest_wait_in_arrival_order() -> N
         running += 1 if kind == "start" else -1
         assert running <= 2, events
     assert engine.peak_running[SIM_LARGE] == 2 and engine.running[SIM_LARGE] == 0
+
+
+def long_answer(rid: str, owner: str, preempt: str | None = None, tokens: int = 40,
+                **sampling: Any) -> GenerationRequest:
+    req = chat(f"request {rid}", rid=rid, max_tokens=tokens)
+    return dataclasses.replace(req, owner=owner, preempt=preempt, sampling=dataclasses.replace(
+        req.sampling, ignore_eos=True, **sampling))
+
+
+async def test_a_preempting_request_takes_a_running_sequence_which_resumes_unchanged() -> None:
+    engine = SimulatedEngine(max_seqs=2)
+    chunks: dict[str, list[GenerationChunk]] = {"h1": [], "h2": [], "l1": []}
+    ends: list[str] = []
+    under_way = {"h1": asyncio.Event(), "h2": asyncio.Event()}
+
+    async def consume(req: GenerationRequest) -> None:
+        async for chunk in engine.generate(req):
+            chunks[req.request_id].append(chunk)
+            if len(chunks[req.request_id]) == 5 and req.request_id in under_way:
+                under_way[req.request_id].set()
+        ends.append(req.request_id)
+
+    heavy = [asyncio.ensure_future(consume(long_answer(rid, "heavy"))) for rid in ("h1", "h2")]
+    for event in under_way.values():
+        await event.wait()
+    light = asyncio.ensure_future(consume(long_answer("l1", "light", preempt="heavy", tokens=10)))
+    await asyncio.gather(light, *heavy)
+    # The light request ran to its end while both heavy ones still had output to give; the younger
+    # heavy sequence (h2) was the one paused.
+    assert ends[0] == "l1" and engine.preempted == ["h2"]
+    assert engine.peak_running[SIM_LARGE] == 2 and engine.running[SIM_LARGE] == 0
+    for rid in ("h1", "h2"):
+        alone = await run(SimulatedEngine(), long_answer(rid, "heavy"))
+        last, alone_last = chunks[rid][-1], alone[-1]
+        assert text_of(chunks[rid]) == text_of(alone) and last.finish_reason == alone_last.finish_reason, rid
+        assert last.usage is not None and alone_last.usage is not None
+        assert last.usage.completion_tokens == alone_last.usage.completion_tokens == 40
+
+
+async def test_nothing_is_preempted_with_a_free_sequence_or_without_a_resumable_victim() -> None:
+    engine = SimulatedEngine(max_seqs=2)
+    # A free sequence: the preempting request just takes it.
+    assert (await run(engine, long_answer("l0", "light", preempt="heavy")))[-1].finish_reason == "length"
+    started = {"h1": asyncio.Event(), "h2": asyncio.Event()}
+
+    async def consume(req: GenerationRequest) -> None:
+        async for _ in engine.generate(req):
+            if req.request_id in started:
+                started[req.request_id].set()
+
+    # Seeded answers cannot be resumed unchanged: the preempting request waits its turn.
+    heavy = [asyncio.ensure_future(consume(long_answer(rid, "heavy", seed=7))) for rid in ("h1", "h2")]
+    for event in started.values():
+        await event.wait()
+    await asyncio.gather(consume(long_answer("l1", "light", preempt="heavy")), *heavy)
+    assert engine.preempted == [] and engine.peak_running[SIM_LARGE] == 2
 
 
 async def test_a_request_waiting_in_the_engine_can_be_cancelled() -> None:

@@ -612,8 +612,9 @@ async def test_a_checkpoint_failing_after_its_response_ended_is_logged_not_left_
 
 # -- model capacity (SPEC §4): one queue per model, dispatched by virtual token counters --------
 
-def _terms(capacity: int = 2, mode: str = "fair", model: str = LARGE, ttl_ms: int = 10_000) -> CapacityTerms:
-    return CapacityTerms(model, capacity, SchedulerMode(mode), ttl_ms)
+def _terms(capacity: int = 2, mode: str = "fair", model: str = LARGE, ttl_ms: int = 10_000,
+           preempt: bool = False) -> CapacityTerms:
+    return CapacityTerms(model, capacity, SchedulerMode(mode), ttl_ms, preempt)
 
 
 async def _acquire(h: Harness, terms: CapacityTerms, account: str, entry: str,
@@ -706,6 +707,73 @@ async def test_a_returning_account_ties_and_goes_before_the_older_queue_of_a_bus
     await h.store.capacity_release(terms, "b1", 0, h.clock.now)
     assert isinstance(await _acquire(h, terms, "back", "r1"), CapacityGranted)
     assert isinstance(await _acquire(h, terms, "busy", "b2"), CapacityWaiting)
+
+
+async def test_preemption_dispatches_a_returning_account_over_a_full_model_once(h: Harness) -> None:
+    terms = _terms(2, preempt=True)
+    for entry in ("h1", "h2"):
+        assert isinstance(await _acquire(h, terms, "heavy", entry), CapacityGranted)
+    assert await h.store.capacity_renew(terms, "h1", 9_000, h.clock.now)
+    assert isinstance(await _acquire(h, terms, "heavy", "h3"), CapacityWaiting)
+    # Nothing running for "light": its request goes at once, over the capacity, naming the account to pause.
+    assert await _acquire(h, terms, "light", "l1") == CapacityGranted(h.clock.now + 10_000, "heavy")
+    stats = await h.store.capacity_stats(terms, h.clock.now)
+    assert (stats.in_flight, stats.waiting) == (3, 1)
+    # One over at most: a second returning account waits, and so does "light" with a sequence running.
+    assert isinstance(await _acquire(h, terms, "other", "o1"), CapacityWaiting)
+    assert isinstance(await _acquire(h, terms, "light", "l2"), CapacityWaiting)
+    # A release brings the model back to its capacity, and the paused sequence resumes: nobody is dispatched.
+    await h.store.capacity_release(terms, "h2", 9_000, h.clock.now)
+    assert isinstance(await _acquire(h, terms, "other", "o1"), CapacityWaiting)
+    # Full again, "other" (nothing running) is next in fair order: it pauses one of "heavy"'s sequences.
+    await h.store.capacity_release(terms, "l1", 0, h.clock.now)
+    granted = await _acquire(h, terms, "other", "o1")
+    assert isinstance(granted, CapacityGranted) and granted.preempt is None  # l1's sequence was free
+    await h.store.capacity_release(terms, "o1", 0, h.clock.now)
+    assert isinstance(await _acquire(h, terms, "light", "l2"), CapacityGranted)
+    # Full with one sequence each ("heavy" h1, "light" l2): nobody holds two, so nobody is paused.
+    assert isinstance(await _acquire(h, terms, "other", "o2"), CapacityWaiting)
+
+
+async def test_preemption_needs_a_victim_behind_the_waiter_and_fair_mode(h: Harness) -> None:
+    for mode in ("fair", "fifo"):
+        terms = _terms(2, mode, model=f"hf:test/p-{mode}", preempt=True)
+        for entry, account in (("a1", "a"), ("b1", "b")):
+            assert isinstance(await _acquire(h, terms, account, entry), CapacityGranted)
+        # Each running account holds one sequence: nobody is paused, the newcomer waits.
+        assert isinstance(await _acquire(h, terms, "c", "c1"), CapacityWaiting)
+        await h.store.capacity_release(terms, "b1", 0, h.clock.now)
+        assert await _acquire(h, terms, "c", "c1") == CapacityGranted(h.clock.now + 10_000)
+        assert isinstance(await _acquire(h, terms, "c", "c2"), CapacityWaiting)
+        await h.store.capacity_release(terms, "a1", 0, h.clock.now)
+        assert isinstance(await _acquire(h, terms, "c", "c2"), CapacityGranted)
+        # "c" holds both now; "d" comes back: fair pauses one of "c"'s, fifo never preempts.
+        outcome = await _acquire(h, terms, "d", "d1")
+        if mode == "fair":
+            assert outcome == CapacityGranted(h.clock.now + 10_000, "c")
+        else:
+            assert isinstance(outcome, CapacityWaiting)
+
+
+async def test_a_waiter_granted_by_preemption_learns_its_victim_when_it_asks_again(h: Harness) -> None:
+    terms = _terms(2, preempt=True)
+    for entry in ("h1", "h2"):
+        assert isinstance(await _acquire(h, terms, "heavy", entry), CapacityGranted)
+    waiter = h.store.capacity_waiter(LARGE, "l1")
+    try:
+        # Without preemption (another gateway's view) the light request waits ...
+        assert isinstance(await _acquire(h, _terms(2), "light", "l1"), CapacityWaiting)
+        # ... and the next step of a gateway that preempts dispatches it, waking it.
+        await h.store.capacity_stats(terms, h.clock.now)
+        assert await waiter.wait(5.0)
+    finally:
+        waiter.close()
+    again = await h.store.capacity_acquire(terms, "light", "l1", 60_000, h.clock.now, join=False)
+    assert again == CapacityGranted(h.clock.now + 10_000, "heavy")
+    await h.store.capacity_release(terms, "l1", 0, h.clock.now)
+    await h.store.capacity_release(terms, "h2", 0, h.clock.now)
+    # The mark left with the entry: the same id back on a free sequence pauses nobody.
+    assert await _acquire(h, terms, "light", "l1") == CapacityGranted(h.clock.now + 10_000)
 
 
 async def test_deleting_an_account_drops_its_scheduler_counters(h: Harness) -> None:

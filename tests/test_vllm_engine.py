@@ -8,6 +8,7 @@ first used it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 import json
 import uuid
@@ -297,3 +298,44 @@ async def test_a_forced_tool_choice_is_a_tool_call_even_without_a_parser(engine:
         assert set(arguments) == ({"city"} if call.name == "get_weather" else {"tz"})
     if choice != "required":
         assert [c.name for c in final.tool_calls] == ["get_weather"]
+
+
+def _owned(request: GenerationRequest, owner: str, preempt: str | None = None, *,
+           exact: bool = False) -> GenerationRequest:
+    sampling = dataclasses.replace(request.sampling, ignore_eos=exact)
+    return dataclasses.replace(request, owner=owner, preempt=preempt, sampling=sampling)
+
+
+async def test_a_preempting_request_starts_at_once_and_the_paused_one_resumes_where_it_stopped(
+        engine: VllmEngine) -> None:
+    full = engine.args.max_num_seqs
+    counting = "Count from 1 to 300, separated by commas."
+    heavy = [_owned(_chat(counting, max_tokens=96), "heavy", exact=True) for _ in range(full)]
+    chunks: dict[str, list[GenerationChunk]] = {r.request_id: [] for r in heavy}
+    ends: list[str] = []
+
+    async def consume(request: GenerationRequest) -> None:
+        chunks.setdefault(request.request_id, [])
+        async for chunk in engine.generate(request):
+            chunks[request.request_id].append(chunk)
+        ends.append(request.request_id)
+
+    tasks = [asyncio.create_task(consume(r)) for r in heavy]
+    for _ in range(6000):
+        if all(len(chunks[r.request_id]) >= 2 for r in heavy):
+            break
+        await asyncio.sleep(0.01)
+    light = _owned(_chat("What is the capital of France?", max_tokens=8), "light", preempt="heavy")
+    await asyncio.gather(consume(light), *tasks)
+    # The light request had a sequence at once: it ended first, one heavy sequence paused for it.
+    assert ends[0] == light.request_id
+    assert len(engine.preempted) == 1 and engine.preempted[0] in chunks
+    paused = chunks[engine.preempted[0]]
+    final = paused[-1]
+    assert final.finish_reason == "length" and final.usage is not None
+    assert final.usage.completion_tokens == 96
+    # The paused answer went on where it stopped: it is the greedy answer the same prompt got unpaused.
+    texts = {rid: "".join(c.text for c in got) for rid, got in chunks.items() if rid != light.request_id}
+    unpaused = {text for rid, text in texts.items() if rid != engine.preempted[0]}
+    assert unpaused == {texts[engine.preempted[0]]}
+    assert engine.unfinished_requests() == 0 and not engine.in_flight

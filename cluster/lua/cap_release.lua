@@ -3,12 +3,12 @@
 -- next waiting requests.
 --
 -- Units: times in ms, counters in counter units, integers only.
--- KEYS[1..8] and ARGV[1..5]: see capacity.lua. ARGV[6] entry id;
--- ARGV[7] the entry's counter units in all (a running total; 0 for a waiter).
+-- KEYS[1..9] and ARGV[1..6]: see capacity.lua. ARGV[7] entry id;
+-- ARGV[8] the entry's counter units in all (a running total; 0 for a waiter).
 -- Returns 1 if the entry was waiting or running, else 0. Idempotent.
 
 local a = cap_args()
-local entry, total = ARGV[6], tonumber(ARGV[7])
+local entry, total = ARGV[7], tonumber(ARGV[8])
 local account = redis.call('HGET', KEYS[2], entry)
 local removed = 0
 if account then

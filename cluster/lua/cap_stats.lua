@@ -1,7 +1,7 @@
 -- cap_stats.lua: one model's load, for /metrics and /admin/v1/stats.
 --
 -- Units: times in ms, counters in counter units, integers only.
--- KEYS[1..8] and ARGV[1..5]: see capacity.lua (expired leases are dropped and
+-- KEYS[1..9] and ARGV[1..6]: see capacity.lua (expired leases are dropped and
 -- the freed sequences dispatched first, as every capacity script does).
 -- Returns {capacity, in flight, waiting, account, counter, running, waiting, ...}
 -- with one (account, counter, running, waiting) group per active account.

@@ -14,14 +14,17 @@
 --   KEYS[7] meta   hash  packserve:cap:{M}:meta   seq (arrival counter), last (counter of the
 --                                                 account that went idle last), cap (last capacity)
 --   KEYS[8] paid   hash  packserve:cap:{M}:paid   entry_id -> counter units already added
+--   KEYS[9] pre    hash  packserve:cap:{M}:pre    entry_id -> account whose sequence the engine pauses
+--                                                 for it (dispatched over a full model)
 -- ARGV (every capacity script): [1] now ms or '' (Redis TIME); [2] capacity
 -- (sequences at once, as the calling gateway sees the model); [3] mode
 -- 'fair' | 'fifo'; [4] lease ttl ms; [5] wake-up channel prefix (the entry id
--- is appended: one channel per waiting request). Script arguments follow.
+-- is appended: one channel per waiting request); [6] '1' to preempt (fair
+-- only), else '0'. Script arguments follow.
 
 local function cap_args()
   return {now = clock(ARGV[1]), capacity = tonumber(ARGV[2]), mode = ARGV[3], ttl = tonumber(ARGV[4]),
-          wake = ARGV[5]}
+          wake = ARGV[5], preempt = ARGV[6] == '1' and ARGV[3] == 'fair'}
 end
 
 local function counter_of(account)
@@ -55,6 +58,7 @@ local function forget(entry)
   local account = redis.call('HGET', KEYS[2], entry)
   redis.call('HDEL', KEYS[2], entry)
   redis.call('HDEL', KEYS[8], entry)
+  redis.call('HDEL', KEYS[9], entry)
   if account then
     if redis.call('HINCRBY', KEYS[5], account, -1) <= 0 then
       redis.call('HDEL', KEYS[5], account)
@@ -76,12 +80,31 @@ local function expire(now)
   end
 end
 
--- Work-conserving: dispatch waiting entries while the model has a free sequence.
+-- Sequences running per account (dispatched entries), with their counters and active counts.
+local function running_accounts(counters, active)
+  local running = {}
+  for _, entry in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    local account = redis.call('HGET', KEYS[2], entry)
+    if account then
+      running[account] = (running[account] or 0) + 1
+      if counters[account] == nil then
+        counters[account] = counter_of(account)
+        active[account] = tonumber(redis.call('HGET', KEYS[5], account) or '0')
+      end
+    end
+  end
+  return running
+end
+
+-- Work-conserving: dispatch waiting entries while the model has a free sequence; with preemption,
+-- one more over a full model when policies.fairness.preemption_victim names an account to pause.
 -- `caller` (or nil) is the calling request's own entry: it learns of its grant from the reply, so
 -- nobody is woken for it.
 local function fill(a, caller)
   redis.call('HSET', KEYS[7], 'cap', fmt(a.capacity))
-  while redis.call('ZCARD', KEYS[1]) < a.capacity do
+  while true do
+    local in_flight = redis.call('ZCARD', KEYS[1])
+    if in_flight > a.capacity or (in_flight == a.capacity and not a.preempt) then return end
     local flat = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
     if #flat == 0 then return end
     local waiting, counters, active = {}, {}, {}
@@ -94,6 +117,11 @@ local function fill(a, caller)
       end
     end
     local w = pick(waiting, counters, a.mode, active)
+    if in_flight == a.capacity then
+      local victim = preemption_victim(w.account, counters, active, running_accounts(counters, active))
+      if victim == nil then return end
+      redis.call('HSET', KEYS[9], w.entry, victim)
+    end
     redis.call('ZREM', KEYS[3], w.entry)
     redis.call('ZREM', KEYS[4], w.entry)
     redis.call('ZADD', KEYS[1], fmt(a.now + a.ttl), w.entry)

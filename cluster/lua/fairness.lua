@@ -37,3 +37,22 @@ local function pick(waiting, counters, mode, active)
   end
   return best
 end
+
+-- policies.fairness.preemption_victim: `counters`, `active` and `running`
+-- map account -> counter, requests waiting or running, sequences running
+-- (absent = 0). Returns the victim account or nil.
+local MIN_VICTIM_RUNNING = 2
+local function preemption_victim(waiter, counters, active, running)
+  if (running[waiter] or 0) > 0 then return nil end
+  local wc, wh = counters[waiter] or 0, active[waiter] or 0
+  local best, bc, bh = nil, nil, nil
+  for account, n in pairs(running) do
+    if account ~= waiter and n >= MIN_VICTIM_RUNNING then
+      local c, h = counters[account] or 0, active[account] or 0
+      local after = c > wc or (c == wc and h > wh)
+      local better = best == nil or c > bc or (c == bc and (h > bh or (h == bh and account > best)))
+      if after and better then best, bc, bh = account, c, h end
+    end
+  end
+  return best
+end

@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: config, else unlimited)")
     gw.add_argument("--scheduler", choices=["fair", "fifo"],
                     help="dispatch order when a model is saturated (default: config, else fair)")
+    gw.add_argument("--preempt", action=argparse.BooleanOptionalAction, default=None,
+                    help="fair only: a full model starts a request of an account with nothing running at once and "
+                         "pauses a sequence of one holding several (default: config, else on)")
     gw.add_argument("--health-port", type=int,
                     help="also answer GET /health on this port, from a thread of its own (default: config, else "
                          "off; 0 picks a free port)")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from policies.fairness import SchedulerMode
 from policies.plans import SizeClass
 from serve_apps.config import AppConfig, Autoscaling, ConfigError, ModelConfig, Resources
 from serve_apps.engines.sim import SIM_CARDS
@@ -177,7 +178,8 @@ def plan(config: AppConfig) -> list[DeploymentPlan]:
         plans.append(DeploymentPlan(
             name=name, model_id=m.id, kind=m.kind, served_ids=tuple(s.id for s in served), engine=config.engine,
             autoscaling_config=autoscaling_config(m.autoscaling), ray_actor_options=ray_actor_options(m.resources),
-            max_ongoing_requests=m.max_ongoing_requests, engine_args=_engine_args(config, m, served[1:]),
+            max_ongoing_requests=m.max_ongoing_requests + _preemption_headroom(config, m.kind),
+            engine_args=_engine_args(config, m, served[1:]),
             routing=routing, router_kwargs=(
                 # Several gateway replicas each learn their own table: route unseen conversations to a shared home.
                 {"max_queue": m.affinity_max_queue, "shared": config.gateway.autoscaling.max_replicas > 1}
@@ -257,3 +259,13 @@ def cpu_engines(config: AppConfig) -> bool:
     return bool(engines) and all(
         m.resources.num_gpus == 0 and m.vllm.tensor_parallel_size == 1 and m.vllm.pipeline_parallel_size == 1
         for m in engines if m.vllm is not None)
+
+
+def _preemption_headroom(config: AppConfig, kind: str) -> int:
+    """One request more per replica than the scheduler counts, for one dispatched over a full model.
+
+    Ray would otherwise hold the preempting request in its router's arrival-order queue, behind nothing,
+    until a sequence freed: exactly the wait preemption is for.
+    """
+    preempts = config.scheduler.preempt and config.scheduler.mode is SchedulerMode.FAIR
+    return 1 if preempts and kind == "chat" else 0

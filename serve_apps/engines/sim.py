@@ -35,9 +35,11 @@ import random
 import re
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from serve_apps.engines.errors import UnknownModel
+from serve_apps.engines.preemption import Seat, choose_victim, resumable
 from serve_apps.engines.types import (
     ChatMessage,
     EmbeddingRequest,
@@ -219,6 +221,9 @@ class SimulatedEngine(Engine):
     `max_seqs` bounds the sequences each model runs at once (None: unlimited);
     the others wait inside the engine in arrival order, as in vLLM's waiting
     queue. `running` and `peak_running` (per model) let tests check the bound.
+    A request with `preempt` that finds its model full takes over the seat of
+    a running sequence (serve_apps.engines.preemption), which waits for the
+    next free seat and goes on where it stopped; `preempted` lists them.
     """
 
     def __init__(
@@ -256,6 +261,9 @@ class SimulatedEngine(Engine):
         self.max_seqs = max_seqs
         # asyncio.Semaphore hands a freed place to the longest waiter: arrival order.
         self._seqs: dict[str, asyncio.Semaphore] = {}
+        self._seats: dict[str, dict[str, _SimSeat]] = {}  # model -> request id -> its seat, while it has one
+        self._seat_order = 0
+        self.preempted: list[str] = []
         self.running: dict[str, int] = {}
         self.peak_running: dict[str, int] = {}
 
@@ -336,12 +344,10 @@ class SimulatedEngine(Engine):
         finished = False
         emitted_tokens = 0
         seq = self._seq_slot(request.model)
-        holding = False
+        seat: _SimSeat | None = None
         try:
             if seq is not None:
-                await seq.acquire()
-                holding = True
-                self._count_running(request.model, +1)
+                seat = await self._take_seat(request, seq)
             prefill_s = (len(prompt_tokens) - cached) * self.prefill_s_per_uncached_token
             if prefill_s:
                 # One prefill at a time, as on a compute-bound engine: uncached
@@ -354,6 +360,8 @@ class SimulatedEngine(Engine):
                 if i:
                     # sleep(0) still yields to the loop, so a cancel lands between tokens.
                     await asyncio.sleep(1.0 / self.tokens_per_s if self.tokens_per_s else 0)
+                if seat is not None and seat.paused and seq is not None:
+                    seat = await self._resume(request, seq, seat)
                 if rid in self._abort_requested:
                     finished = True
                     self.aborted.append(rid)
@@ -379,14 +387,55 @@ class SimulatedEngine(Engine):
                 stop_sequence=plan.stop_sequence,
             )
         finally:
-            if holding and seq is not None:
-                seq.release()
-                self._count_running(request.model, -1)
+            if seat is not None and seq is not None:
+                self._leave_seat(request.model, seq, seat)
             if not finished and rid in self.in_flight:
                 # Reached only via aclose()/cancellation: the consumer went away.
                 self.aborted.append(rid)
             self.in_flight.discard(rid)
             self._abort_requested.discard(rid)
+
+
+    # -- sequences and preemption ---------------------------------------------
+
+    def _seat(self, request: GenerationRequest) -> _SimSeat:
+        self._seat_order += 1
+        seat = _SimSeat(request.request_id, request.owner, self._seat_order, resumable(request))
+        self._seats.setdefault(request.model, {})[request.request_id] = seat
+        return seat
+
+    async def _take_seat(self, request: GenerationRequest, seq: asyncio.Semaphore) -> _SimSeat:
+        """A free seat, or with `preempt` on a full model a victim's (it is paused), or the next one freed."""
+        seats = self._seats.get(request.model, {})
+        victim = (choose_victim(seats.values(), request.preempt)
+                  if request.preempt is not None and seq.locked() else None)
+        if isinstance(victim, _SimSeat):
+            # The victim's seat passes to this request: the running count does not change.
+            victim.paused = True
+            del seats[victim.request_id]
+            self.preempted.append(victim.request_id)
+            return self._seat(request)
+        await seq.acquire()
+        self._count_running(request.model, +1)
+        return self._seat(request)
+
+    async def _resume(self, request: GenerationRequest, seq: asyncio.Semaphore, seat: _SimSeat) -> _SimSeat:
+        """A paused sequence waits for the next free seat (the prefix cache holds its prompt and output)."""
+        await seq.acquire()
+        self._count_running(request.model, +1)
+        return self._seat(request)
+
+    def _leave_seat(self, model: str, seq: asyncio.Semaphore, seat: _SimSeat) -> None:
+        if seat.paused:
+            return  # its seat went to the preempting request, which releases it
+        self._seats.get(model, {}).pop(seat.request_id, None)
+        seq.release()
+        self._count_running(model, -1)
+
+
+@dataclass
+class _SimSeat(Seat):
+    paused: bool = False
 
 
 def _usage(prompt_tokens: Sequence[str], cached: int, completion: int) -> TokenUsage:

@@ -79,6 +79,10 @@ class GenerationRequest:
     tools: tuple[ToolSpec, ...] = ()
     tool_choice: str | dict[str, Any] | None = None  # "auto" | "none" | "required" | {"name": ...}
     output_format: OutputFormat | None = None
+    # The account it runs for, and (dispatched over a full model by the fair scheduler) the account one
+    # of whose running sequences the engine pauses to start it at once: see `Engine.generate`.
+    owner: str = ""
+    preempt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -215,7 +219,14 @@ class Engine(ABC):
 
     @abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        """The generation's chunks; closing the generator early aborts it in the engine."""
+        """The generation's chunks; closing the generator early aborts it in the engine.
+
+        An engine with a bound on the sequences it runs, given a request with
+        `preempt` while it runs that many, pauses one running sequence whose
+        `owner` is `preempt` (if it has one it can resume exactly) so the
+        request starts at once; the paused one resumes, its stream unchanged
+        but for the pause, when a sequence frees.
+        """
 
     @abstractmethod
     async def count_tokens(

@@ -55,6 +55,8 @@ class Metrics:
                                        ["model", "outcome"], buckets=LATENCY_BUCKETS, registry=r)
         self.overloaded = Counter("packserve_overloaded", "Requests refused because their model stayed at "
                                   "capacity past the wait bound", ["model"], registry=r)
+        self.preemptions = Counter("packserve_preemptions", "Requests dispatched over a full model, their engine "
+                                   "pausing another account's sequence (scheduler.preempt)", ["model"], registry=r)
         self.cold_redispatches = Counter("packserve_cold_redispatches",
                                          "Admitted requests that found their model at zero replicas, were "
                                          "released uncharged and waited for the cold start", ["model"], registry=r)

@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from starlette.requests import Request
@@ -330,6 +330,10 @@ class GatewayService:
         None: the model's deployment was found at zero replicas (ModelStarting), and `metered` has
         settled the ticket as refunded with its slot freed.
         """
+        hold = ticket.capacity
+        gen = replace(gen, owner=ticket.account.id, preempt=hold.preempt if hold is not None else None)
+        if gen.preempt is not None:
+            self.metrics.preemptions.labels(gen.model).inc()
         chunks = self.metered(ticket, gen, protocol)
         try:
             first: GenerationChunk | None = await chunks.__anext__()

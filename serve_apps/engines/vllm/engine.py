@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from serve_apps.engines.errors import UnknownModel
 from serve_apps.engines.forced_tools import forced_tool_format, parse_forced_calls
+from serve_apps.engines.preemption import Seat, choose_victim, resumable
 from serve_apps.engines.types import (
     ChatMessage,
     EmbeddingRequest,
@@ -111,6 +112,9 @@ class VllmEngine(Engine):
         self.in_flight: set[str] = set()
         # Ids whose generation ended early (abort() or the consumer going away), in order.
         self.aborted: list[str] = []
+        self._seats: dict[str, _VllmSeat] = {}  # request id -> its sequence, while it is in the engine
+        self._seat_order = 0
+        self.preempted: list[str] = []  # ids paused for a preempting request, in order
         self.start_seconds: float | None = None
         for adapter in adapters:
             self._cards[adapter.card.id] = adapter.card
@@ -264,8 +268,27 @@ class VllmEngine(Engine):
 
     async def abort(self, request_id: str) -> None:
         # Only running ids: aborting a finished id must not hit a later request reusing it.
-        if self._engine is not None and request_id in self.in_flight:
-            await self._engine.abort(request_id)
+        seat = self._seats.get(request_id)
+        if self._engine is not None and request_id in self.in_flight and seat is not None:
+            seat.cancelled = True  # a paused one must not resume
+            await self._engine.abort(seat.engine_id)
+
+    async def _make_room(self, engine: AsyncLLM, request: GenerationRequest, seat: _VllmSeat) -> None:
+        """With `preempt` on a full replica: pause a victim's sequence so this request starts at the next step.
+
+        The victim's abort reaches the engine core before this request is added, and its continuation
+        only after this request's first output (`gate`), so the freed sequence is this request's.
+        """
+        if request.preempt is None or len(self._seats) - 1 < self.args.max_num_seqs:
+            return
+        others = [s for s in self._seats.values() if s is not seat and not s.paused]
+        victim = choose_victim(others, request.preempt)
+        if not isinstance(victim, _VllmSeat):
+            return
+        victim.paused = True
+        victim.gate = seat.started
+        self.preempted.append(victim.request_id)
+        await engine.abort(victim.engine_id)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         self._chat_card(request.model)
@@ -298,14 +321,21 @@ class VllmEngine(Engine):
         constrained = dataclasses.replace(request, output_format=forced) if forced is not None else request
         params = _sampling_params(constrained, skip_special_tokens=parser.skip_special_tokens)
         rid = request.request_id
-        outputs = engine.generate(
-            compat.tokens_input(prompt_ids, prompt=prompt_text),
-            params,
-            rid,
-            lora_request=self._lora_requests.get(request.model),
-        )
+        self._seat_order += 1
+        seat = _VllmSeat(rid, request.owner, self._seat_order, resumable(constrained), engine_id=rid)
+        self._seats[rid] = seat
         self.in_flight.add(rid)
+        lora = self._lora_requests.get(request.model)
+        try:
+            await self._make_room(engine, request, seat)
+        except BaseException:
+            seat.started.set()
+            self._seats.pop(rid, None)
+            self.in_flight.discard(rid)
+            raise
+        outputs = engine.generate(compat.tokens_input(prompt_ids, prompt=prompt_text), params, rid, lora_request=lora)
         prompt_tokens = len(prompt_ids)
+        generated: list[int] = []
         cached = 0
         completion = 0
         emitted = False
@@ -324,14 +354,30 @@ class VllmEngine(Engine):
                     if not emitted and _is_client_error(exc):
                         raise RequestRejected(str(exc)) from exc
                     raise EngineError(f"vLLM failed: {exc}", before_first_token=not emitted) from exc
-                # vLLM reports the prefix-cache hit once the request is scheduled;
-                # keep the latest so every chunk carries the real figure.
-                if out.num_cached_tokens is not None:
+                seat.started.set()
+                # vLLM reports the prefix-cache hit once the request is scheduled; keep the latest so every
+                # chunk carries the real figure (a resumed sequence's hits are its own output: not the client's).
+                if out.num_cached_tokens is not None and seat.engine_id == rid:
                     cached = out.num_cached_tokens
                 piece = out.outputs[0]
                 completion += len(piece.token_ids)
+                generated.extend(piece.token_ids)
                 usage = TokenUsage(prompt_tokens=prompt_tokens, cached_tokens=cached, completion_tokens=completion)
                 text, reasoning = parser.feed(piece.text, list(piece.token_ids))
+                if out.finished and seat.paused and piece.finish_reason == "abort" and not seat.cancelled \
+                        and completion < params.max_tokens:
+                    if text or reasoning:
+                        emitted = True
+                        yield GenerationChunk(text=text, reasoning=reasoning, usage=usage)
+                    await outputs.aclose()
+                    await seat.gate.wait()
+                    if seat.cancelled:
+                        finished = True
+                        self.aborted.append(rid)
+                        yield GenerationChunk(finish_reason="abort", usage=usage)
+                        return
+                    outputs = self._resume(engine, seat, prompt_ids + generated, params, completion, lora)
+                    continue
                 if not out.finished:
                     emitted = emitted or bool(text or reasoning)
                     yield GenerationChunk(text=text, reasoning=reasoning, usage=usage)
@@ -360,10 +406,41 @@ class VllmEngine(Engine):
                 # sequence stops using KV cache and compute right now.
                 self.aborted.append(rid)
                 await outputs.aclose()
+            seat.started.set()
+            self._seats.pop(rid, None)
             self.in_flight.discard(rid)
+
+    def _resume(self, engine: AsyncLLM, seat: _VllmSeat, token_ids: list[int], params: Any, done: int,
+                lora: LoRARequest | None) -> Any:
+        """The paused sequence's continuation: its prompt and output so far as the prompt (mostly cached)."""
+        seat.paused = False
+        seat.resumes += 1
+        seat.engine_id = f"{seat.request_id}~{seat.resumes}"
+        log.info("sequence resumed after preemption", extra={"request_id": seat.request_id, "tokens_done": done})
+        return engine.generate(compat.tokens_input(token_ids), _continued(params, done), seat.engine_id,
+                               lora_request=lora)
 
 
 # -- helpers -------------------------------------------------------------------
+
+
+@dataclass
+class _VllmSeat(Seat):
+    engine_id: str = ""  # the id vLLM knows the current part by (a resumed sequence gets a new one)
+    paused: bool = False
+    cancelled: bool = False
+    resumes: int = 0
+    # Set once this request's first output arrived (or it ended): a sequence paused for it may go back in.
+    started: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    gate: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
+def _continued(params: Any, done: int) -> Any:
+    """The sampling parameters of a continuation after `done` output tokens: the same answer's remainder."""
+    rest = params.clone()
+    rest.max_tokens = params.max_tokens - done
+    rest.min_tokens = max(0, params.min_tokens - done)
+    return rest
 
 
 def _finish_reason(raw: str | None) -> FinishReason:
