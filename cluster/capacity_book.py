@@ -160,7 +160,8 @@ class CapacityBook:
                 running: dict[str, int] = {}
                 for held in m.run:
                     running[m.owner[held]] = running.get(m.owner[held], 0) + 1
-                victim = preemption_victim(chosen.account_id, m.vtc, m.act, running)
+                victim = preemption_victim(chosen.account_id, m.vtc, m.act, running,
+                                           {m.owner[e] for e in m.wait})
                 if victim is None:
                     return
                 m.pre[entry] = victim

@@ -143,29 +143,35 @@ def dispatch_allows(in_flight: int, capacity: int) -> bool:
 
 
 def preemption_victim(waiter: str, counters: Mapping[str, int], active: Mapping[str, int],
-                      running: Mapping[str, int]) -> str | None:
+                      running: Mapping[str, int], waiting: Iterable[str] = ()) -> str | None:
     """The account one of whose running sequences is paused for `waiter`'s request, or None.
 
     Called only when the model is full and `waiter`'s request is next in
     fair order. `running` maps accounts to their sequences running on the
-    model, `active` to their requests waiting or running (absent = 0). The
-    waiter must have nothing running; a victim runs at least
-    MIN_VICTIM_RUNNING sequences and stands strictly after the waiter by
-    `pick`'s key (counter, then requests held). Of those, the one furthest
-    behind in fair order: highest counter, then most requests held, then the
-    highest account id, so every store picks the same.
+    model, `active` to their requests waiting or running (absent = 0),
+    `waiting` lists the accounts with requests waiting. The waiter must have
+    nothing running; a victim runs at least MIN_VICTIM_RUNNING sequences and
+    stands strictly after the waiter by `pick`'s key (counter, then requests
+    held). Of those, the one furthest behind in fair order: highest counter,
+    then most requests held, then the highest account id, so every store
+    picks the same. The paused sequence takes the next free sequence, so no
+    other waiting account may stand before the victim: it would have had
+    that sequence without the preemption.
     """
     if running.get(waiter, 0) > 0:
         return None
-    own = (counters.get(waiter, 0), active.get(waiter, 0))
+
+    def key(account: str) -> tuple[int, int]:
+        return counters.get(account, 0), active.get(account, 0)
+
+    own = key(waiter)
     best: str | None = None
     best_key: tuple[int, int, str] | None = None
     for account, n in running.items():
-        if account == waiter or n < MIN_VICTIM_RUNNING:
+        if account == waiter or n < MIN_VICTIM_RUNNING or key(account) <= own:
             continue
-        key = (counters.get(account, 0), active.get(account, 0))
-        if key <= own:
-            continue
-        if best_key is None or (*key, account) > best_key:
-            best, best_key = account, (*key, account)
+        if best_key is None or (*key(account), account) > best_key:
+            best, best_key = account, (*key(account), account)
+    if best is None or any(a not in (waiter, best) and key(a) < key(best) for a in waiting):
+        return None
     return best

@@ -755,6 +755,22 @@ async def test_preemption_needs_a_victim_behind_the_waiter_and_fair_mode(h: Harn
             assert isinstance(outcome, CapacityWaiting)
 
 
+async def test_no_preemption_while_another_account_waits_ahead_of_the_victim(h: Harness) -> None:
+    terms = _terms(3, preempt=True)
+    for entry, account in (("h1", "heavy"), ("h2", "heavy"), ("m1", "mid")):
+        assert isinstance(await _acquire(h, terms, account, entry), CapacityGranted)
+    assert await h.store.capacity_renew(terms, "h1", 9_000, h.clock.now)
+    assert await h.store.capacity_renew(terms, "m1", 1_000, h.clock.now)
+    assert isinstance(await _acquire(h, terms, "mid", "m2"), CapacityWaiting)
+    # "light" is next in fair order and "heavy" holds two, but "mid" waits ahead of "heavy": pausing a
+    # heavy sequence would hand the next free one to it instead of to "mid". So "light" waits ...
+    assert isinstance(await _acquire(h, terms, "light", "l1"), CapacityWaiting)
+    # ... and is dispatched at the next release, "mid" after it.
+    await h.store.capacity_release(terms, "h2", 9_000, h.clock.now)
+    assert await _acquire(h, terms, "light", "l1") == CapacityGranted(h.clock.now + 10_000)
+    assert isinstance(await _acquire(h, terms, "mid", "m2"), CapacityWaiting)
+
+
 async def test_a_waiter_granted_by_preemption_learns_its_victim_when_it_asks_again(h: Harness) -> None:
     terms = _terms(2, preempt=True)
     for entry in ("h1", "h2"):

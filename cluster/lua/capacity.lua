@@ -107,18 +107,19 @@ local function fill(a, caller)
     if in_flight > a.capacity or (in_flight == a.capacity and not a.preempt) then return end
     local flat = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
     if #flat == 0 then return end
-    local waiting, counters, active = {}, {}, {}
+    local waiting, counters, active, accounts = {}, {}, {}, {}
     for i = 1, #flat, 2 do
       local account = redis.call('HGET', KEYS[2], flat[i]) or ''
       waiting[#waiting + 1] = {entry = flat[i], seq = tonumber(flat[i + 1]), account = account}
       if counters[account] == nil then
         counters[account] = counter_of(account)
         active[account] = tonumber(redis.call('HGET', KEYS[5], account) or '0')
+        accounts[#accounts + 1] = account
       end
     end
     local w = pick(waiting, counters, a.mode, active)
     if in_flight == a.capacity then
-      local victim = preemption_victim(w.account, counters, active, running_accounts(counters, active))
+      local victim = preemption_victim(w.account, counters, active, running_accounts(counters, active), accounts)
       if victim == nil then return end
       redis.call('HSET', KEYS[9], w.entry, victim)
     end

@@ -40,9 +40,10 @@ end
 
 -- policies.fairness.preemption_victim: `counters`, `active` and `running`
 -- map account -> counter, requests waiting or running, sequences running
--- (absent = 0). Returns the victim account or nil.
+-- (absent = 0); `waiting` lists the accounts with requests waiting.
+-- Returns the victim account or nil.
 local MIN_VICTIM_RUNNING = 2
-local function preemption_victim(waiter, counters, active, running)
+local function preemption_victim(waiter, counters, active, running, waiting)
   if (running[waiter] or 0) > 0 then return nil end
   local wc, wh = counters[waiter] or 0, active[waiter] or 0
   local best, bc, bh = nil, nil, nil
@@ -52,6 +53,13 @@ local function preemption_victim(waiter, counters, active, running)
       local after = c > wc or (c == wc and h > wh)
       local better = best == nil or c > bc or (c == bc and (h > bh or (h == bh and account > best)))
       if after and better then best, bc, bh = account, c, h end
+    end
+  end
+  if best == nil then return nil end
+  for _, account in ipairs(waiting) do
+    if account ~= waiter and account ~= best then
+      local c, h = counters[account] or 0, active[account] or 0
+      if c < bc or (c == bc and h < bh) then return nil end
     end
   end
   return best
