@@ -37,6 +37,7 @@ class _Model:
     seq: int = 0
     last: int | None = None
     capacity: int = 0
+    paused: str | None = None  # account whose sequence is paused while the model is one over capacity
 
 
 class CapacityBook:
@@ -149,6 +150,10 @@ class CapacityBook:
     def _fill(self, m: _Model, terms: CapacityTerms, now: int, caller: str | None = None) -> None:
         m.capacity = terms.capacity
         preempt = terms.preempt and terms.mode is SchedulerMode.FAIR
+        paused = None
+        if len(m.run) <= terms.capacity:
+            paused = m.paused if len(m.run) == terms.capacity else None
+            m.paused = None
         while m.wait:
             full = not dispatch_allows(len(m.run), terms.capacity)
             if full and (not preempt or len(m.run) > terms.capacity):
@@ -160,11 +165,10 @@ class CapacityBook:
                 running: dict[str, int] = {}
                 for held in m.run:
                     running[m.owner[held]] = running.get(m.owner[held], 0) + 1
-                victim = preemption_victim(chosen.account_id, m.vtc, m.act, running,
-                                           {m.owner[e] for e in m.wait})
+                victim = preemption_victim(chosen.account_id, m.vtc, m.act, running, paused)
                 if victim is None:
                     return
-                m.pre[entry] = victim
+                m.pre[entry] = m.paused = victim
             del m.wait[entry]
             m.wexp.pop(entry, None)
             m.run[entry] = now + terms.lease_ttl_ms

@@ -28,13 +28,13 @@ the lowest counter. Contract and invariants:
 - `fifo` (for comparison) dispatches in arrival order only; counters still grow.
 - Work-conserving: a request is held back only while the model runs
   `capacity` sequences (see `dispatch_allows`).
-- Preemption (opt-in, fair only): when the model is full and the next request
-  in fair order belongs to an account with nothing running on it, one
-  sequence of an account that holds at least MIN_VICTIM_RUNNING of them and
-  stands after the waiter in fair order is paused in the engine and resumes
-  at the next free sequence (see `preemption_victim`). Without it a returning
-  account waits for the next running answer to end, however far below the
-  others its counter is.
+- Preemption (fair only; a setting, on by default): when the model is full
+  and the next request in fair order belongs to an account with nothing
+  running on it, one sequence of an account that holds at least
+  MIN_VICTIM_RUNNING of them and stands after the waiter in fair order is
+  paused in the engine; it then waits in fair order for a free sequence
+  (see `preemption_victim`). Without it a returning account waits for the
+  next running answer to end, however far below the others its counter is.
 
 cluster/lua/fairness.lua implements `lift`, `pick` and `preemption_victim`;
 tests/test_fairness.py runs one table against both.
@@ -143,27 +143,36 @@ def dispatch_allows(in_flight: int, capacity: int) -> bool:
 
 
 def preemption_victim(waiter: str, counters: Mapping[str, int], active: Mapping[str, int],
-                      running: Mapping[str, int], waiting: Iterable[str] = ()) -> str | None:
+                      running: Mapping[str, int], paused: str | None = None) -> str | None:
     """The account one of whose running sequences is paused for `waiter`'s request, or None.
 
     Called only when the model is full and `waiter`'s request is next in
     fair order. `running` maps accounts to their sequences running on the
-    model, `active` to their requests waiting or running (absent = 0),
-    `waiting` lists the accounts with requests waiting. The waiter must have
-    nothing running; a victim runs at least MIN_VICTIM_RUNNING sequences and
-    stands strictly after the waiter by `pick`'s key (counter, then requests
-    held). Of those, the one furthest behind in fair order: highest counter,
-    then most requests held, then the highest account id, so every store
-    picks the same. The paused sequence takes the next free sequence, so no
-    other waiting account may stand before the victim: it would have had
-    that sequence without the preemption.
+    model (a paused one counts: it is still dispatched), `active` to their
+    requests waiting or running (absent = 0).
+
+    A new pause (`paused` None): the waiter must have nothing running; a
+    victim runs at least MIN_VICTIM_RUNNING sequences and stands strictly
+    after the waiter by `pick`'s key (counter, then requests held). Of those,
+    the one furthest behind in fair order: highest counter, then most
+    requests held, then the highest account id, so every store picks the same.
+
+    `paused` names the account whose sequence is paused and would take the
+    sequence that has just freed. That sequence waits in fair order like any
+    request: the waiter goes first, and the pause goes on (the answer is
+    `paused` again), only if it stands strictly before `paused`'s account,
+    whether or not it has sequences running, and `paused` still runs
+    MIN_VICTIM_RUNNING or more.
     """
-    if running.get(waiter, 0) > 0:
-        return None
 
     def key(account: str) -> tuple[int, int]:
         return counters.get(account, 0), active.get(account, 0)
 
+    if paused is not None:
+        goes_first = paused != waiter and key(waiter) < key(paused)
+        return paused if goes_first and running.get(paused, 0) >= MIN_VICTIM_RUNNING else None
+    if running.get(waiter, 0) > 0:
+        return None
     own = key(waiter)
     best: str | None = None
     best_key: tuple[int, int, str] | None = None
@@ -172,6 +181,4 @@ def preemption_victim(waiter: str, counters: Mapping[str, int], active: Mapping[
             continue
         if best_key is None or (*key(account), account) > best_key:
             best, best_key = account, (*key(account), account)
-    if best is None or any(a not in (waiter, best) and key(a) < key(best) for a in waiting):
-        return None
     return best

@@ -101,7 +101,7 @@ def test_pick_python(case: dict[str, Any]) -> None:
 @pytest.mark.parametrize("case", PREEMPTS, ids=[c["name"] for c in PREEMPTS])
 def test_preemption_victim_python(case: dict[str, Any]) -> None:
     assert preemption_victim(case["waiter"], case["counters"], case["active"], case["running"],
-                             case.get("waiting", [])) == case["expect"]
+                             case.get("paused")) == case["expect"]
 
 
 def test_a_backlogged_heavy_account_cannot_starve_a_light_one() -> None:
@@ -126,7 +126,7 @@ def test_a_backlogged_heavy_account_cannot_starve_a_light_one() -> None:
 PROBE = lua_source("fairness", ("bars",)) + """
 local case = cjson.decode(ARGV[1])
 if ARGV[2] == 'preempt' then
-  return preemption_victim(case.waiter, case.counters, case.active, case.running, case.waiting or {}) or ''
+  return preemption_victim(case.waiter, case.counters, case.active, case.running, case.paused) or ''
 end
 if ARGV[2] == 'lift' then
   local last = case.last

@@ -755,20 +755,30 @@ async def test_preemption_needs_a_victim_behind_the_waiter_and_fair_mode(h: Harn
             assert isinstance(outcome, CapacityWaiting)
 
 
-async def test_no_preemption_while_another_account_waits_ahead_of_the_victim(h: Harness) -> None:
-    terms = _terms(3, preempt=True)
-    for entry, account in (("h1", "heavy"), ("h2", "heavy"), ("m1", "mid")):
-        assert isinstance(await _acquire(h, terms, account, entry), CapacityGranted)
+async def test_a_paused_sequence_waits_in_fair_order_for_the_next_free_one(h: Harness) -> None:
+    terms = _terms(2, preempt=True)
+    for entry in ("h1", "h2"):
+        assert isinstance(await _acquire(h, terms, "heavy", entry), CapacityGranted)
     assert await h.store.capacity_renew(terms, "h1", 9_000, h.clock.now)
-    assert await h.store.capacity_renew(terms, "m1", 1_000, h.clock.now)
-    assert isinstance(await _acquire(h, terms, "mid", "m2"), CapacityWaiting)
-    # "light" is next in fair order and "heavy" holds two, but "mid" waits ahead of "heavy": pausing a
-    # heavy sequence would hand the next free one to it instead of to "mid". So "light" waits ...
-    assert isinstance(await _acquire(h, terms, "light", "l1"), CapacityWaiting)
-    # ... and is dispatched at the next release, "mid" after it.
+    assert isinstance(await _acquire(h, terms, "heavy", "h3"), CapacityWaiting)
+    assert await _acquire(h, terms, "light", "l1") == CapacityGranted(h.clock.now + 10_000, "heavy")
+    assert isinstance(await _acquire(h, terms, "late", "t1"), CapacityWaiting)  # one over already
+    # "light" ends: the paused heavy sequence would take its sequence, but "late" stands before "heavy"
+    # (the same counter, fewer requests held): "late" goes over capacity in turn and the pause goes on.
+    await h.store.capacity_release(terms, "l1", 0, h.clock.now)
+    assert await _acquire(h, terms, "late", "t1") == CapacityGranted(h.clock.now + 10_000, "heavy")
+    assert (await h.store.capacity_stats(terms, h.clock.now)).in_flight == 3
+    # "late" ends: next in fair order is "heavy" itself, so its paused sequence resumes on the freed one
+    # and its waiting request still waits ...
+    await h.store.capacity_release(terms, "t1", 0, h.clock.now)
+    assert isinstance(await h.store.capacity_acquire(terms, "heavy", "h3", 60_000, h.clock.now, join=False),
+                      CapacityWaiting)
+    stats = await h.store.capacity_stats(terms, h.clock.now)
+    assert (stats.in_flight, stats.waiting) == (2, 1)
+    # ... until one of its sequences ends.
     await h.store.capacity_release(terms, "h2", 9_000, h.clock.now)
-    assert await _acquire(h, terms, "light", "l1") == CapacityGranted(h.clock.now + 10_000)
-    assert isinstance(await _acquire(h, terms, "mid", "m2"), CapacityWaiting)
+    assert await h.store.capacity_acquire(terms, "heavy", "h3", 60_000, h.clock.now, join=False) == \
+        CapacityGranted(h.clock.now + 10_000)
 
 
 async def test_a_waiter_granted_by_preemption_learns_its_victim_when_it_asks_again(h: Harness) -> None:

@@ -12,7 +12,9 @@
 --   KEYS[5] act    hash  packserve:cap:{M}:act    account -> entries waiting or running (active accounts)
 --   KEYS[6] vtc    hash  packserve:cap:{M}:vtc    account -> virtual token counter
 --   KEYS[7] meta   hash  packserve:cap:{M}:meta   seq (arrival counter), last (counter of the
---                                                 account that went idle last), cap (last capacity)
+--                                                 account that went idle last), cap (last capacity),
+--                                                 paused (account whose sequence is paused, while
+--                                                 the model is one over its capacity)
 --   KEYS[8] paid   hash  packserve:cap:{M}:paid   entry_id -> counter units already added
 --   KEYS[9] pre    hash  packserve:cap:{M}:pre    entry_id -> account whose sequence the engine pauses
 --                                                 for it (dispatched over a full model)
@@ -102,26 +104,39 @@ end
 -- nobody is woken for it.
 local function fill(a, caller)
   redis.call('HSET', KEYS[7], 'cap', fmt(a.capacity))
+  -- Once the model is back at its capacity, the paused sequence takes the freed one unless a waiter
+  -- stands before it in fair order (then that waiter goes over capacity instead, and the pause goes on).
+  local paused = nil
+  local in_flight = redis.call('ZCARD', KEYS[1])
+  if in_flight <= a.capacity then
+    if in_flight == a.capacity then paused = redis.call('HGET', KEYS[7], 'paused') or nil end
+    redis.call('HDEL', KEYS[7], 'paused')
+  end
   while true do
-    local in_flight = redis.call('ZCARD', KEYS[1])
+    in_flight = redis.call('ZCARD', KEYS[1])
     if in_flight > a.capacity or (in_flight == a.capacity and not a.preempt) then return end
     local flat = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
     if #flat == 0 then return end
-    local waiting, counters, active, accounts = {}, {}, {}, {}
+    local waiting, counters, active = {}, {}, {}
     for i = 1, #flat, 2 do
       local account = redis.call('HGET', KEYS[2], flat[i]) or ''
       waiting[#waiting + 1] = {entry = flat[i], seq = tonumber(flat[i + 1]), account = account}
       if counters[account] == nil then
         counters[account] = counter_of(account)
         active[account] = tonumber(redis.call('HGET', KEYS[5], account) or '0')
-        accounts[#accounts + 1] = account
       end
     end
     local w = pick(waiting, counters, a.mode, active)
     if in_flight == a.capacity then
-      local victim = preemption_victim(w.account, counters, active, running_accounts(counters, active), accounts)
+      local running = running_accounts(counters, active)
+      if paused ~= nil and counters[paused] == nil then
+        counters[paused] = counter_of(paused)
+        active[paused] = tonumber(redis.call('HGET', KEYS[5], paused) or '0')
+      end
+      local victim = preemption_victim(w.account, counters, active, running, paused)
       if victim == nil then return end
       redis.call('HSET', KEYS[9], w.entry, victim)
+      redis.call('HSET', KEYS[7], 'paused', victim)
     end
     redis.call('ZREM', KEYS[3], w.entry)
     redis.call('ZREM', KEYS[4], w.entry)

@@ -40,12 +40,18 @@ end
 
 -- policies.fairness.preemption_victim: `counters`, `active` and `running`
 -- map account -> counter, requests waiting or running, sequences running
--- (absent = 0); `waiting` lists the accounts with requests waiting.
--- Returns the victim account or nil.
+-- (absent = 0); `paused` is the account whose paused sequence would take
+-- the freed sequence, or nil. Returns the victim account or nil.
 local MIN_VICTIM_RUNNING = 2
-local function preemption_victim(waiter, counters, active, running, waiting)
-  if (running[waiter] or 0) > 0 then return nil end
+local function preemption_victim(waiter, counters, active, running, paused)
   local wc, wh = counters[waiter] or 0, active[waiter] or 0
+  if paused ~= nil then
+    local pc, ph = counters[paused] or 0, active[paused] or 0
+    local first = paused ~= waiter and (wc < pc or (wc == pc and wh < ph))
+    if first and (running[paused] or 0) >= MIN_VICTIM_RUNNING then return paused end
+    return nil
+  end
+  if (running[waiter] or 0) > 0 then return nil end
   local best, bc, bh = nil, nil, nil
   for account, n in pairs(running) do
     if account ~= waiter and n >= MIN_VICTIM_RUNNING then
@@ -53,13 +59,6 @@ local function preemption_victim(waiter, counters, active, running, waiting)
       local after = c > wc or (c == wc and h > wh)
       local better = best == nil or c > bc or (c == bc and (h > bh or (h == bh and account > best)))
       if after and better then best, bc, bh = account, c, h end
-    end
-  end
-  if best == nil then return nil end
-  for _, account in ipairs(waiting) do
-    if account ~= waiter and account ~= best then
-      local c, h = counters[account] or 0, active[account] or 0
-      if c < bc or (c == bc and h < bh) then return nil end
     end
   end
   return best
