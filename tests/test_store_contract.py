@@ -709,12 +709,18 @@ async def test_a_returning_account_ties_and_goes_before_the_older_queue_of_a_bus
     assert isinstance(await _acquire(h, terms, "busy", "b2"), CapacityWaiting)
 
 
-async def test_preemption_dispatches_a_returning_account_over_a_full_model_once(h: Harness) -> None:
+async def _heavy_holds_the_model(h: Harness) -> CapacityTerms:
+    """Two sequences, both "heavy"'s (h1 served 9_000 counter units so far), and its h3 waiting."""
     terms = _terms(2, preempt=True)
     for entry in ("h1", "h2"):
         assert isinstance(await _acquire(h, terms, "heavy", entry), CapacityGranted)
     assert await h.store.capacity_renew(terms, "h1", 9_000, h.clock.now)
     assert isinstance(await _acquire(h, terms, "heavy", "h3"), CapacityWaiting)
+    return terms
+
+
+async def test_preemption_dispatches_a_returning_account_over_a_full_model_once(h: Harness) -> None:
+    terms = await _heavy_holds_the_model(h)
     # Nothing running for "light": its request goes at once, over the capacity, naming the account to pause.
     assert await _acquire(h, terms, "light", "l1") == CapacityGranted(h.clock.now + 10_000, "heavy")
     stats = await h.store.capacity_stats(terms, h.clock.now)
@@ -756,11 +762,7 @@ async def test_preemption_needs_a_victim_behind_the_waiter_and_fair_mode(h: Harn
 
 
 async def test_a_paused_sequence_waits_in_fair_order_for_the_next_free_one(h: Harness) -> None:
-    terms = _terms(2, preempt=True)
-    for entry in ("h1", "h2"):
-        assert isinstance(await _acquire(h, terms, "heavy", entry), CapacityGranted)
-    assert await h.store.capacity_renew(terms, "h1", 9_000, h.clock.now)
-    assert isinstance(await _acquire(h, terms, "heavy", "h3"), CapacityWaiting)
+    terms = await _heavy_holds_the_model(h)
     assert await _acquire(h, terms, "light", "l1") == CapacityGranted(h.clock.now + 10_000, "heavy")
     assert isinstance(await _acquire(h, terms, "late", "t1"), CapacityWaiting)  # one over already
     # "light" ends: the paused heavy sequence would take its sequence, but "late" stands before "heavy"

@@ -109,8 +109,11 @@ local function fill(a, caller)
   local paused = nil
   local in_flight = redis.call('ZCARD', KEYS[1])
   if in_flight <= a.capacity then
-    if in_flight == a.capacity then paused = redis.call('HGET', KEYS[7], 'paused') or nil end
-    redis.call('HDEL', KEYS[7], 'paused')
+    local stored = redis.call('HGET', KEYS[7], 'paused')
+    if stored then
+      redis.call('HDEL', KEYS[7], 'paused')
+      if in_flight == a.capacity then paused = stored end
+    end
   end
   while true do
     in_flight = redis.call('ZCARD', KEYS[1])
