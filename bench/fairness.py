@@ -420,7 +420,7 @@ def vllm_stack(data_dir: Path, redis_url: str, mode: str, preempt: bool) -> Any:
 
     config = config.model_copy(
         update={"scheduler": config.scheduler.model_copy(update={"mode": SchedulerMode(mode), "preempt": preempt})})
-    log(f"vllm ({mode}): starting Ray and Serve on port {port}")
+    log(f"vllm ({mode}, preempt {preempt}): starting Ray and Serve on port {port}")
     node = ray_env.init_local(ray_env.engine_cpu_split(), include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
@@ -432,7 +432,7 @@ def vllm_stack(data_dir: Path, redis_url: str, mode: str, preempt: bool) -> Any:
         wait_up(base)
         yield base, admin_token, SMOLLM_ID
     finally:
-        log(f"vllm ({mode}): stopping Ray")
+        log(f"vllm ({mode}, preempt {preempt}): stopping Ray")
         try:
             serve.shutdown()  # type: ignore[no-untyped-call]
         finally:
