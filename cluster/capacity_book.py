@@ -9,7 +9,7 @@ Callers hold the store's lock, so each method is one atomic step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from cluster.store import (
@@ -97,12 +97,7 @@ class CapacityBook:
         m = self._model(terms.model)
         self._expire(m, now)
         self._fill(m, terms, now)
-        running: dict[str, int] = {}
-        waiting: dict[str, int] = {}
-        for entry in m.run:
-            running[m.owner[entry]] = running.get(m.owner[entry], 0) + 1
-        for entry in m.wait:
-            waiting[m.owner[entry]] = waiting.get(m.owner[entry], 0) + 1
+        running, waiting = _per_account(m, m.run), _per_account(m, m.wait)
         loads = [AccountLoad(a, m.vtc.get(a, 0), running.get(a, 0), waiting.get(a, 0)) for a in m.act]
         return CapacityStats(terms.model, terms.capacity, len(m.run), len(m.wait), _by_counter(loads))
 
@@ -162,10 +157,7 @@ class CapacityBook:
             assert chosen is not None
             entry = next(e for e, seq in m.wait.items() if seq == chosen.seq)
             if full:
-                running: dict[str, int] = {}
-                for held in m.run:
-                    running[m.owner[held]] = running.get(m.owner[held], 0) + 1
-                victim = preemption_victim(chosen.account_id, m.vtc, m.act, running, paused)
+                victim = preemption_victim(chosen.account_id, m.vtc, m.act, _per_account(m, m.run), paused)
                 if victim is None:
                     return
                 m.pre[entry] = m.paused = victim
@@ -174,6 +166,14 @@ class CapacityBook:
             m.run[entry] = now + terms.lease_ttl_ms
             if entry != caller:  # the caller learns of its own grant from the reply
                 self._granted(terms.model, entry)
+
+
+def _per_account(m: _Model, entries: Iterable[str]) -> dict[str, int]:
+    """Entries per account (of `m.run`: sequences running; of `m.wait`: requests waiting)."""
+    count: dict[str, int] = {}
+    for entry in entries:
+        count[m.owner[entry]] = count.get(m.owner[entry], 0) + 1
+    return count
 
 
 def _by_counter(loads: list[AccountLoad]) -> tuple[AccountLoad, ...]:

@@ -9,15 +9,7 @@
 local a = cap_args()
 expire(a.now)
 fill(a)
-local running, waiting = {}, {}
-for _, entry in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local account = redis.call('HGET', KEYS[2], entry) or ''
-  running[account] = (running[account] or 0) + 1
-end
-for _, entry in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
-  local account = redis.call('HGET', KEYS[2], entry) or ''
-  waiting[account] = (waiting[account] or 0) + 1
-end
+local running, waiting = per_account(KEYS[1]), per_account(KEYS[3])
 local out = {fmt(a.capacity), fmt(redis.call('ZCARD', KEYS[1])), fmt(redis.call('ZCARD', KEYS[3]))}
 for _, account in ipairs(redis.call('HKEYS', KEYS[5])) do
   out[#out + 1] = account

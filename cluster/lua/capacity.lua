@@ -33,6 +33,14 @@ local function counter_of(account)
   return tonumber(redis.call('HGET', KEYS[6], account) or '0')
 end
 
+-- Looks up an account's counter and active count once into the tables the ordering rules read.
+local function note(account, counters, active)
+  if counters[account] == nil then
+    counters[account] = counter_of(account)
+    active[account] = tonumber(redis.call('HGET', KEYS[5], account) or '0')
+  end
+end
+
 -- An account becomes active with its first entry: lifted (policies.fairness.lift).
 local function activate(account)
   if not redis.call('HGET', KEYS[5], account) then
@@ -82,20 +90,14 @@ local function expire(now)
   end
 end
 
--- Sequences running per account (dispatched entries), with their counters and active counts.
-local function running_accounts(counters, active)
-  local running = {}
-  for _, entry in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-    local account = redis.call('HGET', KEYS[2], entry)
-    if account then
-      running[account] = (running[account] or 0) + 1
-      if counters[account] == nil then
-        counters[account] = counter_of(account)
-        active[account] = tonumber(redis.call('HGET', KEYS[5], account) or '0')
-      end
-    end
+-- Entries per account in a zset of entries (KEYS[1]: sequences running; KEYS[3]: requests waiting).
+local function per_account(key)
+  local count = {}
+  for _, entry in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    local account = redis.call('HGET', KEYS[2], entry) or ''
+    count[account] = (count[account] or 0) + 1
   end
-  return running
+  return count
 end
 
 -- Work-conserving: dispatch waiting entries while the model has a free sequence; with preemption,
@@ -124,18 +126,13 @@ local function fill(a, caller)
     for i = 1, #flat, 2 do
       local account = redis.call('HGET', KEYS[2], flat[i]) or ''
       waiting[#waiting + 1] = {entry = flat[i], seq = tonumber(flat[i + 1]), account = account}
-      if counters[account] == nil then
-        counters[account] = counter_of(account)
-        active[account] = tonumber(redis.call('HGET', KEYS[5], account) or '0')
-      end
+      note(account, counters, active)
     end
     local w = pick(waiting, counters, a.mode, active)
     if in_flight == a.capacity then
-      local running = running_accounts(counters, active)
-      if paused ~= nil and counters[paused] == nil then
-        counters[paused] = counter_of(paused)
-        active[paused] = tonumber(redis.call('HGET', KEYS[5], paused) or '0')
-      end
+      local running = per_account(KEYS[1])
+      for account in pairs(running) do note(account, counters, active) end
+      if paused ~= nil then note(paused, counters, active) end
       local victim = preemption_victim(w.account, counters, active, running, paused)
       if victim == nil then return end
       redis.call('HSET', KEYS[9], w.entry, victim)

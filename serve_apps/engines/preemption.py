@@ -12,18 +12,23 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from serve_apps.engines.types import GenerationRequest
 
 
 @dataclass
 class Seat:
-    """A running sequence: whose, and in which order it started (higher: younger)."""
+    """A running sequence: whose, in which order it started (higher: younger), and whether it is paused."""
 
     request_id: str
     owner: str
     order: int
     resumable: bool = True
+    paused: bool = False
+
+
+S = TypeVar("S", bound=Seat)
 
 
 def resumable(request: GenerationRequest) -> bool:
@@ -40,14 +45,14 @@ def resumable(request: GenerationRequest) -> bool:
             and s.presence_penalty == 0 and s.frequency_penalty == 0)
 
 
-def choose_victim(seats: Iterable[Seat], preempt: str) -> Seat | None:
-    """The youngest resumable sequence of `preempt` (least output to recompute).
+def choose_victim(seats: Iterable[S], preempt: str) -> S | None:
+    """The youngest resumable sequence of `preempt` (least output to recompute), of those not paused.
 
     When this replica runs none of that account's (the scheduler counts the
     whole model, a router spread it), the youngest of the account running
     the most sequences here, if it runs two or more; else None.
     """
-    candidates = [s for s in seats if s.resumable]
+    candidates = [s for s in seats if s.resumable and not s.paused]
     named = [s for s in candidates if s.owner == preempt]
     if named:
         return max(named, key=lambda s: s.order)

@@ -35,7 +35,6 @@ import random
 import re
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from serve_apps.engines.errors import UnknownModel
@@ -261,7 +260,7 @@ class SimulatedEngine(Engine):
         self.max_seqs = max_seqs
         # asyncio.Semaphore hands a freed place to the longest waiter: arrival order.
         self._seqs: dict[str, asyncio.Semaphore] = {}
-        self._seats: dict[str, dict[str, _SimSeat]] = {}  # model -> request id -> its seat, while it has one
+        self._seats: dict[str, dict[str, Seat]] = {}  # model -> request id -> its seat, while it has one
         self._seat_order = 0
         self.preempted: list[str] = []
         self.running: dict[str, int] = {}
@@ -344,7 +343,7 @@ class SimulatedEngine(Engine):
         finished = False
         emitted_tokens = 0
         seq = self._seq_slot(request.model)
-        seat: _SimSeat | None = None
+        seat: Seat | None = None
         try:
             if seq is not None:
                 seat = await self._take_seat(request, seq)
@@ -361,7 +360,8 @@ class SimulatedEngine(Engine):
                     # sleep(0) still yields to the loop, so a cancel lands between tokens.
                     await asyncio.sleep(1.0 / self.tokens_per_s if self.tokens_per_s else 0)
                 if seat is not None and seat.paused and seq is not None:
-                    seat = await self._resume(request, seq, seat)
+                    # Paused: wait for the next free seat (the prefix cache holds its prompt and output).
+                    seat = await self._next_seat(request, seq)
                 if rid in self._abort_requested:
                     finished = True
                     self.aborted.append(rid)
@@ -398,44 +398,36 @@ class SimulatedEngine(Engine):
 
     # -- sequences and preemption ---------------------------------------------
 
-    def _seat(self, request: GenerationRequest) -> _SimSeat:
+    def _seat(self, request: GenerationRequest) -> Seat:
         self._seat_order += 1
-        seat = _SimSeat(request.request_id, request.owner, self._seat_order, resumable(request))
+        seat = Seat(request.request_id, request.owner, self._seat_order, resumable(request))
         self._seats.setdefault(request.model, {})[request.request_id] = seat
         return seat
 
-    async def _take_seat(self, request: GenerationRequest, seq: asyncio.Semaphore) -> _SimSeat:
-        """A free seat, or with `preempt` on a full model a victim's (it is paused), or the next one freed."""
+    async def _take_seat(self, request: GenerationRequest, seq: asyncio.Semaphore) -> Seat:
+        """With `preempt` on a full model a victim's seat (it is paused), else the next one free."""
         seats = self._seats.get(request.model, {})
         victim = (choose_victim(seats.values(), request.preempt)
                   if request.preempt is not None and seq.locked() else None)
-        if isinstance(victim, _SimSeat):
-            # The victim's seat passes to this request: the running count does not change.
-            victim.paused = True
-            del seats[victim.request_id]
-            self.preempted.append(victim.request_id)
-            return self._seat(request)
+        if victim is None:
+            return await self._next_seat(request, seq)
+        # The victim's seat passes to this request: the running count does not change.
+        victim.paused = True
+        del seats[victim.request_id]
+        self.preempted.append(victim.request_id)
+        return self._seat(request)
+
+    async def _next_seat(self, request: GenerationRequest, seq: asyncio.Semaphore) -> Seat:
         await seq.acquire()
         self._count_running(request.model, +1)
         return self._seat(request)
 
-    async def _resume(self, request: GenerationRequest, seq: asyncio.Semaphore, seat: _SimSeat) -> _SimSeat:
-        """A paused sequence waits for the next free seat (the prefix cache holds its prompt and output)."""
-        await seq.acquire()
-        self._count_running(request.model, +1)
-        return self._seat(request)
-
-    def _leave_seat(self, model: str, seq: asyncio.Semaphore, seat: _SimSeat) -> None:
+    def _leave_seat(self, model: str, seq: asyncio.Semaphore, seat: Seat) -> None:
         if seat.paused:
             return  # its seat went to the preempting request, which releases it
         self._seats.get(model, {}).pop(seat.request_id, None)
         seq.release()
         self._count_running(model, -1)
-
-
-@dataclass
-class _SimSeat(Seat):
-    paused: bool = False
 
 
 def _usage(prompt_tokens: Sequence[str], cached: int, completion: int) -> TokenUsage:

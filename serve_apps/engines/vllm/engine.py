@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, KeysView, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -109,7 +109,6 @@ class VllmEngine(Engine):
         self._tokenizer_lock = asyncio.Lock()
         self._render_lock = threading.Lock()
         self._closed = False
-        self.in_flight: set[str] = set()
         # Ids whose generation ended early (abort() or the consumer going away), in order.
         self.aborted: list[str] = []
         self._seats: dict[str, _VllmSeat] = {}  # request id -> its sequence, while it is in the engine
@@ -266,10 +265,15 @@ class VllmEngine(Engine):
         if self._engine is not None:
             await self._engine.check_health()
 
+    @property
+    def in_flight(self) -> KeysView[str]:
+        """Ids of the requests in the engine (running, waiting or paused)."""
+        return self._seats.keys()
+
     async def abort(self, request_id: str) -> None:
         # Only running ids: aborting a finished id must not hit a later request reusing it.
         seat = self._seats.get(request_id)
-        if self._engine is not None and request_id in self.in_flight and seat is not None:
+        if self._engine is not None and seat is not None:
             seat.cancelled = True  # a paused one must not resume
             await self._engine.abort(seat.engine_id)
 
@@ -281,9 +285,8 @@ class VllmEngine(Engine):
         """
         if request.preempt is None or len(self._seats) - 1 < self.args.max_num_seqs:
             return
-        others = [s for s in self._seats.values() if s is not seat and not s.paused]
-        victim = choose_victim(others, request.preempt)
-        if not isinstance(victim, _VllmSeat):
+        victim = choose_victim((s for s in self._seats.values() if s is not seat), request.preempt)
+        if victim is None:
             return
         victim.paused = True
         victim.gate = seat.started
@@ -324,14 +327,11 @@ class VllmEngine(Engine):
         self._seat_order += 1
         seat = _VllmSeat(rid, request.owner, self._seat_order, resumable(constrained), engine_id=rid)
         self._seats[rid] = seat
-        self.in_flight.add(rid)
         lora = self._lora_requests.get(request.model)
         try:
             await self._make_room(engine, request, seat)
         except BaseException:
-            seat.started.set()
-            self._seats.pop(rid, None)
-            self.in_flight.discard(rid)
+            self._leave(seat)
             raise
         outputs = engine.generate(compat.tokens_input(prompt_ids, prompt=prompt_text), params, rid, lora_request=lora)
         prompt_tokens = len(prompt_ids)
@@ -406,9 +406,12 @@ class VllmEngine(Engine):
                 # sequence stops using KV cache and compute right now.
                 self.aborted.append(rid)
                 await outputs.aclose()
-            seat.started.set()
-            self._seats.pop(rid, None)
-            self.in_flight.discard(rid)
+            self._leave(seat)
+
+    def _leave(self, seat: _VllmSeat) -> None:
+        """The request is out of the engine; a sequence paused for it may go back in."""
+        seat.started.set()
+        self._seats.pop(seat.request_id, None)
 
     def _resume(self, engine: AsyncLLM, seat: _VllmSeat, token_ids: list[int], params: Any, done: int,
                 lora: LoRARequest | None) -> Any:
@@ -427,7 +430,6 @@ class VllmEngine(Engine):
 @dataclass
 class _VllmSeat(Seat):
     engine_id: str = ""  # the id vLLM knows the current part by (a resumed sequence gets a new one)
-    paused: bool = False
     cancelled: bool = False
     resumes: int = 0
     # Set once this request's first output arrived (or it ended): a sequence paused for it may go back in.
