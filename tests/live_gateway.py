@@ -28,6 +28,15 @@ ADMIN_TOKEN = "test-admin-token"
 T = TypeVar("T")
 
 
+def wait_for(check: Callable[..., Any], what: str, attempts: int = 500) -> None:
+    """Poll `check` every 10 ms, `attempts` times at most (a bound in polls, so a slow machine waits longer)."""
+    for _ in range(attempts):
+        if check():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

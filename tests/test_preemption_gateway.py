@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from tests.conftest import RedisServer
-from tests.live_gateway import LiveGateway
+from tests.live_gateway import LiveGateway, wait_for
 
 LARGE = "hf:packserve/sim-large"
 HEAVY_TOKENS = 300
@@ -57,20 +57,12 @@ class HeavyStream:
             self.done.set()
 
 
-def wait_for(check: Any, what: str, attempts: int = 1000) -> None:
-    for _ in range(attempts):
-        if check():
-            return
-        threading.Event().wait(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def hold_the_model(gw: LiveGateway) -> list[HeavyStream]:
     _, key = gw.new_key(plan="payg", concurrency=4)
     heavy = []
     for name in ("first", "second"):
         heavy.append(HeavyStream(gw, key, name))
-        wait_for(lambda h=heavy[-1]: h.chunks >= 3, f"the {name} heavy stream to start")
+        wait_for(lambda h=heavy[-1]: h.chunks >= 3, f"the {name} heavy stream to start", attempts=1000)
     return heavy
 
 
@@ -106,7 +98,7 @@ def test_a_returning_account_is_served_at_once_and_the_paused_stream_completes(
         for h, twin in zip(heavy, again, strict=True):
             assert twin.done.wait(60)
             assert h.text == twin.text and twin.completion_tokens == HEAVY_TOKENS, h.name
-        wait_for(lambda: capacity(gw) == (0, 0), "every sequence to come back")
+        wait_for(lambda: capacity(gw) == (0, 0), "every sequence to come back", attempts=1000)
 
 
 def capacity(gw: LiveGateway) -> tuple[int, int]:

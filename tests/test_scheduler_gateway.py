@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from tests.conftest import RedisServer
-from tests.live_gateway import LiveGateway
+from tests.live_gateway import LiveGateway, wait_for
 
 LARGE = "hf:packserve/sim-large"
 WAIT_BOUND_S = 0.3
@@ -81,14 +81,6 @@ def raw_request(gw: LiveGateway, key: str) -> socket.socket:
                   f"authorization: Bearer {key}\r\ncontent-type: application/json\r\n"
                   f"content-length: {len(body)}\r\n\r\n{body}").encode())
     return sock
-
-
-def wait_for(check: Any, what: str, attempts: int = 500) -> None:
-    for _ in range(attempts):
-        if check():
-            return
-        threading.Event().wait(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def charged_nothing(gw: LiveGateway, account_id: str, key: str) -> None:

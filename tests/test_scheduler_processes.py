@@ -29,7 +29,7 @@ import httpx
 import pytest
 from redis import Redis
 
-from tests.live_gateway import ADMIN_TOKEN, free_port
+from tests.live_gateway import ADMIN_TOKEN, free_port, wait_for
 
 LARGE = "hf:packserve/sim-large"
 LEASE_TTL_S = 1.0
@@ -127,14 +127,6 @@ class Stream:
         self.thread.join(60)
 
 
-def until(check: Any, what: str, attempts: int = 1000) -> None:
-    for _ in range(attempts):
-        if check():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def arrivals(redis: Redis) -> int:
     """Requests that have asked for the model so far (the store's arrival sequence: it only grows)."""
     return int(redis.hget(f"packserve:cap:{{{LARGE}}}:meta", "seq") or 0)
@@ -162,10 +154,10 @@ def test_two_gateways_share_capacity_and_dispatch_by_counter(gateways: list[Gate
     # the light ones arrive, however slowly a loaded machine sends them.
     for i, tokens in enumerate((80, 80, 10, 10)):
         streams.append(Stream(gateways[i % 2], heavy, tokens, f"H{i + 1}"))
-        until(lambda n=i + 1: arrivals(redis) >= n, f"H{i + 1} to arrive")
+        wait_for(lambda n=i + 1: arrivals(redis) >= n, f"H{i + 1} to arrive", attempts=1000)
     for j, key in enumerate(lights):
         streams.append(Stream(gateways[(j + 1) % 2], key, 10, f"L{j + 1}"))
-        until(lambda n=j + 5: arrivals(redis) >= n, f"L{j + 1} to arrive")
+        wait_for(lambda n=j + 5: arrivals(redis) >= n, f"L{j + 1} to arrive", attempts=1000)
     for s in streams:
         s.join()
     sampling.set()
@@ -192,9 +184,9 @@ def test_two_gateways_share_capacity_and_dispatch_by_counter(gateways: list[Gate
 def test_a_sigkilled_gateways_capacity_comes_back_within_the_lease_ttl(gateways: list[Gateway]) -> None:
     doomed, survivor = gateways
     holders = [Stream(doomed, doomed.key(plan="subscription", packs=["standard"]), 2000, f"K{i}") for i in range(2)]
-    until(lambda: survivor.capacity()["in_flight"] == 2, "the doomed gateway to hold both sequences")
+    wait_for(lambda: survivor.capacity()["in_flight"] == 2, "the doomed gateway to hold both sequences", attempts=1000)
     waiter = Stream(survivor, survivor.key(plan="subscription", packs=["standard"]), 5, "W")
-    until(lambda: survivor.capacity()["waiting"] == 1, "the survivor's request to wait")
+    wait_for(lambda: survivor.capacity()["waiting"] == 1, "the survivor's request to wait", attempts=1000)
     doomed.proc.send_signal(signal.SIGKILL)
     doomed.proc.wait(10)
     # The waiter's bound is a few lease TTLs, the dead streams' length a minute: it is served only if the
