@@ -137,6 +137,8 @@ class Target:
 
 # The schedulers compared: (label, mode, preempt). "fair" is the default (preemption on).
 SCHEDULERS = (("fifo", "fifo", False), (NO_PREEMPT := "fair, no preemption", "fair", False), ("fair", "fair", True))
+# Each compared with fifo: (scheduler label, figure key prefix).
+RATIOS = (("fair", "fair_vs_fifo"), (NO_PREEMPT, "no_preemption_vs_fifo"))
 
 
 def gateway_argv(port: int, redis_url: str, args: argparse.Namespace, mode: str | None,
@@ -346,11 +348,7 @@ async def measure(targets: dict[str, Target], args: argparse.Namespace) -> dict[
         inter = [await interactive_phase(t, args, flood=True) for t in compared]
         inter.append(await interactive_phase(fair, args, flood=False))
         figures["interactive"] = inter
-        by = {row["scheduler"]: row for row in inter}
-        fifo_p95 = by["fifo"]["light_ttft_p95_ms"]
-        for label, key in (("fair", "fair_vs_fifo"), (NO_PREEMPT, "no_preemption_vs_fifo")):
-            figures[f"{key}_light_p95"] = by[label]["light_ttft_p95_ms"] / fifo_p95 if fifo_p95 else float("nan")
-            figures[f"{key}_tokens_per_s"] = by[label]["tokens_per_s"] / by["fifo"]["tokens_per_s"]
+        figures.update(versus_fifo(inter))
     if "c" in args.phases:
         log("(c) scheduler overhead, model unsaturated ...")
         figures["overhead"] = await overhead(fair, plain, args)
@@ -488,13 +486,21 @@ def run_vllm(args: argparse.Namespace) -> dict[str, Any]:
             with vllm_stack(data_dir, f"{url[:-1]}{db}", mode, preempt) as (base, token, model):
                 target = vllm_accounts(base, token, model, label, args)
                 rows += asyncio.run(vllm_scenario(target, label, args))
-    by = {r["scheduler"]: r for r in rows}
-    figures: dict[str, Any] = {"vllm": rows}
-    if "fifo" in by:
-        for label, key in (("fair", "fair_vs_fifo"), (NO_PREEMPT, "no_preemption_vs_fifo")):
-            if label in by:
-                figures[f"{key}_light_p95"] = by[label]["light_ttft_p95_ms"] / by["fifo"]["light_ttft_p95_ms"]
-                figures[f"{key}_tokens_per_s"] = by[label]["tokens_per_s"] / by["fifo"]["tokens_per_s"]
+    return {"vllm": rows, **versus_fifo(rows)}
+
+
+def versus_fifo(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The fair schedulers' light p95 TTFT and total tokens/s under the flood over fifo's (of the rows run)."""
+    by = {row["scheduler"]: row for row in rows}
+    if "fifo" not in by:
+        return {}
+    fifo = by["fifo"]
+    figures: dict[str, float] = {}
+    for label, key in RATIOS:
+        if label in by:
+            p95 = fifo["light_ttft_p95_ms"]
+            figures[f"{key}_light_p95"] = by[label]["light_ttft_p95_ms"] / p95 if p95 else float("nan")
+            figures[f"{key}_tokens_per_s"] = by[label]["tokens_per_s"] / fifo["tokens_per_s"]
     return figures
 
 
@@ -592,7 +598,7 @@ def main() -> None:
 
 def print_ratios(figures: dict[str, Any]) -> None:
     print()
-    for key, label in (("fair_vs_fifo", "fair"), ("no_preemption_vs_fifo", NO_PREEMPT)):
+    for label, key in RATIOS:
         if f"{key}_light_p95" in figures:
             print(f"{label} / fifo: lights' p95 TTFT under the flood {figures[f'{key}_light_p95']:.3f}, "
                   f"total tokens/s {figures[f'{key}_tokens_per_s']:.3f}")

@@ -21,7 +21,7 @@ from cluster.store import (
     CapacityTerms,
     CapacityWaiting,
 )
-from policies.fairness import SchedulerMode, Waiting, dispatch_allows, lift, pick, preemption_victim
+from policies.fairness import Waiting, dispatch_allows, lift, pick, preemption_victim
 
 
 @dataclass
@@ -144,7 +144,7 @@ class CapacityBook:
 
     def _fill(self, m: _Model, terms: CapacityTerms, now: int, caller: str | None = None) -> None:
         m.capacity = terms.capacity
-        preempt = terms.preempt and terms.mode is SchedulerMode.FAIR
+        preempt = terms.preempts
         paused = None
         if len(m.run) <= terms.capacity:
             paused = m.paused if len(m.run) == terms.capacity else None

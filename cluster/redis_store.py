@@ -919,7 +919,7 @@ class RedisStore:
 
     def _capacity_args(self, terms: CapacityTerms, now_ms: int | None) -> list[str | int]:
         return [self._now_arg(now_ms), terms.capacity, terms.mode.value, terms.lease_ttl_ms,
-                self._capacity_wake(terms.model), 1 if terms.preempt else 0]
+                self._capacity_wake(terms.model), 1 if terms.preempts else 0]
 
     async def capacity_acquire(self, terms: CapacityTerms, account_id: str, entry_id: str, wait_ttl_ms: int,
                                now_ms: int | None = None, *, join: bool = True) -> CapacityOutcome:

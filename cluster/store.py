@@ -135,6 +135,11 @@ class CapacityTerms:
     lease_ttl_ms: int
     preempt: bool = False
 
+    @property
+    def preempts(self) -> bool:
+        """Whether this model's store may dispatch over its capacity: `preempt`, in fair mode only."""
+        return self.preempt and self.mode is SchedulerMode.FAIR
+
 
 @dataclass(frozen=True)
 class CapacityGranted:

@@ -173,12 +173,6 @@ def preemption_victim(waiter: str, counters: Mapping[str, int], active: Mapping[
         return paused if goes_first and running.get(paused, 0) >= MIN_VICTIM_RUNNING else None
     if running.get(waiter, 0) > 0:
         return None
-    own = key(waiter)
-    best: str | None = None
-    best_key: tuple[int, int, str] | None = None
-    for account, n in running.items():
-        if account == waiter or n < MIN_VICTIM_RUNNING or key(account) <= own:
-            continue
-        if best_key is None or (*key(account), account) > best_key:
-            best, best_key = account, (*key(account), account)
-    return best
+    behind = [account for account, n in running.items()
+              if account != waiter and n >= MIN_VICTIM_RUNNING and key(account) > key(waiter)]
+    return max(behind, key=lambda account: (*key(account), account), default=None)

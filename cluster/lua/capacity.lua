@@ -21,12 +21,13 @@
 -- ARGV (every capacity script): [1] now ms or '' (Redis TIME); [2] capacity
 -- (sequences at once, as the calling gateway sees the model); [3] mode
 -- 'fair' | 'fifo'; [4] lease ttl ms; [5] wake-up channel prefix (the entry id
--- is appended: one channel per waiting request); [6] '1' to preempt (fair
--- only), else '0'. Script arguments follow.
+-- is appended: one channel per waiting request); [6] '1' to preempt (the
+-- caller sends it in fair mode only: CapacityTerms.preempts), else '0'.
+-- Script arguments follow.
 
 local function cap_args()
   return {now = clock(ARGV[1]), capacity = tonumber(ARGV[2]), mode = ARGV[3], ttl = tonumber(ARGV[4]),
-          wake = ARGV[5], preempt = ARGV[6] == '1' and ARGV[3] == 'fair'}
+          wake = ARGV[5], preempt = ARGV[6] == '1'}
 end
 
 local function counter_of(account)

@@ -10,6 +10,7 @@ candidates (`resumable`).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -56,9 +57,7 @@ def choose_victim(seats: Iterable[S], preempt: str) -> S | None:
     named = [s for s in candidates if s.owner == preempt]
     if named:
         return max(named, key=lambda s: s.order)
-    per_owner: dict[str, int] = {}
-    for s in candidates:
-        per_owner[s.owner] = per_owner.get(s.owner, 0) + 1
+    per_owner = Counter(s.owner for s in candidates)
     if not per_owner:
         return None
     busiest = max(per_owner, key=lambda owner: (per_owner[owner], owner))
